@@ -1,0 +1,1 @@
+"""Connectors: sources of access events and context, normalised to the canonical types."""

@@ -1,0 +1,1 @@
+"""Detection core: explanations, rules as data, case building and alerts."""

@@ -1,0 +1,123 @@
+"""Detection settings: explanation margins, case building, risk weights, exceptions.
+
+Everything a privacy officer may want to change lives here or in a rule's YAML, never in
+Python. ``DetectionConfig.load(path)`` reads a YAML file whose keys mirror the fields below;
+unknown keys are an error, so a typo does not silently leave a default in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HOUR = 3600.0
+DAY = 86400.0
+
+#: resources that carry no clinical content (registration, billing, scheduling).
+NON_CLINICAL_RESOURCES = (
+    "Patient", "Encounter", "Account", "Claim", "ClaimResponse", "Coverage", "Invoice",
+    "ChargeItem", "ExplanationOfBenefit", "Appointment", "Schedule", "Slot", "Organization",
+    "Practitioner", "PractitionerRole", "Location", "Consent", "AuditEvent",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+@dataclass
+class Exception_:
+    """An analyst-approved exception: findings it matches are not raised.
+
+    Every non-empty field must match. ``rule`` may be '*' for all rules."""
+
+    id: str
+    description: str = ""
+    rule: str = "*"
+    user_id: str = ""
+    role: str = ""
+    department: str = ""
+    patient_id: str = ""
+    workstation: str = ""
+    until: str = ""  # ISO date; after it the exception lapses
+
+    def matches(self, rule_id: str, user_id: str, role: str, department: str,
+                patient_id: str, workstation: str, day: str) -> bool:
+        return (
+            (self.rule in ("*", rule_id))
+            and (not self.user_id or self.user_id == user_id)
+            and (not self.role or self.role == role)
+            and (not self.department or self.department == department)
+            and (not self.patient_id or self.patient_id == patient_id)
+            and (not self.workstation or self.workstation == workstation)
+            and (not self.until or day <= self.until)
+        )
+
+
+@dataclass
+class DetectionConfig:
+    timezone: str = "Asia/Shanghai"
+    # explanations
+    care_margin_before_s: float = 24 * HOUR  # pre-admission work
+    care_margin_after_s: float = 7 * DAY  # follow-up after discharge
+    documented_window_s: float = 14 * DAY  # a note/order explains later reads this long
+    documented_grace_s: float = 2 * HOUR  # a note written soon after explains earlier reads
+    service_margin_s: float = 24 * HOUR  # service departments after an encounter ends
+    admin_after_discharge_s: float = 45 * DAY  # records/billing on discharged patients
+    emergency_margin_s: float = 2 * HOUR  # ED registration lag
+    grant_only_roles: tuple[str, ...] = ("vendor", "researcher")
+    clerk_roles: tuple[str, ...] = ("clerk",)
+    non_clinical_resources: tuple[str, ...] = NON_CLINICAL_RESOURCES
+    # cases
+    case_gap_s: float = 8 * HOUR  # a case stays open while findings keep coming
+    case_max_s: float = 3 * DAY  # and is cut after this long
+    alert_threshold: float = 1.0  # accumulated risk that makes a case an alert
+    level_weights: dict[str, float] = field(
+        default_factory=lambda: {"low": 0.15, "medium": 0.4, "high": 0.7, "critical": 1.0}
+    )
+    repeat_weight: float = 0.5  # extra accesses to an already-counted patient
+    repeat_cap: int = 2  # how many extra accesses count per rule and case
+    # volume baselines
+    volume_history_days: int = 14
+    # rules
+    rules_dir: str = ""  # empty: the rules shipped in detectors/rules
+    disabled_rules: tuple[str, ...] = ()
+    rule_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    exceptions: list[Exception_] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> DetectionConfig:
+        if path is None:
+            return cls()
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data = data.get("detection", data)
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> DetectionConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
+        kw = dict(data)
+        for key in ("grant_only_roles", "clerk_roles", "non_clinical_resources", "disabled_rules"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        if "exceptions" in kw:
+            try:
+                kw["exceptions"] = [Exception_(**e) for e in kw["exceptions"] or []]
+            except TypeError as exc:
+                raise ConfigError(f"{source}: exceptions: {exc}") from None
+        cfg = cls(**kw)
+        missing = {"low", "medium", "high", "critical"} - set(cfg.level_weights)
+        if missing:
+            raise ConfigError(f"{source}: level_weights lacks {sorted(missing)}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,403 @@
+"""The detection engine: explain, match rules, build cases, emit alerts.
+
+It is plain Python with no I/O, so the same object runs in ``emrwatch replay``, in the
+Faust workers and in notebooks. State is per user (one user's events always reach one
+engine: the stream is keyed by user), and can be snapshotted for crash recovery.
+
+>>> from emrwatch.context import Context
+>>> eng = Engine(Context())
+>>> eng.process_dict({"event_id": "e1", "ts": "2026-03-02T09:00:00+08:00",
+...                   "user_id": "ghost", "patient_id": "p1", "action": "view"})[0].detector
+['account-outside-validity']
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from emrwatch.context import KNOWN_ROLES, Context
+from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
+from emrwatch.timeutil import in_shift
+
+from detectors.alerts import Alert
+from detectors.cases import AlertBuilder, Case, Evidence, new_case
+from detectors.config import DetectionConfig
+from detectors.explain import Explainer
+from detectors.rules import Rule, load_rules
+
+SNAPSHOT_VERSION = 1
+
+
+class Window:
+    """One correlation rule's event-time window for one user."""
+
+    __slots__ = ("entries", "distinct", "switches")
+
+    def __init__(self) -> None:
+        # (t, key, switched, explained, evidence)
+        self.entries: deque[tuple[float, str, bool, bool, Evidence]] = deque()
+        self.distinct: dict[str, int] = {}
+        self.switches = 0
+
+    def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> None:
+        entries = self.entries
+        switched = bool(entries) and entries[-1][1] != key
+        entries.append((t, key, switched, explained, ev))
+        self.distinct[key] = self.distinct.get(key, 0) + 1
+        self.switches += switched
+        horizon = t - span
+        while entries and entries[0][0] < horizon:
+            _, k, sw, _, _ = entries.popleft()
+            self.switches -= sw
+            n = self.distinct[k] - 1
+            if n:
+                self.distinct[k] = n
+            else:
+                del self.distinct[k]
+            if entries and entries[0][2]:
+                # the new head's predecessor left the window: its switch no longer counts
+                head = entries[0]
+                entries[0] = (head[0], head[1], False, head[3], head[4])
+                self.switches -= 1
+
+    def count(self, kind: str) -> int:
+        if kind == "events":
+            return len(self.entries)
+        if kind == "distinct":
+            return len(self.distinct)
+        return self.switches
+
+
+class DayCounter:
+    """Distinct patients per local day, against the user's own history of days."""
+
+    __slots__ = ("day", "patients", "unexplained", "history")
+
+    def __init__(self) -> None:
+        self.day = -1
+        self.patients: set[str] = set()
+        self.unexplained: list[Evidence] = []
+        self.history: deque[int] = deque(maxlen=14)
+
+    def roll(self, day: int, history_days: int) -> None:
+        if day != self.day:
+            if self.day >= 0 and self.patients:
+                if self.history.maxlen != history_days:
+                    self.history = deque(self.history, maxlen=history_days)
+                self.history.append(len(self.patients))
+            self.day = day
+            self.patients = set()
+            self.unexplained = []
+
+
+class UserState:
+    __slots__ = ("writes", "windows", "days", "case", "last_t")
+
+    def __init__(self) -> None:
+        self.writes: dict[str, float] = {}
+        self.windows: dict[str, Window] = {}
+        self.days: dict[str, DayCounter] = {}
+        self.case: Case | None = None
+        self.last_t = 0.0
+
+
+class Engine:
+    """Explain-first rule detection with case accumulation, one instance per worker."""
+
+    def __init__(self, context: Context, config: DetectionConfig | None = None,
+                 rules: list[Rule] | None = None) -> None:
+        self.ctx = context
+        self.cfg = config or DetectionConfig()
+        self.rules = rules if rules is not None else load_rules(
+            self.cfg.rules_dir or None, self.cfg.disabled_rules, self.cfg.rule_overrides
+        )
+        self.rule_by_id = {r.id: r for r in self.rules}
+        self.event_rules = [r for r in self.rules if r.aggregate is None]
+        self.agg_rules = [r for r in self.rules if r.aggregate is not None]
+        self.retractable = {r.id for r in self.rules if r.retract_on_documentation}
+        self.explainer = Explainer(context, self.cfg)
+        self.builder = AlertBuilder(context, self.cfg, self.rule_by_id)
+        self.users: dict[str, UserState] = {}
+        self.grant_only = frozenset(self.cfg.grant_only_roles)
+        self.clerks = frozenset(self.cfg.clerk_roles)
+        self.non_clinical = frozenset(self.cfg.non_clinical_resources)
+        self.exceptions = list(self.cfg.exceptions)
+        # statistics for evaluation and metrics
+        self.events = 0
+        self.explained = 0
+        self.reason_counts: dict[str, int] = {}
+        self.finding_counts: dict[str, int] = {r.id: 0 for r in self.rules}
+        self.suppressed: dict[str, list[tuple[str, str]]] = {}  # exception id → [(rule, event)]
+        self._clock = context.clock
+        #: set it to a set() to collect the ids of unexplained events (evaluation)
+        self.unexplained_ids: set[str] | None = None
+
+    # ------------------------------------------------------------------ facts
+    def facts(self, e: AccessEvent, st: UserState) -> dict[str, Any]:
+        """Everything the rules may test about one access (``rules.FACT_FIELDS``)."""
+        ctx = self.ctx
+        t = e.t
+        staff = ctx.staff.get(e.user_id)
+        patient = ctx.patients.get(e.patient_id) if e.patient_id else None
+        if staff is not None:
+            dept = ctx.departments.get(staff.department_id)
+            dept_kind = dept.kind if dept is not None else "clinical"
+            user_in_ed = dept is not None and dept.is_emergency
+            role = staff.role
+            clearance = staff.clearance
+            active = staff.valid_from <= t < staff.valid_until
+            off_shift = not in_shift(self._clock.minute_of_day(t), staff.shift_start, staff.shift_end)
+        else:
+            dept_kind, user_in_ed, role, clearance, active, off_shift = "", False, "", 0, False, False
+        write = e.action in WRITE_ACTIONS and e.outcome == "success"
+        last_write = t if write else st.writes.get(e.patient_id)
+        reasons, grant_covered = self.explainer.explain(e, staff, last_write, dept_kind, user_in_ed)
+        if patient is not None:
+            sensitivity = patient.sensitivity
+            emp = patient.employee_user_id
+            self_access = emp == e.user_id
+            family = bool(patient.family_key) and staff is not None and patient.family_key == staff.family_key
+            seal = ctx.seals.get(e.patient_id)
+            sealed = seal is not None and t >= seal.sealed_at and e.user_id not in seal.authorized
+            vip = patient.vip
+        else:
+            sensitivity, emp, self_access, family, sealed, vip = 0, "", False, False, False, False
+        return {
+            "action": e.action,
+            "resource_type": e.resource_type,
+            "outcome": e.outcome,
+            "emergency": e.emergency,
+            "purpose": e.purpose,
+            "workstation": e.workstation,
+            "source": e.source,
+            "event_category": e.event_category,
+            "role": role,
+            "known_role": role in KNOWN_ROLES,
+            "user_department": staff.department_id if staff is not None else "",
+            "user_department_kind": dept_kind,
+            "user_in_emergency_department": user_in_ed,
+            "clearance": clearance,
+            "known_user": staff is not None,
+            "account_active": active,
+            "known_patient": patient is not None,
+            "sensitivity": sensitivity,
+            "vip": vip,
+            "patient_is_employee": bool(emp),
+            "explained": bool(reasons),
+            "explanations": reasons,
+            "self_access": self_access,
+            "coworker": bool(emp) and not self_access,
+            "family": family and not self_access,
+            "sealed_violation": sealed,
+            "off_shift": off_shift,
+            "above_clearance": patient is not None and sensitivity > clearance,
+            "clinical_resource": e.resource_type not in self.non_clinical,
+            "exfiltration": e.action in EXFIL_ACTIONS,
+            "write": write,
+            "denied": e.outcome == "failure",
+            "grant_only_role": role in self.grant_only,
+            "grant_covered": grant_covered,
+            "clerk_role": role in self.clerks,
+        }
+
+    # ------------------------------------------------------------------ processing
+    def process_dict(self, d: dict[str, Any]) -> list[Alert]:
+        return self.process(AccessEvent.from_dict(d))
+
+    def process_many(self, events: Iterable[AccessEvent]) -> list[Alert]:
+        """Process a batch; an alert updated several times in it is returned once, last version."""
+        out: dict[str, Alert] = {}
+        for e in events:
+            for a in self.process(e):
+                out[a.alert_id] = a
+        return list(out.values())
+
+    def process(self, e: AccessEvent) -> list[Alert]:
+        st = self.users.get(e.user_id)
+        if st is None:
+            st = self.users[e.user_id] = UserState()
+        t = e.t
+        if t > st.last_t:
+            st.last_t = t
+        f = self.facts(e, st)
+        self.events += 1
+        reasons = f["explanations"]
+        if reasons:
+            self.explained += 1
+            rc = self.reason_counts
+            for r in reasons:
+                rc[r] = rc.get(r, 0) + 1
+        elif self.unexplained_ids is not None:
+            self.unexplained_ids.add(e.event_id)
+        case = st.case
+        cfg = self.cfg
+        if case is not None and (t - case.last_t > cfg.case_gap_s or t - case.first_t > cfg.case_max_s):
+            st.case = case = None
+        if f["write"] and e.patient_id:
+            st.writes[e.patient_id] = t
+            if case is not None and self.retractable:
+                case.retract(self.retractable, e.patient_id, t - cfg.documented_grace_s)
+        ev: Evidence | None = None
+        for rule in self.event_rules:
+            if rule.predicate(f):
+                if ev is None:
+                    ev = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation, f["sensitivity"])
+                if self._suppressed(rule, e, f):
+                    continue
+                if case is None:
+                    case = st.case = new_case(e.user_id, e.event_id, t)
+                case.add(rule, ev)
+                self.finding_counts[rule.id] += 1
+        for rule in self.agg_rules:
+            if not rule.predicate(f):
+                continue
+            if ev is None:
+                ev = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation, f["sensitivity"])
+            fired, extras = self._aggregate(rule, st, e, f, ev)
+            if not fired or self._suppressed(rule, e, f):
+                continue
+            if case is None:
+                case = st.case = new_case(e.user_id, fired[0][0], fired[0][1])
+            if extras:
+                case.extras[rule.id] = extras
+            for item in fired:
+                case.add(rule, item)
+            if rule.id not in case.fired:
+                case.fired.add(rule.id)
+                self.finding_counts[rule.id] += 1
+                case.dirty = True
+        if case is None or not case.dirty:
+            return []
+        case.dirty = False
+        if not case.alerted:
+            if not case.immediate and case.risk(self.rule_by_id, cfg) < cfg.alert_threshold:
+                return []
+            case.alerted = True
+        case.version += 1
+        return [self.builder.build(e.user_id, case)]
+
+    def _aggregate(self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any],
+                   ev: Evidence) -> tuple[list[Evidence], dict[str, Any] | None]:
+        """Update the rule's window; return the evidence to add when its threshold holds."""
+        agg = rule.aggregate
+        assert agg is not None
+        explained = f["explained"]
+        if agg.count == "day_distinct":
+            dc = st.days.get(rule.id)
+            if dc is None:
+                dc = st.days[rule.id] = DayCounter()
+            dc.roll(self._clock.local_day(e.t), self.cfg.volume_history_days)
+            dc.patients.add(e.patient_id)
+            if not explained:
+                dc.unexplained.append(ev)
+            n = len(dc.patients)
+            hist = dc.history
+            if n < agg.gte or len(hist) < agg.min_history_days or not dc.unexplained:
+                return [], None
+            base = statistics.median(hist)
+            if n < agg.baseline_ratio * base:
+                return [], None
+            extras = {"day_patients": n, "baseline": round(base, 1), "ratio": round(n / max(base, 1), 1)}
+            case = st.case
+            if case is not None and rule.id in case.fired:
+                return ([] if explained else [ev]), extras
+            return list(dc.unexplained), extras
+        w = st.windows.get(rule.id)
+        if w is None:
+            w = st.windows[rule.id] = Window()
+        key = e.event_id if agg.count == "events" else getattr(e, agg.field)
+        w.push(e.t, key, explained, ev, agg.timespan_s)
+        if w.count(agg.count) < agg.gte:
+            return [], None
+        if agg.evidence == "unexplained":
+            return [x[4] for x in w.entries if not x[3]], None
+        return [x[4] for x in w.entries], None
+
+    def _suppressed(self, rule: Rule, e: AccessEvent, f: dict[str, Any]) -> bool:
+        if not self.exceptions:
+            return False
+        day = self._clock.local_iso(e.t)[:10]
+        for ex in self.exceptions:
+            if ex.matches(rule.id, e.user_id, f["role"], f["user_department"], e.patient_id,
+                          e.workstation, day):
+                self.suppressed.setdefault(ex.id, []).append((rule.id, e.event_id))
+                return True
+        return False
+
+    def advance(self, t: float) -> list[Alert]:
+        """Event-time watermark: forget idle users' expired cases and old state.
+
+        Alerts are emitted when they change, so closing a case emits nothing; this only
+        bounds memory."""
+        horizon = max(self.cfg.case_gap_s, self.cfg.documented_window_s)
+        stale = [u for u, st in self.users.items() if t - st.last_t > horizon and not st.days]
+        for u in stale:
+            del self.users[u]
+        for st in self.users.values():
+            if st.case is not None and t - st.case.last_t > self.cfg.case_gap_s:
+                st.case = None
+            if len(st.writes) > 256:
+                cut = t - self.cfg.documented_window_s
+                st.writes = {p: w for p, w in st.writes.items() if w >= cut}
+        return []
+
+    def flush(self) -> list[Alert]:
+        """End of input. Alerts were emitted as they changed; nothing is pending."""
+        return []
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def explained_share(self) -> float:
+        return self.explained / self.events if self.events else 0.0
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self, users: Iterable[str] | None = None) -> bytes:
+        """Per-user state as JSON (not pickle: a snapshot is data, never code)."""
+        keys = self.users.keys() if users is None else [u for u in users if u in self.users]
+        out: dict[str, Any] = {}
+        for u in keys:
+            st = self.users[u]
+            out[u] = {
+                "writes": st.writes,
+                "last_t": st.last_t,
+                "windows": {r: [list(x) for x in w.entries] for r, w in st.windows.items()},
+                "days": {r: [d.day, sorted(d.patients), d.unexplained, list(d.history)]
+                         for r, d in st.days.items()},
+                "case": st.case.to_obj() if st.case is not None else None,
+            }
+        return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out})
+
+    def restore_state(self, data: bytes) -> None:
+        doc = orjson.loads(data)
+        if doc.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {doc.get('version')} is not {SNAPSHOT_VERSION}")
+        for u, o in doc["users"].items():
+            st = UserState()
+            st.writes = o["writes"]
+            st.last_t = o["last_t"]
+            for rid, entries in o["windows"].items():
+                rule = self.rule_by_id.get(rid)
+                if rule is None or rule.aggregate is None:
+                    continue
+                w = st.windows[rid] = Window()
+                for t, key, _sw, explained, ev in entries:
+                    w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
+            for rid, (day, patients, unexplained, history) in o["days"].items():
+                dc = st.days[rid] = DayCounter()
+                dc.day = day
+                dc.patients = set(patients)
+                dc.unexplained = [tuple(x) for x in unexplained]  # type: ignore[misc]
+                dc.history = deque(history, maxlen=self.cfg.volume_history_days)
+            st.case = Case.from_obj(o["case"]) if o["case"] else None
+            self.users[u] = st
+
+    @classmethod
+    def restore(cls, context: Context, config: DetectionConfig | None, data: bytes) -> Engine:
+        eng = cls(context, config)
+        eng.restore_state(data)
+        return eng

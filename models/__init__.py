@@ -1,0 +1,1 @@
+"""Learned scorers (river online models, scikit-learn batch models) and their registry."""

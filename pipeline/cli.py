@@ -1,0 +1,141 @@
+"""The ``emrwatch`` command (CONTRACTS §1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from emrwatch.timeutil import DEFAULT_TIMEZONE
+
+
+def _config(path: str | None, timezone: str | None):  # type: ignore[no-untyped-def]
+    from detectors.config import DetectionConfig
+
+    cfg = DetectionConfig.load(path)
+    if timezone:
+        cfg.timezone = timezone
+    return cfg
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.replay import preview_exceptions, replay_file, write_alerts
+
+    cfg = _config(args.config, args.timezone)
+    if args.stream:
+        from pipeline.streaming import replay_stream
+
+        alerts = replay_stream(args.context, args.events, args.format, cfg.timezone, args.config)
+        with open(args.alerts, "wb") as fh:
+            import orjson
+
+            for a in alerts:
+                fh.write(orjson.dumps(a) + b"\n")
+        print(f"stream replay: {len(alerts)} alerts → {args.alerts}", file=sys.stderr)
+        return 0
+    res = replay_file(args.context, args.events, args.format, cfg.timezone, cfg, errors=sys.stderr)
+    n = write_alerts(res.alerts, args.alerts)
+    eng = res.engine
+    print(
+        f"replay: {res.events} events ({res.bad} bad lines skipped) in {res.seconds:.2f}s "
+        f"= {res.events_per_s:,.0f} ev/s; {eng.explained_share:.1%} explained; {n} alerts → {args.alerts}",
+        file=sys.stderr,
+    )
+    if args.preview_exceptions:
+        report = preview_exceptions(args.context, args.events, args.format, cfg.timezone, cfg)
+        Path(args.preview_exceptions).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        print(
+            f"exceptions would hide {len(report['hidden_alerts'])} alert(s) and shrink "
+            f"{len(report['reduced_alerts'])}; details → {args.preview_exceptions}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pipeline.simulate import simulate
+
+    summary = simulate(Path(args.out), days=args.days, seed=args.seed, scale=args.scale,
+                       timezone=args.timezone)
+    print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate, format_report
+
+    cfg = _config(args.config, args.timezone)
+    report = evaluate(args.data, cfg, cfg.timezone)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="emrwatch", description="Privacy monitoring for EMR access logs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("replay", help="run an access log through the detectors offline")
+    r.add_argument("--context", required=True, help="directory with the context CSVs")
+    r.add_argument("--events", required=True, help="events file (FHIR NDJSON, JSONL or CSV; - for stdin)")
+    r.add_argument("--format", default="auto", choices=["auto", "fhir", "jsonl", "csv"])
+    r.add_argument("--alerts", required=True, help="output JSONL ('-' for stdout)")
+    r.add_argument("--timezone", default=None, help=f"hospital timezone (default {DEFAULT_TIMEZONE})")
+    r.add_argument("--config", default=None, help="YAML configuration")
+    r.add_argument("--stream", action="store_true", help="send the input through Kafka and the Faust workers")
+    r.add_argument("--preview-exceptions", metavar="REPORT.json", default=None,
+                   help="also write what the configured exceptions hide")
+    r.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("simulate", help="write a simulated hospital with labelled misuse")
+    s.add_argument("--out", required=True)
+    s.add_argument("--days", type=int, default=7)
+    s.add_argument("--seed", type=int, default=1,
+                   help="random seed; 20261126 is the held-out evaluation seed: do not tune on it")
+    s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--timezone", default=DEFAULT_TIMEZONE)
+    s.set_defaults(func=cmd_simulate)
+
+    ev = sub.add_parser("evaluate", help="replay DIR's events and score against DIR/labels.csv")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--config", default=None)
+    ev.add_argument("--timezone", default=None)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    _add_streaming_commands(sub)
+    return p
+
+
+def _add_streaming_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """demo, run and bench live in the streaming modules; register them if importable."""
+    for name, module, helptext in (
+        ("demo", "pipeline.demo", "the whole pipeline on this machine with an embedded broker"),
+        ("run", "pipeline.streaming", "production worker on a real Kafka cluster"),
+        ("bench", "pipeline.bench", "throughput and latency benchmark"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        try:
+            mod = __import__(module, fromlist=["x"])
+            getattr(mod, f"add_{name}_arguments")(sp)
+            sp.set_defaults(func=getattr(mod, f"cmd_{name}"))
+        except (ImportError, AttributeError) as exc:
+            err = str(exc)
+            sp.set_defaults(func=lambda a, err=err, name=name: _unavailable(name, err))
+
+
+def _unavailable(name: str, err: str) -> int:
+    print(f"emrwatch {name}: not available in this build ({err})", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
