@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/emrwatch demo
 
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -q
 
 bench: setup
 	$(BIN)/emrwatch bench

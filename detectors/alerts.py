@@ -33,6 +33,7 @@ class Alert:
     role: str = ""
     risk: float = 0.0
     version: int = 1
+    status: str = "open"  # "retracted" when documentation later explained the evidence
     findings: list[dict[str, Any]] = field(default_factory=list)
     explanations_checked: list[str] = field(default_factory=list)
     model_versions: dict[str, str] = field(default_factory=dict)

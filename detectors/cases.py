@@ -26,7 +26,7 @@ Evidence = tuple[str, float, str, str, str, str, int]
 
 class Case:
     __slots__ = ("alert_id", "first_t", "last_t", "evidence", "fired", "alerted", "immediate",
-                 "version", "extras", "dirty")
+                 "version", "extras", "dirty", "retracted")
 
     def __init__(self, alert_id: str, t: float) -> None:
         self.alert_id = alert_id
@@ -35,6 +35,7 @@ class Case:
         self.evidence: dict[str, dict[str, Evidence]] = {}  # rule id → event id → evidence
         self.fired: set[str] = set()  # correlation rules that fired in this case
         self.alerted = False
+        self.retracted = False
         self.immediate = False
         self.version = 0
         self.extras: dict[str, dict[str, Any]] = {}  # rule id → values for its reason
@@ -79,7 +80,8 @@ class Case:
             rule = rules[rid]
             w = weights[rule.level]
             if rule.aggregate is not None:
-                total += w if rid in self.fired else 0.0
+                # a correlation's threshold is its own calibration: when it fires, it is a case
+                total += max(w, cfg.alert_threshold) if rid in self.fired else 0.0
                 continue
             n_events = len(bucket)
             n_patients = len({ev[2] for ev in bucket.values()})
@@ -94,7 +96,7 @@ class Case:
         return {
             "alert_id": self.alert_id, "first_t": self.first_t, "last_t": self.last_t,
             "evidence": {r: list(b.values()) for r, b in self.evidence.items()},
-            "fired": sorted(self.fired), "alerted": self.alerted, "immediate": self.immediate,
+            "fired": sorted(self.fired), "alerted": self.alerted, "retracted": self.retracted, "immediate": self.immediate,
             "version": self.version, "extras": self.extras,
         }
 
@@ -105,6 +107,7 @@ class Case:
         c.evidence = {r: {ev[0]: tuple(ev) for ev in evs} for r, evs in o["evidence"].items()}  # type: ignore[misc]
         c.fired = set(o["fired"])
         c.alerted = o["alerted"]
+        c.retracted = o.get("retracted", False)
         c.immediate = o["immediate"]
         c.version = o["version"]
         c.extras = o.get("extras", {})
@@ -183,6 +186,12 @@ class AlertBuilder:
                 patients.append(ev[2])
         reason = "; ".join(parts)
         reason = reason[:1].upper() + reason[1:]
+        status = "open"
+        if not case.immediate and risk < self.cfg.alert_threshold:
+            status = "retracted"
+            reason = (reason + "; " if reason else "") + (
+                "retracted: later notes or orders by the user explained the accesses"
+            )
         return Alert(
             alert_id=case.alert_id,
             detector=[f["rule"] for f in findings],
@@ -200,6 +209,7 @@ class AlertBuilder:
             version=case.version,
             findings=findings,
             explanations_checked=list(REASONS),
+            status=status,
         )
 
     def _values(self, staff: Any, evs: list[Evidence], extras: dict[str, Any]) -> dict[str, Any]:

@@ -274,10 +274,14 @@ class Engine:
         if case is None or not case.dirty:
             return []
         case.dirty = False
+        above = case.immediate or case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
         if not case.alerted:
-            if not case.immediate and case.risk(self.rule_by_id, cfg) < cfg.alert_threshold:
+            if not above:
                 return []
             case.alerted = True
+        elif not above and case.retracted:
+            return []  # already told the sinks it was retracted
+        case.retracted = not above
         case.version += 1
         return [self.builder.build(e.user_id, case)]
 

@@ -15,7 +15,6 @@ from typing import IO, Any
 
 import orjson
 
-from connectors.readers import read_events
 from detectors.alerts import Alert
 from detectors.config import DetectionConfig
 from detectors.engine import Engine
@@ -40,11 +39,13 @@ class ReplayResult:
 
 
 def collapse(alerts: Iterable[Alert]) -> list[Alert]:
-    """Last version of each alert id, in order of first appearance time."""
+    """Last version of each alert id, in order of first appearance time; alerts whose last
+    version retracted them (documentation explained the evidence) are left out."""
     last: dict[str, Alert] = {}
     for a in alerts:
         last[a.alert_id] = a
-    return sorted(last.values(), key=lambda a: (a.first_seen, a.alert_id))
+    live = [a for a in last.values() if a.status != "retracted"]
+    return sorted(live, key=lambda a: (a.first_seen, a.alert_id))
 
 
 def replay_events(context: Context, events: Iterable[AccessEvent],
@@ -63,6 +64,8 @@ def replay_events(context: Context, events: Iterable[AccessEvent],
 def replay_file(context_dir: str | Path, events_path: str | Path, fmt: str = "auto",
                 timezone: str | None = None, config: DetectionConfig | None = None,
                 errors: IO[str] | None = None, engine_hook: Any = None) -> ReplayResult:
+    from connectors.readers import read_events
+
     cfg = config or DetectionConfig()
     tz = timezone or cfg.timezone
     ctx = Context.load(context_dir, tz)

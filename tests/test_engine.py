@@ -1,0 +1,202 @@
+"""The engine on a tiny hand-written hospital: explanations, each rule family, cases, ids, state."""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors.config import DetectionConfig, Exception_
+from detectors.engine import Engine, UserState
+from emrwatch.context import Context
+from emrwatch.events import AccessEvent
+from pipeline.replay import collapse
+from tests.hospital import ev, write_hospital
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return Context.load(write_hospital(tmp_path_factory.mktemp("hospital")))
+
+
+def run(ctx, events, cfg=None):
+    eng = Engine(ctx, cfg)
+    alerts = {}
+    for d in events:
+        for a in eng.process(AccessEvent.from_dict(d)):
+            alerts[a.alert_id] = a
+    return eng, list(alerts.values())
+
+
+def explanations(ctx, d):
+    eng = Engine(ctx)
+    return eng.facts(AccessEvent.from_dict(d), UserState())
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (ev("n-card", "P1"), {"care_department"}),
+        (ev("p-card", "P1"), {"care_department", "attending"}),
+        (ev("t-rad", "P2"), {"service_department"}),
+        (ev("c-bill", "P-DIS", resource="Account", at="2026-03-02T10:00:00"), {"administrative"}),
+        (ev("v-it", "P1"), set()),  # vendor: only a grant explains, and RAD has no encounter for P1
+        (ev("n-ed", "P2", emergency=True, purpose="BTG"), {"emergency_department"}),
+        (ev("n-card", "P2"), set()),
+        (ev("n-card", "P2", action="create", resource="DocumentReference"), {"documented"}),
+    ],
+)
+def test_explanations(ctx, event, expected):
+    assert set(explanations(ctx, event)["explanations"]) == expected
+
+
+def test_explained_work_raises_nothing(ctx):
+    events = [ev("n-card", "P1", at=f"2026-03-02T09:{m:02d}:00") for m in range(50)]
+    events += [ev("p-card", "P-SEAL", at="2026-03-02T10:00:00")]  # authorised care team on a sealed record
+    events += [ev("p-card", "P-VIP", at="2026-03-02T10:05:00")]
+    eng, alerts = run(ctx, events)
+    assert alerts == []
+    assert eng.explained_share == 1.0
+
+
+def test_sealed_record_alerts_at_once_with_reason(ctx):
+    eng, alerts = run(ctx, [ev("n-card", "P-SEAL", at="2026-03-02T11:00:00", event_id="s1")])
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert a.severity == "critical" and a.detector == ["sealed-record-touch"]
+    assert a.event_ids == ["s1"] and a.patient_ids == ["P-SEAL"]
+    assert "medical dispute" in a.reason and "authorised" in a.reason
+
+
+def test_before_the_seal_there_is_no_violation(ctx):
+    _, alerts = run(ctx, [ev("n-card", "P-SEAL", at="2026-03-01T23:00:00")])
+    assert alerts == []
+
+
+def test_expired_account_and_unknown_account(ctx):
+    _, alerts = run(ctx, [ev("leaver", "P1", at="2026-03-05T09:00:00"), ev("nobody", "P1")])
+    assert {a.user_id for a in alerts} == {"leaver", "nobody"}
+    assert all(a.detector[0] == "account-outside-validity" and a.severity == "critical" for a in alerts)
+    leaver = next(a for a in alerts if a.user_id == "leaver")
+    assert "2026-03-01" in leaver.reason
+
+
+def test_snooping_accumulates_into_one_case(ctx):
+    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sn{i}") for i in range(12)]
+    _, alerts = run(ctx, events)
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert a.detector == ["no-care-relationship"]
+    assert a.event_ids == [f"sn{i}" for i in range(12)]  # the whole burst, not just the tail
+    assert "12 patient record" in a.reason and "ORTH" in a.reason
+
+
+def test_a_few_unexplained_looks_do_not_alert(ctx):
+    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T1{i}:00:00") for i in range(3)]
+    _, alerts = run(ctx, events)
+    assert alerts == []
+
+
+def test_documentation_retracts_consult_reads(ctx):
+    # a physician reads 7 unrelated patients, then writes consult notes for each: all explained
+    events = []
+    for i in range(7):
+        events.append(ev("p-orth", f"X{i}", at=f"2026-03-02T10:{i * 2:02d}:00"))
+        events.append(ev("p-orth", f"X{i}", at=f"2026-03-02T10:{i * 2:02d}:30"))
+    events += [ev("p-orth", f"X{i}", action="create", resource="DocumentReference",
+                  at=f"2026-03-02T11:{i:02d}:00") for i in range(7)]
+    eng = Engine(ctx)
+    emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
+    # the reads alone made a case; the notes explained them and the alert was retracted
+    assert emitted and emitted[-1].status == "retracted"
+    assert not eng.users["p-orth"].case.evidence
+    assert collapse(emitted) == []
+
+
+def test_coworker_vip_family_self(ctx):
+    events = [
+        ev("n-card", "P-EMP", at="2026-03-02T09:00:00", event_id="cw1"),
+        ev("n-card", "P-EMP", at="2026-03-02T09:01:00", event_id="cw2"),
+        ev("n-orth", "P-VIP", at="2026-03-02T09:00:00", event_id="vip1"),
+        ev("n-orth", "P-VIP", at="2026-03-02T09:02:00", event_id="vip2"),
+        ev("n-card", "P-REL", at="2026-03-03T09:00:00", event_id="fam1"),
+        ev("n-card", "P-REL", at="2026-03-03T09:01:00", event_id="fam2"),
+        ev("n-orth", "P-EMP", at="2026-03-04T09:00:00", event_id="self1"),
+    ]
+    _, alerts = run(ctx, events)
+    by_first = {a.event_ids[0]: a for a in alerts}
+    assert "coworker-snooping" in by_first["cw1"].detector
+    assert "vip-snooping" in by_first["vip1"].detector
+    assert "family-snooping" in by_first["fam1"].detector
+    assert "self-access" in by_first["self1"].detector
+    assert by_first["self1"].severity == "medium"
+
+
+def test_bulk_export_evidence_is_the_whole_burst(ctx):
+    events = [ev("n-card", "P1", action="export", resource="DocumentReference",
+                 at=f"2026-03-02T03:{i:02d}:00", event_id=f"x{i}") for i in range(30)]
+    _, alerts = run(ctx, events)
+    assert len(alerts) == 1
+    assert alerts[0].event_ids == [f"x{i}" for i in range(30)]
+    assert "bulk-export" in alerts[0].detector
+
+
+def test_credential_sharing_and_denied_probing(ctx):
+    share = [ev("n-card", "P1", workstation="ws-a" if i % 2 else "ws-b", at=f"2026-03-02T09:0{i}:00")
+             for i in range(6)]
+    probe = [ev("n-orth", f"X{i}", outcome="failure", at=f"2026-03-02T09:00:{i * 5:02d}") for i in range(6)]
+    _, alerts = run(ctx, share + probe)
+    dets = {a.user_id: a.detector for a in alerts}
+    assert "credential-sharing" in dets["n-card"]
+    assert "denied-probing" in dets["n-orth"]
+
+
+def test_vendor_out_of_grant_and_clerk_reading_notes(ctx):
+    events = [ev("v-it", "P1", action="export", at="2026-03-02T10:00:00")]
+    events += [ev("c-bill", p, resource="DocumentReference", at=f"2026-03-02T10:0{i}:00")
+               for i, p in enumerate(["P-DIS", "P1", "P2"])]
+    _, alerts = run(ctx, events)
+    dets = {a.user_id: a.detector for a in alerts}
+    assert "grant-out-of-scope" in dets["v-it"]
+    assert "role-resource-mismatch" in dets["c-bill"]
+
+
+def test_alert_ids_are_stable_and_updates_keep_the_id(ctx):
+    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"st{i}") for i in range(15)]
+    eng = Engine(ctx)
+    emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
+    assert len({a.alert_id for a in emitted}) == 1 and len(emitted) > 1
+    assert [a.version for a in emitted] == list(range(1, len(emitted) + 1))
+    _, again = run(ctx, events)
+    assert again[0].alert_id == emitted[0].alert_id
+
+
+def test_snapshot_restore_continues_identically(ctx):
+    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sr{i}") for i in range(20)]
+    events += [ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(20)]
+    _, whole = run(ctx, events)
+    eng = Engine(ctx)
+    for d in events[:9]:
+        eng.process(AccessEvent.from_dict(d))
+    restored = Engine.restore(ctx, None, eng.snapshot())
+    alerts = {}
+    for d in events[9:]:
+        for a in restored.process(AccessEvent.from_dict(d)):
+            alerts[a.alert_id] = a
+    assert {a.alert_id: a.event_ids for a in whole} == {k: a.event_ids for k, a in alerts.items()}
+
+
+def test_exceptions_suppress_and_are_counted(ctx):
+    cfg = DetectionConfig(exceptions=[Exception_(id="ex-1", rule="bulk-export", user_id="n-card")])
+    events = [ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(30)]
+    eng, alerts = run(ctx, events, cfg)
+    assert alerts == []
+    assert len(eng.suppressed["ex-1"]) >= 1
+
+
+def test_mid_stream_seal_takes_effect_at_once(tmp_path):
+    c2 = Context.load(write_hospital(tmp_path))
+    eng = Engine(c2)
+    assert eng.process(AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:00:00"))) == []
+    c2.upsert_row("sealed", {"patient_id": "P1", "sealed_at": "2026-03-02T09:30:00+08:00",
+                             "reason": "dispute", "authorized_user_ids": "p-card"})
+    alerts = eng.process(AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:45:00")))
+    assert alerts and alerts[0].detector == ["sealed-record-touch"]
