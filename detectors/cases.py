@@ -13,26 +13,30 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from emrwatch.context import Context
-
 from detectors.alerts import SEVERITIES, Alert, alert_id_for
 from detectors.config import DetectionConfig
 from detectors.explain import REASONS
 from detectors.rules import Rule
+from emrwatch.context import Context
 
 #: evidence tuple: (event_id, t, patient_id, action, resource_type, workstation, sensitivity)
 Evidence = tuple[str, float, str, str, str, str, int]
 
 
 class Case:
-    __slots__ = ("alert_id", "first_t", "last_t", "evidence", "fired", "alerted", "immediate",
-                 "version", "extras", "dirty", "retracted")
+    __slots__ = ("alert_id", "first_t", "last_t", "opened_t", "touched_t", "evidence", "patients",
+                 "fired", "alerted", "immediate", "version", "extras", "dirty", "retracted")
 
     def __init__(self, alert_id: str, t: float) -> None:
         self.alert_id = alert_id
-        self.first_t = t
-        self.last_t = t
+        self.first_t = t  # earliest evidence
+        self.last_t = t  # latest evidence
+        # processing time (event time of the events that opened and last fed the case):
+        # evidence of a correlation may be older than the case itself
+        self.opened_t = t
+        self.touched_t = t
         self.evidence: dict[str, dict[str, Evidence]] = {}  # rule id → event id → evidence
+        self.patients: dict[str, dict[str, int]] = {}  # rule id → patient → events (kept in step)
         self.fired: set[str] = set()  # correlation rules that fired in this case
         self.alerted = False
         self.retracted = False
@@ -46,6 +50,8 @@ class Case:
         if ev[0] in bucket:
             return False
         bucket[ev[0]] = ev
+        pc = self.patients.setdefault(rule.id, {})
+        pc[ev[2]] = pc.get(ev[2], 0) + 1
         if ev[1] > self.last_t:
             self.last_t = ev[1]
         if ev[1] < self.first_t:
@@ -62,13 +68,22 @@ class Case:
             bucket = self.evidence.get(rid)
             if not bucket:
                 continue
+            pc = self.patients[rid]
+            if patient_id not in pc:
+                continue
             gone = [k for k, ev in bucket.items() if ev[2] == patient_id and ev[1] >= since]
             for k in gone:
                 del bucket[k]
             if gone:
                 changed = True
+                left = pc[patient_id] - len(gone)
+                if left:
+                    pc[patient_id] = left
+                else:
+                    del pc[patient_id]
                 if not bucket:
                     del self.evidence[rid]
+                    del self.patients[rid]
         if changed:
             self.dirty = True
         return changed
@@ -84,7 +99,7 @@ class Case:
                 total += max(w, cfg.alert_threshold) if rid in self.fired else 0.0
                 continue
             n_events = len(bucket)
-            n_patients = len({ev[2] for ev in bucket.values()})
+            n_patients = len(self.patients[rid])
             total += w * (n_patients + cfg.repeat_weight * min(n_events - n_patients, cfg.repeat_cap))
         return total
 
@@ -95,6 +110,7 @@ class Case:
     def to_obj(self) -> dict[str, Any]:
         return {
             "alert_id": self.alert_id, "first_t": self.first_t, "last_t": self.last_t,
+            "opened_t": self.opened_t, "touched_t": self.touched_t,
             "evidence": {r: list(b.values()) for r, b in self.evidence.items()},
             "fired": sorted(self.fired), "alerted": self.alerted, "retracted": self.retracted, "immediate": self.immediate,
             "version": self.version, "extras": self.extras,
@@ -104,7 +120,13 @@ class Case:
     def from_obj(cls, o: dict[str, Any]) -> Case:
         c = cls(o["alert_id"], o["first_t"])
         c.last_t = o["last_t"]
+        c.opened_t = o["opened_t"]
+        c.touched_t = o["touched_t"]
         c.evidence = {r: {ev[0]: tuple(ev) for ev in evs} for r, evs in o["evidence"].items()}  # type: ignore[misc]
+        for r, bucket in c.evidence.items():
+            pc = c.patients[r] = {}
+            for ev in bucket.values():
+                pc[ev[2]] = pc.get(ev[2], 0) + 1
         c.fired = set(o["fired"])
         c.alerted = o["alerted"]
         c.retracted = o.get("retracted", False)
@@ -114,8 +136,8 @@ class Case:
         return c
 
 
-def new_case(user_id: str, first_event_id: str, t: float) -> Case:
-    return Case(alert_id_for(user_id, first_event_id), t)
+def new_case(user_id: str, opening_event_id: str, t: float) -> Case:
+    return Case(alert_id_for(user_id, opening_event_id), t)
 
 
 def _span(ctx: Context, first: float, last: float) -> str:

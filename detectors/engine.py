@@ -20,15 +20,14 @@ from typing import Any
 
 import orjson
 
-from emrwatch.context import KNOWN_ROLES, Context
-from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
-from emrwatch.timeutil import in_shift
-
 from detectors.alerts import Alert
 from detectors.cases import AlertBuilder, Case, Evidence, new_case
 from detectors.config import DetectionConfig
 from detectors.explain import Explainer
 from detectors.rules import Rule, load_rules
+from emrwatch.context import KNOWN_ROLES, Context
+from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
+from emrwatch.timeutil import in_shift
 
 SNAPSHOT_VERSION = 1
 
@@ -76,12 +75,14 @@ class Window:
 class DayCounter:
     """Distinct patients per local day, against the user's own history of days."""
 
-    __slots__ = ("day", "patients", "unexplained", "history")
+    __slots__ = ("day", "patients", "unexplained", "unexplained_patients", "history", "fired")
 
     def __init__(self) -> None:
         self.day = -1
+        self.fired = False  # fired today: later events only add themselves
         self.patients: set[str] = set()
         self.unexplained: list[Evidence] = []
+        self.unexplained_patients: set[str] = set()
         self.history: deque[int] = deque(maxlen=14)
 
     def roll(self, day: int, history_days: int) -> None:
@@ -93,6 +94,8 @@ class DayCounter:
             self.day = day
             self.patients = set()
             self.unexplained = []
+            self.unexplained_patients = set()
+            self.fired = False
 
 
 class UserState:
@@ -136,6 +139,7 @@ class Engine:
         self._clock = context.clock
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
+        self._dirty: dict[str, tuple[str, Case]] = {}  # alert id → (user, case) changed since the last drain
 
     # ------------------------------------------------------------------ facts
     def facts(self, e: AccessEvent, st: UserState) -> dict[str, Any]:
@@ -210,14 +214,43 @@ class Engine:
         return self.process(AccessEvent.from_dict(d))
 
     def process_many(self, events: Iterable[AccessEvent]) -> list[Alert]:
-        """Process a batch; an alert updated several times in it is returned once, last version."""
-        out: dict[str, Alert] = {}
+        """Process a batch; each alert it changed is returned once, in its last version."""
+        ingest = self.ingest
         for e in events:
-            for a in self.process(e):
-                out[a.alert_id] = a
-        return list(out.values())
+            ingest(e)
+        return self.drain()
 
     def process(self, e: AccessEvent) -> list[Alert]:
+        """Ingest one event and return the alerts it opened, updated or retracted."""
+        self.ingest(e)
+        return self.drain() if self._dirty else []
+
+    def drain(self) -> list[Alert]:
+        """Build the current version of every case changed since the last drain.
+
+        Building an alert sorts its evidence, so callers that process batches (the stream's
+        ``take()``, replay) drain once a batch rather than once an event."""
+        out: list[Alert] = []
+        cfg = self.cfg
+        for user_id, case in self._dirty.values():
+            if not case.dirty:
+                continue
+            case.dirty = False
+            above = case.immediate or case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
+            if not case.alerted:
+                if not above:
+                    continue
+                case.alerted = True
+            elif not above and case.retracted:
+                continue  # the sinks already know it was retracted
+            case.retracted = not above
+            case.version += 1
+            out.append(self.builder.build(user_id, case))
+        self._dirty.clear()
+        return out
+
+    def ingest(self, e: AccessEvent) -> None:
+        """Update state and cases for one event; alerts come out of :meth:`drain`."""
         st = self.users.get(e.user_id)
         if st is None:
             st = self.users[e.user_id] = UserState()
@@ -236,7 +269,7 @@ class Engine:
             self.unexplained_ids.add(e.event_id)
         case = st.case
         cfg = self.cfg
-        if case is not None and (t - case.last_t > cfg.case_gap_s or t - case.first_t > cfg.case_max_s):
+        if case is not None and (t - case.touched_t > cfg.case_gap_s or t - case.opened_t > cfg.case_max_s):
             st.case = case = None
         if f["write"] and e.patient_id:
             st.writes[e.patient_id] = t
@@ -262,7 +295,9 @@ class Engine:
             if not fired or self._suppressed(rule, e, f):
                 continue
             if case is None:
-                case = st.case = new_case(e.user_id, fired[0][0], fired[0][1])
+                # the id comes from the event that opened the case, which no other case can
+                # share (a window's first event may already belong to a closed case)
+                case = st.case = new_case(e.user_id, e.event_id, t)
             if extras:
                 case.extras[rule.id] = extras
             for item in fired:
@@ -271,19 +306,10 @@ class Engine:
                 case.fired.add(rule.id)
                 self.finding_counts[rule.id] += 1
                 case.dirty = True
-        if case is None or not case.dirty:
-            return []
-        case.dirty = False
-        above = case.immediate or case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
-        if not case.alerted:
-            if not above:
-                return []
-            case.alerted = True
-        elif not above and case.retracted:
-            return []  # already told the sinks it was retracted
-        case.retracted = not above
-        case.version += 1
-        return [self.builder.build(e.user_id, case)]
+        if case is not None and case.dirty:
+            if t > case.touched_t:
+                case.touched_t = t
+            self._dirty[case.alert_id] = (e.user_id, case)
 
     def _aggregate(self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any],
                    ev: Evidence) -> tuple[list[Evidence], dict[str, Any] | None]:
@@ -299,17 +325,23 @@ class Engine:
             dc.patients.add(e.patient_id)
             if not explained:
                 dc.unexplained.append(ev)
+                dc.unexplained_patients.add(e.patient_id)
             n = len(dc.patients)
             hist = dc.history
-            if n < agg.gte or len(hist) < agg.min_history_days or not dc.unexplained:
+            if (n < agg.gte or len(hist) < agg.min_history_days
+                    or len(dc.unexplained_patients) < agg.min_unexplained):
                 return [], None
             base = statistics.median(hist)
             if n < agg.baseline_ratio * base:
                 return [], None
             extras = {"day_patients": n, "baseline": round(base, 1), "ratio": round(n / max(base, 1), 1)}
-            case = st.case
-            if case is not None and rule.id in case.fired:
-                return ([] if explained else [ev]), extras
+            if dc.fired:
+                # today's case grows while it is open; once closed, volume alone reopens nothing
+                case = st.case
+                if explained or case is None or rule.id not in case.fired:
+                    return [], None
+                return [ev], extras
+            dc.fired = True
             return list(dc.unexplained), extras
         w = st.windows.get(rule.id)
         if w is None:
@@ -343,7 +375,7 @@ class Engine:
         for u in stale:
             del self.users[u]
         for st in self.users.values():
-            if st.case is not None and t - st.case.last_t > self.cfg.case_gap_s:
+            if st.case is not None and t - st.case.touched_t > self.cfg.case_gap_s:
                 st.case = None
             if len(st.writes) > 256:
                 cut = t - self.cfg.documented_window_s
@@ -370,7 +402,7 @@ class Engine:
                 "writes": st.writes,
                 "last_t": st.last_t,
                 "windows": {r: [list(x) for x in w.entries] for r, w in st.windows.items()},
-                "days": {r: [d.day, sorted(d.patients), d.unexplained, list(d.history)]
+                "days": {r: [d.day, sorted(d.patients), d.unexplained, list(d.history), d.fired]
                          for r, d in st.days.items()},
                 "case": st.case.to_obj() if st.case is not None else None,
             }
@@ -391,11 +423,13 @@ class Engine:
                 w = st.windows[rid] = Window()
                 for t, key, _sw, explained, ev in entries:
                     w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
-            for rid, (day, patients, unexplained, history) in o["days"].items():
+            for rid, (day, patients, unexplained, history, fired) in o["days"].items():
                 dc = st.days[rid] = DayCounter()
                 dc.day = day
+                dc.fired = fired
                 dc.patients = set(patients)
                 dc.unexplained = [tuple(x) for x in unexplained]  # type: ignore[misc]
+                dc.unexplained_patients = {x[2] for x in unexplained}
                 dc.history = deque(history, maxlen=self.cfg.volume_history_days)
             st.case = Case.from_obj(o["case"]) if o["case"] else None
             self.users[u] = st

@@ -8,10 +8,9 @@ unexplained.
 
 from __future__ import annotations
 
+from detectors.config import DetectionConfig
 from emrwatch.context import KNOWN_ROLES, Context, Staff
 from emrwatch.events import AccessEvent
-
-from detectors.config import DetectionConfig
 
 #: reason code → what it means, in words for the case view.
 REASONS: dict[str, str] = {
@@ -52,13 +51,16 @@ class Explainer:
         role = staff.role
         reasons: list[str] = []
         attending = care = service = admin = ed = False
-        near_depts: list[str] = []
+        near_depts: list[str] = []  # departments caring for the patient around t
+        seen_depts: list[str] = []  # every department that has treated the patient up to t
         if encs:
             dept = staff.department_id
             before, after = self.before, self.after
             departments = self.ctx.departments
             for enc in encs:
                 start, end = enc.start, enc.end
+                if start - before <= t:
+                    seen_depts.append(enc.department_id)
                 if start - before <= t <= end + after:
                     near_depts.append(enc.department_id)
                     if enc.attending_user_id == uid:
@@ -77,7 +79,9 @@ class Explainer:
         grants = self.ctx.grants.get(uid)
         if grants:
             for g in grants:
-                if g.covers(t, e.action, near_depts):
+                # a department grant covers that department's patients, past ones included:
+                # research cohorts and audits look back
+                if g.covers(t, e.action, seen_depts):
                     grant_covered = True
                     break
         if role in self.grant_only:

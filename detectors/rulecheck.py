@@ -30,16 +30,17 @@ def fires(rule: Rule, example: Any) -> bool:
     if agg.count == "day_distinct":
         dc = DayCounter()
         dc.history.extend(example.get("history", []))
-        n_unexplained = 0
+        unexplained: set[str] = set()
         for i, group in enumerate(example.get("day", [])):
             for j in range(int(group.get("count", 1))):
                 f = _facts({k: v for k, v in group.items() if k != "count"})
                 if not rule.predicate(f):
                     continue
                 dc.patients.add(f"p{i}-{j}")
-                n_unexplained += not f["explained"]
+                if not f["explained"]:
+                    unexplained.add(f"p{i}-{j}")
         n = len(dc.patients)
-        if n < agg.gte or len(dc.history) < agg.min_history_days or not n_unexplained:
+        if n < agg.gte or len(dc.history) < agg.min_history_days or len(unexplained) < agg.min_unexplained:
             return False
         return n >= agg.baseline_ratio * statistics.median(dc.history)
     w = Window()

@@ -101,6 +101,7 @@ class Aggregate:
     gte: int
     baseline_ratio: float = 0.0  # day_distinct: today ≥ ratio × median of own history
     min_history_days: int = 3
+    min_unexplained: int = 1  # day_distinct: at least this many unexplained patients today
     evidence: str = "window"  # "window" (every counted event) | "unexplained"
 
 
@@ -200,7 +201,8 @@ def _aggregate(doc: dict[str, Any] | None, rule_id: str) -> Aggregate | None:
     return Aggregate(
         count=kind, field=fld, timespan_s=span_s, gte=int(doc["gte"]),
         baseline_ratio=float(doc.get("baseline_ratio", 0.0)),
-        min_history_days=int(doc.get("min_history_days", 3)), evidence=evidence,
+        min_history_days=int(doc.get("min_history_days", 3)),
+        min_unexplained=int(doc.get("min_unexplained", 1)), evidence=evidence,
     )
 
 

@@ -22,6 +22,8 @@ from emrwatch.context import Context
 from emrwatch.events import AccessEvent, EventError
 
 MAX_REPORTED_BAD = 50
+#: replay builds alerts once per this many events, like the stream once per batch
+DRAIN_EVERY = 1000
 
 
 @dataclass
@@ -53,10 +55,13 @@ def replay_events(context: Context, events: Iterable[AccessEvent],
     """Run canonical events through a fresh engine; return the final alerts."""
     eng = engine or Engine(context, config)
     out: dict[str, Alert] = {}
-    for e in events:
-        for a in eng.process(e):
-            out[a.alert_id] = a
-    for a in eng.flush():
+    ingest, drain = eng.ingest, eng.drain
+    for i, e in enumerate(events, 1):
+        ingest(e)
+        if i % DRAIN_EVERY == 0:
+            for a in drain():
+                out[a.alert_id] = a
+    for a in eng.drain() + eng.flush():
         out[a.alert_id] = a
     return collapse(out.values())
 
@@ -74,7 +79,7 @@ def replay_file(context_dir: str | Path, events_path: str | Path, fmt: str = "au
         engine_hook(eng)
     res = ReplayResult(alerts=[], engine=eng)
     out: dict[str, Alert] = {}
-    process = eng.process
+    ingest, drain = eng.ingest, eng.drain
     t0 = time.perf_counter()
     for line_no, item, _raw in read_events(events_path, fmt):
         if isinstance(item, EventError):
@@ -85,9 +90,11 @@ def replay_file(context_dir: str | Path, events_path: str | Path, fmt: str = "au
                 errors.write(f"{events_path}:{line_no}: skipped: {item}\n")
             continue
         res.events += 1
-        for a in process(item):
-            out[a.alert_id] = a
-    for a in eng.flush():
+        ingest(item)
+        if res.events % DRAIN_EVERY == 0:
+            for a in drain():
+                out[a.alert_id] = a
+    for a in eng.drain() + eng.flush():
         out[a.alert_id] = a
     res.seconds = time.perf_counter() - t0
     res.alerts = collapse(out.values())
