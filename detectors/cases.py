@@ -59,6 +59,7 @@ class Case:
         if rule.immediate:
             self.immediate = True
         self.dirty = True
+        self.version += 1  # counts changes, so it does not depend on batch sizes
         return True
 
     def retract(self, rule_ids: set[str], patient_id: str, since: float) -> bool:
@@ -86,6 +87,7 @@ class Case:
                     del self.patients[rid]
         if changed:
             self.dirty = True
+            self.version += 1
         return changed
 
     def risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -24,12 +25,41 @@ from detectors.alerts import Alert
 from detectors.cases import AlertBuilder, Case, Evidence, new_case
 from detectors.config import DetectionConfig
 from detectors.explain import Explainer
-from detectors.rules import Rule, load_rules
+from detectors.rules import Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
 from emrwatch.timeutil import in_shift
 
 SNAPSHOT_VERSION = 1
+
+
+@dataclass
+class EngineStats:
+    """What an engine saw; engines over different partitions merge with ``+``."""
+
+    events: int = 0
+    explained: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    findings: dict[str, int] = field(default_factory=dict)
+    suppressed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    unexplained_ids: set[str] = field(default_factory=set)
+
+    @property
+    def explained_share(self) -> float:
+        return self.explained / self.events if self.events else 0.0
+
+    def __add__(self, other: EngineStats) -> EngineStats:
+        def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+        sup = {k: list(v) for k, v in self.suppressed.items()}
+        for k, v in other.suppressed.items():
+            sup.setdefault(k, []).extend(v)
+        return EngineStats(
+            self.events + other.events, self.explained + other.explained,
+            add(self.reasons, other.reasons), add(self.findings, other.findings), sup,
+            self.unexplained_ids | other.unexplained_ids,
+        )
 
 
 class Window:
@@ -122,6 +152,8 @@ class Engine:
         self.rule_by_id = {r.id: r for r in self.rules}
         self.event_rules = [r for r in self.rules if r.aggregate is None]
         self.agg_rules = [r for r in self.rules if r.aggregate is not None]
+        self._match_event = compile_matcher(self.event_rules)
+        self._match_agg = compile_matcher(self.agg_rules)
         self.retractable = {r.id for r in self.rules if r.retract_on_documentation}
         self.explainer = Explainer(context, self.cfg)
         self.builder = AlertBuilder(context, self.cfg, self.rule_by_id)
@@ -244,7 +276,6 @@ class Engine:
             elif not above and case.retracted:
                 continue  # the sinks already know it was retracted
             case.retracted = not above
-            case.version += 1
             out.append(self.builder.build(user_id, case))
         self._dirty.clear()
         return out
@@ -275,22 +306,20 @@ class Engine:
             st.writes[e.patient_id] = t
             if case is not None and self.retractable:
                 case.retract(self.retractable, e.patient_id, t - cfg.documented_grace_s)
-        ev: Evidence | None = None
-        for rule in self.event_rules:
-            if rule.predicate(f):
-                if ev is None:
-                    ev = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation, f["sensitivity"])
-                if self._suppressed(rule, e, f):
-                    continue
-                if case is None:
-                    case = st.case = new_case(e.user_id, e.event_id, t)
-                case.add(rule, ev)
-                self.finding_counts[rule.id] += 1
-        for rule in self.agg_rules:
-            if not rule.predicate(f):
+        ev: Evidence = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation,
+                        f["sensitivity"])
+        event_rules = self.event_rules
+        for i in self._match_event(f):
+            rule = event_rules[i]
+            if self._suppressed(rule, e, f):
                 continue
-            if ev is None:
-                ev = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation, f["sensitivity"])
+            if case is None:
+                case = st.case = new_case(e.user_id, e.event_id, t)
+            case.add(rule, ev)
+            self.finding_counts[rule.id] += 1
+        agg_rules = self.agg_rules
+        for i in self._match_agg(f):
+            rule = agg_rules[i]
             fired, extras = self._aggregate(rule, st, e, f, ev)
             if not fired or self._suppressed(rule, e, f):
                 continue
@@ -390,6 +419,14 @@ class Engine:
     @property
     def explained_share(self) -> float:
         return self.explained / self.events if self.events else 0.0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            events=self.events, explained=self.explained, reasons=dict(self.reason_counts),
+            findings=dict(self.finding_counts),
+            suppressed={k: list(v) for k, v in self.suppressed.items()},
+            unexplained_ids=set(self.unexplained_ids or ()),
+        )
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, users: Iterable[str] | None = None) -> bytes:

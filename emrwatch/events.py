@@ -86,8 +86,10 @@ class AccessEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AccessEvent:
-        """Build from a canonical JSON object / CSV row; raise :class:`EventError` if unusable."""
+    def from_dict(cls, d: dict[str, Any], t: float | None = None) -> AccessEvent:
+        """Build from a canonical JSON object / CSV row; raise :class:`EventError` if unusable.
+
+        ``t`` skips re-parsing ``ts`` when the caller already has it."""
         try:
             event_id = d["event_id"]
             ts = d["ts"]
@@ -106,7 +108,7 @@ class AccessEvent:
         return cls(
             event_id=str(event_id),
             ts=str(ts),
-            t=parse_ts(str(ts)),
+            t=parse_ts(str(ts)) if t is None else t,
             user_id=str(user_id),
             patient_id=str(d.get("patient_id") or ""),
             action=action,

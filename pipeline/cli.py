@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from emrwatch.timeutil import DEFAULT_TIMEZONE
+from pipeline.replay import default_workers
 
 
 def _config(path: str | None, timezone: str | None):  # type: ignore[no-untyped-def]
@@ -34,16 +35,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 fh.write(orjson.dumps(a) + b"\n")
         print(f"stream replay: {len(alerts)} alerts → {args.alerts}", file=sys.stderr)
         return 0
-    res = replay_file(args.context, args.events, args.format, cfg.timezone, cfg, errors=sys.stderr)
+    res = replay_file(args.context, args.events, args.format, cfg.timezone, cfg, errors=sys.stderr,
+                      workers=args.workers)
     n = write_alerts(res.alerts, args.alerts)
-    eng = res.engine
     print(
         f"replay: {res.events} events ({res.bad} bad lines skipped) in {res.seconds:.2f}s "
-        f"= {res.events_per_s:,.0f} ev/s; {eng.explained_share:.1%} explained; {n} alerts → {args.alerts}",
+        f"= {res.events_per_s:,.0f} ev/s with {res.workers} worker(s); "
+        f"{res.stats.explained_share:.1%} explained; {n} alerts → {args.alerts}",
         file=sys.stderr,
     )
     if args.preview_exceptions:
-        report = preview_exceptions(args.context, args.events, args.format, cfg.timezone, cfg)
+        report = preview_exceptions(args.context, args.events, args.format, cfg.timezone, cfg,
+                                    workers=args.workers)
         Path(args.preview_exceptions).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         print(
             f"exceptions would hide {len(report['hidden_alerts'])} alert(s) and shrink "
@@ -66,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate, format_report
 
     cfg = _config(args.config, args.timezone)
-    report = evaluate(args.data, cfg, cfg.timezone)
+    report = evaluate(args.data, cfg, cfg.timezone, workers=args.workers)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timezone", default=None, help=f"hospital timezone (default {DEFAULT_TIMEZONE})")
     r.add_argument("--config", default=None, help="YAML configuration")
     r.add_argument("--stream", action="store_true", help="send the input through Kafka and the Faust workers")
+    r.add_argument("--workers", type=int, default=default_workers(),
+                   help="parallel processes, partitioned by user like the stream (default: cores, max 4)")
     r.add_argument("--preview-exceptions", metavar="REPORT.json", default=None,
                    help="also write what the configured exceptions hide")
     r.set_defaults(func=cmd_replay)
@@ -104,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", default=None)
     ev.add_argument("--timezone", default=None)
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--workers", type=int, default=default_workers())
     ev.set_defaults(func=cmd_evaluate)
 
     _add_streaming_commands(sub)

@@ -41,15 +41,12 @@ def find_events_file(data: Path) -> Path:
 
 
 def evaluate(data: str | Path, config: DetectionConfig | None = None,
-             timezone: str | None = None) -> dict[str, Any]:
+             timezone: str | None = None, workers: int = 1) -> dict[str, Any]:
     data = Path(data)
     labels = load_labels(data / "labels.csv")
-    unexplained: set[str] = set()
-
-    def hook(eng: Any) -> None:
-        eng.unexplained_ids = unexplained
-
-    res = replay_file(data, find_events_file(data), "auto", timezone, config, engine_hook=hook)
+    res = replay_file(data, find_events_file(data), "auto", timezone, config, workers=workers,
+                      collect_unexplained=True)
+    unexplained = res.stats.unexplained_ids
     alerts = res.alerts
     in_alert: set[str] = set()
     user_alerted_events: dict[str, set[str]] = defaultdict(set)

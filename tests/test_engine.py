@@ -164,7 +164,8 @@ def test_alert_ids_are_stable_and_updates_keep_the_id(ctx):
     eng = Engine(ctx)
     emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
     assert len({a.alert_id for a in emitted}) == 1 and len(emitted) > 1
-    assert [a.version for a in emitted] == list(range(1, len(emitted) + 1))
+    versions = [a.version for a in emitted]
+    assert versions == sorted(set(versions)), "each update carries a higher version"
     _, again = run(ctx, events)
     assert again[0].alert_id == emitted[0].alert_id
 

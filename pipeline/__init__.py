@@ -1,0 +1,1 @@
+"""The streaming pipeline: Faust app, topics, sinks and the command line."""
