@@ -171,25 +171,51 @@ class Engine:
         self._clock = context.clock
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
+        self._user_cache: dict[str, tuple[int, tuple[Any, str, bool, dict[str, Any]]]] = {}
         self._dirty: dict[str, tuple[str, Case]] = {}  # alert id → (user, case) changed since the last drain
 
     # ------------------------------------------------------------------ facts
+    def _user_facts(self, user_id: str) -> tuple[Any, str, bool, dict[str, Any]]:
+        """(staff, department kind, in ED, facts that depend only on the user), cached until
+        the context changes."""
+        hit = self._user_cache.get(user_id)
+        if hit is not None and hit[0] == self.ctx.version:
+            return hit[1]
+        staff = self.ctx.staff.get(user_id)
+        if staff is not None:
+            dept = self.ctx.departments.get(staff.department_id)
+            dept_kind = dept.kind if dept is not None else "clinical"
+            in_ed = dept is not None and dept.is_emergency
+            role = staff.role
+        else:
+            dept_kind, in_ed, role = "", False, ""
+        static = {
+            "role": role,
+            "known_role": role in KNOWN_ROLES,
+            "user_department": staff.department_id if staff is not None else "",
+            "user_department_kind": dept_kind,
+            "user_in_emergency_department": in_ed,
+            "clearance": staff.clearance if staff is not None else 0,
+            "known_user": staff is not None,
+            "grant_only_role": role in self.grant_only,
+            "clerk_role": role in self.clerks,
+        }
+        value = (staff, dept_kind, in_ed, static)
+        self._user_cache[user_id] = (self.ctx.version, value)
+        return value
+
     def facts(self, e: AccessEvent, st: UserState) -> dict[str, Any]:
         """Everything the rules may test about one access (``rules.FACT_FIELDS``)."""
         ctx = self.ctx
         t = e.t
-        staff = ctx.staff.get(e.user_id)
+        staff, dept_kind, user_in_ed, ufacts = self._user_facts(e.user_id)
         patient = ctx.patients.get(e.patient_id) if e.patient_id else None
         if staff is not None:
-            dept = ctx.departments.get(staff.department_id)
-            dept_kind = dept.kind if dept is not None else "clinical"
-            user_in_ed = dept is not None and dept.is_emergency
-            role = staff.role
             clearance = staff.clearance
             active = staff.valid_from <= t < staff.valid_until
             off_shift = not in_shift(self._clock.minute_of_day(t), staff.shift_start, staff.shift_end)
         else:
-            dept_kind, user_in_ed, role, clearance, active, off_shift = "", False, "", 0, False, False
+            clearance, active, off_shift = 0, False, False
         write = e.action in WRITE_ACTIONS and e.outcome == "success"
         last_write = t if write else st.writes.get(e.patient_id)
         reasons, grant_covered = self.explainer.explain(e, staff, last_write, dept_kind, user_in_ed)
@@ -204,6 +230,7 @@ class Engine:
         else:
             sensitivity, emp, self_access, family, sealed, vip = 0, "", False, False, False, False
         return {
+            **ufacts,
             "action": e.action,
             "resource_type": e.resource_type,
             "outcome": e.outcome,
@@ -212,13 +239,6 @@ class Engine:
             "workstation": e.workstation,
             "source": e.source,
             "event_category": e.event_category,
-            "role": role,
-            "known_role": role in KNOWN_ROLES,
-            "user_department": staff.department_id if staff is not None else "",
-            "user_department_kind": dept_kind,
-            "user_in_emergency_department": user_in_ed,
-            "clearance": clearance,
-            "known_user": staff is not None,
             "account_active": active,
             "known_patient": patient is not None,
             "sensitivity": sensitivity,
@@ -236,9 +256,7 @@ class Engine:
             "exfiltration": e.action in EXFIL_ACTIONS,
             "write": write,
             "denied": e.outcome == "failure",
-            "grant_only_role": role in self.grant_only,
             "grant_covered": grant_covered,
-            "clerk_role": role in self.clerks,
         }
 
     # ------------------------------------------------------------------ processing
