@@ -24,8 +24,22 @@ Evidence = tuple[str, float, str, str, str, str, int]
 
 
 class Case:
-    __slots__ = ("alert_id", "first_t", "last_t", "opened_t", "touched_t", "evidence", "patients",
-                 "fired", "alerted", "immediate", "version", "extras", "dirty", "retracted")
+    __slots__ = (
+        "alert_id",
+        "first_t",
+        "last_t",
+        "opened_t",
+        "touched_t",
+        "evidence",
+        "patients",
+        "fired",
+        "alerted",
+        "immediate",
+        "version",
+        "extras",
+        "dirty",
+        "retracted",
+    )
 
     def __init__(self, alert_id: str, t: float) -> None:
         self.alert_id = alert_id
@@ -102,7 +116,9 @@ class Case:
                 continue
             n_events = len(bucket)
             n_patients = len(self.patients[rid])
-            total += w * (n_patients + cfg.repeat_weight * min(n_events - n_patients, cfg.repeat_cap))
+            total += w * (
+                n_patients + cfg.repeat_weight * min(n_events - n_patients, cfg.repeat_cap)
+            )
         return total
 
     def event_count(self) -> int:
@@ -111,11 +127,18 @@ class Case:
     # ------------------------------------------------------------------ persistence
     def to_obj(self) -> dict[str, Any]:
         return {
-            "alert_id": self.alert_id, "first_t": self.first_t, "last_t": self.last_t,
-            "opened_t": self.opened_t, "touched_t": self.touched_t,
+            "alert_id": self.alert_id,
+            "first_t": self.first_t,
+            "last_t": self.last_t,
+            "opened_t": self.opened_t,
+            "touched_t": self.touched_t,
             "evidence": {r: list(b.values()) for r, b in self.evidence.items()},
-            "fired": sorted(self.fired), "alerted": self.alerted, "retracted": self.retracted, "immediate": self.immediate,
-            "version": self.version, "extras": self.extras,
+            "fired": sorted(self.fired),
+            "alerted": self.alerted,
+            "retracted": self.retracted,
+            "immediate": self.immediate,
+            "version": self.version,
+            "extras": self.extras,
         }
 
     @classmethod
@@ -156,7 +179,9 @@ def _counted(values: list[str]) -> str:
     counts: dict[str, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
-    return ", ".join(f"{k}×{n}" if n > 1 else k for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return ", ".join(
+        f"{k}×{n}" if n > 1 else k for k, n in sorted(counts.items(), key=lambda kv: -kv[1])
+    )
 
 
 def _fmt_date(t: float, ctx: Context) -> str:
@@ -195,10 +220,16 @@ class AlertBuilder:
             except (KeyError, IndexError, ValueError):
                 text = rule.title
             parts.append(text)
-            findings.append({
-                "rule": rid, "title": rule.title, "level": rule.level,
-                "events": len(evs), "patients": values["patients_n"], "reason": text,
-            })
+            findings.append(
+                {
+                    "rule": rid,
+                    "title": rule.title,
+                    "level": rule.level,
+                    "events": len(evs),
+                    "patients": values["patients_n"],
+                    "reason": text,
+                }
+            )
         levels = [SEVERITIES.index(rules[f["rule"]].level) for f in findings] or [0]
         sev = max(levels)
         if risk >= 3 * self.cfg.alert_threshold and sev < 3:
@@ -248,15 +279,19 @@ class AlertBuilder:
         else:
             shift = "not set"
         grants = ctx.grants.get(staff.user_id, []) if staff else []
-        grant_scope = "; ".join(
-            f"{'all departments' if g.departments is None else ','.join(sorted(g.departments))}: "
-            f"{'all actions' if g.actions is None else ','.join(sorted(g.actions))} "
-            f"{_fmt_date(g.valid_from, ctx)}..{_fmt_date(g.valid_until - 1, ctx)}"
-            for g in grants
-        ) or "no grant"
+        grant_scope = (
+            "; ".join(
+                f"{'all departments' if g.departments is None else ','.join(sorted(g.departments))}: "
+                f"{'all actions' if g.actions is None else ','.join(sorted(g.actions))} "
+                f"{_fmt_date(g.valid_from, ctx)}..{_fmt_date(g.valid_until - 1, ctx)}"
+                for g in grants
+            )
+            or "no grant"
+        )
         validity = (
             f"valid {_fmt_date(staff.valid_from, ctx)} to {_fmt_date(staff.valid_until - 1, ctx)}"
-            if staff else "not on the staff roster"
+            if staff
+            else "not on the staff roster"
         )
         values: dict[str, Any] = {
             "events_n": len(evs),

@@ -18,9 +18,24 @@ DAY = 86400.0
 
 #: resources that carry no clinical content (registration, billing, scheduling).
 NON_CLINICAL_RESOURCES = (
-    "Patient", "Encounter", "Account", "Claim", "ClaimResponse", "Coverage", "Invoice",
-    "ChargeItem", "ExplanationOfBenefit", "Appointment", "Schedule", "Slot", "Organization",
-    "Practitioner", "PractitionerRole", "Location", "Consent", "AuditEvent",
+    "Patient",
+    "Encounter",
+    "Account",
+    "Claim",
+    "ClaimResponse",
+    "Coverage",
+    "Invoice",
+    "ChargeItem",
+    "ExplanationOfBenefit",
+    "Appointment",
+    "Schedule",
+    "Slot",
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+    "Location",
+    "Consent",
+    "AuditEvent",
 )
 
 
@@ -44,8 +59,16 @@ class Exception_:
     workstation: str = ""
     until: str = ""  # ISO date; after it the exception lapses
 
-    def matches(self, rule_id: str, user_id: str, role: str, department: str,
-                patient_id: str, workstation: str, day: str) -> bool:
+    def matches(
+        self,
+        rule_id: str,
+        user_id: str,
+        role: str,
+        department: str,
+        patient_id: str,
+        workstation: str,
+        day: str,
+    ) -> bool:
         return (
             (self.rule in ("*", rule_id))
             and (not self.user_id or self.user_id == user_id)

@@ -56,8 +56,11 @@ class EngineStats:
         for k, v in other.suppressed.items():
             sup.setdefault(k, []).extend(v)
         return EngineStats(
-            self.events + other.events, self.explained + other.explained,
-            add(self.reasons, other.reasons), add(self.findings, other.findings), sup,
+            self.events + other.events,
+            self.explained + other.explained,
+            add(self.reasons, other.reasons),
+            add(self.findings, other.findings),
+            sup,
             self.unexplained_ids | other.unexplained_ids,
         )
 
@@ -142,12 +145,20 @@ class UserState:
 class Engine:
     """Explain-first rule detection with case accumulation, one instance per worker."""
 
-    def __init__(self, context: Context, config: DetectionConfig | None = None,
-                 rules: list[Rule] | None = None) -> None:
+    def __init__(
+        self,
+        context: Context,
+        config: DetectionConfig | None = None,
+        rules: list[Rule] | None = None,
+    ) -> None:
         self.ctx = context
         self.cfg = config or DetectionConfig()
-        self.rules = rules if rules is not None else load_rules(
-            self.cfg.rules_dir or None, self.cfg.disabled_rules, self.cfg.rule_overrides
+        self.rules = (
+            rules
+            if rules is not None
+            else load_rules(
+                self.cfg.rules_dir or None, self.cfg.disabled_rules, self.cfg.rule_overrides
+            )
         )
         self.rule_by_id = {r.id: r for r in self.rules}
         self.event_rules = [r for r in self.rules if r.aggregate is None]
@@ -172,7 +183,9 @@ class Engine:
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
         self._user_cache: dict[str, tuple[int, tuple[Any, str, bool, dict[str, Any]]]] = {}
-        self._dirty: dict[str, tuple[str, Case]] = {}  # alert id → (user, case) changed since the last drain
+        self._dirty: dict[
+            str, tuple[str, Case]
+        ] = {}  # alert id → (user, case) changed since the last drain
 
     # ------------------------------------------------------------------ facts
     def _user_facts(self, user_id: str) -> tuple[Any, str, bool, dict[str, Any]]:
@@ -213,7 +226,9 @@ class Engine:
         if staff is not None:
             clearance = staff.clearance
             active = staff.valid_from <= t < staff.valid_until
-            off_shift = not in_shift(self._clock.minute_of_day(t), staff.shift_start, staff.shift_end)
+            off_shift = not in_shift(
+                self._clock.minute_of_day(t), staff.shift_start, staff.shift_end
+            )
         else:
             clearance, active, off_shift = 0, False, False
         write = e.action in WRITE_ACTIONS and e.outcome == "success"
@@ -223,7 +238,11 @@ class Engine:
             sensitivity = patient.sensitivity
             emp = patient.employee_user_id
             self_access = emp == e.user_id
-            family = bool(patient.family_key) and staff is not None and patient.family_key == staff.family_key
+            family = (
+                bool(patient.family_key)
+                and staff is not None
+                and patient.family_key == staff.family_key
+            )
             seal = ctx.seals.get(e.patient_id)
             sealed = seal is not None and t >= seal.sealed_at and e.user_id not in seal.authorized
             vip = patient.vip
@@ -318,14 +337,23 @@ class Engine:
             self.unexplained_ids.add(e.event_id)
         case = st.case
         cfg = self.cfg
-        if case is not None and (t - case.touched_t > cfg.case_gap_s or t - case.opened_t > cfg.case_max_s):
+        if case is not None and (
+            t - case.touched_t > cfg.case_gap_s or t - case.opened_t > cfg.case_max_s
+        ):
             st.case = case = None
         if f["write"] and e.patient_id:
             st.writes[e.patient_id] = t
             if case is not None and self.retractable:
                 case.retract(self.retractable, e.patient_id, t - cfg.documented_grace_s)
-        ev: Evidence = (e.event_id, t, e.patient_id, e.action, e.resource_type, e.workstation,
-                        f["sensitivity"])
+        ev: Evidence = (
+            e.event_id,
+            t,
+            e.patient_id,
+            e.action,
+            e.resource_type,
+            e.workstation,
+            f["sensitivity"],
+        )
         event_rules = self.event_rules
         for i in self._match_event(f):
             rule = event_rules[i]
@@ -338,7 +366,34 @@ class Engine:
         agg_rules = self.agg_rules
         for i in self._match_agg(f):
             rule = agg_rules[i]
-            fired, extras = self._aggregate(rule, st, e, f, ev)
+            agg = rule.aggregate
+            if agg.count == "day_distinct":  # type: ignore[union-attr]
+                fired, extras = self._day_count(rule, st, e, f, ev)
+            else:
+                # windowed correlation, inlined: it runs for most events
+                w = st.windows.get(rule.id)
+                if w is None:
+                    w = st.windows[rule.id] = Window()
+                kind = agg.count  # type: ignore[union-attr]
+                w.push(
+                    t,
+                    e.event_id if kind == "events" else getattr(e, agg.field),
+                    f["explained"],  # type: ignore[union-attr]
+                    ev,
+                    agg.timespan_s,
+                )  # type: ignore[union-attr]
+                n = (
+                    len(w.entries)
+                    if kind == "events"
+                    else (len(w.distinct) if kind == "distinct" else w.switches)
+                )
+                if n < agg.gte:  # type: ignore[union-attr]
+                    continue
+                if agg.evidence == "unexplained":  # type: ignore[union-attr]
+                    fired = [x[4] for x in w.entries if not x[3]]
+                else:
+                    fired = [x[4] for x in w.entries]
+                extras = None
             if not fired or self._suppressed(rule, e, f):
                 continue
             if case is None:
@@ -358,56 +413,60 @@ class Engine:
                 case.touched_t = t
             self._dirty[case.alert_id] = (e.user_id, case)
 
-    def _aggregate(self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any],
-                   ev: Evidence) -> tuple[list[Evidence], dict[str, Any] | None]:
-        """Update the rule's window; return the evidence to add when its threshold holds."""
+    def _day_count(
+        self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any], ev: Evidence
+    ) -> tuple[list[Evidence], dict[str, Any] | None]:
+        """Update today's distinct count; return the evidence to add when the rule holds."""
         agg = rule.aggregate
         assert agg is not None
         explained = f["explained"]
-        if agg.count == "day_distinct":
-            dc = st.days.get(rule.id)
-            if dc is None:
-                dc = st.days[rule.id] = DayCounter()
-            dc.roll(self._clock.local_day(e.t), self.cfg.volume_history_days)
-            dc.patients.add(e.patient_id)
-            if not explained:
-                dc.unexplained.append(ev)
-                dc.unexplained_patients.add(e.patient_id)
-            n = len(dc.patients)
-            hist = dc.history
-            if (n < agg.gte or len(hist) < agg.min_history_days
-                    or len(dc.unexplained_patients) < agg.min_unexplained):
-                return [], None
-            base = statistics.median(hist)
-            if n < agg.baseline_ratio * base:
-                return [], None
-            extras = {"day_patients": n, "baseline": round(base, 1), "ratio": round(n / max(base, 1), 1)}
-            if dc.fired:
-                # today's case grows while it is open; once closed, volume alone reopens nothing
-                case = st.case
-                if explained or case is None or rule.id not in case.fired:
-                    return [], None
-                return [ev], extras
-            dc.fired = True
-            return list(dc.unexplained), extras
-        w = st.windows.get(rule.id)
-        if w is None:
-            w = st.windows[rule.id] = Window()
-        key = e.event_id if agg.count == "events" else getattr(e, agg.field)
-        w.push(e.t, key, explained, ev, agg.timespan_s)
-        if w.count(agg.count) < agg.gte:
+        dc = st.days.get(rule.id)
+        if dc is None:
+            dc = st.days[rule.id] = DayCounter()
+        dc.roll(self._clock.local_day(e.t), self.cfg.volume_history_days)
+        dc.patients.add(e.patient_id)
+        if not explained:
+            dc.unexplained.append(ev)
+            dc.unexplained_patients.add(e.patient_id)
+        n = len(dc.patients)
+        hist = dc.history
+        if (
+            n < agg.gte
+            or len(hist) < agg.min_history_days
+            or len(dc.unexplained_patients) < agg.min_unexplained
+        ):
             return [], None
-        if agg.evidence == "unexplained":
-            return [x[4] for x in w.entries if not x[3]], None
-        return [x[4] for x in w.entries], None
+        base = statistics.median(hist)
+        if n < agg.baseline_ratio * base:
+            return [], None
+        extras = {
+            "day_patients": n,
+            "baseline": round(base, 1),
+            "ratio": round(n / max(base, 1), 1),
+        }
+        if dc.fired:
+            # today's case grows while it is open; once closed, volume alone reopens nothing
+            case = st.case
+            if explained or case is None or rule.id not in case.fired:
+                return [], None
+            return [ev], extras
+        dc.fired = True
+        return list(dc.unexplained), extras
 
     def _suppressed(self, rule: Rule, e: AccessEvent, f: dict[str, Any]) -> bool:
         if not self.exceptions:
             return False
         day = self._clock.local_iso(e.t)[:10]
         for ex in self.exceptions:
-            if ex.matches(rule.id, e.user_id, f["role"], f["user_department"], e.patient_id,
-                          e.workstation, day):
+            if ex.matches(
+                rule.id,
+                e.user_id,
+                f["role"],
+                f["user_department"],
+                e.patient_id,
+                e.workstation,
+                day,
+            ):
                 self.suppressed.setdefault(ex.id, []).append((rule.id, e.event_id))
                 return True
         return False
@@ -440,7 +499,9 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            events=self.events, explained=self.explained, reasons=dict(self.reason_counts),
+            events=self.events,
+            explained=self.explained,
+            reasons=dict(self.reason_counts),
             findings=dict(self.finding_counts),
             suppressed={k: list(v) for k, v in self.suppressed.items()},
             unexplained_ids=set(self.unexplained_ids or ()),
@@ -457,8 +518,10 @@ class Engine:
                 "writes": st.writes,
                 "last_t": st.last_t,
                 "windows": {r: [list(x) for x in w.entries] for r, w in st.windows.items()},
-                "days": {r: [d.day, sorted(d.patients), d.unexplained, list(d.history), d.fired]
-                         for r, d in st.days.items()},
+                "days": {
+                    r: [d.day, sorted(d.patients), d.unexplained, list(d.history), d.fired]
+                    for r, d in st.days.items()
+                },
                 "case": st.case.to_obj() if st.case is not None else None,
             }
         return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out})

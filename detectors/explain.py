@@ -27,8 +27,16 @@ REASONS: dict[str, str] = {
 class Explainer:
     """Per-event explanation over the context's indexes: a scan of one patient's few encounters."""
 
-    __slots__ = ("ctx", "before", "after", "service_after", "admin_after", "ed_margin",
-                 "grant_only", "documented_window")
+    __slots__ = (
+        "ctx",
+        "before",
+        "after",
+        "service_after",
+        "admin_after",
+        "ed_margin",
+        "grant_only",
+        "documented_window",
+    )
 
     def __init__(self, ctx: Context, cfg: DetectionConfig) -> None:
         self.ctx = ctx
@@ -40,8 +48,14 @@ class Explainer:
         self.grant_only = frozenset(cfg.grant_only_roles)
         self.documented_window = cfg.documented_window_s
 
-    def explain(self, e: AccessEvent, staff: Staff | None, last_write: float | None,
-                dept_kind: str, user_in_ed: bool) -> tuple[tuple[str, ...], bool]:
+    def explain(
+        self,
+        e: AccessEvent,
+        staff: Staff | None,
+        last_write: float | None,
+        dept_kind: str,
+        user_in_ed: bool,
+    ) -> tuple[tuple[str, ...], bool]:
         """(reason codes, grant_covered) for one access."""
         if staff is None:
             return (), False
@@ -109,4 +123,3 @@ class Explainer:
         if user_in_ed and (ed or e.emergency):
             reasons.append("emergency_department")
         return tuple(reasons), grant_covered
-

@@ -40,7 +40,11 @@ def fires(rule: Rule, example: Any) -> bool:
                 if not f["explained"]:
                     unexplained.add(f"p{i}-{j}")
         n = len(dc.patients)
-        if n < agg.gte or len(dc.history) < agg.min_history_days or len(unexplained) < agg.min_unexplained:
+        if (
+            n < agg.gte
+            or len(dc.history) < agg.min_history_days
+            or len(unexplained) < agg.min_unexplained
+        ):
             return False
         return n >= agg.baseline_ratio * statistics.median(dc.history)
     w = Window()
@@ -52,7 +56,13 @@ def fires(rule: Rule, example: Any) -> bool:
             key = f"e{i}"
         else:
             key = str(item.get(agg.field, f.get(agg.field, f"{agg.field}-{i}")))
-        w.push(float(item.get("t", i)), key, f["explained"], (f"e{i}", 0.0, "", "", "", "", 0), agg.timespan_s)
+        w.push(
+            float(item.get("t", i)),
+            key,
+            f["explained"],
+            (f"e{i}", 0.0, "", "", "", "", 0),
+            agg.timespan_s,
+        )
         if w.count(agg.count) >= agg.gte:
             return True
     return False

@@ -156,7 +156,9 @@ def _compile_selection(sel: Any, rule_id: str) -> str:
     raise RuleError(f"{rule_id}: a selection must be a map or a list of maps")
 
 
-def compile_detection(detection: dict[str, Any], rule_id: str) -> tuple[str, Callable[[dict[str, Any]], bool]]:
+def compile_detection(
+    detection: dict[str, Any], rule_id: str
+) -> tuple[str, Callable[[dict[str, Any]], bool]]:
     """Detection block → (python source, predicate over a facts dict)."""
     if not isinstance(detection, dict) or "condition" not in detection:
         raise RuleError(f"{rule_id}: detection needs named selections and a condition")
@@ -184,7 +186,9 @@ def _aggregate(doc: dict[str, Any] | None, rule_id: str) -> Aggregate | None:
     count = str(doc.get("count", "events")).split()
     kind, fld = count[0], (count[1] if len(count) > 1 else "")
     if kind not in ("events", "distinct", "switches"):
-        raise RuleError(f"{rule_id}: aggregate count must be events, distinct FIELD or switches FIELD")
+        raise RuleError(
+            f"{rule_id}: aggregate count must be events, distinct FIELD or switches FIELD"
+        )
     if kind != "events" and fld not in ("patient_id", "workstation", "resource_type", "action"):
         raise RuleError(f"{rule_id}: cannot count {kind} of {fld!r}")
     span = doc.get("timespan", "1h")
@@ -200,10 +204,14 @@ def _aggregate(doc: dict[str, Any] | None, rule_id: str) -> Aggregate | None:
     if evidence not in ("window", "unexplained"):
         raise RuleError(f"{rule_id}: aggregate evidence must be window or unexplained")
     return Aggregate(
-        count=kind, field=fld, timespan_s=span_s, gte=int(doc["gte"]),
+        count=kind,
+        field=fld,
+        timespan_s=span_s,
+        gte=int(doc["gte"]),
         baseline_ratio=float(doc.get("baseline_ratio", 0.0)),
         min_history_days=int(doc.get("min_history_days", 3)),
-        min_unexplained=int(doc.get("min_unexplained", 1)), evidence=evidence,
+        min_unexplained=int(doc.get("min_unexplained", 1)),
+        evidence=evidence,
     )
 
 
@@ -257,8 +265,11 @@ def default_rules_dir() -> Path:
     return Path(__file__).parent / "rules"
 
 
-def load_rules(directory: str | Path | None = None, disabled: tuple[str, ...] = (),
-               overrides: dict[str, dict[str, Any]] | None = None) -> list[Rule]:
+def load_rules(
+    directory: str | Path | None = None,
+    disabled: tuple[str, ...] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list[Rule]:
     """Every ``*.yaml`` rule in ``directory`` (default: the shipped rules), in file-name order.
 
     ``overrides`` maps a rule id to keys replaced in its document (e.g. a threshold), so a
@@ -291,14 +302,38 @@ def load_rules(directory: str | Path | None = None, disabled: tuple[str, ...] = 
 def benign_facts() -> dict[str, Any]:
     """A fully explained, ordinary access: the base that rule examples are written against."""
     return {
-        "action": "view", "resource_type": "Observation", "outcome": "success", "emergency": False,
-        "purpose": "", "workstation": "ws-1", "source": "emr", "event_category": "access",
-        "role": "nurse", "known_role": True, "user_department": "CARD",
-        "user_department_kind": "clinical", "user_in_emergency_department": False,
-        "clearance": 3, "known_user": True, "account_active": True, "known_patient": True,
-        "sensitivity": 1, "vip": False, "patient_is_employee": False, "explained": True,
-        "self_access": False, "coworker": False, "family": False, "sealed_violation": False,
-        "off_shift": False, "above_clearance": False, "clinical_resource": True,
-        "exfiltration": False, "write": False, "denied": False, "grant_only_role": False,
-        "grant_covered": False, "clerk_role": False,
+        "action": "view",
+        "resource_type": "Observation",
+        "outcome": "success",
+        "emergency": False,
+        "purpose": "",
+        "workstation": "ws-1",
+        "source": "emr",
+        "event_category": "access",
+        "role": "nurse",
+        "known_role": True,
+        "user_department": "CARD",
+        "user_department_kind": "clinical",
+        "user_in_emergency_department": False,
+        "clearance": 3,
+        "known_user": True,
+        "account_active": True,
+        "known_patient": True,
+        "sensitivity": 1,
+        "vip": False,
+        "patient_is_employee": False,
+        "explained": True,
+        "self_access": False,
+        "coworker": False,
+        "family": False,
+        "sealed_violation": False,
+        "off_shift": False,
+        "above_clearance": False,
+        "clinical_resource": True,
+        "exfiltration": False,
+        "write": False,
+        "denied": False,
+        "grant_only_role": False,
+        "grant_covered": False,
+        "clerk_role": False,
     }

@@ -25,7 +25,17 @@ from emrwatch.timeutil import DEFAULT_TIMEZONE, LocalClock, parse_hhmm
 
 INF = math.inf
 KNOWN_ROLES = frozenset(
-    {"physician", "nurse", "trainee", "technician", "pharmacist", "clerk", "auditor", "vendor", "researcher"}
+    {
+        "physician",
+        "nurse",
+        "trainee",
+        "technician",
+        "pharmacist",
+        "clerk",
+        "auditor",
+        "vendor",
+        "researcher",
+    }
 )
 DEPARTMENT_KINDS = frozenset({"clinical", "service", "administrative"})
 EMERGENCY_HINTS = ("emergency", "急诊")
@@ -33,13 +43,36 @@ EMERGENCY_HINTS = ("emergency", "急诊")
 CONTEXT_FILES: dict[str, tuple[str, ...]] = {
     "departments": ("department_id", "name", "kind", "head_user_id"),
     "staff": (
-        "user_id", "family_name", "given_name", "role", "department_id", "clearance",
-        "shift_start", "shift_end", "valid_from", "valid_until", "supervisor_id", "address",
+        "user_id",
+        "family_name",
+        "given_name",
+        "role",
+        "department_id",
+        "clearance",
+        "shift_start",
+        "shift_end",
+        "valid_from",
+        "valid_until",
+        "supervisor_id",
+        "address",
     ),
     "patients": (
-        "patient_id", "family_name", "given_name", "address", "sensitivity", "vip", "employee_user_id",
+        "patient_id",
+        "family_name",
+        "given_name",
+        "address",
+        "sensitivity",
+        "vip",
+        "employee_user_id",
     ),
-    "encounters": ("encounter_id", "patient_id", "department_id", "start", "end", "attending_user_id"),
+    "encounters": (
+        "encounter_id",
+        "patient_id",
+        "department_id",
+        "start",
+        "end",
+        "attending_user_id",
+    ),
     "sealed": ("patient_id", "sealed_at", "reason", "authorized_user_ids"),
     "grants": ("user_id", "departments", "actions", "purpose", "valid_from", "valid_until"),
 }
@@ -225,12 +258,18 @@ def record_from_row(kind: str, row: dict[str, str], clock: LocalClock) -> Record
         if start == -INF:
             raise ContextError("start: required")
         return Encounter(
-            g("encounter_id"), g("patient_id"), g("department_id"), start, _ts(row, "end", INF),
+            g("encounter_id"),
+            g("patient_id"),
+            g("department_id"),
+            start,
+            _ts(row, "end", INF),
             g("attending_user_id"),
         )
     if kind == "sealed":
         return Seal(
-            g("patient_id"), _ts(row, "sealed_at", -INF), g("reason"),
+            g("patient_id"),
+            _ts(row, "sealed_at", -INF),
+            g("reason"),
             _split(g("authorized_user_ids")) or frozenset(),
         )
     if kind == "grants":

@@ -35,8 +35,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 fh.write(orjson.dumps(a) + b"\n")
         print(f"stream replay: {len(alerts)} alerts → {args.alerts}", file=sys.stderr)
         return 0
-    res = replay_file(args.context, args.events, args.format, cfg.timezone, cfg, errors=sys.stderr,
-                      workers=args.workers)
+    res = replay_file(
+        args.context,
+        args.events,
+        args.format,
+        cfg.timezone,
+        cfg,
+        errors=sys.stderr,
+        workers=args.workers,
+    )
     n = write_alerts(res.alerts, args.alerts)
     print(
         f"replay: {res.events} events ({res.bad} bad lines skipped) in {res.seconds:.2f}s "
@@ -45,8 +52,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.preview_exceptions:
-        report = preview_exceptions(args.context, args.events, args.format, cfg.timezone, cfg,
-                                    workers=args.workers)
+        report = preview_exceptions(
+            args.context, args.events, args.format, cfg.timezone, cfg, workers=args.workers
+        )
         Path(args.preview_exceptions).write_text(json.dumps(report, indent=2, ensure_ascii=False))
         print(
             f"exceptions would hide {len(report['hidden_alerts'])} alert(s) and shrink "
@@ -59,8 +67,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pipeline.simulate import simulate
 
-    summary = simulate(Path(args.out), days=args.days, seed=args.seed, scale=args.scale,
-                       timezone=args.timezone)
+    summary = simulate(
+        Path(args.out), days=args.days, seed=args.seed, scale=args.scale, timezone=args.timezone
+    )
     print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     return 0
 
@@ -78,28 +87,48 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emrwatch", description="Privacy monitoring for EMR access logs.")
+    p = argparse.ArgumentParser(
+        prog="emrwatch", description="Privacy monitoring for EMR access logs."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("replay", help="run an access log through the detectors offline")
     r.add_argument("--context", required=True, help="directory with the context CSVs")
-    r.add_argument("--events", required=True, help="events file (FHIR NDJSON, JSONL or CSV; - for stdin)")
+    r.add_argument(
+        "--events", required=True, help="events file (FHIR NDJSON, JSONL or CSV; - for stdin)"
+    )
     r.add_argument("--format", default="auto", choices=["auto", "fhir", "jsonl", "csv"])
     r.add_argument("--alerts", required=True, help="output JSONL ('-' for stdout)")
-    r.add_argument("--timezone", default=None, help=f"hospital timezone (default {DEFAULT_TIMEZONE})")
+    r.add_argument(
+        "--timezone", default=None, help=f"hospital timezone (default {DEFAULT_TIMEZONE})"
+    )
     r.add_argument("--config", default=None, help="YAML configuration")
-    r.add_argument("--stream", action="store_true", help="send the input through Kafka and the Faust workers")
-    r.add_argument("--workers", type=int, default=default_workers(),
-                   help="parallel processes, partitioned by user like the stream (default: cores, max 4)")
-    r.add_argument("--preview-exceptions", metavar="REPORT.json", default=None,
-                   help="also write what the configured exceptions hide")
+    r.add_argument(
+        "--stream", action="store_true", help="send the input through Kafka and the Faust workers"
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="parallel processes, partitioned by user like the stream (default: cores, max 4)",
+    )
+    r.add_argument(
+        "--preview-exceptions",
+        metavar="REPORT.json",
+        default=None,
+        help="also write what the configured exceptions hide",
+    )
     r.set_defaults(func=cmd_replay)
 
     s = sub.add_parser("simulate", help="write a simulated hospital with labelled misuse")
     s.add_argument("--out", required=True)
     s.add_argument("--days", type=int, default=7)
-    s.add_argument("--seed", type=int, default=1,
-                   help="random seed; 20261126 is the held-out evaluation seed: do not tune on it")
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="random seed; 20261126 is the held-out evaluation seed: do not tune on it",
+    )
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--timezone", default=DEFAULT_TIMEZONE)
     s.set_defaults(func=cmd_simulate)

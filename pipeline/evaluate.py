@@ -40,12 +40,23 @@ def find_events_file(data: Path) -> Path:
     raise FileNotFoundError(f"{data}: no events.ndjson / events.jsonl / events.csv")
 
 
-def evaluate(data: str | Path, config: DetectionConfig | None = None,
-             timezone: str | None = None, workers: int = 1) -> dict[str, Any]:
+def evaluate(
+    data: str | Path,
+    config: DetectionConfig | None = None,
+    timezone: str | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
     data = Path(data)
     labels = load_labels(data / "labels.csv")
-    res = replay_file(data, find_events_file(data), "auto", timezone, config, workers=workers,
-                      collect_unexplained=True)
+    res = replay_file(
+        data,
+        find_events_file(data),
+        "auto",
+        timezone,
+        config,
+        workers=workers,
+        collect_unexplained=True,
+    )
     unexplained = res.stats.unexplained_ids
     alerts = res.alerts
     in_alert: set[str] = set()
@@ -66,7 +77,9 @@ def evaluate(data: str | Path, config: DetectionConfig | None = None,
     for scn in sorted(by_scn_events):
         evs = by_scn_events[scn]
         users = by_scn_users[scn]
-        caught_users = [u for u, ids in users.items() if any(i in user_alerted_events[u] for i in ids)]
+        caught_users = [
+            u for u, ids in users.items() if any(i in user_alerted_events[u] for i in ids)
+        ]
         scenarios[scn] = {
             "events": len(evs),
             "event_recall": round(sum(1 for i in evs if i in in_alert) / len(evs), 4),
@@ -91,11 +104,13 @@ def evaluate(data: str | Path, config: DetectionConfig | None = None,
         "alert_precision": round(true_alerts / len(alerts), 4) if alerts else 0.0,
         "false_alerts_per_10k_benign": round(false_alerts / benign * 10000, 3) if benign else 0.0,
         "benign_explained": round(1 - benign_unexplained / benign, 4) if benign else 0.0,
-        "mean_user_recall": round(sum(user_recalls) / len(user_recalls), 4) if user_recalls else 0.0,
+        "mean_user_recall": round(sum(user_recalls) / len(user_recalls), 4)
+        if user_recalls
+        else 0.0,
         "min_user_recall": min(user_recalls) if user_recalls else 0.0,
-        "event_recall": round(
-            sum(1 for i in labels if i in in_alert) / labelled_total, 4
-        ) if labelled_total else 0.0,
+        "event_recall": round(sum(1 for i in labels if i in in_alert) / labelled_total, 4)
+        if labelled_total
+        else 0.0,
         "replay_events_per_s": round(res.events_per_s),
         "scenarios": scenarios,
     }

@@ -74,8 +74,9 @@ def run_engine(eng: Engine, events: Iterable[AccessEvent]) -> dict[str, Alert]:
     return out
 
 
-def replay_events(context: Context, events: Iterable[AccessEvent],
-                  config: DetectionConfig | None = None) -> list[Alert]:
+def replay_events(
+    context: Context, events: Iterable[AccessEvent], config: DetectionConfig | None = None
+) -> list[Alert]:
     """Run canonical events through a fresh engine; return the final alerts."""
     return collapse(run_engine(Engine(context, config), events).values())
 
@@ -93,7 +94,9 @@ class _Counter:
         if self.errors is not None:
             self.errors.write(f"{self.name}:{line_no}: skipped: {err}\n")
 
-    def events(self, records: Iterable[tuple[int, AccessEvent | EventError, bytes]]) -> Iterator[AccessEvent]:
+    def events(
+        self, records: Iterable[tuple[int, AccessEvent | EventError, bytes]]
+    ) -> Iterator[AccessEvent]:
         for line_no, item, _raw in records:
             if isinstance(item, EventError):
                 self.bad(line_no, str(item))
@@ -102,10 +105,16 @@ class _Counter:
                 yield item
 
 
-def replay_file(context_dir: str | Path, events_path: str | Path, fmt: str = "auto",
-                timezone: str | None = None, config: DetectionConfig | None = None,
-                errors: IO[str] | None = None, workers: int = 1,
-                collect_unexplained: bool = False) -> ReplayResult:
+def replay_file(
+    context_dir: str | Path,
+    events_path: str | Path,
+    fmt: str = "auto",
+    timezone: str | None = None,
+    config: DetectionConfig | None = None,
+    errors: IO[str] | None = None,
+    workers: int = 1,
+    collect_unexplained: bool = False,
+) -> ReplayResult:
     from connectors.readers import detect_format, read_events
 
     cfg = config or DetectionConfig()
@@ -139,7 +148,9 @@ def _gzipped(path: str) -> bool:
 # identifier, no escapes); otherwise the worker parses the line to find out. The context is
 # inherited through fork, not pickled.
 _JOB: dict[str, Any] = {}
-_FHIR_WHO = re.compile(rb'"who"\s*:\s*\{\s*"identifier"\s*:\s*\{\s*"value"\s*:\s*"([^"\\]*)"\s*\}\s*\}')
+_FHIR_WHO = re.compile(
+    rb'"who"\s*:\s*\{\s*"identifier"\s*:\s*\{\s*"value"\s*:\s*"([^"\\]*)"\s*\}\s*\}'
+)
 _JSONL_USER = re.compile(rb'"user_id"\s*:\s*"([^"\\]*)"')
 
 
@@ -197,13 +208,26 @@ def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple
     return list(out.values()), eng.stats(), counts[0], bad, counts[1]
 
 
-def _replay_parallel(ctx: Context, cfg: DetectionConfig, path: str, fmt: str, workers: int,
-                     errors: IO[str] | None, collect_unexplained: bool) -> ReplayResult:
+def _replay_parallel(
+    ctx: Context,
+    cfg: DetectionConfig,
+    path: str,
+    fmt: str,
+    workers: int,
+    errors: IO[str] | None,
+    collect_unexplained: bool,
+) -> ReplayResult:
     res = ReplayResult(alerts=[], stats=EngineStats(), workers=workers)
     counter = _Counter(res, path, errors)
     t0 = time.perf_counter()
-    _JOB.update(ctx=ctx, cfg=cfg, path=path, fmt=fmt, partitions=workers,
-                collect_unexplained=collect_unexplained)
+    _JOB.update(
+        ctx=ctx,
+        cfg=cfg,
+        path=path,
+        fmt=fmt,
+        partitions=workers,
+        collect_unexplained=collect_unexplained,
+    )
     try:
         with mp.get_context("fork").Pool(workers) as pool:
             results = pool.map(_replay_partition, range(workers))
@@ -228,16 +252,21 @@ def default_workers() -> int:
 
 def write_alerts(alerts: Iterable[Alert], path: str | Path) -> int:
     n = 0
-    with (sys.stdout.buffer if str(path) == "-" else open(path, "wb")) as fh:  # noqa: SIM115
+    with sys.stdout.buffer if str(path) == "-" else open(path, "wb") as fh:  # noqa: SIM115
         for a in alerts:
             fh.write(orjson.dumps(a.to_dict()) + b"\n")
             n += 1
     return n
 
 
-def preview_exceptions(context_dir: str | Path, events_path: str | Path, fmt: str,
-                       timezone: str | None, config: DetectionConfig,
-                       workers: int = 1) -> dict[str, Any]:
+def preview_exceptions(
+    context_dir: str | Path,
+    events_path: str | Path,
+    fmt: str,
+    timezone: str | None,
+    config: DetectionConfig,
+    workers: int = 1,
+) -> dict[str, Any]:
     """What the configured exceptions hide: replay with and without them and compare."""
     without = DetectionConfig.from_dict({**config.to_dict(), "exceptions": []})
     base = replay_file(context_dir, events_path, fmt, timezone, without, workers=workers)
@@ -247,15 +276,30 @@ def preview_exceptions(context_dir: str | Path, events_path: str | Path, fmt: st
     for a in base.alerts:
         b = kept.get(a.alert_id)
         if b is None:
-            hidden.append({"alert_id": a.alert_id, "user_id": a.user_id, "severity": a.severity,
-                           "reason": a.reason, "events": len(a.event_ids)})
+            hidden.append(
+                {
+                    "alert_id": a.alert_id,
+                    "user_id": a.user_id,
+                    "severity": a.severity,
+                    "reason": a.reason,
+                    "events": len(a.event_ids),
+                }
+            )
         elif len(b.event_ids) < len(a.event_ids):
-            reduced.append({"alert_id": a.alert_id, "events_before": len(a.event_ids),
-                            "events_after": len(b.event_ids)})
+            reduced.append(
+                {
+                    "alert_id": a.alert_id,
+                    "events_before": len(a.event_ids),
+                    "events_after": len(b.event_ids),
+                }
+            )
     return {
         "exceptions": [
-            {"id": ex.id, "description": ex.description,
-             "findings_suppressed": len(withx.stats.suppressed.get(ex.id, []))}
+            {
+                "id": ex.id,
+                "description": ex.description,
+                "findings_suppressed": len(withx.stats.suppressed.get(ex.id, [])),
+            }
             for ex in config.exceptions
         ],
         "alerts_without_exceptions": len(base.alerts),

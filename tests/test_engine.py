@@ -50,7 +50,9 @@ def test_explanations(ctx, event, expected):
 
 def test_explained_work_raises_nothing(ctx):
     events = [ev("n-card", "P1", at=f"2026-03-02T09:{m:02d}:00") for m in range(50)]
-    events += [ev("p-card", "P-SEAL", at="2026-03-02T10:00:00")]  # authorised care team on a sealed record
+    events += [
+        ev("p-card", "P-SEAL", at="2026-03-02T10:00:00")
+    ]  # authorised care team on a sealed record
     events += [ev("p-card", "P-VIP", at="2026-03-02T10:05:00")]
     eng, alerts = run(ctx, events)
     assert alerts == []
@@ -74,13 +76,17 @@ def test_before_the_seal_there_is_no_violation(ctx):
 def test_expired_account_and_unknown_account(ctx):
     _, alerts = run(ctx, [ev("leaver", "P1", at="2026-03-05T09:00:00"), ev("nobody", "P1")])
     assert {a.user_id for a in alerts} == {"leaver", "nobody"}
-    assert all(a.detector[0] == "account-outside-validity" and a.severity == "critical" for a in alerts)
+    assert all(
+        a.detector[0] == "account-outside-validity" and a.severity == "critical" for a in alerts
+    )
     leaver = next(a for a in alerts if a.user_id == "leaver")
     assert "2026-03-01" in leaver.reason
 
 
 def test_snooping_accumulates_into_one_case(ctx):
-    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sn{i}") for i in range(12)]
+    events = [
+        ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sn{i}") for i in range(12)
+    ]
     _, alerts = run(ctx, events)
     assert len(alerts) == 1
     a = alerts[0]
@@ -101,8 +107,16 @@ def test_documentation_retracts_consult_reads(ctx):
     for i in range(7):
         events.append(ev("p-orth", f"X{i}", at=f"2026-03-02T10:{i * 2:02d}:00"))
         events.append(ev("p-orth", f"X{i}", at=f"2026-03-02T10:{i * 2:02d}:30"))
-    events += [ev("p-orth", f"X{i}", action="create", resource="DocumentReference",
-                  at=f"2026-03-02T11:{i:02d}:00") for i in range(7)]
+    events += [
+        ev(
+            "p-orth",
+            f"X{i}",
+            action="create",
+            resource="DocumentReference",
+            at=f"2026-03-02T11:{i:02d}:00",
+        )
+        for i in range(7)
+    ]
     eng = Engine(ctx)
     emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
     # the reads alone made a case; the notes explained them and the alert was retracted
@@ -131,8 +145,17 @@ def test_coworker_vip_family_self(ctx):
 
 
 def test_bulk_export_evidence_is_the_whole_burst(ctx):
-    events = [ev("n-card", "P1", action="export", resource="DocumentReference",
-                 at=f"2026-03-02T03:{i:02d}:00", event_id=f"x{i}") for i in range(30)]
+    events = [
+        ev(
+            "n-card",
+            "P1",
+            action="export",
+            resource="DocumentReference",
+            at=f"2026-03-02T03:{i:02d}:00",
+            event_id=f"x{i}",
+        )
+        for i in range(30)
+    ]
     _, alerts = run(ctx, events)
     assert len(alerts) == 1
     assert alerts[0].event_ids == [f"x{i}" for i in range(30)]
@@ -140,9 +163,14 @@ def test_bulk_export_evidence_is_the_whole_burst(ctx):
 
 
 def test_credential_sharing_and_denied_probing(ctx):
-    share = [ev("n-card", "P1", workstation="ws-a" if i % 2 else "ws-b", at=f"2026-03-02T09:0{i}:00")
-             for i in range(6)]
-    probe = [ev("n-orth", f"X{i}", outcome="failure", at=f"2026-03-02T09:00:{i * 5:02d}") for i in range(6)]
+    share = [
+        ev("n-card", "P1", workstation="ws-a" if i % 2 else "ws-b", at=f"2026-03-02T09:0{i}:00")
+        for i in range(6)
+    ]
+    probe = [
+        ev("n-orth", f"X{i}", outcome="failure", at=f"2026-03-02T09:00:{i * 5:02d}")
+        for i in range(6)
+    ]
     _, alerts = run(ctx, share + probe)
     dets = {a.user_id: a.detector for a in alerts}
     assert "credential-sharing" in dets["n-card"]
@@ -151,8 +179,10 @@ def test_credential_sharing_and_denied_probing(ctx):
 
 def test_vendor_out_of_grant_and_clerk_reading_notes(ctx):
     events = [ev("v-it", "P1", action="export", at="2026-03-02T10:00:00")]
-    events += [ev("c-bill", p, resource="DocumentReference", at=f"2026-03-02T10:0{i}:00")
-               for i, p in enumerate(["P-DIS", "P1", "P2"])]
+    events += [
+        ev("c-bill", p, resource="DocumentReference", at=f"2026-03-02T10:0{i}:00")
+        for i, p in enumerate(["P-DIS", "P1", "P2"])
+    ]
     _, alerts = run(ctx, events)
     dets = {a.user_id: a.detector for a in alerts}
     assert "grant-out-of-scope" in dets["v-it"]
@@ -160,7 +190,9 @@ def test_vendor_out_of_grant_and_clerk_reading_notes(ctx):
 
 
 def test_alert_ids_are_stable_and_updates_keep_the_id(ctx):
-    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"st{i}") for i in range(15)]
+    events = [
+        ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"st{i}") for i in range(15)
+    ]
     eng = Engine(ctx)
     emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
     assert len({a.alert_id for a in emitted}) == 1 and len(emitted) > 1
@@ -171,8 +203,12 @@ def test_alert_ids_are_stable_and_updates_keep_the_id(ctx):
 
 
 def test_snapshot_restore_continues_identically(ctx):
-    events = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sr{i}") for i in range(20)]
-    events += [ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(20)]
+    events = [
+        ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"sr{i}") for i in range(20)
+    ]
+    events += [
+        ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(20)
+    ]
     _, whole = run(ctx, events)
     eng = Engine(ctx)
     for d in events[:9]:
@@ -187,7 +223,9 @@ def test_snapshot_restore_continues_identically(ctx):
 
 def test_exceptions_suppress_and_are_counted(ctx):
     cfg = DetectionConfig(exceptions=[Exception_(id="ex-1", rule="bulk-export", user_id="n-card")])
-    events = [ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(30)]
+    events = [
+        ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00") for i in range(30)
+    ]
     eng, alerts = run(ctx, events, cfg)
     assert alerts == []
     assert len(eng.suppressed["ex-1"]) >= 1
@@ -197,7 +235,14 @@ def test_mid_stream_seal_takes_effect_at_once(tmp_path):
     c2 = Context.load(write_hospital(tmp_path))
     eng = Engine(c2)
     assert eng.process(AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:00:00"))) == []
-    c2.upsert_row("sealed", {"patient_id": "P1", "sealed_at": "2026-03-02T09:30:00+08:00",
-                             "reason": "dispute", "authorized_user_ids": "p-card"})
+    c2.upsert_row(
+        "sealed",
+        {
+            "patient_id": "P1",
+            "sealed_at": "2026-03-02T09:30:00+08:00",
+            "reason": "dispute",
+            "authorized_user_ids": "p-card",
+        },
+    )
     alerts = eng.process(AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:45:00")))
     assert alerts and alerts[0].detector == ["sealed-record-touch"]

@@ -26,18 +26,32 @@ def hospital(tmp_path):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_lines_are_skipped_and_reported_with_line_numbers(hospital, tmp_path, workers):
-    lines = [_fhir(ev("n-card", "P-SEAL", at="2026-03-02T11:00:00", event_id="s1")),
-             b"{not json",
-             b"",
-             orjson.dumps({"resourceType": "AuditEvent", "id": "x"}),
-             _fhir(ev("leaver", "P1", at="2026-03-05T09:00:00", event_id="l1"))]
+    lines = [
+        _fhir(ev("n-card", "P-SEAL", at="2026-03-02T11:00:00", event_id="s1")),
+        b"{not json",
+        b"",
+        orjson.dumps({"resourceType": "AuditEvent", "id": "x"}),
+        _fhir(ev("leaver", "P1", at="2026-03-05T09:00:00", event_id="l1")),
+    ]
     events = tmp_path / "events.ndjson"
     events.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "alerts.jsonl"
     proc = subprocess.run(
-        [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events),
-         "--alerts", str(out), "--workers", str(workers)],
-        capture_output=True, text=True, check=False,
+        [
+            *EMRWATCH,
+            "replay",
+            "--context",
+            str(hospital),
+            "--events",
+            str(events),
+            "--alerts",
+            str(out),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert f"{events}:2: skipped:" in proc.stderr
@@ -46,39 +60,95 @@ def test_bad_lines_are_skipped_and_reported_with_line_numbers(hospital, tmp_path
     alerts = [orjson.loads(x) for x in out.read_bytes().splitlines()]
     assert {a["user_id"] for a in alerts} == {"n-card", "leaver"}
     for a in alerts:
-        assert set(a) >= {"alert_id", "detector", "severity", "score", "user_id", "patient_ids",
-                          "event_ids", "first_seen", "last_seen", "reason"}
+        assert set(a) >= {
+            "alert_id",
+            "detector",
+            "severity",
+            "score",
+            "user_id",
+            "patient_ids",
+            "event_ids",
+            "first_seen",
+            "last_seen",
+            "reason",
+        }
         assert 0 <= a["score"] <= 1 and a["severity"] in ("low", "medium", "high", "critical")
 
 
 def test_canonical_jsonl_and_csv_give_the_same_alerts(hospital, tmp_path):
-    evs = [ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"c{i}") for i in range(12)]
+    evs = [
+        ev("n-orth", f"X{i}", at=f"2026-03-02T10:{i:02d}:00", event_id=f"c{i}") for i in range(12)
+    ]
     jsonl = tmp_path / "e.jsonl"
     jsonl.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in evs))
-    cols = ["event_id", "ts", "user_id", "patient_id", "action", "resource_type", "workstation", "outcome"]
+    cols = [
+        "event_id",
+        "ts",
+        "user_id",
+        "patient_id",
+        "action",
+        "resource_type",
+        "workstation",
+        "outcome",
+    ]
     csv = tmp_path / "e.csv"
-    csv.write_text(",".join(cols) + "\n" + "".join(",".join(str(d[c]) for c in cols) + "\n" for d in evs))
+    csv.write_text(
+        ",".join(cols) + "\n" + "".join(",".join(str(d[c]) for c in cols) + "\n" for d in evs)
+    )
     results = []
     for path in (jsonl, csv):
         out = tmp_path / f"{path.suffix}.alerts"
-        subprocess.run([*EMRWATCH, "replay", "--context", str(hospital), "--events", str(path),
-                        "--alerts", str(out)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                *EMRWATCH,
+                "replay",
+                "--context",
+                str(hospital),
+                "--events",
+                str(path),
+                "--alerts",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
         results.append([orjson.loads(x)["alert_id"] for x in out.read_bytes().splitlines()])
     assert results[0] == results[1] and len(results[0]) == 1
 
 
 def test_exception_preview_shows_what_it_hides(hospital, tmp_path):
     events = tmp_path / "e.jsonl"
-    events.write_bytes(b"".join(
-        orjson.dumps(ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00")) + b"\n"
-        for i in range(30)))
+    events.write_bytes(
+        b"".join(
+            orjson.dumps(ev("n-card", "P1", action="export", at=f"2026-03-02T03:{i:02d}:00"))
+            + b"\n"
+            for i in range(30)
+        )
+    )
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("exceptions:\n  - id: registry-extract\n    description: nightly registry export\n"
-                   "    rule: bulk-export\n    user_id: n-card\n")
+    cfg.write_text(
+        "exceptions:\n  - id: registry-extract\n    description: nightly registry export\n"
+        "    rule: bulk-export\n    user_id: n-card\n"
+    )
     report = tmp_path / "preview.json"
-    subprocess.run([*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events),
-                    "--alerts", str(tmp_path / "a.jsonl"), "--config", str(cfg),
-                    "--preview-exceptions", str(report)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *EMRWATCH,
+            "replay",
+            "--context",
+            str(hospital),
+            "--events",
+            str(events),
+            "--alerts",
+            str(tmp_path / "a.jsonl"),
+            "--config",
+            str(cfg),
+            "--preview-exceptions",
+            str(report),
+        ],
+        check=True,
+        capture_output=True,
+    )
     doc = orjson.loads(report.read_bytes())
     assert doc["alerts_without_exceptions"] == 1 and doc["alerts_with_exceptions"] == 0
     assert doc["hidden_alerts"][0]["user_id"] == "n-card"

@@ -31,10 +31,22 @@ def test_benign_access_fires_nothing(rule):
 def test_every_field_scenario_has_a_rule():
     scenarios = {r.scenario for r in RULES}
     expected = {
-        "sealed_record", "no_care_relationship", "off_hours_bulk", "vip_snooping", "coworker_snooping",
-        "family_snooping", "self_access", "account_validity", "grant_out_of_scope",
-        "sensitivity_above_clearance", "bulk_export", "credential_sharing", "denied_probing",
-        "break_the_glass_abuse", "role_resource_mismatch", "volume_anomaly",
+        "sealed_record",
+        "no_care_relationship",
+        "off_hours_bulk",
+        "vip_snooping",
+        "coworker_snooping",
+        "family_snooping",
+        "self_access",
+        "account_validity",
+        "grant_out_of_scope",
+        "sensitivity_above_clearance",
+        "bulk_export",
+        "credential_sharing",
+        "denied_probing",
+        "break_the_glass_abuse",
+        "role_resource_mismatch",
+        "volume_anomaly",
     }
     assert expected <= scenarios, expected - scenarios
 
@@ -45,7 +57,10 @@ def test_benign_facts_cover_every_field():
 
 def _doc(**kw):
     doc = {
-        "id": "t", "title": "t", "level": "low", "reason": "r",
+        "id": "t",
+        "title": "t",
+        "level": "low",
+        "reason": "r",
         "detection": {"selection": {"vip": True}, "condition": "selection"},
         "examples": {"positive": [{"vip": True}], "negative": [{"vip": False}]},
     }
@@ -56,10 +71,22 @@ def _doc(**kw):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"detection": {"selection": {"nonsense": True}, "condition": "selection"}}, "unknown field"),
-        ({"detection": {"selection": {"vip|near": True}, "condition": "selection"}}, "unknown modifier"),
-        ({"detection": {"selection": {"vip": True}, "condition": "selection and other"}}, "unknown selection"),
-        ({"detection": {"selection": {"vip": True}, "condition": "selection and"}}, "bad condition"),
+        (
+            {"detection": {"selection": {"nonsense": True}, "condition": "selection"}},
+            "unknown field",
+        ),
+        (
+            {"detection": {"selection": {"vip|near": True}, "condition": "selection"}},
+            "unknown modifier",
+        ),
+        (
+            {"detection": {"selection": {"vip": True}, "condition": "selection and other"}},
+            "unknown selection",
+        ),
+        (
+            {"detection": {"selection": {"vip": True}, "condition": "selection and"}},
+            "bad condition",
+        ),
         ({"level": "urgent"}, "level"),
         ({"examples": {"positive": [{"vip": True}]}}, "examples"),
         ({"aggregate": {"count": "distinct patient_id", "timespan": "soon", "gte": 3}}, "timespan"),
@@ -73,10 +100,15 @@ def test_bad_rule_documents_are_rejected_with_a_reason(change, message):
 
 
 def test_condition_operators():
-    rule = rule_from_doc(_doc(detection={
-        "a": {"vip": True}, "b": [{"role": "clerk"}, {"clearance|lt": 2}],
-        "condition": "a and not (b)",
-    }))
+    rule = rule_from_doc(
+        _doc(
+            detection={
+                "a": {"vip": True},
+                "b": [{"role": "clerk"}, {"clearance|lt": 2}],
+                "condition": "a and not (b)",
+            }
+        )
+    )
     assert rule.predicate({**benign_facts(), "vip": True, "role": "nurse", "clearance": 3})
     assert not rule.predicate({**benign_facts(), "vip": True, "role": "clerk", "clearance": 3})
     assert not rule.predicate({**benign_facts(), "vip": True, "role": "nurse", "clearance": 1})
