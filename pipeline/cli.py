@@ -47,7 +47,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     n = write_alerts(res.alerts, args.alerts)
     print(
         f"replay: {res.events} events ({res.bad} bad lines skipped) in {res.seconds:.2f}s "
-        f"= {res.events_per_s:,.0f} ev/s with {res.workers} worker(s); "
+        f"= {res.events_per_s:,.0f} ev/s with {res.workers} worker(s), peak {res.peak_rss_mb:,.0f} MiB; "
         f"{res.stats.explained_share:.1%} explained; {n} alerts → {args.alerts}",
         file=sys.stderr,
     )
@@ -84,6 +84,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    """List the rules in force, or run every rule's own examples (exit 1 if one fails)."""
+    from detectors.rulecheck import fires
+    from detectors.rules import RuleError, load_rules
+
+    cfg = _config(args.config, None)
+    try:
+        rules = load_rules(
+            args.rules_dir or cfg.rules_dir or None, cfg.disabled_rules, cfg.rule_overrides
+        )
+    except RuleError as exc:
+        print(f"emrwatch rules: {exc}", file=sys.stderr)
+        return 1
+    if args.action == "list":
+        for r in rules:
+            kind = "correlation" if r.aggregate else "per event"
+            when = " immediate" if r.immediate else ""
+            print(f"{r.id:30} {r.level:8}{when:10} {kind:11} {r.title}")
+        return 0
+    failures = 0
+    for r in rules:
+        for sign, examples in (
+            ("positive", r.examples["positive"]),
+            ("negative", r.examples["negative"]),
+        ):
+            for i, ex in enumerate(examples, 1):
+                if fires(r, ex) != (sign == "positive"):
+                    failures += 1
+                    print(
+                        f"FAIL {r.id} ({r.source}): {sign} example {i} "
+                        f"{'did not fire' if sign == 'positive' else 'fired'}"
+                    )
+    n = sum(len(r.examples["positive"]) + len(r.examples["negative"]) for r in rules)
+    print(f"{len(rules)} rules, {n} examples, {failures} failed")
+    return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--workers", type=int, default=default_workers())
     ev.set_defaults(func=cmd_evaluate)
+
+    ru = sub.add_parser("rules", help="list the rules in force or run their examples")
+    ru.add_argument("action", choices=["list", "test"])
+    ru.add_argument("--rules-dir", default=None, help="a directory of rule YAML files")
+    ru.add_argument("--config", default=None)
+    ru.set_defaults(func=cmd_rules)
 
     _add_streaming_commands(sub)
     return p

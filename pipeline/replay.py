@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import re
+import resource
 import sys
 import time
 import zlib
@@ -44,6 +45,13 @@ class ReplayResult:
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
     seconds: float = 0.0
     workers: int = 1
+
+    @property
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this process or of the largest replay worker, in MiB."""
+        me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        return max(me, kids) / 1024
 
     @property
     def events_per_s(self) -> float:

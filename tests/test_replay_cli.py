@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -154,3 +155,20 @@ def test_exception_preview_shows_what_it_hides(hospital, tmp_path):
     assert doc["hidden_alerts"][0]["user_id"] == "n-card"
     assert doc["exceptions"][0]["findings_suppressed"] >= 1
     assert (tmp_path / "a.jsonl").read_bytes() == b""
+
+
+def test_rules_test_command_catches_a_broken_threshold(tmp_path):
+    ok = subprocess.run([*EMRWATCH, "rules", "test"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "0 failed" in ok.stdout
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    src = Path(__file__).parent.parent / "detectors" / "rules" / "13-denied-probing.yaml"
+    (rules / "probe.yaml").write_text(src.read_text().replace("gte: 5", "gte: 50"))
+    bad = subprocess.run(
+        [*EMRWATCH, "rules", "test", "--rules-dir", str(rules)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 1
+    assert "FAIL denied-probing" in bad.stdout and "positive example 1 did not fire" in bad.stdout
