@@ -1,20 +1,26 @@
 """FHIR AuditEvent (R4 and R5) → canonical :class:`AccessEvent` (CONTRACTS §3).
 
-The inverse of :mod:`connectors.fhir_encode`. Two paths, one result:
+The inverse of :mod:`connectors.fhir_encode`. Three paths, one result:
 
+* :func:`_parse_struct` reads the common R4 shape straight from a line's bytes: a
+  ``msgspec`` decoder fills typed structs of a closed R4 schema (no dict, no untyped
+  value) and the structs are mapped to the event by the general path's rules. Replay
+  must reach 100k events/s *including* parsing, so this path is the budget. A line it is
+  not sure of (another field or type, invalid JSON, any event error) goes on to orjson
+  and the two paths below, so results and error messages are theirs.
 * :func:`_parse_fast` handles the R4 shape our encoder and BALP-style servers emit
   (one agent, or BALP's user + client + server agents, with ``who.identifier.value``;
-  relative references; Coding-shaped type/subtype/role) with direct dict access.
-  Replay must reach 100k events/s *including* parsing, so this path is the budget.
+  relative references; Coding-shaped type/subtype/role) with direct dict access: for
+  decoded dicts (:func:`parse_audit_event`) and lines the struct path hands on.
 * :func:`_parse_general` handles every variant the contract and real feeds need: R5,
   several agents, ``who.reference`` (relative, absolute, versioned), identifier-only
   patients, codes as Coding *or* CodeableConcept, missing optional parts. It is
   defensive about types, so garbage input ends as :class:`EventError`, never as a
   ``TypeError`` deep in a worker.
 
-Whenever the fast path sees anything it does not fully understand it returns ``None``
-and the general path decides; a differential test holds the two paths to the same
-answer.
+Whenever the struct or fast path sees anything it does not fully understand it returns
+``None`` and the next path decides; differential tests hold each of them to the general
+path's answer.
 
 >>> e = parse_fhir_line(b'{"resourceType":"AuditEvent","id":"a1","action":"R",'
 ...     b'"recorded":"2026-03-01T08:00:00+08:00","outcome":"0",'
@@ -30,7 +36,9 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+import msgspec
 import orjson
+from msgspec import Struct
 
 from emrwatch.events import AccessEvent, EventError, parse_ts
 
@@ -170,6 +178,14 @@ _HOUR_CACHE_MAX = 1 << 16
 def parse_fhir_line(line: bytes | bytearray | memoryview | str) -> AccessEvent:
     """One NDJSON line → event. Invalid JSON is an :class:`EventError` like any bad record."""
     try:
+        record = _decode(line)
+    except _STRUCT_ERRORS:
+        pass  # not the closed R4 schema (or not JSON): the orjson paths decide
+    else:
+        event = _parse_struct(record)
+        if event is not None:
+            return event
+    try:
         obj = _loads(line)
     except _JSONDecodeError as exc:
         raise EventError(f"invalid JSON: {exc}") from None
@@ -200,6 +216,294 @@ def parse_audit_event(obj: Any) -> AccessEvent:
         # Belt and braces: the general path is written not to get here (a fuzz test
         # checks), but a worker must never die on one record.
         raise EventError(f"malformed AuditEvent ({type(exc).__name__}: {exc})") from None
+
+
+# --------------------------------------------------------------------------- struct path
+#
+# A closed R4 schema. ``forbid_unknown_fields`` is what makes this path exact, not only
+# fast: msgspec skips an unknown field without checking it the way orjson does (invalid
+# UTF-8 in a string, a number beyond float range), so a line orjson rejects could be read
+# here. With every field declared and typed (strings, booleans, structs, lists: no
+# number, no ``Any``, no ``Raw``), every byte is checked, and anything else, including
+# every R5 field, fails validation and takes the orjson paths. ``null`` is accepted only
+# where a field is declared ``| None``: there it means "absent", as in the general path.
+# Declared-but-unread fields (``meta``, ``system``, ...) are ones no path reads; if the
+# general path ever reads one, read it here too (the differential tests edit them).
+
+
+class _Coding(Struct, forbid_unknown_fields=True, gc=False):
+    system: str = ""
+    version: str = ""
+    code: str = ""
+    display: str = ""
+    userSelected: bool = False
+
+
+class _Concept(Struct, forbid_unknown_fields=True, gc=False):
+    """CodeableConcept. No ``code``: a Coding-shaped concept is left to the general path."""
+
+    coding: list[_Coding] = []
+    text: str = ""
+
+
+class _Identifier(Struct, forbid_unknown_fields=True, gc=False):
+    use: str = ""
+    type: _Concept | None = None
+    system: str = ""
+    value: str = ""
+
+
+class _Reference(Struct, forbid_unknown_fields=True, gc=False):
+    reference: str = ""
+    type: str = ""
+    identifier: _Identifier | None = None
+    display: str = ""
+
+
+class _Network(Struct, forbid_unknown_fields=True, gc=False):
+    address: str = ""
+    type: str = ""
+
+
+class _Agent(Struct, forbid_unknown_fields=True, gc=False):
+    type: _Concept | None = None
+    role: list[_Concept] = []
+    who: _Reference | None = None
+    altId: str = ""
+    name: str = ""
+    requestor: bool = False
+    location: _Reference | None = None
+    policy: list[str] = []
+    media: _Coding | None = None
+    network: _Network | None = None
+    purposeOfUse: list[_Concept] = []
+
+
+class _Source(Struct, forbid_unknown_fields=True, gc=False):
+    site: str = ""
+    observer: _Reference | None = None
+    type: list[_Coding] = []
+
+
+class _Detail(Struct, forbid_unknown_fields=True, gc=False):
+    type: str = ""
+    valueString: str = ""
+    valueBase64Binary: str = ""
+
+
+class _Entity(Struct, forbid_unknown_fields=True, gc=False):
+    what: _Reference | None = None
+    type: _Coding | None = None
+    role: _Coding | None = None
+    lifecycle: _Coding | None = None
+    securityLabel: list[_Coding] = []
+    name: str = ""
+    description: str = ""
+    query: str = ""
+    detail: list[_Detail] = []
+
+
+class _Meta(Struct, forbid_unknown_fields=True, gc=False):
+    versionId: str = ""
+    lastUpdated: str = ""
+    source: str = ""
+    profile: list[str] = []
+    security: list[_Coding] = []
+    tag: list[_Coding] = []
+
+
+class _AuditEvent(Struct, forbid_unknown_fields=True, gc=False):
+    resourceType: str = ""
+    id: str = ""
+    meta: _Meta | None = None
+    type: _Coding | None = None
+    subtype: list[_Coding] = []
+    action: str | None = None
+    recorded: str | None = None
+    outcome: str | None = None
+    outcomeDesc: str = ""
+    purposeOfUse: list[_Concept] = []
+    agent: list[_Agent] = []
+    source: _Source | None = None
+    entity: list[_Entity] = []
+
+
+_decode = msgspec.json.Decoder(_AuditEvent).decode
+#: What the decoder raises on a line it will not read (ValidationError is a DecodeError;
+#: UnicodeError: a str argument with lone surrogates; TypeError: not bytes-like or str).
+_STRUCT_ERRORS = (msgspec.DecodeError, UnicodeError, RecursionError, TypeError)
+#: Reference heads whose split :func:`_ref` would give unchanged (one "/", a type name).
+_PLAIN_HEADS = frozenset({*_COMMON_TYPES, "Patient", "Encounter"})
+
+
+def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
+    """:func:`_parse_general`, rule for rule, on the closed schema; ``None`` means "ask the
+    orjson paths" (they also give every error, so this never raises one)."""
+    event_id = a.id
+    ts = a.recorded
+    agents = a.agent
+    if not event_id or ts is None or not agents or a.resourceType != "AuditEvent":
+        return None
+    agent = agents[0]
+    if len(agents) > 1:
+        for other in agents:  # _requestor
+            if other.requestor:
+                agent = other
+                break
+
+    who = agent.who  # _user_id
+    if who is None:
+        return None
+    ident = who.identifier
+    user_id = ident.value if ident is not None else ""
+    if not user_id:
+        user_id = _ref(who.reference)[1]
+        if not user_id:
+            return None
+
+    action = a.action  # _action and _category
+    if action is None:
+        action = "view"
+    else:
+        action = _ACTION_CODES.get(action)
+        if action is None:
+            return None
+    category = "access"
+    typ = a.type
+    subtype = a.subtype
+    if len(subtype) <= 1 and (typ is None or typ.code not in _SPECIAL_CODES):
+        if subtype:  # the one code that can matter
+            code = subtype[0].code
+            refined = _REFINE.get(code)
+            if refined is not None:
+                action = refined
+            elif code == _DICOM_EXPORT:
+                action = "export"
+            elif code in _EVENT_CATEGORIES:
+                category = _EVENT_CATEGORIES[code]
+    else:
+        codes = [] if typ is None or not typ.code else [typ.code]
+        codes += [sub.code for sub in subtype if sub.code]
+        category = _category(codes)
+        action = _action(a.action, codes)  # a known code: cannot raise
+
+    patient_id = resource_type = encounter_id = ""  # _entities
+    for ent in a.entity:
+        what = ent.what
+        if what is None:
+            rtype = rid = ""
+        else:
+            head, sep, rid = what.reference.partition("/")
+            if sep and head in _PLAIN_HEADS and "/" not in rid:
+                if head == "Patient" and rid:  # the branch below, taken once an event
+                    if not patient_id:
+                        patient_id = rid
+                    continue
+                rtype = head
+            else:
+                rtype, rid = _ref(what.reference)
+                if not rtype:
+                    rtype = _type_name(what.type)
+        role = ent.role  # _marked_patient: role code 1, or the BALP entity type 1
+        etype = ent.type
+        if (
+            rtype == "Patient"
+            or (role is not None and role.code == "1")
+            or (etype is not None and etype.code == "1" and etype.system in _BALP_ENTITY_TYPE)
+        ):
+            if not patient_id:
+                patient_id = rid if rtype == "Patient" and rid else _ident_value(what) or rid
+        elif rtype == "Encounter":
+            if not encounter_id:
+                encounter_id = rid or _ident_value(what)
+        elif rtype and not resource_type:
+            resource_type = rtype
+    if not patient_id and category == "access":
+        return None
+
+    purpose = ""  # _purposes
+    emergency = False
+    if agent.purposeOfUse:
+        codes = _concept_codes(a.purposeOfUse)
+        agent_codes = _concept_codes(agent.purposeOfUse)
+        emergency = any(c.upper() in _EMERGENCY for c in codes) or any(
+            c.upper() in _EMERGENCY for c in agent_codes
+        )
+        purpose = (codes or agent_codes)[0] if codes or agent_codes else ""
+    else:
+        for concept in a.purposeOfUse:
+            for coding in concept.coding:
+                code = coding.code
+                if code:
+                    if not purpose:
+                        purpose = code
+                    if code.upper() in _EMERGENCY:
+                        emergency = True
+
+    net = agent.network  # _workstation
+    workstation = net.address if net is not None else ""
+    if not workstation and len(agents) > 1:
+        for other in agents:
+            if other is not agent and _is_source_role(other):
+                net = other.network
+                if net is not None and net.address:
+                    workstation = net.address
+                    break
+
+    outcome = a.outcome  # _outcome
+    if outcome is None:
+        outcome = "success"
+    else:
+        outcome = _OUTCOMES.get(outcome.lower())
+        if outcome is None:
+            return None
+
+    source = ""  # _source
+    src = a.source
+    if src is not None:
+        observer = src.observer
+        if observer is not None:
+            source = observer.display or _ident_value(observer)
+        if not source:
+            source = src.site or (observer.reference if observer is not None else "")
+
+    try:
+        t = _time(ts)
+    except EventError:
+        return None
+    return _Event(
+        event_id,
+        ts,
+        t,
+        user_id,
+        patient_id,
+        action,
+        resource_type or "Patient",
+        workstation,
+        outcome,
+        emergency,
+        purpose,
+        source,
+        encounter_id,
+        category,
+    )
+
+
+def _ident_value(ref: _Reference | None) -> str:
+    if ref is None or ref.identifier is None:
+        return ""
+    return ref.identifier.value
+
+
+def _concept_codes(concepts: list[_Concept]) -> list[str]:
+    """:func:`_codes` of CodeableConcepts without ``code``: their codings' codes."""
+    return [coding.code for concept in concepts for coding in concept.coding if coding.code]
+
+
+def _is_source_role(agent: _Agent) -> bool:
+    """``_SOURCE_ROLE in _codes(agent.type, agent.role)``."""
+    concepts = agent.role if agent.type is None else [agent.type, *agent.role]
+    return _SOURCE_ROLE in _concept_codes(concepts)
 
 
 # --------------------------------------------------------------------------- fast path
@@ -305,11 +609,17 @@ def _parse_fast(obj: dict[str, Any]) -> AccessEvent | None:
                 return None
             role = ent.get("role")
             if role is not None and (
-                type(role) is not dict or "coding" in role or role.get("code") == "1"
+                type(role) is not dict
+                or "coding" in role
+                or type(role.get("code", ""))
+                is not str  # e.g. a numeric 1: the general path decides
+                or role.get("code") == "1"
             ):
                 return None
             etype = ent.get("type")
-            if type(etype) is dict and etype.get("code") == "1":
+            if type(etype) is dict and (
+                etype.get("code") == "1" or type(etype.get("code", "")) is not str
+            ):
                 return None
             if head == "Encounter":
                 if not encounter_id:

@@ -27,6 +27,7 @@ from connectors.fhir import parse_audit_event, parse_fhir_line
 from connectors.fhir_encode import to_audit_event
 from connectors.readers import ParseStats, detect_format, read_events
 from emrwatch.events import ACTIONS, AccessEvent, EventError, parse_ts
+from pipeline.simulate import simulate
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 REST = "http://hl7.org/fhir/restful-interaction"
@@ -901,6 +902,386 @@ def test_cached_time_parse_equals_parse_ts(ts: str) -> None:
         except EventError:
             got = "error"
         assert got == expected
+
+
+# --------------------------------------------------------------------------- struct path
+#
+# parse_fhir_line first reads a line with msgspec into the closed R4 schema
+# (fhir._parse_struct). Whenever that path answers, its answer must be the general path's
+# and what parse_fhir_line gave before it existed (orjson, then the fast or general path).
+
+
+def _outcome_of(parse: Any, arg: Any) -> AccessEvent | str:
+    try:
+        return parse(arg)
+    except EventError as exc:
+        return f"error: {exc}"
+
+
+def _orjson_paths(line: bytes) -> AccessEvent | str:
+    """parse_fhir_line as it was before the struct path: orjson, then fast or general."""
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return f"error: invalid JSON: {exc}"
+    return _outcome_of(parse_audit_event, obj)
+
+
+def _assert_struct_path_agrees(line: bytes) -> bool:
+    """The struct path may decline (None); if it answers, it is the general path's and the
+    old parse_fhir_line's answer; parse_fhir_line as a whole is unchanged either way.
+    Returns whether the struct path answered."""
+    try:
+        record = fhir._decode(line)
+    except fhir._STRUCT_ERRORS:
+        record = None
+    struct = None if record is None else fhir._parse_struct(record)  # never raises
+    before = _orjson_paths(line)
+    assert _outcome_of(parse_fhir_line, line) == before
+    if struct is not None:
+        assert struct == before
+        assert struct == _outcome_of(fhir._parse_general, orjson.loads(line))
+    return struct is not None
+
+
+def test_struct_path_reads_the_common_shapes() -> None:
+    """The speed budget rests on this: encoder output, the BALP multi-agent shape and the
+    R4 spec's shapes are read by the struct path, not handed on."""
+    lines = [orjson.dumps(to_audit_event(event)) for event in ROUND_TRIP]
+    lines.append(orjson.dumps(BALP_R4_PATIENT_READ))
+    lines.append(
+        orjson.dumps(r4(agent=[{"who": {"reference": "Practitioner/N0042"}, "requestor": True}]))
+    )
+    lines.append(  # identifier-only patient, marked by BALP entity type 1
+        orjson.dumps(
+            r4(
+                entity=[
+                    {"what": {"reference": "Observation/o1"}},
+                    {
+                        "what": {"identifier": {"value": "MRN-9"}},
+                        "type": {"system": BALP_ENTITY, "code": "1"},
+                    },
+                ]
+            )
+        )
+    )
+    for line in lines:
+        assert _assert_struct_path_agrees(line), line
+
+
+def test_struct_path_hands_r5_and_bad_events_on() -> None:
+    assert not _assert_struct_path_agrees(orjson.dumps(R5_READ))
+    assert not _assert_struct_path_agrees(orjson.dumps(r4(id="")))
+    assert not _assert_struct_path_agrees(orjson.dumps(r4(outcome="3")))
+    assert not _assert_struct_path_agrees(orjson.dumps(r4(recorded="2026-03-02T24:15:27Z")))
+    assert not _assert_struct_path_agrees(orjson.dumps(r4(outcome=0)))  # a number: no str
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # msgspec would skip or accept these; orjson rejects them, and so must we
+        b'{"resourceType":"AuditEvent","id":"a","x":1e400,',
+        b'{"resourceType":"AuditEvent","outcomeDesc":1e400,',
+        b'{"resourceType":"AuditEvent","outcomeDesc":' + b"9" * 400 + b",",
+        b'{"resourceType":"AuditEvent","outcomeDesc":"\xff",',
+        b'{"resourceType":"AuditEvent","outcomeDesc":"\xed\xa0\x80",',
+        b'{"resourceType":"AuditEvent","x\xc0\xaf":"",',
+        b'{"resourceType":"AuditEvent","outcomeDesc":"\\ud800",',
+    ],
+)
+def test_struct_path_refuses_what_orjson_refuses(line: bytes) -> None:
+    line += orjson.dumps(r4(resourceType=None))[1:]
+    assert not _assert_struct_path_agrees(line)
+    with pytest.raises(EventError, match="invalid JSON"):
+        parse_fhir_line(line)
+
+
+@given(access_events())
+@settings(max_examples=300, deadline=None)
+def test_struct_path_reads_generated_events(event: AccessEvent) -> None:
+    line = orjson.dumps(to_audit_event(event))
+    assert _assert_struct_path_agrees(line)
+    assert parse_fhir_line(line) == event
+
+
+@given(_variants(_TYPICAL) | _variants(BALP_R4_PATIENT_READ))
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_struct_path_agrees_on_fast_path_variants(obj: dict[str, Any]) -> None:
+    _assert_struct_path_agrees(_line_of(obj))
+
+
+#: R4 'example-error' after the spec: observer by identifier beside a site, the user first,
+#: the workstation on a later Source Role ID agent, a patient marked by role 1.
+_R4_ERROR_SHAPE: dict[str, Any] = {
+    "resourceType": "AuditEvent",
+    "id": "example-error",
+    "type": {"code": "rest"},
+    "subtype": [{"system": REST, "code": "create"}],
+    "action": "C",
+    "recorded": "2017-09-07T23:42:24Z",
+    "outcome": "8",
+    "outcomeDesc": "Invalid request to create an Operation resource on the Patient endpoint.",
+    "agent": [
+        {"who": {"identifier": {"value": "95"}}, "altId": "601847123", "requestor": True},
+        {
+            "type": {"coding": [{"system": DCM, "code": "110153"}]},
+            "who": {"identifier": {"value": "2.16.840.1.113883.4.2"}},
+            "requestor": False,
+            "network": {"address": "Workstation1.ehr.familyclinic.com", "type": "1"},
+        },
+    ],
+    "source": {"site": "Cloud", "observer": {"identifier": {"value": "hl7connect.example"}}},
+    "entity": [
+        {"what": {"reference": "Observation/o1"}},
+        {"what": {"reference": "Patient/example"}, "role": {"code": "1"}},
+    ],
+}
+_STRUCT_BASES = [_TYPICAL, BALP_R4_PATIENT_READ, _R4_ERROR_SHAPE]
+#: Where to edit: the fields the struct path reads or declares, and some it does not.
+#: An index one past the end of a list appends.
+_STRUCT_PATHS: list[tuple[Any, ...]] = [
+    ("resourceType",),
+    ("id",),
+    ("meta",),
+    ("meta", "profile"),
+    ("period",),
+    ("outcome",),
+    ("outcomeDesc",),
+    ("action",),
+    ("recorded",),
+    ("extension",),
+    ("purposeOfEvent",),
+    ("type",),
+    ("type", "code"),
+    ("type", "system"),
+    ("type", "coding"),
+    ("subtype",),
+    ("subtype", 0),
+    ("subtype", 0, "code"),
+    ("subtype", 1),
+    ("purposeOfUse",),
+    ("purposeOfUse", 0, "coding", 0, "code"),
+    ("purposeOfUse", 0, "text"),
+    ("purposeOfUse", 0, "code"),
+    ("purposeOfUse", 1),
+    ("agent",),
+    ("agent", 0, "requestor"),
+    ("agent", 0, "type"),
+    ("agent", 0, "role"),
+    ("agent", 0, "who"),
+    ("agent", 0, "who", "reference"),
+    ("agent", 0, "who", "identifier"),
+    ("agent", 0, "who", "identifier", "value"),
+    ("agent", 0, "network"),
+    ("agent", 0, "network", "address"),
+    ("agent", 0, "purposeOfUse"),
+    ("agent", 0, "altId"),
+    ("agent", 1),
+    ("agent", 1, "requestor"),
+    ("agent", 1, "network"),
+    ("agent", 1, "network", "address"),
+    ("agent", 1, "type"),
+    ("agent", 1, "role"),
+    ("agent", 2),
+    ("agent", 2, "requestor"),
+    ("agent", 2, "type"),
+    ("source",),
+    ("source", "site"),
+    ("source", "observer"),
+    ("source", "observer", "display"),
+    ("source", "observer", "identifier"),
+    ("source", "observer", "reference"),
+    ("entity",),
+    ("entity", 0, "what"),
+    ("entity", 0, "what", "reference"),
+    ("entity", 0, "what", "identifier"),
+    ("entity", 0, "what", "type"),
+    ("entity", 0, "role"),
+    ("entity", 0, "type"),
+    ("entity", 1, "what", "reference"),
+    ("entity", 1, "what", "identifier"),
+    ("entity", 1, "role"),
+    ("entity", 1, "role", "code"),
+    ("entity", 1, "type"),
+    ("entity", 1, "type", "code"),
+    ("entity", 1, "type", "system"),
+    ("entity", 2),
+    ("entity", 3),
+]
+#: What to put there: wrong types, codes with a meaning, references of every form.
+_STRUCT_VALUES: list[Any] = [
+    None,
+    True,
+    0,
+    1,
+    "",
+    "1",
+    "0",
+    "8",
+    "SUCCESS",
+    "X",
+    "110153",
+    "110106",
+    "110114",
+    "rest",
+    "read",
+    "print",
+    "BTG",
+    "btg",
+    "Patient",
+    "Patient/P5",
+    "Patient/",
+    "Encounter/E5",
+    "Binary/b1",
+    "observation/o1",
+    "Observation/a/b",
+    "http://x.example/fhir/Patient/P9/_history/2",
+    "http://hl7.org/fhir/StructureDefinition/Observation",
+    "urn:uuid:7d2c",
+    "2026-03-02T09:15:60Z",
+    BALP_ENTITY,
+    ENTITY_TYPE,
+    [],
+    {},
+    {"code": "1"},
+    {"code": 1},
+    {"system": BALP_ENTITY, "code": "1"},
+    {"value": "X9"},
+    {"reference": "Patient/P5"},
+    {"reference": "Practitioner/N7"},
+    {"identifier": {"value": "N7"}},
+    {"coding": [{"code": "110153"}]},
+    {"coding": [{"code": "1"}]},
+    {"code": "110106"},
+    {"code": "print"},
+    {"address": "10.9.9.9"},
+    {"what": {"reference": "Patient/P5"}},
+    {"what": {"identifier": {"value": "MRN-5"}}, "role": {"code": "1"}},
+    {"what": {"reference": "Encounter/E5"}},
+    {"what": {"reference": "DocumentReference/d5"}},
+    {"who": {"identifier": {"value": "N7"}}, "requestor": True},
+    {"type": {"coding": [{"code": "110153"}]}, "network": {"address": "10.9.9.9"}},
+    [{"coding": [{"code": "ETREAT"}]}],
+    [{"coding": [{"code": "TREAT"}, {"code": "BTG"}]}],
+    [{"code": "print"}],
+]
+
+
+def _edited(obj: dict[str, Any], edits: list[tuple[tuple[Any, ...], Any]]) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    for path, value in edits:
+        node: Any = out
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            if type(node) is list and path[-1] == len(node):
+                node.append(None)
+            node[path[-1]] = copy.deepcopy(value)
+        except (KeyError, IndexError, TypeError):
+            pass
+    return out
+
+
+def test_struct_path_agrees_on_every_single_edit() -> None:
+    """Every path × every value × every base, each edit alone."""
+    answered = 0
+    for base in _STRUCT_BASES:
+        for path in _STRUCT_PATHS:
+            for value in _STRUCT_VALUES:
+                answered += _assert_struct_path_agrees(orjson.dumps(_edited(base, [(path, value)])))
+    assert answered > 1000  # the struct path is exercised, not only declining
+
+
+@given(
+    st.sampled_from(_STRUCT_BASES),
+    st.lists(
+        st.tuples(st.sampled_from(_STRUCT_PATHS), st.sampled_from(_STRUCT_VALUES)),
+        min_size=2,
+        max_size=5,
+    ),
+)
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_struct_path_agrees_on_combined_edits(
+    base: dict[str, Any], edits: list[tuple[tuple[Any, ...], Any]]
+) -> None:
+    _assert_struct_path_agrees(orjson.dumps(_edited(base, edits)))
+
+
+def _line_of(obj: dict[str, Any]) -> bytes:
+    """The fast path's variants share ``st.just`` values, so an edit can make a cycle."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        assume(False)
+        raise
+
+
+_SNIPPETS = [
+    b"1e400",
+    b"-1E+400",
+    b"9" * 400,
+    b"1.5",
+    b"12",
+    b"null",
+    b"true",
+    b"[]",
+    b"{}",
+    b'"\xff"',
+    b'"\xed\xa0\x80"',
+    b'"\xc0\xaf"',
+    b'"\xf4\x90\x80\x80"',
+    b'"caf\xc3\xa9"',
+    b'"\\ud800"',
+    b'"\\udc00x"',
+    b'"\\ud83d\\ude00"',
+    b'"\\u0000"',
+    b'"\x01"',
+    b'"\t"',
+    b'"\\/"',
+    b'"1"',
+]
+
+
+@given(st.data())
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_struct_path_agrees_on_raw_json_edits(data: st.DataObject) -> None:
+    """Byte-level edits: a new member in some object, bytes at the start of some string,
+    or bytes anywhere. msgspec and orjson do not refuse the same JSON (msgspec skips unknown
+    values unchecked); the struct path may only answer where orjson reads the same."""
+    line = orjson.dumps(data.draw(st.sampled_from(_STRUCT_BASES)))
+    for _ in range(data.draw(st.integers(1, 2))):
+        how = data.draw(st.sampled_from(["member", "string", "anywhere"]))
+        if how == "member":
+            at = data.draw(st.sampled_from([i + 1 for i, c in enumerate(line) if c == ord("{")]))
+            key = data.draw(
+                st.sampled_from([b'"x"', b'"display"', b'"system"', b'"code"', b'"\\u0069d"'])
+            )
+            insert = key + b":" + data.draw(st.sampled_from(_SNIPPETS)) + b","
+        elif how == "string":
+            at = data.draw(
+                st.sampled_from([i + 2 for i in range(len(line)) if line[i] == ord(":")])
+            )
+            insert = data.draw(st.sampled_from([s.strip(b'"') for s in _SNIPPETS]))
+        else:
+            at = data.draw(st.integers(0, len(line)))
+            insert = data.draw(st.sampled_from([*_SNIPPETS, b" ", b",", b'"', b"}", b"\x00"]))
+        cut = data.draw(st.integers(0, 3))
+        line = line[:at] + insert + line[at + cut :]
+    _assert_struct_path_agrees(line)
+
+
+@pytest.fixture(scope="module")
+def hospital_lines(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    out = tmp_path_factory.mktemp("hospital")
+    simulate(out, days=1, seed=5, scale=0.5)
+    return (out / "events.ndjson").read_bytes().splitlines()
+
+
+def test_struct_path_reads_every_simulated_event(hospital_lines: list[bytes]) -> None:
+    assert len(hospital_lines) > 5000
+    declined = [line for line in hospital_lines if not _assert_struct_path_agrees(line)]
+    assert declined == []
 
 
 # --------------------------------------------------------------------------- bad input
