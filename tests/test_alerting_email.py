@@ -1,0 +1,277 @@
+"""E-mail escalation against a real SMTP server on loopback (aiosmtpd) that requires
+STARTTLS (a throw-away CA) and AUTH: who gets mail, immediate vs digest, and an SMTP
+outage during which nothing is lost and after which nothing is sent twice."""
+
+from __future__ import annotations
+
+import smtplib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emrwatch.context import Context
+from pipeline.alerting import AlertingConfig, AlertRouter
+from pipeline.alerting.email import EmailSink, recipients_for
+from pipeline.alerting.outbox import OutboxEntry, SinkError
+from pipeline.alerting.store import AlertStore
+from pipeline.alerting.testing import FakeClock, LoopbackSmtp, backend_url, sample_alert
+
+FEED = "https://feed.hospital.example"
+
+
+@pytest.fixture()
+def smtp() -> Iterator[LoopbackSmtp]:
+    with LoopbackSmtp() as s:
+        yield s
+
+
+@pytest.fixture()
+def hospital() -> Context:
+    ctx = Context()
+    for d, head in (("ORTH", "h-orth"), ("ONC", "h-onc"), ("ED", "")):
+        ctx.upsert_row(
+            "departments", {"department_id": d, "name": d, "kind": "clinical", "head_user_id": head}
+        )
+    staff = [
+        ("u1", "ORTH", "s1", "Zhang", "Wei"),
+        ("u2", "ORTH", "s1", "Li", "Na"),
+        ("u3", "ONC", "s2", "Wang", "Fang"),
+        ("h-orth", "ORTH", "dir", "Chen", "Jie"),  # a head under suspicion
+        ("u4", "ED", "", "Zhao", "Lei"),  # no supervisor, no head: nobody to tell
+    ]
+    for uid, dept, sup, fam, giv in staff:
+        ctx.upsert_row(
+            "staff",
+            {
+                "user_id": uid, "family_name": fam, "given_name": giv, "role": "nurse",
+                "department_id": dept, "clearance": "2", "shift_start": "", "shift_end": "",
+                "valid_from": "", "valid_until": "", "supervisor_id": sup, "address": "",
+            },
+        )  # fmt: skip
+    return ctx
+
+
+def make_router(
+    url: str, smtp: LoopbackSmtp, ctx: Context, clock: FakeClock, tmp_path: Path, **over: Any
+) -> AlertRouter:
+    cfg = AlertingConfig.from_dict(
+        {
+            "store_url": url,
+            "feed_url": FEED,
+            "digest_interval_s": 3600,
+            "smtp": {
+                "host": "127.0.0.1",
+                "port": smtp.port,
+                "starttls": True,
+                "username": smtp.user,
+                "password": smtp.password,
+                "from": "emrwatch@hospital.example",
+                "ca_file": smtp.write_ca(tmp_path / "ca.pem"),
+                "timeout_s": 5,
+            },
+            "email": {
+                "address_template": "{user_id}@hospital.example",
+                "addresses": {"s1": "ward.sister@hospital.example"},
+                **over,
+            },
+            "delivery": {"retry_base_s": 5, "retry_max_s": 120},
+        }
+    )
+    return AlertRouter(cfg, ctx, store=AlertStore(url, clock=clock))
+
+
+def inbox(smtp: LoopbackSmtp) -> Counter[tuple[str, str]]:
+    """(recipient, subject) of every accepted mail."""
+    return Counter((r, m["message"]["Subject"]) for m in smtp.messages for r in m["rcpt_tos"])
+
+
+def test_recipients_are_supervisor_and_head_never_the_user(hospital: Context) -> None:
+    def addrs(alert: dict[str, Any], **kw: Any) -> list[tuple[str, str]]:
+        return [
+            (r.address, r.why)
+            for r in recipients_for(alert, hospital, {"s1": "sister@h"}, "{user_id}@h", **kw)
+        ]
+
+    assert addrs(sample_alert(user_id="u1")) == [
+        ("sister@h", "supervisor of u1"),
+        ("h-orth@h", "head of ORTH"),
+    ]
+    # the head of the department is the suspect: their own supervisor is told, not them
+    assert addrs(sample_alert(user_id="h-orth")) == [("dir@h", "supervisor of h-orth")]
+    assert addrs(sample_alert(user_id="u4", department_id="ED"), always_to=["po@h"]) == [
+        ("po@h", "privacy office")
+    ]
+    # unknown accounts fall back to the alert's department
+    assert addrs(sample_alert(user_id="ghost", department_id="ONC")) == [("h-onc@h", "head of ONC")]
+    missing: list[str] = []
+    got = recipients_for(sample_alert(user_id="u3"), hospital, {}, "", on_missing=missing.append)
+    assert got == [] and missing == ["s2", "h-onc"]
+
+
+def test_high_alerts_mail_managers_at_once_over_starttls_with_auth(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    router = make_router(f"sqlite:///{tmp_path}/a.db", smtp, hospital, clock, tmp_path)
+    router.handle(
+        [sample_alert("ew-m1", severity="critical", user_id="u1", patient_ids=("p00077",))]
+    )
+    assert router.deliver().delivered == 2
+    assert sorted(inbox(smtp)) == [
+        ("h-orth@hospital.example", "[emrwatch] CRITICAL privacy alert: u1 (nurse, ORTH)"),
+        ("ward.sister@hospital.example", "[emrwatch] CRITICAL privacy alert: u1 (nurse, ORTH)"),
+    ]
+    assert all(m["tls"] and m["auth"] for m in smtp.messages)
+    assert smtp.auth_ok == 2
+    mail = next(m for m in smtp.messages if m["rcpt_tos"] == ["ward.sister@hospital.example"])
+    msg = mail["message"]
+    body = msg.get_content()
+    assert msg["From"] == "emrwatch@hospital.example"
+    assert msg["X-Emrwatch-Alert"] == "ew-m1" and msg["Message-ID"].endswith("@emrwatch>")
+    assert "supervisor of u1" in body and "Zhang Wei" in body  # staff name: fine for managers
+    assert f"{FEED}/cases/ew-m1" in body
+    assert "p00077" not in body and "p•••77" in body  # patients masked
+    router.close()
+
+
+def test_low_and_medium_alerts_are_batched_into_one_digest_per_recipient(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    router = make_router(f"sqlite:///{tmp_path}/a.db", smtp, hospital, clock, tmp_path)
+    router.handle(
+        [
+            sample_alert("ew-d1", severity="low", user_id="u1"),
+            sample_alert("ew-d2", severity="medium", user_id="u2"),
+            sample_alert("ew-d3", severity="low", user_id="u3", department_id="ONC"),
+        ]
+    )
+    assert router.deliver().delivered == 0  # digest lines wait
+    clock.advance(1800)
+    router.handle([sample_alert("ew-d4", severity="medium", user_id="u1")])
+    assert router.deliver().delivered == 0  # the oldest line has waited 30 min of 60
+    # a low alert that escalates is mailed at once and leaves the digest
+    router.handle([sample_alert("ew-d2", version=2, severity="high", user_id="u2")])
+    assert router.deliver().delivered == 2
+    clock.advance(1801)
+    report = router.deliver()
+    assert report.digests == 4 and report.delivered == 4
+    got = inbox(smtp)
+    digests = {r: s for (r, s) in got if "Digest" in s}
+    assert digests == {
+        "ward.sister@hospital.example": "[emrwatch] Digest: 2 privacy alerts (1 medium, 1 low)",
+        "h-orth@hospital.example": "[emrwatch] Digest: 2 privacy alerts (1 medium, 1 low)",
+        "s2@hospital.example": "[emrwatch] Digest: 1 privacy alert (1 low)",
+        "h-onc@hospital.example": "[emrwatch] Digest: 1 privacy alert (1 low)",
+    }
+    body = next(
+        m["message"].get_content()
+        for m in smtp.messages
+        if m["rcpt_tos"] == ["ward.sister@hospital.example"] and "Digest" in m["message"]["Subject"]
+    )
+    assert "ew-d1" in body and "ew-d4" in body and "ew-d2" not in body
+    assert body.index("MEDIUM") < body.index("LOW")
+    # nothing left; an explicit flush with nothing waiting sends nothing
+    assert router.flush_digest() == 0
+    router.handle([sample_alert("ew-d5", severity="low", user_id="u1")])
+    assert router.flush_digest() == 2  # flush_digest(now) does not wait for the interval
+    assert sum(1 for (_, s) in inbox(smtp) if "Digest" in s) == 6
+    router.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_smtp_outage_then_recovery_sends_every_mail_exactly_once(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path, backend: str
+) -> None:
+    with backend_url(backend, tmp_path) as url:
+        clock = FakeClock()
+        router = make_router(url, smtp, hospital, clock, tmp_path)
+        smtp.stop()  # the mail server is down
+        high = [sample_alert(f"ew-o{i}", severity="high", user_id="u1") for i in range(8)]
+        low = [
+            sample_alert(f"ew-l{i}", severity="low", user_id="u3", department_id="ONC")
+            for i in range(5)
+        ]
+        router.handle(high + low)
+        r = router.deliver()
+        assert (r.delivered, r.failed) == (0, 16)
+        clock.advance(3600)  # digests fall due while the server is still down
+        router.handle(high + low)  # redelivery: nothing new
+        r = router.deliver()
+        assert r.digests == 2 and r.delivered == 0
+        assert router.counters["email"].failed >= 16 + 2
+        # restart of the emrwatch process, then of the mail server
+        router.close()
+        router = make_router(url, smtp, hospital, clock, tmp_path)
+        smtp.start()
+        for _ in range(20):
+            clock.advance(130)
+            router.deliver()
+            if not router.outbox.backlog()["email"].get("pending"):
+                break
+        by_id = Counter(
+            (r, m["message"]["Message-ID"]) for m in smtp.messages for r in m["rcpt_tos"]
+        )
+        assert len(by_id) == 18 and set(by_id.values()) == {1}  # every mail exactly once
+        got = inbox(smtp)
+        per_alert = Counter(m["message"]["X-Emrwatch-Alert"] for m in smtp.messages)
+        want: dict[str | None, int] = {f"ew-o{i}": 2 for i in range(8)}
+        want[None] = 2  # the two digests are about several alerts
+        assert per_alert == want
+        assert sorted(r for (r, s) in got if "Digest" in s) == [
+            "h-onc@hospital.example",
+            "s2@hospital.example",
+        ]
+        digest = next(m for m in smtp.messages if "Digest" in m["message"]["Subject"])
+        assert digest["message"]["Subject"] == "[emrwatch] Digest: 5 privacy alerts (5 low)"
+        router.handle(high + low)
+        clock.advance(7200)
+        assert router.deliver().delivered == 0 and len(smtp.messages) == 18
+        router.close()
+
+
+def test_transient_rejection_and_bad_credentials_are_retried(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    router = make_router(f"sqlite:///{tmp_path}/a.db", smtp, hospital, clock, tmp_path)
+    smtp.reject_next = 1
+    router.handle([sample_alert("ew-451", severity="high", user_id="u3", department_id="ONC")])
+    r = router.deliver()
+    assert (r.delivered, r.failed) == (1, 1)
+    (failed,) = [e for e in router.outbox.entries("ew-451") if e["state"] == "pending"]
+    assert "451" in failed["last_error"]
+    clock.advance(10)
+    assert router.deliver().delivered == 1
+    assert len(smtp.messages) == 2
+    router.close()
+
+    sink = EmailSink(
+        "127.0.0.1", smtp.port, sender="e@h", feed_url=FEED, username="emrwatch",
+        password="wrong", ssl_context=smtp.client_context(), timeout_s=5,
+    )  # fmt: skip
+    entry = OutboxEntry(
+        9, "k", "email", "message", "x@h", "ew-x", "new",
+        {"alert": {"alert_id": "ew-x", "version": 1, "severity": "high", "score": 0.5,
+                   "user_id": "u", "role": "r", "department_id": "d", "detector": ["x"],
+                   "reason": "r", "events": 1, "patients": 0, "patients_masked": [],
+                   "first_seen": "", "last_seen": ""}},
+        0, None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    with pytest.raises(SinkError, match="535"):
+        sink.send(entry)
+    # a server certificate nobody vouches for is refused
+    untrusted = EmailSink("127.0.0.1", smtp.port, sender="e@h", feed_url=FEED, timeout_s=5)
+    with pytest.raises(SinkError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.send(entry)
+    # STARTTLS is required by the server: a client that skips it cannot AUTH
+    plain = EmailSink(
+        "127.0.0.1", smtp.port, sender="e@h", feed_url=FEED, starttls=False,
+        username="emrwatch", password="s3cret", timeout_s=5,
+    )  # fmt: skip
+    with pytest.raises(SinkError):
+        plain.send(entry)
+    assert isinstance(smtplib.SMTP, type)
