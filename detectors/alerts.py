@@ -37,6 +37,9 @@ class Alert:
     findings: list[dict[str, Any]] = field(default_factory=list)
     explanations_checked: list[str] = field(default_factory=list)
     model_versions: dict[str, str] = field(default_factory=dict)
+    #: one entry per evidence event (time, patient, action, resource, workstation, rules), for
+    #: the case timeline; ``event_ids`` stays the contract's list
+    evidence: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
