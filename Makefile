@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint format clean
+.PHONY: setup demo test bench lint format clean chromium
 
 setup: $(STAMP)
 
@@ -18,7 +18,17 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/emrwatch demo
 
-test: setup
+# The browser tests drive Debian's chromium through Playwright (which cannot download
+# browsers here). Installed once; silent when /usr/bin/chromium is already there.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "make: installing Debian chromium for the browser tests" >&2; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: setup chromium
 	$(BIN)/pytest -q
 
 bench: setup

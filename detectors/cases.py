@@ -6,6 +6,12 @@ A case opens with a user's first finding and stays open while findings keep arri
 fires. The case becomes an alert when its risk reaches ``alert_threshold``, or at once
 when an ``immediate`` rule (a hard violation) fires. Later findings update the same
 alert: same id, more evidence.
+
+Learned models (``models/``) take part in two ways. A visit the models find unusual enough
+is *learned evidence* under the pseudo-rule :data:`LEARNED_RULE_ID`: it adds
+``model_weight`` risk per level above ``model_min_level``, once per patient (its highest
+level), and can open a case by itself. And a case model scores the whole case; soft rule
+risk is scaled by ``0.5 + P(misuse)`` (hard, ``immediate`` rules alert whatever it says).
 """
 
 from __future__ import annotations
@@ -18,6 +24,20 @@ from detectors.config import DetectionConfig
 from detectors.explain import REASONS
 from detectors.rules import Rule
 from emrwatch.context import Context
+
+#: the pseudo-rule under which learned models add evidence to a case
+LEARNED_RULE_ID = "learned-behaviour"
+LEARNED_RULE = Rule(
+    id=LEARNED_RULE_ID,
+    title="Behaviour unusual for the user and their peers (learned models)",
+    level="medium",
+    description="Visits to patients' charts that the learned models score as rare among "
+    "the ordinary visits of the user's peers or of the user's own history.",
+    reason="{learned_why}",
+    detection={},
+    predicate=lambda f: False,
+    scenario="",
+)
 
 #: evidence tuple: (event_id, t, patient_id, action, resource_type, workstation, sensitivity)
 Evidence = tuple[str, float, str, str, str, str, int]
@@ -39,6 +59,10 @@ class Case:
         "extras",
         "dirty",
         "retracted",
+        "levels",
+        "seen_levels",
+        "why",
+        "model_p",
     )
 
     def __init__(self, alert_id: str, t: float) -> None:
@@ -58,6 +82,10 @@ class Case:
         self.version = 0
         self.extras: dict[str, dict[str, Any]] = {}  # rule id → values for its reason
         self.dirty = False
+        self.levels: dict[str, float] = {}  # patient → highest level of its learned evidence
+        self.seen_levels: dict[str, float] = {}  # patient → highest level of any visit
+        self.why: dict[str, float] = {}  # feature → weight in the learned evidence
+        self.model_p: float | None = None  # the case model's P(misuse), set when drained
 
     def add(self, rule: Rule, ev: Evidence) -> bool:
         bucket = self.evidence.setdefault(rule.id, {})
@@ -104,10 +132,70 @@ class Case:
             self.version += 1
         return changed
 
-    def risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:
+    def add_learned(
+        self,
+        evidence: list[Evidence],
+        patient_id: str,
+        level: float,
+        attribution: dict[str, float],
+        min_level: float,
+    ) -> None:
+        """A visit the learned models flagged: its accesses become evidence."""
+        bucket = self.evidence.setdefault(LEARNED_RULE_ID, {})
+        pc = self.patients.setdefault(LEARNED_RULE_ID, {})
+        for ev in evidence:
+            if ev[0] in bucket:
+                continue
+            bucket[ev[0]] = ev
+            pc[ev[2]] = pc.get(ev[2], 0) + 1
+            if ev[1] > self.last_t:
+                self.last_t = ev[1]
+            if ev[1] < self.first_t:
+                self.first_t = ev[1]
+        if level > self.levels.get(patient_id, 0.0):
+            self.levels[patient_id] = round(level, 4)
+        weight = max(0.1, level - min_level)
+        for k, share in attribution.items():
+            self.why[k] = round(self.why.get(k, 0.0) + share * weight, 4)
+        self.see(patient_id, level)
+        self.dirty = True
+        self.version += 1
+
+    def see(self, patient_id: str, level: float) -> bool:
+        """Remember how unusual a visit of the user was while the case is open; True if
+        that raised the patient's level."""
+        if level > self.seen_levels.get(patient_id, -1.0):
+            self.seen_levels[patient_id] = round(level, 4)
+            return True
+        return False
+
+    def undecided(self, rules: dict[str, Rule], cfg: DetectionConfig) -> bool:
+        """Whether the case model can change this case's fate: the rule risk it scales (by
+        0.5 … 1.5) straddles the threshold. Only such cases are scored, so the others keep
+        the rules' risk as it is; and only once the models have scored the visits of at least
+        half of the case's patients (before that, the rules alone decide)."""
+        if self.immediate or not cfg.model_fusion:
+            return False
+        # judged only once the models have scored the visits of most of its patients
+        rule_patients = {
+            p for rid, pc in self.patients.items() if rid != LEARNED_RULE_ID for p in pc
+        }
+        seen = sum(1 for p in rule_patients if p in self.seen_levels)
+        if not rule_patients or 2 * seen < len(rule_patients):
+            return False
+        rest = self.learned_risk(cfg) if self.levels else 0.0
+        r = self.rule_risk(rules, cfg)
+        return r > 0 and 0.5 * r + rest < cfg.alert_threshold <= 1.5 * r + rest
+
+    def learned_only(self) -> bool:
+        return len(self.evidence) == 1 and LEARNED_RULE_ID in self.evidence
+
+    def rule_risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:
         total = 0.0
         weights = cfg.level_weights
         for rid, bucket in self.evidence.items():
+            if rid == LEARNED_RULE_ID:
+                continue
             rule = rules[rid]
             w = weights[rule.level]
             if rule.aggregate is not None:
@@ -120,6 +208,40 @@ class Case:
                 n_patients + cfg.repeat_weight * min(n_events - n_patients, cfg.repeat_cap)
             )
         return total
+
+    def learned_risk(self, cfg: DetectionConfig) -> float:
+        lo = cfg.model_min_level
+        return cfg.model_weight * sum(max(0.0, lv - lo) for lv in self.levels.values())
+
+    def risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:
+        """Rule risk (scaled by the case model when there is one) plus learned risk."""
+        r = self.rule_risk(rules, cfg)
+        if self.model_p is not None and cfg.model_fusion:
+            r *= 0.5 + self.model_p
+        if self.levels:
+            r += self.learned_risk(cfg)
+        return r
+
+    def features(self, rules: dict[str, Rule], cfg: DetectionConfig) -> dict[str, float]:
+        """The numbers a case model scores (``models.batch.CASE_FEATURES``)."""
+        rids = [r for r in self.evidence if r != LEARNED_RULE_ID]
+        patients = {p for pc in self.patients.values() for p in pc}
+        seen = [lv for p, lv in self.seen_levels.items() if p in patients]
+        return {
+            "rule_risk": self.rule_risk(rules, cfg),
+            "patients": float(len(patients)),
+            "events": float(self.event_count()),
+            "rules": float(len(rids)),
+            "max_rule_level": float(
+                max((SEVERITIES.index(rules[r].level) for r in rids), default=0)
+            ),
+            "correlation": 1.0 if self.fired else 0.0,
+            "no_care": float(len(self.evidence.get("no-care-relationship", ()))),
+            "max_level": max(seen, default=0.0),
+            "mean_level": sum(seen) / len(seen) if seen else 0.0,
+            "learned_patients": float(len(self.levels)),
+            "span_hours": min(72.0, (self.last_t - self.first_t) / 3600.0),
+        }
 
     def event_count(self) -> int:
         return len({k for b in self.evidence.values() for k in b})
@@ -139,6 +261,10 @@ class Case:
             "immediate": self.immediate,
             "version": self.version,
             "extras": self.extras,
+            "levels": self.levels,
+            "seen_levels": self.seen_levels,
+            "why": self.why,
+            "model_p": self.model_p,
         }
 
     @classmethod
@@ -158,6 +284,10 @@ class Case:
         c.immediate = o["immediate"]
         c.version = o["version"]
         c.extras = o.get("extras", {})
+        c.levels = dict(o.get("levels", {}))
+        c.seen_levels = dict(o.get("seen_levels", {}))
+        c.why = dict(o.get("why", {}))
+        c.model_p = o.get("model_p")
         return c
 
 
@@ -195,6 +325,11 @@ class AlertBuilder:
         self.ctx = ctx
         self.cfg = cfg
         self.rules = rules
+        #: model name → version of the learned models that scored the cases (every alert
+        #: records it)
+        self.model_versions: dict[str, str] = {}
+        #: feature → plain words, for the learned finding's reason
+        self.feature_words: dict[str, str] = {}
 
     def build(self, user_id: str, case: Case) -> Alert:
         ctx, rules = self.ctx, self.rules
@@ -207,6 +342,7 @@ class AlertBuilder:
         parts: list[str] = []
         findings: list[dict[str, Any]] = []
         all_ev: dict[str, Evidence] = {}
+        flagged_by: dict[str, list[str]] = {}  # event id → the rules it is evidence for
         for rid in order:
             rule = rules[rid]
             evs = sorted(case.evidence[rid].values(), key=lambda ev: (ev[1], ev[0]))
@@ -214,7 +350,13 @@ class AlertBuilder:
                 continue
             for ev in evs:
                 all_ev[ev[0]] = ev
-            values = self._values(staff, evs, case.extras.get(rid, {}))
+                flagged_by.setdefault(ev[0], []).append(rid)
+            extras = (
+                {"learned_why": self._learned_why(staff, case, evs)}
+                if rid == LEARNED_RULE_ID
+                else case.extras.get(rid, {})
+            )
+            values = self._values(staff, evs, extras)
             try:
                 text = rule.reason.format(**values)
             except (KeyError, IndexError, ValueError):
@@ -244,9 +386,13 @@ class AlertBuilder:
         status = "open"
         if not case.immediate and risk < self.cfg.alert_threshold:
             status = "retracted"
-            reason = (reason + "; " if reason else "") + (
-                "retracted: later notes or orders by the user explained the accesses"
-            )
+            why = "later notes or orders by the user explained the accesses"
+            if (
+                case.model_p is not None
+                and case.rule_risk(rules, self.cfg) >= self.cfg.alert_threshold
+            ):
+                why = f"the case model rates it unlikely misuse (P={case.model_p:.2f})"
+            reason = (reason + "; " if reason else "") + f"retracted: {why}"
         return Alert(
             alert_id=case.alert_id,
             detector=[f["rule"] for f in findings],
@@ -265,7 +411,39 @@ class AlertBuilder:
             findings=findings,
             explanations_checked=list(REASONS),
             status=status,
+            model_versions=dict(self.model_versions),
+            evidence=[
+                {
+                    "event_id": ev[0],
+                    "ts": ctx.clock.local_iso(ev[1]),
+                    "patient_id": ev[2],
+                    "action": ev[3],
+                    "resource_type": ev[4],
+                    "workstation": ev[5],
+                    "rules": flagged_by.get(ev[0], []),
+                }
+                for ev in evs_sorted
+            ],
         )
+
+    def _learned_why(self, staff: Any, case: Case, evs: list[Evidence]) -> str:
+        """The learned finding in words: how rare, compared with whom, and which features."""
+        top = max(case.levels.values(), default=0.0)
+        peers = f"{staff.role}s of {staff.department_id}" if staff else "peers"
+        n = len(case.levels)
+        total = sum(case.why.values())
+        words = self.feature_words
+        drivers = [
+            f"{words.get(k, k.replace('_', ' '))} ({v / total:.0%})"
+            for k, v in sorted(case.why.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            if total > 0 and v / total >= 0.1
+        ]
+        span = _span(self.ctx, evs[0][1], evs[-1][1]) if evs else ""
+        text = (
+            f"{n} patient chart(s) used in ways rare for this user and for {peers} {span} "
+            f"(the most unusual: about 1 in {10**top:,.0f} ordinary visits)"
+        )
+        return text + (": " + "; ".join(drivers) if drivers else "")
 
     def _values(self, staff: Any, evs: list[Evidence], extras: dict[str, Any]) -> dict[str, Any]:
         ctx = self.ctx

@@ -105,6 +105,21 @@ class DetectionConfig:
     repeat_cap: int = 2  # how many extra accesses count per rule and case
     # volume baselines
     volume_history_days: int = 14
+    # learned models (models/): "" runs the registry shipped with the package, "none" none
+    model_registry: str = ""
+    #: a visit at least this unusual (−log10 of the share of ordinary visits scoring as high)
+    #: is learned evidence; each level above it adds ``model_weight`` risk per patient
+    model_min_level: float = 2.5
+    model_weight: float = 0.35
+    #: only explained visits become learned evidence by themselves (rules judge the rest)
+    model_explained_only: bool = True
+    #: a case holding only learned evidence stays open this long between findings (slow
+    #: misuse spreads over days)
+    model_case_gap_s: float = 24 * HOUR
+    #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
+    model_fusion: bool = True
+    #: look for a newly promoted model at most this often (seconds of wall time)
+    model_reload_s: float = 2.0
     # rules
     rules_dir: str = ""  # empty: the rules shipped in detectors/rules
     disabled_rules: tuple[str, ...] = ()

@@ -22,13 +22,25 @@ from typing import Any
 import orjson
 
 from detectors.alerts import Alert
-from detectors.cases import AlertBuilder, Case, Evidence, new_case
+from detectors.cases import (
+    LEARNED_RULE,
+    LEARNED_RULE_ID,
+    AlertBuilder,
+    Case,
+    Evidence,
+    new_case,
+)
 from detectors.config import DetectionConfig
 from detectors.explain import Explainer
 from detectors.rules import Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
 from emrwatch.timeutil import in_shift
+
+# imported here, not lazily: river's import takes a second, and replay workers fork from a
+# parent that has already paid it
+from models.features import FEATURES
+from models.runtime import ModelScorer, UserModels, VisitScore
 
 SNAPSHOT_VERSION = 1
 
@@ -132,7 +144,7 @@ class DayCounter:
 
 
 class UserState:
-    __slots__ = ("writes", "windows", "days", "case", "last_t")
+    __slots__ = ("writes", "windows", "days", "case", "last_t", "models")
 
     def __init__(self) -> None:
         self.writes: dict[str, float] = {}
@@ -140,6 +152,7 @@ class UserState:
         self.days: dict[str, DayCounter] = {}
         self.case: Case | None = None
         self.last_t = 0.0
+        self.models: UserModels | None = None
 
 
 class Engine:
@@ -150,6 +163,7 @@ class Engine:
         context: Context,
         config: DetectionConfig | None = None,
         rules: list[Rule] | None = None,
+        models: ModelScorer | None | str = "config",
     ) -> None:
         self.ctx = context
         self.cfg = config or DetectionConfig()
@@ -161,6 +175,7 @@ class Engine:
             )
         )
         self.rule_by_id = {r.id: r for r in self.rules}
+        self.rule_by_id[LEARNED_RULE_ID] = LEARNED_RULE
         self.event_rules = [r for r in self.rules if r.aggregate is None]
         self.agg_rules = [r for r in self.rules if r.aggregate is not None]
         self._match_event = compile_matcher(self.event_rules)
@@ -168,6 +183,15 @@ class Engine:
         self.retractable = {r.id for r in self.rules if r.retract_on_documentation}
         self.explainer = Explainer(context, self.cfg)
         self.builder = AlertBuilder(context, self.cfg, self.rule_by_id)
+        #: the learned models (``models/``), from the registry the config names, or None
+        self.models: ModelScorer | None = (
+            ModelScorer.from_registry(context, self.cfg.model_registry)
+            if models == "config"
+            else models  # type: ignore[assignment]
+        )
+        self.builder.feature_words = FEATURES
+        if self.models is not None:
+            self.builder.model_versions = self.models.versions
         self.users: dict[str, UserState] = {}
         self.grant_only = frozenset(self.cfg.grant_only_roles)
         self.clerks = frozenset(self.cfg.clerk_roles)
@@ -301,6 +325,24 @@ class Engine:
         ``take()``, replay) drain once a batch rather than once an event."""
         out: list[Alert] = []
         cfg = self.cfg
+        models = self.models
+        if models is not None:
+            if models.maybe_reload(cfg.model_reload_s):
+                self.builder.model_versions = models.versions
+            if models.case_model is not None and self._dirty:
+                rules = self.rule_by_id
+                todo = []
+                for _, c in self._dirty.values():
+                    if not c.dirty:
+                        continue
+                    if c.undecided(rules, cfg):
+                        todo.append(c)
+                    else:
+                        c.model_p = None
+                if todo:
+                    rows = [c.features(rules, cfg) for c in todo]
+                    for c, p in zip(todo, models.case_model.score(rows), strict=True):
+                        c.model_p = round(p, 4)
         for user_id, case in self._dirty.values():
             if not case.dirty:
                 continue
@@ -338,9 +380,13 @@ class Engine:
         case = st.case
         cfg = self.cfg
         if case is not None and (
-            t - case.touched_t > cfg.case_gap_s or t - case.opened_t > cfg.case_max_s
+            t - case.touched_t > (cfg.model_case_gap_s if case.learned_only() else cfg.case_gap_s)
+            or t - case.opened_t > cfg.case_max_s
         ):
             st.case = case = None
+        opened = case
+        version0 = case.version if case is not None else -1
+        fired0 = len(case.fired) if case is not None else -1
         if f["write"] and e.patient_id:
             st.writes[e.patient_id] = t
             if case is not None and self.retractable:
@@ -354,6 +400,13 @@ class Engine:
             e.workstation,
             f["sensitivity"],
         )
+        models = self.models
+        if models is not None and e.patient_id:
+            um = st.models
+            if um is None:
+                um = st.models = models.new_user()
+            for vs in models.observe(e, f, um, ev):
+                case = self._learned(st, e.user_id, vs, case, t)
         event_rules = self.event_rules
         for i in self._match_event(f):
             rule = event_rules[i]
@@ -408,10 +461,48 @@ class Engine:
                 case.fired.add(rule.id)
                 self.finding_counts[rule.id] += 1
                 case.dirty = True
-        if case is not None and case.dirty:
+        if case is not None:
+            # activity is a change made by *this* event (``dirty`` may be left over from an
+            # earlier event not yet drained, and drains fall differently per partition)
+            if (case is not opened or case.version != version0 or len(case.fired) != fired0) and (
+                t > case.touched_t
+            ):
+                case.touched_t = t
+            if case.dirty:
+                self._dirty[case.alert_id] = (e.user_id, case)
+
+    def _learned(
+        self, st: UserState, user_id: str, vs: VisitScore, case: Case | None, t: float
+    ) -> Case | None:
+        """A visit the models scored: learned evidence if unusual enough, else (for an open
+        case that holds the patient) a level the case model sees."""
+        cfg = self.cfg
+        pid = vs.visit.patient_id
+        if vs.level >= cfg.model_min_level and (vs.explained or not cfg.model_explained_only):
+            if case is None:
+                # the id comes from the visit's first access, with a prefix no rule case has
+                case = st.case = new_case(user_id, "learned:" + vs.visit.evidence[0][0], t)
+            case.add_learned(
+                vs.visit.evidence,  # type: ignore[arg-type]
+                pid,
+                vs.level,
+                vs.attribution,
+                cfg.model_min_level,
+            )
             if t > case.touched_t:
                 case.touched_t = t
-            self._dirty[case.alert_id] = (e.user_id, case)
+            self._dirty[case.alert_id] = (user_id, case)
+        elif (
+            case is not None
+            and self.models is not None
+            and self.models.case_model is not None
+            and any(pid in pc for pc in case.patients.values())
+            and case.see(pid, vs.level)
+        ):
+            # the case model reads these levels: the alert must be rebuilt from them
+            case.dirty = True
+            self._dirty[case.alert_id] = (user_id, case)
+        return case
 
     def _day_count(
         self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any], ev: Evidence
@@ -476,12 +567,16 @@ class Engine:
 
         Alerts are emitted when they change, so closing a case emits nothing; this only
         bounds memory."""
-        horizon = max(self.cfg.case_gap_s, self.cfg.documented_window_s)
+        cfg = self.cfg
+        horizon = max(cfg.case_gap_s, cfg.documented_window_s, cfg.model_case_gap_s)
         stale = [u for u, st in self.users.items() if t - st.last_t > horizon and not st.days]
         for u in stale:
             del self.users[u]
         for st in self.users.values():
-            if st.case is not None and t - st.case.touched_t > self.cfg.case_gap_s:
+            c = st.case
+            if c is not None and t - c.touched_t > (
+                cfg.model_case_gap_s if c.learned_only() else cfg.case_gap_s
+            ):
                 st.case = None
             if len(st.writes) > 256:
                 cut = t - self.cfg.documented_window_s
@@ -489,7 +584,11 @@ class Engine:
         return []
 
     def flush(self) -> list[Alert]:
-        """End of input. Alerts were emitted as they changed; nothing is pending."""
+        """End of input. Alerts were emitted as they changed; nothing is pending.
+
+        Visits still open are *not* closed here: a stream never knows its input ended, and
+        replay must give what the stream gives. A visit is scored when the user's own later
+        events close it."""
         return []
 
     # ------------------------------------------------------------------ stats
@@ -523,6 +622,7 @@ class Engine:
                     for r, d in st.days.items()
                 },
                 "case": st.case.to_obj() if st.case is not None else None,
+                "models": st.models.to_obj() if st.models is not None else None,
             }
         return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out})
 
@@ -550,6 +650,8 @@ class Engine:
                 dc.unexplained_patients = {x[2] for x in unexplained}
                 dc.history = deque(history, maxlen=self.cfg.volume_history_days)
             st.case = Case.from_obj(o["case"]) if o["case"] else None
+            if o.get("models") and self.models is not None:
+                st.models = self.models.restore_user(o["models"])
             self.users[u] = st
 
     @classmethod

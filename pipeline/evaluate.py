@@ -40,23 +40,49 @@ def find_events_file(data: Path) -> Path:
     raise FileNotFoundError(f"{data}: no events.ndjson / events.jsonl / events.csv")
 
 
+def _replay_without_rules(data: Path, config: DetectionConfig | None, timezone: str | None) -> Any:
+    """The learned models alone: an engine with no rules at all (one process)."""
+    import time
+
+    from connectors.readers import read_events
+    from detectors.engine import Engine
+    from emrwatch.context import Context
+    from pipeline.replay import ReplayResult, collapse, run_engine
+
+    cfg = config or DetectionConfig()
+    ctx = Context.load(data, timezone or cfg.timezone)
+    eng = Engine(ctx, cfg, rules=[])
+    eng.unexplained_ids = set()
+    events = [e for _, e, _ in read_events(find_events_file(data)) if not isinstance(e, Exception)]
+    t0 = time.perf_counter()
+    out = run_engine(eng, events)
+    res = ReplayResult(alerts=collapse(out.values()), stats=eng.stats(), events=len(events))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
 def evaluate(
     data: str | Path,
     config: DetectionConfig | None = None,
     timezone: str | None = None,
     workers: int = 1,
+    rules: bool = True,
 ) -> dict[str, Any]:
+    """Replay ``data`` and score the alerts; ``rules=False`` runs the learned models alone."""
     data = Path(data)
     labels = load_labels(data / "labels.csv")
-    res = replay_file(
-        data,
-        find_events_file(data),
-        "auto",
-        timezone,
-        config,
-        workers=workers,
-        collect_unexplained=True,
-    )
+    if not rules:
+        res = _replay_without_rules(data, config, timezone)
+    else:
+        res = replay_file(
+            data,
+            find_events_file(data),
+            "auto",
+            timezone,
+            config,
+            workers=workers,
+            collect_unexplained=True,
+        )
     unexplained = res.stats.unexplained_ids
     alerts = res.alerts
     in_alert: set[str] = set()
@@ -135,3 +161,143 @@ def format_report(r: dict[str, Any]) -> str:
             + ",".join(s["missed_users"][:6])
         )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- learned models
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "alerts": r["alerts"],
+        "false_alerts": r["false_alerts"],
+        "false_alerts_per_10k_benign": r["false_alerts_per_10k_benign"],
+        "mean_user_recall": r["mean_user_recall"],
+        "min_user_recall": r["min_user_recall"],
+        "event_recall": r["event_recall"],
+        "user_recall": {s: v["user_recall"] for s, v in r["scenarios"].items()},
+    }
+
+
+def compare_models(
+    data: str | Path,
+    thresholds: tuple[float, ...] = (1.0, 0.7, 0.5),
+    registry: str = "",
+    workers: int = 2,
+    config: DetectionConfig | None = None,
+) -> dict[str, Any]:
+    """Rules alone against rules + learned models, at several alert thresholds, and the
+    learned models alone (every rule disabled): what the models add and what they cut."""
+    from dataclasses import replace
+
+    base = config or DetectionConfig()
+    out: dict[str, Any] = {"data": str(data), "registry": registry or "shipped", "rows": []}
+    for thr in thresholds:
+        for variant, cfg in (
+            ("rules", replace(base, alert_threshold=thr, model_registry="none")),
+            ("rules+models", replace(base, alert_threshold=thr, model_registry=registry)),
+        ):
+            r = evaluate(data, cfg, workers=workers)
+            out["rows"].append({"variant": variant, "threshold": thr, **_summary(r)})
+    alone = replace(base, model_registry=registry)
+    out["models_alone"] = _summary(evaluate(data, alone, rules=False))
+    return out
+
+
+def format_comparison(c: dict[str, Any], scenario: str = "explained_browsing") -> str:
+    lines = [
+        f"data: {c['data']}  registry: {c['registry']}",
+        f"{'variant':14} {'thr':>4} {'alerts':>6} {'false':>5} {'false/10k':>9} "
+        f"{'us.recall':>9} {'min':>5} {'ev.recall':>9} {scenario:>20}",
+    ]
+    rows = [*c["rows"], {"variant": "models alone", "threshold": 1.0, **c["models_alone"]}]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:14} {r['threshold']:4.1f} {r['alerts']:6d} {r['false_alerts']:5d} "
+            f"{r['false_alerts_per_10k_benign']:9.3f} {r['mean_user_recall']:9.3f} "
+            f"{r['min_user_recall']:5.2f} {r['event_recall']:9.3f} "
+            f"{r['user_recall'].get(scenario, 0.0):20.3f}"
+        )
+    return "\n".join(lines)
+
+
+def covering_report(
+    out_dir: str | Path,
+    seed: int = HELD_OUT_SEED,
+    covering: tuple[float, ...] = (0.0, 1.0, 3.0),
+    days: int = 7,
+    scale: float = 1.0,
+    registry: str = "",
+    workers: int = 2,
+) -> list[dict[str, Any]]:
+    """Recall with covering accesses (benign-looking accesses around each episode, USENIX
+    Security 2023): the same seed simulated with more and more covering, scored by rules
+    alone and by rules + models."""
+    from pipeline.simulate import simulate
+
+    rows = []
+    for cov in covering:
+        d = Path(out_dir) / f"covering-{cov:g}"
+        if not (d / "labels.csv").exists():
+            simulate(d, days=days, seed=seed, scale=scale, covering=cov)
+        for variant, reg in (("rules", "none"), ("rules+models", registry)):
+            r = evaluate(d, DetectionConfig(model_registry=reg), workers=workers)
+            rows.append({"covering": cov, "variant": variant, **_summary(r)})
+    return rows
+
+
+def model_costs(data: str | Path, repeats: int = 2) -> dict[str, float]:
+    """Microseconds per event of the engine and of each learned model, one process, on
+    ``data``: rules alone, + visit models (features, population histograms, per-user trees),
+    + case model; and the per-user HalfSpaceTrees alone (score + learn per visit)."""
+    import time
+    from dataclasses import replace
+
+    from connectors.readers import read_events
+    from detectors.engine import Engine
+    from emrwatch.context import Context
+    from models.runtime import ModelScorer
+    from pipeline.replay import run_engine
+
+    data = Path(data)
+    ctx = Context.load(data)
+    events = [x for _, x, _ in read_events(find_events_file(data), "auto")]
+    cfg = DetectionConfig()
+
+    def timed(make: Any) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            eng = make()
+            t0 = time.perf_counter()
+            run_engine(eng, events)
+            best = min(best, time.perf_counter() - t0)
+        return best / len(events) * 1e6
+
+    rules = timed(lambda: Engine(ctx, replace(cfg, model_registry="none")))
+
+    def visits_only() -> Engine:
+        full = ModelScorer.from_registry(ctx, "")
+        assert full is not None
+        return Engine(ctx, cfg, models=ModelScorer(ctx, replace(full.bundle, case_model=None)))
+
+    visits = timed(visits_only)
+    full = timed(lambda: Engine(ctx, cfg))
+    # the trees alone, on the visits this data makes
+    scorer = ModelScorer.from_registry(ctx, "")
+    assert scorer is not None
+    xs: list[dict[str, float]] = []
+    rec = ModelScorer(ctx, scorer.bundle, recorder=lambda vs: xs.append(vs.features))
+    run_engine(Engine(ctx, cfg, models=rec), events)
+    trees = rec.trees
+    st = trees.new_state()
+    t0 = time.perf_counter()
+    for x in xs:
+        trees.score_one(st, x)
+        trees.learn_one(st, x)
+    hst = (time.perf_counter() - t0) / max(1, len(xs)) * 1e6
+    return {
+        "events": float(len(events)),
+        "visits": float(len(xs)),
+        "rules_us_per_event": round(rules, 2),
+        "visit_models_us_per_event": round(visits - rules, 2),
+        "case_model_us_per_event": round(full - visits, 2),
+        "all_models_us_per_event": round(full - rules, 2),
+        "hst_score_learn_us_per_visit": round(hst, 2),
+    }

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.simulate_traffic import CLINICAL_GROUPS, Traffic, remote_workstation
-from pipeline.simulate_world import CLINICAL, DAY, HOUR, MINUTE, StaffMember, World
+from pipeline.simulate_world import CLINICAL, DAY, HOUR, MINUTE, WARDS, StaffMember, World
 
 SEALED_RECORD = "sealed_record"
 NO_CARE_RELATIONSHIP = "no_care_relationship"
@@ -41,6 +41,8 @@ DENIED_PROBING = "denied_probing"
 BREAK_THE_GLASS_ABUSE = "break_the_glass_abuse"
 ROLE_RESOURCE_MISMATCH = "role_resource_mismatch"
 VOLUME_ANOMALY = "volume_anomaly"
+#: no rule names this one: only learned models can catch it
+EXPLAINED_BROWSING = "explained_browsing"
 
 #: one misuse access: (t, patient_id, action, resource_type, workstation, success,
 #: emergency, purpose ('' = the user's usual purpose))
@@ -67,6 +69,21 @@ ADMIN_READS = (
     ("Claim", "view"),
 )
 CLINICAL_NOTES = ("DocumentReference", "Observation", "DiagnosticReport")
+#: what a curious reader opens in a chart: notes, problems, reports, the stay itself
+CURIOUS_READS = (
+    ("DocumentReference", "view"),
+    ("DocumentReference", "view"),
+    ("DocumentReference", "view"),
+    ("Condition", "view"),
+    ("Condition", "view"),
+    ("DiagnosticReport", "view"),
+    ("Encounter", "view"),
+    ("Observation", "view"),
+    ("MedicationRequest", "view"),
+    ("ImagingStudy", "view"),
+)
+#: service departments' traffic groups: their service reason explains any active encounter
+SERVICE_GROUPS = frozenset({"lab", "rad", "pharmacist"})
 
 
 class Injector:
@@ -82,6 +99,7 @@ class Injector:
         self.employees = [pid for pid in w.patient_ids if w.patients[pid].employee_user_id]
         self._baseline: dict[str, float] = {}
         self._times: dict[str, list[int]] | None = None
+        self._ward_of_interest: dict[str, str] = {}
 
     # ------------------------------------------------------------------ accounts and days
     def steady(self, u: StaffMember) -> bool:
@@ -205,6 +223,15 @@ class Injector:
             v = float(max(counts)) if counts else 0.0
             self._baseline[u.user_id] = v
         return v
+
+    def ward_of_interest(self, u: StaffMember) -> str:
+        """The one ward a curious user keeps coming back to (an acquaintance's ward, a
+        rumour): chosen once per user, so that episodes on several days agree."""
+        ward = self._ward_of_interest.get(u.user_id)
+        if ward is None:
+            wards = [x for x in WARDS if x not in ("PSY", u.dept)]
+            ward = self._ward_of_interest[u.user_id] = wards[self.rng.randrange(len(wards))]
+        return ward
 
 
 # =========================================================================== episodes
@@ -663,6 +690,40 @@ def _ep_volume(inj: Injector, u: StaffMember, d: int) -> list[Access]:
     return out
 
 
+def _ep_explained_browsing(inj: Injector, u: StaffMember, d: int) -> list[Access]:
+    """A laboratory, radiology or pharmacy user, over two or three days, reads the notes,
+    problems and reports of two to five inpatients a day on one ward, in ordinary sessions at
+    the usual workstation. Every access is explained: the service reason covers any patient
+    with an active encounter. Nothing is written or exported, the volume is ordinary, and no
+    rule names it; what gives it away is that the user reads what their work never needs,
+    on patients outside the community of patients they usually serve."""
+    w, tr, rng = inj.w, inj.tr, inj.rng
+    ward = inj.ward_of_interest(u)
+    days = [x for x in range(d, min(w.days, d + rng.randint(2, 3))) if tr.sessions_on(u.user_id, x)]
+    out: list[Access] = []
+    seen: set[str] = set()
+    for day in days:
+        for t, ws in inj.day_spread(u, day, rng.randint(2, 5)):
+            lst = tr.care_list(ward, t)
+            pid = None
+            for _ in range(8):
+                if not lst:
+                    break
+                cand = lst[rng.randrange(len(lst))].patient_id
+                if cand not in seen and inj.fits(u, cand, t) and not w.special(cand):
+                    pid = cand
+                    break
+            if pid is None:
+                continue
+            seen.add(pid)
+            out.append((t, pid, "view", "Patient", ws, True, False, ""))
+            for _ in range(rng.randint(2, 5)):
+                t += rng.randint(15, 90)
+                res, action = CURIOUS_READS[rng.randrange(len(CURIOUS_READS))]
+                out.append((t, pid, action, res, tr.ws_at(u.user_id, t, ws), True, False, ""))
+    return out
+
+
 # =========================================================================== the table
 Eligible = Callable[[Injector, StaffMember], bool]
 Days = Callable[[Injector, StaffMember], list[int]]
@@ -819,6 +880,14 @@ SCENARIO_TABLE: tuple[Scenario, ...] = (
         _ep_volume,
         max_episodes=1,
     ),
+    Scenario(
+        EXPLAINED_BROWSING,
+        "a lab, radiology or pharmacy user reads notes and reports of a few patients a day on "
+        "one ward over several days; every access is explained by the service reason",
+        lambda inj, u: u.group in SERVICE_GROUPS and inj.steady(u),
+        _ep_explained_browsing,
+        max_episodes=1,
+    ),
 )
 #: scenario names as written in labels.csv
 SCENARIOS: tuple[str, ...] = tuple(s.name for s in SCENARIO_TABLE)
@@ -894,16 +963,38 @@ def inject(
 
 
 def _cover(inj: Injector, u: StaffMember, d: int, acc: list[Access], covering: float) -> int:
-    """Unlabelled accesses to patients the user's job explains, within the episode's span."""
-    rng, tr = inj.rng, inj.tr
+    """Unlabelled accesses that hide an episode in ordinary work (covering accesses, USENIX
+    Security 2023): about ``covering`` accesses per misuse access, interleaved in the episode's
+    time span, as whole chart visits the user's job makes (the user's usual reads and writes),
+    to patients the job explains. Where the job also explains patients of the targets' wards
+    (service and administrative departments), half of the visits go there, so that the targets
+    look like part of the community of patients the user usually serves."""
+    rng, tr, w = inj.rng, inj.tr, inj.w
     lo, hi = min(a[0] for a in acc), max(a[0] for a in acc)
-    n = 0
-    for _ in range(round(covering * len(acc))):
+    wards: list[str] = []
+    if u.group in SERVICE_GROUPS or u.group in CLERKS:
+        for a in acc:
+            enc = w.encounter_at(a[1], a[0])
+            if enc is not None and enc.dept in CLINICAL and enc.dept not in wards:
+                wards.append(enc.dept)
+    budget = round(covering * len(acc))
+    n = tries = 0
+    while n < budget and tries < 3 * budget + 10:
+        tries += 1
         t = lo + int(rng.random() * max(1, hi - lo))
-        pid = tr.pick(u, t, d)
+        if not u.valid_at(t):
+            continue  # an account outside its validity has no job to hide behind
+        pid = None
+        if wards and rng.random() < 0.5:
+            lst = tr.care_list(wards[rng.randrange(len(wards))], t)
+            if lst:
+                cand = lst[rng.randrange(len(lst))].patient_id
+                if w.allowed(u, cand, t) and not w.special(cand):
+                    pid = cand
+        pid = pid or tr.pick(u, t, w.day_of(t))
         if pid is None:
             continue
-        ws = tr.ws_at(u.user_id, t, acc[0][4])
-        tr.add(t, u, pid, "view", "Patient", ws)
-        n += 1
+        before = len(tr.events)
+        tr.visit(u, pid, t, tr.ws_at(u.user_id, t, acc[0][4]), w.day_of(t))
+        n += len(tr.events) - before
     return n

@@ -243,7 +243,7 @@ def test_volume_is_a_hospital_day(run: Run) -> None:
 
 # ------------------------------------------------------------------ labels
 def test_every_scenario_present_with_promised_users(run: Run) -> None:
-    assert len(SCENARIOS) == 16 and len(set(SCENARIOS)) == 16
+    assert len(SCENARIOS) == 17 and len(set(SCENARIOS)) == 17
     assert {sc.name for sc in SCENARIO_TABLE} == set(SCENARIOS)
     users: dict[str, set[str]] = defaultdict(set)
     for scn, uid in run.labels.values():

@@ -1,0 +1,324 @@
+"""Offline training: replay labelled history, fit the models, register and promote them.
+
+``python -m models.train --data DIR [DIR ...] --registry models/registry``
+
+Three replays of the same history through the real engine (so features are computed by
+exactly the code that runs live):
+
+1. no models → visit table → care communities and peer baselines (:mod:`models.community`);
+2. with those priors → visit features → population histograms and their calibration
+   (:mod:`models.population`), fitted on *unlabelled* visits only (history the analysts did
+   not mark as misuse), and the calibration of the users' own HalfSpaceTrees scores;
+3. with the visit models → every case the engine builds, with its verdict (does it hold a
+   labelled access?) → the verdict classifier and an IsolationForest over case features
+   (:mod:`models.batch`).
+
+Labels of :data:`UNSEEN_SCENARIOS` are withheld from the verdict classifier: analysts have
+never seen that kind of misuse, so the classifier must not have either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from detectors.config import DetectionConfig
+from detectors.engine import Engine
+from emrwatch.context import Context
+from models.batch import CASE_FEATURE_NAMES, fit_isolation, fit_verdicts
+from models.community import learn_communities, learn_priors
+from models.features import FEATURE_NAMES, FEATURES
+from models.population import HistogramSurprise, TailCalibration
+from models.registry import ModelRegistry, data_hash, skops_bytes
+from models.runtime import (
+    BehaviourParams,
+    ModelBundle,
+    ModelScorer,
+    VisitScore,
+    visits_artifact,
+)
+
+#: misuse no rule names and no analyst has labelled: kept out of the verdict classifier
+UNSEEN_SCENARIOS = frozenset({"explained_browsing"})
+#: what the population histograms look at. A single refused access or print is everyday
+#: noise in a visit (rules judge bursts of them), so they stay with the per-user model.
+SURPRISE_FEATURES = tuple(f for f in FEATURE_NAMES if f not in ("denied", "exfiltration"))
+
+
+def _labels(data: Path) -> dict[str, tuple[str, str]]:
+    with (data / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        return {r["event_id"]: (r["scenario"], r["user_id"]) for r in csv.DictReader(fh)}
+
+
+def _events(data: Path) -> Iterable[Any]:
+    from connectors.readers import read_events
+    from pipeline.evaluate import find_events_file
+
+    for _, item, _ in read_events(find_events_file(data), "auto"):
+        if not isinstance(item, Exception):
+            yield item
+
+
+def replay_visits(
+    data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replay ``data`` with ``bundle``; returns (visit rows, access-kind counts)."""
+    labels = _labels(data)
+    ctx = Context.load(data, (config or DetectionConfig()).timezone)
+    rows: list[dict[str, Any]] = []
+    users: dict[str, Any] = {}
+
+    def record(vs: VisitScore) -> None:
+        v = vs.visit
+        label = next((labels[ev[0]][0] for ev in v.evidence if ev[0] in labels), "")
+        um = users[vs.user_id]
+        rows.append(
+            {
+                "user_id": vs.user_id,
+                "group": um.group,
+                "role": um.key.partition("@")[0],
+                "key": um.key,
+                "t0": v.t0,
+                "patient_id": v.patient_id,
+                "department": v.department,
+                "n": v.n,
+                "wrote": int(v.writes > 0),
+                "explained": vs.explained,
+                "label": label,
+                "peer_level": vs.peer_level,
+                "own_level": vs.own_level,
+                "hst": vs.hst,
+                "warm": not um.hst.first_window,
+                "level": vs.level,
+                **vs.features,
+            }
+        )
+
+    scorer = ModelScorer(ctx, bundle, recorder=record)
+    cfg = replace(config or DetectionConfig(), model_registry="none")
+    eng = Engine(ctx, cfg, models=scorer)
+    kinds: dict[tuple[str, str, str], int] = {}
+    for e in _events(data):
+        eng.ingest(e)
+        um = eng.users[e.user_id].models
+        if um is not None:
+            users[e.user_id] = um
+            k = (um.group, um.key.partition("@")[0], f"{e.resource_type}.{e.action}")
+            kinds[k] = kinds.get(k, 0) + 1
+    eng.drain()
+    eng.flush()
+    accesses = [{"group": g, "role": r, "kind": k, "n": n} for (g, r, k), n in kinds.items()]
+    return rows, accesses
+
+
+def replay_cases(
+    data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
+) -> list[dict[str, Any]]:
+    """Every case the engine builds on ``data`` (last version), with features and verdict."""
+    labels = _labels(data)
+    ctx = Context.load(data, (config or DetectionConfig()).timezone)
+    cfg = replace(config or DetectionConfig(), model_registry="none")
+    eng = Engine(ctx, cfg, models=ModelScorer(ctx, bundle))
+    final: dict[str, tuple[dict[str, float], set[str]]] = {}
+
+    def capture() -> None:
+        for _, case in eng._dirty.values():
+            ids = {k for b in case.evidence.values() for k in b}
+            final[case.alert_id] = (case.features(eng.rule_by_id, cfg), ids)
+
+    for i, e in enumerate(_events(data), 1):
+        eng.ingest(e)
+        if i % 500 == 0:
+            capture()
+            eng.drain()
+    capture()
+    eng.drain()
+    models = eng.models
+    assert models is not None
+    for u in sorted(eng.users):
+        st = eng.users[u]
+        if st.models is not None:
+            case = st.case
+            for vs in models.close_all(u, st.models):
+                case = eng._learned(st, u, vs, case, vs.visit.last_t)
+    capture()
+    out = []
+    for aid, (feats, ids) in final.items():
+        scn = {labels[i][0] for i in ids if i in labels}
+        out.append({"alert_id": aid, **feats, "scenarios": sorted(scn), "verdict": int(bool(scn))})
+    return out
+
+
+def _fit_population(
+    visits: list[dict[str, Any]], term_cap: float = 8.0
+) -> tuple[HistogramSurprise, dict[str, TailCalibration], TailCalibration]:
+    ordinary = [r for r in visits if not r["label"]]
+    keys = [f"{r['key']}|{'e' if r['explained'] else 'u'}" for r in ordinary]
+    rows = [{f: r[f] for f in SURPRISE_FEATURES} for r in ordinary]
+    hbos = HistogramSurprise.fit(rows, keys, SURPRISE_FEATURES, min_rows=300, term_cap=term_cap)
+    by_key: dict[str, list[float]] = {}
+    for k, x in zip(keys, rows, strict=True):
+        raw, _ = hbos.score(k, x)
+        by_key.setdefault(k, []).append(raw)
+        by_key.setdefault("*", []).append(raw)
+    cal = {k: TailCalibration.fit(v) for k, v in by_key.items() if len(v) >= 300 or k == "*"}
+    # the trees score only the visits the cascade passes them (hst > 0): calibrate on those
+    hst = TailCalibration.fit([r["hst"] for r in ordinary if r["warm"] and r["hst"] > 0] or [0.0])
+    return hbos, cal, hst
+
+
+def train(
+    data_dirs: list[Path],
+    registry: ModelRegistry,
+    promote: bool = True,
+    config: DetectionConfig | None = None,
+    log: Callable[[str], None] = print,
+    behaviour: BehaviourParams | None = None,
+) -> dict[str, str]:
+    """Fit everything on ``data_dirs``; register (and promote) ``visits`` and ``cases``."""
+    import pandas as pd
+
+    params = behaviour or BehaviourParams()
+    hashes = []
+    windows = []
+    for d in data_dirs:
+        ev_file = next(p for p in sorted(d.iterdir()) if p.name.startswith("events."))
+        hashes.append(ev_file.read_bytes())
+        man = d / "manifest.json"
+        if man.exists():
+            m = orjson.loads(man.read_bytes())
+            windows.append({"data": d.name, **m.get("summary", {}).get("period", {})})
+    dhash = data_hash(*hashes)
+    # 1. priors
+    visits: list[dict[str, Any]] = []
+    accesses: list[dict[str, Any]] = []
+    for d in data_dirs:
+        v, a = replay_visits(d, ModelBundle(behaviour=params), config)
+        for r in v:
+            r["user_id"] = f"{d.name}:{r['user_id']}"
+        visits += v
+        accesses += a
+        log(f"pass 1 {d}: {len(v)} visits")
+    vdf = pd.DataFrame(visits)
+    communities = learn_communities(vdf)
+    priors = learn_priors(vdf, pd.DataFrame(accesses), communities)
+    # the training users are not the users the models will see: keep their communities out
+    priors.user_community = {}
+    bundle = ModelBundle(priors=priors, behaviour=params)
+    # 2. population models
+    visits = []
+    for d in data_dirs:
+        v, _ = replay_visits(d, bundle, config)
+        visits += v
+        log(f"pass 2 {d}: {len(v)} visits")
+    hbos, cal, hst_cal = _fit_population(visits)
+    bundle = replace(bundle, surprise=hbos, calibration=cal, hst_calibration=hst_cal)
+    ordinary = [r for r in visits if not r["label"]]
+    visit_metrics = {
+        "visits": len(visits),
+        "ordinary_visits": len(ordinary),
+        "misuse_visits": len(visits) - len(ordinary),
+        "communities": len(set(communities["department_community"].values())),
+    }
+    artifact = orjson.dumps(visits_artifact(bundle), option=orjson.OPT_SORT_KEYS)
+    meta_common = {"training_data": windows, "data_hash": dhash}
+    v_version = registry.register(
+        "visits",
+        {"visits.json": artifact},
+        {
+            **meta_common,
+            "kind": "visit models: peer baselines, care communities, population histograms, "
+            "HalfSpaceTrees settings and calibrations",
+            "features": {k: FEATURES[k] for k in FEATURE_NAMES},
+            "behaviour": params.to_obj(),
+            "metrics": visit_metrics,
+        },
+    )
+    log(f"registered visits {v_version}")
+    # 3. case models
+    cases: list[dict[str, Any]] = []
+    for d in data_dirs:
+        c = replay_cases(d, bundle, replace(config or DetectionConfig(), model_fusion=False))
+        cases += c
+        log(f"pass 3 {d}: {len(c)} cases")
+    seen = [
+        c for c in cases if not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
+    ]
+    rows = [{f: c[f] for f in CASE_FEATURE_NAMES} for c in seen]
+    y = [c["verdict"] for c in seen]
+    clf = fit_verdicts(rows, y, random_state=0)
+    iso = fit_isolation([{f: c[f] for f in CASE_FEATURE_NAMES} for c in cases], random_state=0)
+    case_metrics = _case_metrics(rows, y)
+    c_version = registry.register(
+        "cases",
+        {"model.skops": skops_bytes(clf)},
+        {
+            **meta_common,
+            "kind": "verdicts",
+            "estimator": "StandardScaler + LogisticRegression(class_weight=balanced)",
+            "features": list(CASE_FEATURE_NAMES),
+            "withheld_scenarios": sorted(UNSEEN_SCENARIOS),
+            "metrics": {**case_metrics, "cases": len(seen), "misuse_cases": int(sum(y))},
+        },
+    )
+    i_version = registry.register(
+        "cases",
+        {"model.skops": skops_bytes(iso)},
+        {
+            **meta_common,
+            "kind": "isolation",
+            "estimator": "IsolationForest(n_estimators=50, max_samples=128)",
+            "features": list(CASE_FEATURE_NAMES),
+            "metrics": {"cases": len(cases)},
+        },
+    )
+    log(f"registered cases {c_version} (verdicts), {i_version} (isolation)")
+    if promote:
+        registry.promote("visits", v_version)
+        registry.promote("cases", c_version)
+    return {"visits": v_version, "cases": c_version, "cases_isolation": i_version}
+
+
+def _case_metrics(rows: list[dict[str, float]], y: list[int]) -> dict[str, float]:
+    """5-fold cross-validated ROC AUC and average precision of the verdict classifier."""
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    if len(set(y)) < 2 or min(sum(y), len(y) - sum(y)) < 5:
+        return {}
+    x = np.array([[r[f] for f in CASE_FEATURE_NAMES] for r in rows])
+    yy = np.array(y)
+    pred = np.zeros(len(yy))
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=0).split(x, yy):
+        m = fit_verdicts([rows[i] for i in tr], [y[i] for i in tr])
+        pred[te] = m.predict_proba(x[te])[:, 1]
+    return {
+        "cv_roc_auc": round(float(roc_auc_score(yy, pred)), 4),
+        "cv_average_precision": round(float(average_precision_score(yy, pred)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", required=True, help="simulated or labelled history")
+    p.add_argument("--registry", default=None, help="default: the registry shipped in models/")
+    p.add_argument("--no-promote", action="store_true")
+    a = p.parse_args(argv)
+    from models.registry import DEFAULT_REGISTRY
+
+    reg = ModelRegistry(a.registry or DEFAULT_REGISTRY)
+    out = train([Path(d) for d in a.data], reg, promote=not a.no_promote)
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

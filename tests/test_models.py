@@ -1,0 +1,243 @@
+"""Learned models: river conformance, per-user state, registry, engine integration.
+
+Small simulated hospitals keep this fast; the held-out quality of the models is checked in
+``tests/test_models_quality.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connectors.readers import read_events
+from detectors.cases import LEARNED_RULE_ID
+from detectors.config import DetectionConfig
+from detectors.engine import Engine
+from emrwatch.context import Context
+from models.batch import CASE_FEATURE_NAMES, CaseScorer, fit_isolation
+from models.features import FEATURE_NAMES, FEATURES, Priors, UserBehaviour, Visit, visit_features
+from models.online import HSTState, QuantileGate, SharedHalfSpaceTrees
+from models.registry import DEFAULT_REGISTRY, ModelRegistry, RegistryError
+from models.runtime import ModelScorer, load_bundle
+from pipeline.replay import collapse, partition_of, run_engine
+from pipeline.simulate import simulate
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models-hospital")
+    simulate(out, days=3, seed=11, scale=0.3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def events(hospital: Path) -> list:
+    return [x for _, x, _ in read_events(hospital / "events.ndjson", "auto")]
+
+
+@pytest.fixture(scope="module")
+def ctx(hospital: Path) -> Context:
+    return Context.load(hospital)
+
+
+# ------------------------------------------------------------------ river conformance
+def test_shared_trees_score_exactly_like_river() -> None:
+    from river.anomaly import HalfSpaceTrees
+
+    feats = ("a", "b", "c")
+    rng = random.Random(5)
+    xs = [{f: rng.random() ** (1 + i) for i, f in enumerate(feats)} for _ in range(600)]
+    river = HalfSpaceTrees(n_trees=4, height=5, window_size=20, seed=7)
+    ours = SharedHalfSpaceTrees(feats, n_trees=4, height=5, window_size=20, seed=7)
+    st = ours.new_state()
+    for x in xs:
+        assert ours.score_one(st, x) == pytest.approx(river.score_one(x), abs=1e-12)
+        river.learn_one(x)
+        ours.learn_one(st, x)
+
+
+def test_tree_height_is_bounded() -> None:
+    with pytest.raises(ValueError):
+        SharedHalfSpaceTrees(("a",), height=9)
+
+
+def test_tree_state_round_trips_through_json() -> None:
+    trees = SharedHalfSpaceTrees(("a", "b"), n_trees=3, height=4, window_size=5, seed=1)
+    st = trees.new_state()
+    for i in range(13):
+        trees.learn_one(st, {"a": i / 13, "b": 1 - i / 13})
+    back = HSTState.from_obj(orjson.loads(orjson.dumps(st.to_obj())), trees.size)
+    x = {"a": 0.3, "b": 0.9}
+    assert trees.score_one(back, x) == trees.score_one(st, x)
+    assert list(back.l_mass) == list(st.l_mass) and back.counter == st.counter
+
+
+def test_quantile_gate_tracks_a_quantile() -> None:
+    g = QuantileGate(0.9)
+    est = 0.0
+    rng = random.Random(3)
+    for n in range(1, 3001):
+        est = g.update(est, rng.random(), n)
+    assert 0.83 < est < 0.96
+
+
+# ------------------------------------------------------------------ features
+def test_features_are_in_unit_range_and_do_not_touch_state() -> None:
+    st = UserBehaviour()
+    v = Visit("p1", 100.0, "ws", "CARD", "c0")
+    ev = ("e1", 100.0, "p1", "view", "DocumentReference", "ws", 1)
+    v.add("DocumentReference.view", False, False, True, True, True, ev)
+    before = orjson.dumps(st.to_obj())
+    x = visit_features(v, st, Priors.empty(), "LAB/technician", "technician", "u1")
+    assert orjson.dumps(st.to_obj()) == before
+    assert set(x) == set(FEATURE_NAMES) == set(FEATURES)
+    assert all(0.0 <= val <= 1.0 for val in x.values())
+    assert x["unexplained"] == 1.0 and x["denied"] == 1.0 and x["new_patient"] == 1.0
+
+
+def test_one_score_direction_for_the_isolation_forest() -> None:
+    rng = random.Random(0)
+    rows = [{f: rng.gauss(1.0, 0.1) for f in CASE_FEATURE_NAMES} for _ in range(300)]
+    scorer = CaseScorer("isolation", fit_isolation(rows))
+    normal, odd = scorer.score([rows[0], {f: 9.0 for f in CASE_FEATURE_NAMES}])
+    assert odd > normal  # higher means more suspicious, here as everywhere
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_versions_promotes_and_checks_hashes(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path)
+    v1 = reg.register("visits", {"visits.json": b"{}"}, {"features": ["x"], "metrics": {}})
+    v2 = reg.register("visits", {"visits.json": b'{"a": 1}'}, {"features": ["x"]})
+    assert (v1, v2) == ("v0001", "v0002")
+    reg.promote("visits", v2)
+    assert reg.promoted() == {"visits": "v0002"}
+    meta = reg.metadata("visits", v2)
+    assert meta["files"]["visits.json"] and meta["features"] == ["x"]
+    (tmp_path / "visits" / v2 / "visits.json").write_bytes(b'{"a": 2}')
+    with pytest.raises(RegistryError, match="hash"):
+        reg.load_json("visits", v2, "visits.json")
+    with pytest.raises(RegistryError):
+        reg.metadata("visits", "../../etc")
+
+
+def test_shipped_registry_has_metadata_and_loads_safely() -> None:
+    reg = ModelRegistry(DEFAULT_REGISTRY)
+    promoted = reg.promoted()
+    assert set(promoted) == {"visits", "cases"}
+    for name, version in promoted.items():
+        meta = reg.metadata(name, version)
+        for key in ("features", "training_data", "metrics", "data_hash", "files"):
+            assert meta[key], (name, key)
+        assert all(not f.endswith((".pkl", ".pickle", ".joblib")) for f in meta["files"])
+    bundle = load_bundle(reg)
+    assert bundle is not None and bundle.case_model is not None
+    assert bundle.case_model.kind == "verdicts"
+    assert bundle.versions == promoted
+    assert bundle.behaviour.height <= 8
+
+
+# ------------------------------------------------------------------ engine integration
+def _run(ctx: Context, events: list, cfg: DetectionConfig | None = None) -> list[dict]:
+    eng = Engine(ctx, cfg)
+    return [a.to_dict() for a in collapse(run_engine(eng, events).values())]
+
+
+def test_every_alert_records_the_model_versions(ctx: Context, events: list) -> None:
+    alerts = _run(ctx, events)
+    assert alerts
+    promoted = ModelRegistry(DEFAULT_REGISTRY).promoted()
+    assert all(a["model_versions"] == promoted for a in alerts)
+    assert all(
+        a["model_versions"] == {} for a in _run(ctx, events, DetectionConfig(model_registry="none"))
+    )
+
+
+def test_learned_findings_say_why_in_plain_words(ctx: Context, events: list) -> None:
+    cfg = DetectionConfig(model_min_level=1.5, model_weight=1.0)
+    learned = [a for a in _run(ctx, events, cfg) if LEARNED_RULE_ID in a["detector"]]
+    assert learned
+    for a in learned:
+        f = next(f for f in a["findings"] if f["rule"] == LEARNED_RULE_ID)
+        assert "rare for this user and for" in f["reason"]
+        assert "ordinary visits" in f["reason"]
+        assert any(words in f["reason"] for words in FEATURES.values())
+
+
+def test_partitioned_engines_equal_one_engine(ctx: Context, events: list) -> None:
+    one = _run(ctx, events)
+    parts: list[dict] = []
+    for p in range(2):
+        mine = [e for e in events if partition_of(e.user_id, 2) == p]
+        parts += _run(ctx, mine)
+    key = lambda a: (a["first_seen"], a["alert_id"])  # noqa: E731
+    assert sorted(parts, key=key) == sorted(one, key=key)
+
+
+def test_snapshot_restore_keeps_model_state(ctx: Context, events: list) -> None:
+    """Crash half-way, restore from the JSON snapshot, go on: same alerts as no crash."""
+    cfg = DetectionConfig(model_min_level=1.5, model_weight=1.0)
+    half = len(events) // 2
+    whole = Engine(ctx, cfg)
+    want = run_engine(whole, events)
+    first = Engine(ctx, cfg)
+    got = {}
+    for i, e in enumerate(events[:half], 1):  # no flush: the worker dies mid-stream
+        first.ingest(e)
+        if i % 1000 == 0:
+            got.update({a.alert_id: a for a in first.drain()})
+    got.update({a.alert_id: a for a in first.drain()})
+    snap = first.snapshot()
+    doc = orjson.loads(snap)  # JSON, not pickle
+    assert any(u.get("models") for u in doc["users"].values())
+    second = Engine.restore(ctx, cfg, snap)
+    got.update(run_engine(second, events[half:]))
+    assert [a.to_dict() for a in collapse(got.values())] == [
+        a.to_dict() for a in collapse(want.values())
+    ]
+
+
+def test_hot_reload_of_a_newly_promoted_model(ctx: Context, events: list, tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    shutil.copytree(DEFAULT_REGISTRY, root)
+    reg = ModelRegistry(root)
+    cfg = DetectionConfig(model_registry=str(root), model_reload_s=0.0)
+    eng = Engine(ctx, cfg)
+    third = len(events) // 3
+    run_engine(eng, events[:third])
+    assert eng.models is not None and eng.models.versions == reg.promoted()
+    # a data scientist registers and promotes a new visit model (here: the same artifact)
+    old = reg.promoted()["visits"]
+    new = reg.register(
+        "visits",
+        {"visits.json": reg.read("visits", old, "visits.json")},
+        {**reg.metadata("visits", old), "created": "2026-11-27T00:00:00+00:00"},
+    )
+    reg.promote("visits", new)
+    alerts = run_engine(eng, events[third:])
+    assert eng.models.reloads == 1
+    assert eng.models.versions["visits"] == new
+    changed = [a for a in alerts.values() if a.model_versions]
+    assert changed and all(a.model_versions["visits"] == new for a in changed)
+
+
+def test_a_broken_promotion_keeps_the_running_models(ctx: Context, tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    shutil.copytree(DEFAULT_REGISTRY, root)
+    scorer = ModelScorer.from_registry(ctx, str(root))
+    assert scorer is not None
+    before = dict(scorer.versions)
+    (root / "PROMOTED.json").write_bytes(b'{"visits": "v9999"}')
+    assert not scorer.maybe_reload(0.0)
+    assert scorer.versions == before
+
+
+def test_models_can_be_switched_off(ctx: Context, events: list) -> None:
+    eng = Engine(ctx, replace(DetectionConfig(), model_registry="none"))
+    assert eng.models is None
+    run_engine(eng, events[:500])
+    assert all(st.models is None for st in eng.users.values())
