@@ -1,0 +1,86 @@
+"""The live alert feed: a web page where privacy analysts see alerts arrive and triage them.
+
+Starlette + uvicorn, Jinja2 templates, plain JavaScript (no build step). Alerts come from
+the :class:`~pipeline.alerting.store.AlertStore`; new and changed ones reach open pages
+within a poll interval over Server-Sent Events (:mod:`pipeline.web.changes`).
+
+Use::
+
+    app = create_app(store, FeedSettings.load("emrwatch.yaml"))   # any ASGI server
+    url, stop = serve_feed(store, settings)        # uvicorn in a background thread
+    stop.notify()                                  # optional: "I just wrote alerts"
+    stop()
+
+Pages and endpoints (roles are checked on the server for every one; 401 without a
+session, 403 without the right):
+
+=================================  ==========================================  ============
+``GET /``                          the feed: filters, paging, live rows        every role
+``GET /api/alerts``                one page as JSON (``items``, ``next_cursor``)  every role
+``GET /events``                    Server-Sent Events (``since=``/Last-Event-ID)  every role
+``GET /cases/{alert_id}``          the case (audited: ``case.view``)           every role
+``POST /cases/{id}/unmask``        show patient ids for this case (``unmask``)  analyst+
+``POST /cases/{id}/triage``        acknowledge, investigate, close, re-open    analyst+
+``POST /cases/{id}/comment``       a note and/or (re)assignment                analyst+
+``GET|POST /cases/{id}/suppress``  preview, then create "suppress similar"     supervisor
+``GET /audit``                     the audit log                               auditor
+``GET|POST /login``, ``POST /logout``
+=================================  ==========================================  ============
+
+Roles (:data:`pipeline.web.users.PERMISSIONS`): **analyst** triages, sees patient ids
+masked and may unmask one case at a time, stating why; **supervisor** can do everything an
+analyst can, sees patient ids, and creates suppressions; **auditor** reads everything
+masked, changes nothing, and reads the audit log. Every POST needs the session's CSRF
+token (form field ``csrf_token`` or header ``X-CSRF-Token``).
+
+Configuration: the ``feed:`` section of the YAML config file. Unknown keys are an error::
+
+    feed:
+      users:                          # who may log in (hashes: python -m pipeline.web.users hash)
+        - username: li.na
+          role: analyst               # analyst | supervisor | auditor
+          password_hash: "$argon2id$v=19$m=65536,t=3,p=4$..."
+          display_name: Li Na         # optional
+      secret: ...                     # signs session cookies; prefer secret_env. Neither
+      secret_env: EMRWATCH_FEED_SECRET  # set: a random one per start (sessions end on restart)
+      session_max_age_s: 28800        # a login lasts 8 h
+      secure_cookies: false           # true when served over HTTPS (behind a TLS proxy)
+      page_size: 50                   # rows per page (1..500)
+      poll_interval_s: 0.5            # how often the store is asked for changes
+      unmask_ttl_s: 900               # an analyst's unmask of one case lasts 15 min
+      login_max_failures: 5           # wrong passwords for one username before ...
+      login_lockout_s: 60             # ... it is refused this long
+      title: emrwatch                 # shown in the page header
+      host: 127.0.0.1                 # where ``emrwatch run`` serves the feed
+      port: 8080
+
+The feed's URL is what ``alerting.feed_url`` should point at (links in Slack and e-mail go
+to ``{feed_url}/cases/{alert_id}``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# imported on first use, so that ``python -m pipeline.web.users`` stays light and clean
+_EXPORTS = {
+    "create_app": "pipeline.web.app",
+    "ChangeFeed": "pipeline.web.changes",
+    "FeedServer": "pipeline.web.server",
+    "serve_feed": "pipeline.web.server",
+    "FeedConfigError": "pipeline.web.settings",
+    "FeedSettings": "pipeline.web.settings",
+    "User": "pipeline.web.settings",
+    "PERMISSIONS": "pipeline.web.users",
+    "ROLES": "pipeline.web.users",
+    "hash_password": "pipeline.web.users",
+    "verify_password": "pipeline.web.users",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.web' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

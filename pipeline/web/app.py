@@ -1,0 +1,520 @@
+"""The feed's ASGI application: login, the live feed, its event stream, the audit log.
+
+The case view and its actions are in :mod:`pipeline.web.cases`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.alerting import schema as t
+from pipeline.alerting.records import SORTS, TRIAGE_STATES, AlertFilter, AlertSummary
+from pipeline.alerting.render import SEVERITY_ORDER
+from pipeline.alerting.store import AlertStore
+from pipeline.web import views
+from pipeline.web.auth import (
+    CSRF_FIELD,
+    LoginThrottle,
+    csrf_ok,
+    csrf_token,
+    current_user,
+    log_in,
+    may_see_patients,
+    requires,
+    safe_next,
+    wants_html,
+)
+from pipeline.web.changes import ChangeFeed, matches, patient_ids_of
+from pipeline.web.settings import FeedSettings, User
+from pipeline.web.users import allowed, burn_verify, verify_password
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+OPTIONS_TTL_S = 60.0  # the filter menus' department and detector lists are this fresh
+R = TypeVar("R")
+
+
+async def db(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """A store call, off the event loop (SQLAlchemy is synchronous)."""
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- headers
+class SecurityHeaders:
+    """No inline script, no framing, no caching of pages with patient data."""
+
+    CSP = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    )
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                extra = [
+                    (b"content-security-policy", self.CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"same-origin"),
+                ]
+                if not scope["path"].startswith("/static/"):
+                    extra.append((b"cache-control", b"no-store"))
+                headers += [(k, v) for k, v in extra if k not in names]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# ---------------------------------------------------------------------------- filters
+def parse_filters(qp: QueryParams) -> tuple[AlertFilter, dict[str, list[str]]]:
+    """Feed filters from the query string (each key may repeat); raises ValueError."""
+    chosen = {
+        k: [v for v in qp.getlist(k) if v]
+        for k in ("severity", "department", "detector", "state", "status", "user")
+    }
+    f = AlertFilter(
+        severity=chosen["severity"],
+        department_id=chosen["department"],
+        detector=chosen["detector"],
+        state=chosen["state"],
+        status=chosen["status"],
+        user_id=chosen["user"],
+    )
+    return f, chosen
+
+
+class FilterOptions:
+    """Departments and detectors present in the store, for the filter menus (cached)."""
+
+    def __init__(self, store: AlertStore) -> None:
+        self.store = store
+        self._at = 0.0
+        self._value: dict[str, list[str]] = {"department": [], "detector": []}
+
+    def get(self) -> dict[str, list[str]]:
+        if time.monotonic() - self._at > OPTIONS_TTL_S:
+            a, d = t.alerts, t.alert_detectors
+            with self.store.read() as conn:
+                depts = conn.execute(select(a.c.department_id).distinct()).scalars().all()
+                dets = conn.execute(select(d.c.detector).distinct()).scalars().all()
+            self._value = {
+                "department": sorted(x for x in depts if x),
+                "detector": sorted(x for x in dets if x),
+            }
+            self._at = time.monotonic()
+        return self._value
+
+
+# ---------------------------------------------------------------------------- the app
+class Feed:
+    """What the endpoints share (``app.state.feed_app``)."""
+
+    def __init__(self, store: AlertStore, settings: FeedSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.changes = ChangeFeed(store, settings.poll_interval_s)
+        self.options = FilterOptions(store)
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
+        env = Environment(
+            loader=FileSystemLoader(str(HERE / "templates")),
+            autoescape=select_autoescape(default=True),
+        )
+        env.globals.update(
+            SEVERITIES=SEVERITY_ORDER,
+            TRIAGE_STATES=TRIAGE_STATES,
+            STATE_LABELS=views.STATE_LABELS,
+            CSRF_FIELD=CSRF_FIELD,
+            allowed=allowed,
+            title=settings.title,
+            asset_v=_asset_version(),
+        )
+        self.templates = Jinja2Templates(env=env)
+        self.row_template = env.get_template("_row.html")
+
+    def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
+        user = current_user(request)
+        flashes = request.session.pop("flash", []) if "flash" in request.session else []
+        full = {
+            "user": user,
+            "csrf": csrf_token(request),
+            "flashes": flashes,
+            "nav": name.split(".")[0],
+            **ctx,
+        }
+        return self.templates.TemplateResponse(request, name, full, status_code=status)
+
+    def rows_html(self, rows: list[views.Row]) -> str:
+        return "".join(self.row_template.render(r=r) for r in rows)
+
+    def rows(self, summaries: list[AlertSummary], unmasked: bool) -> list[views.Row]:
+        pids = patient_ids_of(self.store, [s.alert_id for s in summaries]) if not unmasked else {}
+        return [views.row(s, pids.get(s.alert_id, ()), unmasked) for s in summaries]
+
+
+def _asset_version() -> str:
+    """A fingerprint of the static files: their URLs change when they do (no stale JS)."""
+    h = hashlib.sha256()
+    for f in sorted((HERE / "static").iterdir()):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def flash(request: Request, kind: str, text: str) -> None:
+    request.session["flash"] = [*request.session.get("flash", []), [kind, text]][-5:]
+
+
+def _feed(request: Request) -> Feed:
+    return request.app.state.feed_app  # type: ignore[no-any-return]
+
+
+async def forbidden(request: Request, user: User, permission: str) -> Response:
+    """The 403 answer: a page for browsers, a line of text for scripts."""
+    log.info(
+        "feed: %s (%s) refused %s %s", user.username, user.role, request.method, request.url.path
+    )
+    if permission == "csrf":
+        heading = "Page out of date"
+        text = "The form's security token did not match: reload the page and try again."
+        plain = "CSRF token missing or wrong"
+    else:
+        heading = "Not allowed"
+        text = f"Your role ({user.role}) may not do this ({permission})."
+        plain = f"forbidden: role {user.role} lacks {permission}"
+    if wants_html(request):
+        ctx = {"heading": heading, "message": text}
+        return _feed(request).page(request, "error.html", ctx, status=403)
+    return PlainTextResponse(plain, status_code=403)
+
+
+# ---------------------------------------------------------------------------- login
+async def login_form(request: Request) -> Response:
+    if current_user(request) is not None:
+        return RedirectResponse(safe_next(request.query_params.get("next")), status_code=303)
+    return _feed(request).page(
+        request, "login.html", {"next": safe_next(request.query_params.get("next")), "error": ""}
+    )
+
+
+async def login(request: Request) -> Response:
+    feed = _feed(request)
+    form = await request.form()
+    if not await csrf_ok(request):
+        return PlainTextResponse("CSRF token missing or wrong; reload the login page", 403)
+    username = str(form.get("username") or "").strip()
+    password = str(form.get("password") or "")
+    nxt = safe_next(str(form.get("next") or "/"))
+    user = feed.settings.user(username)
+    error = ""
+    if feed.throttle.locked(username):
+        error = "Too many failed attempts. Wait a minute and try again."
+    elif user is None:
+        await run_in_threadpool(burn_verify, password)
+        error = "Unknown user or wrong password."
+    elif not await run_in_threadpool(verify_password, user.password_hash, password):
+        error = "Unknown user or wrong password."
+    if error or user is None:
+        feed.throttle.failed(username)
+        log.warning("feed: failed login for %r", username[:64])
+        ctx = {"next": nxt, "error": error, "username": username}
+        return feed.page(request, "login.html", ctx, status=401)
+    feed.throttle.succeeded(username)
+    log_in(request, user)
+    await db(feed.store.record_access, user.username, "login", None, {"role": user.role})
+    log.info("feed: %s logged in (%s)", user.username, user.role)
+    return RedirectResponse(nxt, status_code=303)
+
+
+async def logout(request: Request) -> Response:
+    user = current_user(request)
+    if not await csrf_ok(request):
+        return PlainTextResponse("CSRF token missing or wrong", status_code=403)
+    if user is not None:
+        await db(_feed(request).store.record_access, user.username, "logout")
+    request.session.clear()
+    return RedirectResponse("/login", status_code=303)
+
+
+# ---------------------------------------------------------------------------- feed
+def _page_params(request: Request) -> tuple[AlertFilter, dict[str, list[str]], str, int]:
+    f, chosen = parse_filters(request.query_params)
+    sort = request.query_params.get("sort") or "last_seen"
+    if sort not in SORTS:
+        raise ValueError(f"sort must be one of {SORTS}")
+    size = _feed(request).settings.page_size
+    limit = int(request.query_params.get("limit") or size)
+    return f, chosen, sort, max(1, min(limit, 200))
+
+
+@requires("feed.read")
+async def feed_page(request: Request) -> Response:
+    feed = _feed(request)
+    try:
+        f, chosen, sort, limit = _page_params(request)
+    except ValueError as exc:
+        return feed.page(request, "error.html", {"heading": "Bad filter", "message": str(exc)}, 400)
+    since = feed.changes.cursor  # before reading: a change after this reaches the stream
+    user: User = request.state.user
+    unmasked = may_see_patients(request, user)
+    try:
+        page = await db(feed.store.page, f, request.query_params.get("cursor"), limit, sort)
+    except ValueError as exc:  # a cursor from another sort order, or garbage
+        return feed.page(request, "error.html", {"heading": "Bad page", "message": str(exc)}, 400)
+    total = await db(feed.store.count, f)
+    options = await db(feed.options.get)
+    for k in ("department", "detector"):
+        options = {**options, k: sorted(set(options[k]) | set(chosen[k]))}
+    rows = await db(feed.rows, page.items, unmasked)
+    pairs = [(k, v) for k, vals in chosen.items() for v in vals]
+    if sort != "last_seen":
+        pairs.append(("sort", sort))
+    return feed.page(
+        request,
+        "feed.html",
+        {
+            "rows": rows,
+            "rows_html": feed.rows_html(rows),
+            "next_cursor": page.next_cursor or "",
+            "chosen": chosen,
+            "sort": sort,
+            "limit": limit,
+            "options": options,
+            "total": total,
+            "since": since,
+            "stream_query": urlencode(pairs),
+            "filtered": any(chosen.values()),
+        },
+    )
+
+
+@requires("feed.read")
+async def api_alerts(request: Request) -> Response:
+    """One page of the feed as JSON (masked like the page); ``html`` is the rows rendered."""
+    feed = _feed(request)
+    try:
+        f, _chosen, sort, limit = _page_params(request)
+        page = await db(feed.store.page, f, request.query_params.get("cursor"), limit, sort)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    user: User = request.state.user
+    rows = await db(feed.rows, page.items, may_see_patients(request, user))
+    return JSONResponse(
+        {
+            "items": [r.to_dict() for r in rows],
+            "next_cursor": page.next_cursor,
+            "html": feed.rows_html(rows),
+        }
+    )
+
+
+def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@requires("feed.read")
+async def events(request: Request) -> Response:
+    """Server-Sent Events: every change after ``since`` (or ``Last-Event-ID``), as the rows
+    this reader's filters and role see; ``match: false`` tells the page to drop a row."""
+    feed = _feed(request)
+    try:
+        f, _chosen = parse_filters(request.query_params)
+    except ValueError as exc:
+        return PlainTextResponse(str(exc), status_code=400)
+    since = request.headers.get("last-event-id") or request.query_params.get("since") or None
+    user: User = request.state.user
+    unmasked = may_see_patients(request, user)
+    sub = feed.changes.subscribe(since)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield f"retry: 2000\n: connected as {user.username} at {feed.changes.cursor}\n\n"
+            while True:
+                try:
+                    ch = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if ch is None or current_user(request) is None:
+                    return
+                if ch.kind == "reset":
+                    yield _sse("reset", {"count": ch.count}, feed.changes.event_id(ch))
+                    return
+                s = ch.summary
+                assert s is not None
+                if not matches(f, s):
+                    yield _sse(
+                        "alert", {"alert_id": s.alert_id, "match": False}, feed.changes.event_id(ch)
+                    )
+                    continue
+                r = views.row(s, ch.patient_ids, unmasked)
+                data = {
+                    "alert_id": s.alert_id,
+                    "match": True,
+                    "state": s.state,
+                    "severity": s.severity,
+                    "html": feed.rows_html([r]),
+                }
+                yield _sse("alert", data, feed.changes.event_id(ch))
+        finally:
+            feed.changes.unsubscribe(sub)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+# ---------------------------------------------------------------------------- audit
+@requires("audit.read")
+async def audit_page(request: Request) -> Response:
+    feed = _feed(request)
+    qp = request.query_params
+    actor = qp.get("actor") or None
+    alert_id = qp.get("alert") or None
+    action = qp.get("action") or ""
+    try:
+        limit = max(1, min(int(qp.get("limit") or 200), 1000))
+    except ValueError:
+        limit = 200
+    entries = await db(feed.store.audit_log, alert_id, actor, None, limit if not action else 1000)
+    if action:
+        entries = [e for e in entries if e.action == action][:limit]
+    return feed.page(
+        request,
+        "audit.html",
+        {
+            "entries": entries,
+            "actor": actor or "",
+            "alert": alert_id or "",
+            "action": action,
+            "actions": ["case.view", "unmask", "login", "logout", "suppression.create"],
+        },
+    )
+
+
+async def healthz(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def root_redirect(request: Request) -> Response:
+    return RedirectResponse("/", status_code=303)
+
+
+# ---------------------------------------------------------------------------- factory
+def create_app(
+    store: AlertStore,
+    settings: FeedSettings | None = None,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """The feed as an ASGI app over ``store``; ``app.state.feed.notify()`` makes it look
+    for changes at once (for writers in the same process). With ``metrics_registry``, the
+    feed's own metrics are registered there and the registry is served at ``/metrics``."""
+    from pipeline.web import cases
+
+    settings = settings or FeedSettings()
+    feed = Feed(store, settings)
+    secret, where = settings.resolved_secret()
+    if where == "generated":
+        log.info("feed: no session secret configured; sessions end when this server stops")
+    if not settings.users:
+        log.warning("feed: no users configured (feed.users): nobody can log in")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await feed.changes.start()
+        try:
+            yield
+        finally:
+            await feed.changes.stop()
+
+    routes = [
+        Route("/", feed_page),
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/api/alerts", api_alerts),
+        Route("/events", events),
+        Route("/audit", audit_page),
+        Route("/healthz", healthz),
+        *cases.routes(),
+        Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    if metrics_registry is not None:
+        from pipeline.web.metrics import FeedCollector, metrics_endpoint
+
+        metrics_registry.register(FeedCollector(feed.changes))
+        routes.append(Route("/metrics", metrics_endpoint(metrics_registry)))
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(
+                SessionMiddleware,
+                secret_key=secret,
+                session_cookie="emrwatch_session",
+                max_age=settings.session_max_age_s,
+                same_site="lax",
+                https_only=settings.secure_cookies,
+            ),
+        ],
+        lifespan=lifespan,
+        exception_handlers={404: _not_found},
+        max_body_size=1 << 20,
+    )
+    app.state.feed_app = feed
+    app.state.feed = feed.changes
+    app.state.settings = settings
+    app.state.store = store
+    app.state.forbidden = forbidden
+    return app
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    if wants_html(request) and "session" in request.scope:
+        return _feed(request).page(
+            request, "error.html", {"heading": "Not found", "message": "No such page."}, 404
+        )
+    return PlainTextResponse("not found", status_code=404)

@@ -1,0 +1,169 @@
+"""Who is asking, and may they: sessions, role checks, CSRF, login throttling.
+
+Sessions are signed cookies (Starlette's ``SessionMiddleware``, itsdangerous): the cookie
+carries the username, a fingerprint of the user's password hash, the CSRF token and the
+unmask grants, and nothing a client can change without the secret. Each request looks the
+user up in the *current* settings, so a user removed from the config, given another role
+or a new password is out (or changed) at the next click, whatever their cookie says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+
+from pipeline.web.settings import FeedSettings, User
+from pipeline.web.users import allowed
+
+Endpoint = Callable[..., Awaitable[Response]]
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+MAX_UNMASKED_CASES = 30  # unmask grants kept in one session
+
+
+def fingerprint(user: User) -> str:
+    return hashlib.sha256(user.password_hash.encode()).hexdigest()[:16]
+
+
+def csrf_token(request: Request) -> str:
+    """This session's CSRF token (created on first use)."""
+    tok = request.session.get("csrf")
+    if not tok:
+        tok = secrets.token_urlsafe(32)
+        request.session["csrf"] = tok
+    return str(tok)
+
+
+async def csrf_ok(request: Request) -> bool:
+    expected = request.session.get("csrf")
+    if not expected:
+        return False
+    sent = request.headers.get(CSRF_HEADER, "")
+    if not sent:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+            form = await request.form()
+            sent = str(form.get(CSRF_FIELD) or "")
+    return bool(sent) and hmac.compare_digest(str(sent), str(expected))
+
+
+def current_user(request: Request) -> User | None:
+    settings: FeedSettings = request.app.state.settings
+    name = request.session.get("user")
+    if not name:
+        return None
+    user = settings.user(str(name))
+    if user is None or request.session.get("fp") != fingerprint(user):
+        return None
+    return user
+
+
+def log_in(request: Request, user: User) -> None:
+    request.session.clear()  # nothing from before the login survives it
+    request.session.update(
+        {
+            "user": user.username,
+            "fp": fingerprint(user),
+            "csrf": secrets.token_urlsafe(32),
+            "since": int(time.time()),
+        }
+    )
+
+
+def safe_next(target: str | None) -> str:
+    """A post-login destination on this site only (no open redirects)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def requires(permission: str, *, csrf: bool = False) -> Callable[[Endpoint], Endpoint]:
+    """Guard an endpoint: a logged-in user whose role has ``permission`` (else 401/403);
+    with ``csrf``, also a valid CSRF token (else 403). The user is ``request.state.user``."""
+
+    def deco(fn: Endpoint) -> Endpoint:
+        @wraps(fn)
+        async def guarded(request: Request) -> Response:
+            user = current_user(request)
+            if user is None:
+                if request.method == "GET" and wants_html(request):
+                    q = request.url.query
+                    nxt = quote(request.url.path + (f"?{q}" if q else ""), safe="/")
+                    return RedirectResponse(f"/login?next={nxt}", status_code=303)
+                return PlainTextResponse("login required", status_code=401)
+            if not allowed(user.role, permission):
+                return await request.app.state.forbidden(request, user, permission)
+            if csrf and not await csrf_ok(request):
+                return await request.app.state.forbidden(request, user, "csrf")
+            request.state.user = user
+            return await fn(request)
+
+        return guarded
+
+    return deco
+
+
+class LoginThrottle:
+    """After ``max_failures`` wrong passwords for one username, refuse it for ``lockout_s``."""
+
+    def __init__(self, max_failures: int, lockout_s: float) -> None:
+        self.max_failures = max_failures
+        self.lockout_s = lockout_s
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def locked(self, username: str) -> bool:
+        with self._lock:
+            n, until = self._failures.get(username, (0, 0.0))
+            return n >= self.max_failures and time.monotonic() < until
+
+    def failed(self, username: str) -> None:
+        with self._lock:
+            n, until = self._failures.get(username, (0, 0.0))
+            if n >= self.max_failures and time.monotonic() >= until:
+                n = 0  # the lockout has passed: count afresh
+            n += 1
+            self._failures[username] = (n, time.monotonic() + self.lockout_s)
+            if len(self._failures) > 10_000:  # bounded, whatever is thrown at it
+                self._failures.clear()
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(username, None)
+
+
+# ---------------------------------------------------------------------------- unmasking
+def unmask_grants(request: Request) -> dict[str, float]:
+    raw: Any = request.session.get("unmask") or {}
+    now = time.time()
+    return {str(k): float(v) for k, v in dict(raw).items() if float(v) > now}
+
+
+def grant_unmask(request: Request, alert_id: str, ttl_s: float) -> None:
+    grants = unmask_grants(request)
+    grants[alert_id] = time.time() + ttl_s
+    newest = sorted(grants.items(), key=lambda kv: kv[1])[-MAX_UNMASKED_CASES:]
+    request.session["unmask"] = dict(newest)
+
+
+def may_see_patients(request: Request, user: User, alert_id: str | None = None) -> bool:
+    """Whether this reader sees patient ids unmasked (for one case, if ``alert_id``)."""
+    if allowed(user.role, "patients.see"):
+        return True
+    if alert_id is None or not allowed(user.role, "unmask"):
+        return False
+    return alert_id in unmask_grants(request)

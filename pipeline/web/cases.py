@@ -1,0 +1,274 @@
+"""The case view and what can be done from it: unmask, triage, assign, suppress similar.
+
+Every view of a case is written to the store's audit log *before* the page is rendered (no
+audit entry, no page), with whether patient identifiers were shown; so is every unmask,
+with the reason the analyst gave.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from pipeline.alerting.records import (
+    AlertFilter,
+    InvalidTransition,
+    StoredAlert,
+    SuppressionSpec,
+    UnknownAlert,
+)
+from pipeline.web import views
+from pipeline.web.app import _feed, db, flash
+from pipeline.web.auth import grant_unmask, may_see_patients, requires
+from pipeline.web.settings import User
+from pipeline.web.users import allowed
+
+SCOPES = {
+    "user_id": "this user",
+    "role": "this role",
+    "department": "this department",
+    "patient_id": "these patients",
+}
+MIN_REASON = 8  # characters an unmask reason needs at least
+RECENT = 10  # the user's other alerts listed on a case
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/cases/{alert_id}", case_page, methods=["GET"]),
+        Route("/cases/{alert_id}/unmask", unmask, methods=["POST"]),
+        Route("/cases/{alert_id}/triage", triage, methods=["POST"]),
+        Route("/cases/{alert_id}/comment", comment, methods=["POST"]),
+        Route("/cases/{alert_id}/suppress", suppress_preview, methods=["GET"]),
+        Route("/cases/{alert_id}/suppress", suppress, methods=["POST"]),
+    ]
+
+
+def _back(alert_id: str) -> RedirectResponse:
+    return RedirectResponse(f"/cases/{alert_id}", status_code=303)
+
+
+async def _stored(request: Request) -> StoredAlert | None:
+    return await db(_feed(request).store.get, request.path_params["alert_id"])
+
+
+def _missing(request: Request) -> Response:
+    return _feed(request).page(
+        request,
+        "error.html",
+        {"heading": "No such case", "message": "There is no alert with this id in the store."},
+        status=404,
+    )
+
+
+@requires("case.read")
+async def case_page(request: Request) -> Response:
+    feed = _feed(request)
+    stored = await _stored(request)
+    if stored is None:
+        return _missing(request)
+    user: User = request.state.user
+    aid = stored.alert_id
+    unmasked = may_see_patients(request, user, aid)
+    detail = {"role": user.role, "unmasked": unmasked, "version": stored.version}
+    await db(feed.store.record_access, user.username, "case.view", aid, detail)
+    case = views.case(stored, unmasked)
+    hist = views.history(await db(feed.store.history, aid))
+    recent_page = await db(feed.store.page, AlertFilter(user_id=case["user_id"]), None, RECENT + 1)
+    others = [s for s in recent_page.items if s.alert_id != aid][:RECENT]
+    # the user's other cases: shown masked unless the reader sees patients everywhere
+    recent = await db(feed.rows, others, may_see_patients(request, user))
+    assignees = [u.username for u in feed.settings.users if allowed(u.role, "triage")]
+    return feed.page(
+        request,
+        "case.html",
+        {
+            "case": case,
+            "history": hist,
+            "recent": recent,
+            "actions": views.actions_for(stored.state) if allowed(user.role, "triage") else [],
+            "assignees": assignees,
+            "scopes": SCOPES,
+            "can_unmask": allowed(user.role, "unmask") and not unmasked,
+            "can_suppress": allowed(user.role, "suppress"),
+            "unmask_minutes": feed.settings.unmask_ttl_s // 60,
+        },
+    )
+
+
+@requires("unmask", csrf=True)
+async def unmask(request: Request) -> Response:
+    feed = _feed(request)
+    stored = await _stored(request)
+    if stored is None:
+        return _missing(request)
+    user: User = request.state.user
+    reason = str((await request.form()).get("reason") or "").strip()
+    if len(reason) < MIN_REASON:
+        flash(request, "error", "Say why you need to see the patient identifiers (a sentence).")
+        return _back(stored.alert_id)
+    await db(
+        feed.store.record_access,
+        user.username,
+        "unmask",
+        stored.alert_id,
+        {"reason": reason[:500], "role": user.role},
+    )
+    grant_unmask(request, stored.alert_id, feed.settings.unmask_ttl_s)
+    flash(request, "info", "Patient identifiers are shown for this case; this was logged.")
+    return _back(stored.alert_id)
+
+
+@requires("triage", csrf=True)
+async def triage(request: Request) -> Response:
+    feed = _feed(request)
+    aid = request.path_params["alert_id"]
+    user: User = request.state.user
+    form = await request.form()
+    action = str(form.get("action") or "")
+    note = str(form.get("note") or "").strip()
+    if action not in views.ACTIONS:
+        flash(request, "error", f"Unknown triage action {action!r}.")
+        return _back(aid)
+    to = views.ACTIONS[action][0]
+    try:
+        stored = await db(feed.store.get, aid)
+        if stored is None:
+            raise UnknownAlert(aid)
+        if to.startswith("closed_") and not note:
+            raise InvalidTransition("Closing a case needs a note: what did you find?")
+        if to.startswith("closed_") and stored.state == "acknowledged":
+            await db(feed.store.transition, aid, "investigating", user.username)
+        await db(feed.store.transition, aid, to, user.username, note)
+    except UnknownAlert:
+        return _missing(request)
+    except InvalidTransition as exc:
+        flash(request, "error", str(exc))
+        return _back(aid)
+    feed.changes.notify()
+    flash(request, "info", f"Case is now: {views.STATE_LABELS[to]}.")
+    return _back(aid)
+
+
+@requires("triage", csrf=True)
+async def comment(request: Request) -> Response:
+    feed = _feed(request)
+    aid = request.path_params["alert_id"]
+    user: User = request.state.user
+    form = await request.form()
+    note = str(form.get("note") or "").strip()
+    raw = str(form.get("assignee") or "")
+    # "" keeps the assignee; "-" clears it; "me" is the reader
+    assignee = None if raw == "" else "" if raw == "-" else user.username if raw == "me" else raw
+    try:
+        await db(feed.store.comment, aid, user.username, note, assignee)
+    except UnknownAlert:
+        return _missing(request)
+    except InvalidTransition as exc:
+        flash(request, "error", str(exc))
+        return _back(aid)
+    feed.changes.notify()
+    flash(request, "info", "Assigned." if assignee is not None else "Note added.")
+    return _back(aid)
+
+
+# ---------------------------------------------------------------------------- suppress
+def _suppress_params(source: Any) -> tuple[list[str], str, str]:
+    scope = [s for s in source.getlist("scope") if s in SCOPES] or ["user_id"]
+    until = str(source.get("until") or "").strip()
+    description = str(source.get("description") or "").strip()[:500]
+    return scope, until, description
+
+
+def _specs(
+    request: Request, alert_id: str, scope: Sequence[str], until: str, description: str
+) -> Any:
+    store = _feed(request).store
+    return db(store.suppression_from_alert, alert_id, scope, until, description)
+
+
+@requires("suppress")
+async def suppress_preview(request: Request) -> Response:
+    """What "suppress similar" would create, and which stored alerts it would have hidden."""
+    feed = _feed(request)
+    stored = await _stored(request)
+    if stored is None:
+        return _missing(request)
+    user: User = request.state.user
+    scope, until, description = _suppress_params(request.query_params)
+    error = ""
+    specs: list[SuppressionSpec] = []
+    preview = None
+    try:
+        specs = await _specs(request, stored.alert_id, scope, until, description)
+        preview = await db(feed.store.preview_suppression, *specs)
+    except ValueError as exc:
+        error = str(exc)
+    unmasked = may_see_patients(request, user, stored.alert_id)
+    masker = views.Masker(unmasked, stored.alert.get("patient_ids") or [])
+    shown_specs = [
+        {**vars(s), "patient_id": masker.id(s.patient_id)} for s in specs
+    ]  # a spec narrowed to patients names them: masked like the case
+    hidden = await db(feed.rows, preview.hidden, may_see_patients(request, user)) if preview else []
+    reduced = (
+        await db(feed.rows, preview.reduced, may_see_patients(request, user)) if preview else []
+    )
+    return feed.page(
+        request,
+        "suppress.html",
+        {
+            "case": views.case(stored, unmasked),
+            "scope": scope,
+            "scopes": SCOPES,
+            "until": until,
+            "description": description,
+            "specs": shown_specs,
+            "preview": preview,
+            "hidden": hidden,
+            "reduced": reduced,
+            "error": error,
+            "needs_close": stored.state in ("acknowledged", "investigating"),
+            "can_create": stored.state in ("acknowledged", "investigating", "closed_benign"),
+        },
+    )
+
+
+@requires("suppress", csrf=True)
+async def suppress(request: Request) -> Response:
+    feed = _feed(request)
+    stored = await _stored(request)
+    if stored is None:
+        return _missing(request)
+    aid = stored.alert_id
+    user: User = request.state.user
+    form = await request.form()
+    scope, until, description = _suppress_params(form)
+    note = str(form.get("note") or "").strip()
+    try:
+        specs = await _specs(request, aid, scope, until, description)
+        if stored.state == "closed_benign":
+            for spec in specs:
+                await db(feed.store.add_suppression, spec, user.username, aid)
+        elif stored.state in ("acknowledged", "investigating"):
+            if not note:
+                raise InvalidTransition("Closing the case as benign needs a note.")
+            if stored.state == "acknowledged":
+                await db(feed.store.transition, aid, "investigating", user.username)
+            await db(
+                feed.store.transition, aid, "closed_benign", user.username, note, suppress=specs
+            )
+        else:
+            raise InvalidTransition(
+                "Acknowledge the case first: suppressions come with a benign verdict."
+            )
+    except ValueError as exc:  # InvalidTransition is one too
+        flash(request, "error", str(exc))
+        return _back(aid)
+    feed.changes.notify()
+    n = len(specs)
+    flash(request, "info", f"{n} suppression{'s' if n != 1 else ''} created from this case.")
+    return _back(aid)

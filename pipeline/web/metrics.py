@@ -1,0 +1,55 @@
+"""The feed's own numbers for Prometheus: open streams, changes published, poll costs.
+
+Registered only when :func:`pipeline.web.create_app` gets a registry; the app then also
+serves that registry at ``/metrics`` (no login: Prometheus scrapes it, and no label carries
+a user or patient id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pipeline.web.changes import ChangeFeed
+
+
+class FeedCollector(Collector):
+    def __init__(self, changes: ChangeFeed) -> None:
+        self.changes = changes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        c = self.changes
+        yield GaugeMetricFamily(
+            "emrwatch_feed_streams", "Open live-feed event streams (browsers)", value=c.subscribers
+        )
+        yield CounterMetricFamily(
+            "emrwatch_feed_changes",
+            "Alert changes the feed published to its streams",
+            value=c.seq,
+        )
+        yield GaugeMetricFamily(
+            "emrwatch_feed_scan_seconds",
+            "Duration of the feed's last full change scan of the alert store",
+            value=c.scan_seconds,
+        )
+        yield CounterMetricFamily(
+            "emrwatch_feed_poll_failures",
+            "Polls of the alert store that failed",
+            value=c.poll_failures,
+        )
+
+
+def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /metrics``: the registry in Prometheus' text format."""
+
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

@@ -1,0 +1,142 @@
+"""The ``feed:`` section of the config file (documented in :mod:`pipeline.web`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.web.users import ROLES
+
+SECRET_ENV_DEFAULT = "EMRWATCH_FEED_SECRET"
+_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+class FeedConfigError(ValueError):
+    """A feed setting that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    password_hash: str
+    role: str
+    display_name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.display_name or self.username
+
+
+@dataclass(frozen=True)
+class FeedSettings:
+    users: tuple[User, ...] = ()
+    secret: str = ""  # signs the session cookies; prefer secret_env
+    secret_env: str = SECRET_ENV_DEFAULT
+    session_max_age_s: int = 8 * 3600
+    secure_cookies: bool = False  # true behind HTTPS: cookies never travel in clear
+    page_size: int = 50
+    poll_interval_s: float = 0.5
+    scan_interval_s: float = 2.0
+    unmask_ttl_s: int = 900
+    login_max_failures: int = 5
+    login_lockout_s: float = 60.0
+    title: str = "emrwatch"
+    host: str = "127.0.0.1"  # where ``emrwatch run`` serves the feed
+    port: int = 8080
+    _generated_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> FeedSettings:
+        """From the ``feed:`` section of a YAML file (a file without it: defaults, no users)."""
+        if path is None:
+            return cls()
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise FeedConfigError(f"{path}: top level must be a mapping")
+        return cls.from_dict(data.get("feed") or {}, source=f"{path}: feed")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "feed") -> FeedSettings:
+        data = dict(data)
+        users = []
+        for i, u in enumerate(data.pop("users", None) or []):
+            if not isinstance(u, dict):
+                raise FeedConfigError(f"{source}: users[{i}] must be a mapping")
+            users.append(User(**_check(User, dict(u), f"{source}: users[{i}]")))
+        known = {f.name for f in fields(cls) if not f.name.startswith("_")}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise FeedConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        out = cls(users=tuple(users), **data)
+        out.validate(source)
+        return out
+
+    @classmethod
+    def for_demo(cls, **kw: Any) -> tuple[FeedSettings, dict[str, str]]:
+        """Settings with one user per role (``analyst``, ``supervisor``, ``auditor``) and
+        fresh random passwords, for ``emrwatch demo``; returns (settings, passwords)."""
+        from pipeline.web.users import hash_password
+
+        passwords = {role: secrets.token_urlsafe(9) for role in ROLES}
+        users = tuple(User(role, hash_password(pw), role) for role, pw in passwords.items())
+        return cls(users=users, **kw), passwords
+
+    def with_users(self, *users: User) -> FeedSettings:
+        return replace(self, users=tuple(users))
+
+    def validate(self, source: str = "feed") -> None:
+        seen: set[str] = set()
+        for u in self.users:
+            if not _USERNAME.match(str(u.username)):
+                raise FeedConfigError(f"{source}: users: bad username {u.username!r}")
+            if u.username in seen:
+                raise FeedConfigError(f"{source}: users: {u.username} is listed twice")
+            seen.add(u.username)
+            if u.role not in ROLES:
+                raise FeedConfigError(
+                    f"{source}: users: {u.username} has role {u.role!r}; roles are {ROLES}"
+                )
+            if not str(u.password_hash).startswith("$argon2"):
+                raise FeedConfigError(
+                    f"{source}: users: {u.username}: password_hash must be an argon2 hash "
+                    "(make one with: python -m pipeline.web.users hash)"
+                )
+        for name in ("session_max_age_s", "page_size", "poll_interval_s", "unmask_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise FeedConfigError(f"{source}: {name} must be positive")
+        if not 0 <= int(self.port) <= 65535:
+            raise FeedConfigError(f"{source}: port must be 0..65535")
+        if not 1 <= self.page_size <= 500:
+            raise FeedConfigError(f"{source}: page_size must be 1..500")
+
+    def user(self, username: str) -> User | None:
+        for u in self.users:
+            if u.username == username:
+                return u
+        return None
+
+    def resolved_secret(self) -> tuple[str, str]:
+        """(secret, where it came from). Without one, a random secret for this process:
+        sessions then end when the server restarts."""
+        if self.secret:
+            return self.secret, "config"
+        if self.secret_env and os.environ.get(self.secret_env):
+            return os.environ[self.secret_env], f"${self.secret_env}"
+        return self._generated_secret, "generated"
+
+
+def _check(cls: Any, data: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FeedConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(names)}")
+    missing = [k for k in ("username", "password_hash", "role") if not data.get(k)]
+    if missing:
+        raise FeedConfigError(f"{where}: missing {missing}")
+    return {k: str(v) for k, v in data.items()}

@@ -1,0 +1,155 @@
+// emrwatch alert feed: live rows over Server-Sent Events, paging, small conveniences.
+// Plain JavaScript, no build step. All HTML inserted here was rendered (and escaped,
+// and masked for the reader's role) by the server.
+(function () {
+  "use strict";
+
+  function rowFrom(html) {
+    const body = document.createElement("tbody");
+    body.innerHTML = html.trim();
+    return body.firstElementChild;
+  }
+
+  function feedPage() {
+    const table = document.getElementById("alerts");
+    const rows = document.getElementById("rows");
+    if (!table || !rows) return;
+    const live = document.getElementById("live");
+    const total = document.getElementById("total");
+    const empty = document.getElementById("empty");
+    const banner = document.getElementById("banner");
+    const query = table.dataset.query || "";
+    let since = table.dataset.since || "0";
+
+    function setLive(on, text) {
+      if (!live) return;
+      live.className = "live " + (on ? "live-on" : "live-off");
+      live.textContent = text;
+    }
+
+    function bumpTotal(delta) {
+      if (!total) return;
+      const n = parseInt(total.dataset.total || "0", 10) + delta;
+      total.dataset.total = String(n);
+      total.textContent = n.toLocaleString("en-US") + " " + (total.dataset.word || "");
+    }
+
+    function showBanner(text, linkText, href) {
+      banner.hidden = false;
+      banner.textContent = text;
+      const a = document.createElement("a");
+      a.href = href;
+      a.textContent = linkText;
+      banner.append(a);
+    }
+
+    function apply(d) {
+      const existing = document.getElementById("row-" + d.alert_id);
+      if (!d.match) {
+        if (existing) {
+          existing.classList.add("leaving");
+          setTimeout(function () { existing.remove(); }, 450);
+          bumpTotal(-1);
+        }
+        return;
+      }
+      const row = rowFrom(d.html);
+      if (existing) {
+        existing.replaceWith(row);
+        row.classList.add("updated");
+      } else {
+        rows.prepend(row);
+        row.classList.add("arrived");
+        bumpTotal(1);
+        if (empty) empty.hidden = true;
+      }
+    }
+
+    function connect() {
+      const url = "/events?" + (query ? query + "&" : "") + "since=" + encodeURIComponent(since);
+      const es = new EventSource(url);
+      es.onopen = function () { setLive(true, "Live"); };
+      es.onerror = function () {
+        // the browser reconnects by itself, sending Last-Event-ID; it gives up only when
+        // the server refuses the stream (the session has ended)
+        if (es.readyState === EventSource.CLOSED) {
+          setLive(false, "Offline");
+          showBanner("Live updates stopped: your session may have ended. ", "Log in again", "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search));
+        } else {
+          setLive(false, "Reconnecting…");
+        }
+      };
+      es.addEventListener("alert", function (ev) {
+        if (ev.lastEventId) since = ev.lastEventId;
+        apply(JSON.parse(ev.data));
+      });
+      es.addEventListener("reset", function (ev) {
+        es.close();
+        const d = JSON.parse(ev.data);
+        setLive(false, "Paused");
+        const what = d.count > 0
+          ? d.count.toLocaleString("en-US") + " alerts changed at once. "
+          : "The feed server restarted. ";
+        showBanner(what, "Reload the feed", window.location.href);
+      });
+    }
+
+    rows.addEventListener("click", function (ev) {
+      if (ev.target.closest("a, button")) return;
+      const tr = ev.target.closest("tr[data-href]");
+      if (tr) window.location.href = tr.dataset.href;
+    });
+
+    const form = document.getElementById("filters");
+    if (form) {
+      form.addEventListener("change", function (ev) {
+        if (ev.target.tagName === "SELECT") form.requestSubmit();
+      });
+      form.addEventListener("submit", function () {
+        // keep the URL short: leave out filters set to "any"
+        form.querySelectorAll("select").forEach(function (s) { s.disabled = !s.value; });
+      });
+    }
+
+    const more = document.getElementById("more");
+    if (more) {
+      more.addEventListener("click", function () {
+        more.disabled = true;
+        const url = "/api/alerts?" + (query ? query + "&" : "") + "cursor=" + encodeURIComponent(more.dataset.cursor);
+        fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+          .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+          .then(function (d) {
+            const body = document.createElement("tbody");
+            body.innerHTML = d.html;
+            Array.from(body.children).forEach(function (tr) {
+              if (!document.getElementById(tr.id)) rows.append(tr);
+            });
+            more.dataset.cursor = d.next_cursor || "";
+            more.hidden = !d.next_cursor;
+          })
+          .catch(function () { more.textContent = "Could not load more; try again"; })
+          .finally(function () { more.disabled = false; });
+      });
+    }
+
+    connect();
+  }
+
+  function casePage() {
+    const form = document.getElementById("triage-form");
+    if (!form) return;
+    const note = document.getElementById("note");
+    form.addEventListener("submit", function (ev) {
+      const action = ev.submitter && ev.submitter.dataset.action;
+      if (action && action.indexOf("close_") === 0 && !note.value.trim()) {
+        ev.preventDefault();
+        note.setCustomValidity("Closing a case needs a note: what did you find?");
+        note.reportValidity();
+        note.addEventListener("input", function () { note.setCustomValidity(""); }, { once: true });
+      }
+    });
+  }
+
+  feedPage();
+  casePage();
+})();

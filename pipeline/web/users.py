@@ -1,0 +1,113 @@
+"""Feed users: roles, what each role may do, and password hashes (argon2id).
+
+Users live in the config file (``feed.users``), never in the alert database, so that the
+people who triage alerts cannot grant themselves rights. A hash for the config comes from::
+
+    python -m pipeline.web.users hash                  # prompts twice, prints the hash
+    echo -n 'pw' | python -m pipeline.web.users hash --stdin --username li.na --role analyst
+
+>>> h = hash_password("correct horse")
+>>> h.startswith("$argon2id$")
+True
+>>> verify_password(h, "correct horse"), verify_password(h, "wrong")
+(True, False)
+>>> sorted(PERMISSIONS["auditor"])
+['audit.read', 'case.read', 'feed.read']
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import getpass
+import sys
+from collections.abc import Iterable
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+#: what each role may do; every endpoint checks one of these server-side
+PERMISSIONS: dict[str, frozenset[str]] = {
+    # triage; sees masked patient ids; may unmask one case at a time, stating why
+    "analyst": frozenset({"feed.read", "case.read", "triage", "unmask"}),
+    # an analyst's rights, plus suppressions, and patient ids unmasked by default
+    "supervisor": frozenset(
+        {"feed.read", "case.read", "triage", "unmask", "suppress", "patients.see"}
+    ),
+    # read-only and masked; reads the audit log (who looked at what)
+    "auditor": frozenset({"feed.read", "case.read", "audit.read"}),
+}
+ROLES = tuple(PERMISSIONS)
+
+_hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory profile (argon2-cffi's default)
+
+
+def hash_password(password: str) -> str:
+    if not password:
+        raise ValueError("an empty password cannot be used")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    return _hasher.hash("emrwatch: no such user")
+
+
+def burn_verify(password: str) -> None:
+    """Spend the time a real verification takes (for unknown usernames), so that timing
+    does not tell which usernames exist."""
+    verify_password(_dummy_hash(), password)
+
+
+def allowed(role: str, permission: str) -> bool:
+    return permission in PERMISSIONS.get(role, frozenset())
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_users_arguments(parser: argparse.ArgumentParser) -> None:
+    """``users hash``: for ``emrwatch users`` and ``python -m pipeline.web.users``."""
+    sub = parser.add_subparsers(dest="users_command", required=True)
+    h = sub.add_parser("hash", help="hash a password for feed.users in the config file")
+    h.add_argument(
+        "--stdin", action="store_true", help="read the password from standard input (no prompt)"
+    )
+    h.add_argument("--username", help="print a whole feed.users entry (YAML) for this user")
+    h.add_argument("--role", choices=ROLES, default="analyst", help="role of that entry")
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    if args.users_command != "hash":  # pragma: no cover - argparse enforces the choice
+        return 2
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return 1
+    if not password:
+        print("an empty password cannot be used", file=sys.stderr)
+        return 1
+    h = hash_password(password)
+    if args.username:
+        print(f'- {{username: {args.username}, role: {args.role}, password_hash: "{h}"}}')
+    else:
+        print(h)
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.web.users", description=__doc__)
+    add_users_arguments(p)
+    return cmd_users(p.parse_args(None if argv is None else list(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The feed in real headless Chromium (Debian's ``chromium``, driven by Playwright): log in,
+watch an alert arrive live, open the case, triage it, and keep screenshots.
+
+Screenshots go to the test's tmp dir; with ``EMRWATCH_UPDATE_SCREENSHOTS=1`` they also
+replace ``docs/screenshots/`` in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.alerting.store import AlertStore
+from pipeline.web import serve_feed
+from pipeline.web.testing import PASSWORD, TZ, believable_alert, feed_settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+REPO = Path(__file__).resolve().parent.parent
+SHOTS = REPO / "docs" / "screenshots"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)"
+)
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        # Playwright gives every launch a fresh, empty profile (--user-data-dir)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _save(page: Any, tmp_path: Path, name: str, full_page: bool = False) -> Path:
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), full_page=full_page)
+    assert shot.stat().st_size > 10_000, "the screenshot is (nearly) empty"
+    if os.environ.get("EMRWATCH_UPDATE_SCREENSHOTS"):  # refresh the README's pictures on demand
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, SHOTS / name)
+    return shot
+
+
+def test_login_live_alert_case_and_triage(browser: Any, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    base = datetime(2026, 3, 2, 9, 0, tzinfo=TZ)
+    store.upsert(believable_alert(i, when=base - timedelta(minutes=37 * i)) for i in range(1, 9))
+    fresh = believable_alert(0, when=base + timedelta(minutes=5))
+    # the same user's earlier cases (last week), for the case page's "other alerts"
+    store.upsert(
+        believable_alert(i, when=base - timedelta(days=i - 10), user_id=fresh["user_id"])
+        for i in (16, 19)
+    )
+    url, stop = serve_feed(store, feed_settings(poll_interval_s=0.25))
+    try:
+        ctx = browser.new_context(viewport={"width": 1360, "height": 820})
+        page = ctx.new_page()
+        page.set_default_timeout(10_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+        # login (the feed sends anonymous visitors to the login page)
+        page.goto(url + "/")
+        assert "/login" in page.url
+        page.fill("input[name=username]", "ana")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#alerts tbody tr")
+        assert page.locator("#rows tr").count() == 10
+        page.wait_for_selector("#live.live-on")  # the event stream is connected
+
+        # an alert written to the store while the page is open appears without reload
+        aid = fresh["alert_id"]
+        nav_before = page.evaluate("performance.getEntriesByType('navigation').length")
+        t0 = time.monotonic()
+        store.upsert([fresh])
+        page.wait_for_selector(f"#row-{aid}", timeout=2_000)
+        arrival_s = time.monotonic() - t0
+        assert arrival_s < 2.0
+        assert page.evaluate("performance.getEntriesByType('navigation').length") == nav_before
+        first = page.locator("#rows tr").first
+        assert first.get_attribute("id") == f"row-{aid}"  # new alerts slide in at the top
+        pid = fresh["patient_ids"][0]
+        assert pid not in page.content()  # an analyst's feed never carries patient ids
+        page.wait_for_timeout(900)  # let the arrival highlight settle for the picture
+        feed_shot = _save(page, tmp_path, "feed.png")
+
+        # open the case
+        page.click(f"#row-{aid} a.case-link")
+        page.wait_for_selector("#reason")
+        assert fresh["reason"][:40] in page.inner_text("#reason")
+        assert page.locator("#timeline tbody tr").count() == len(fresh["evidence"])
+        assert pid not in page.content()
+        assert pid[0] + "•" in page.inner_text("#timeline")
+        assert "attending physician" in page.inner_text("body")  # explanations in words
+        case_shot = _save(page, tmp_path, "case.png", full_page=True)
+
+        # triage: acknowledge, then close as benign with a note
+        page.click("button[data-action=acknowledge]")
+        page.wait_for_selector("#case-state.state-acknowledged")
+        page.fill("#note", "Covering ORTH night shift; the charge nurse confirmed the task.")
+        page.click("button[data-action=close_benign]")
+        page.wait_for_selector("#case-state.state-closed_benign")
+        assert "charge nurse confirmed" in page.inner_text("#history")
+
+        # back on the feed, a change made elsewhere updates the row in place, no reload
+        page.goto(url + "/")
+        page.wait_for_selector("#live.live-on")
+        assert "Closed: benign" in page.inner_text(f"#row-{aid}")
+        nav_before = page.evaluate("performance.getEntriesByType('navigation').length")
+        store.comment(aid, actor="sam", assignee="sam")
+        sync_api.expect(page.locator(f"#row-{aid}")).to_contain_text("sam", timeout=2_000)
+        assert page.evaluate("performance.getEntriesByType('navigation').length") == nav_before
+        assert not errors, errors  # no script errors, no CSP violations
+        ctx.close()
+    finally:
+        stop()
+
+    hist = store.history(aid)
+    assert [(h.from_state, h.to_state) for h in hist] == [
+        ("new", "acknowledged"),
+        ("acknowledged", "investigating"),
+        ("investigating", "closed_benign"),
+        ("closed_benign", "closed_benign"),  # sam's assignment
+    ]
+    assert [h.actor for h in hist] == ["ana", "ana", "ana", "sam"]
+    assert "charge nurse confirmed" in hist[2].note
+    got = store.get(aid)
+    assert got is not None and got.verdict == "benign" and got.decided_by == "ana"
+    views = [e for e in store.audit_log(alert_id=aid) if e.action == "case.view"]
+    assert views and all(e.actor == "ana" for e in views)
+    assert feed_shot.stat().st_size > 10_000 and case_shot.stat().st_size > 10_000
+    print(f"\nlive alert reached the page in {arrival_s * 1000:.0f} ms")
