@@ -1,0 +1,169 @@
+"""The worker's batch logic without Kafka or Faust: decode, detect, route, snapshot offsets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from emrwatch.context import Context
+from pipeline.stream_processor import AccessProcessor, Record
+from pipeline.stream_state import Snapshot
+from pipeline.topics import CONTROL_HEADER, TopicLayout
+from tests.conftest import synthetic_hospital
+
+
+class FakeOutput:
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        self.dead: list[tuple[bytes | None, str, str]] = []
+        self.controls: list[dict[str, Any]] = []
+        self.flushes = 0
+
+    def alert(self, alert: Any, src_ts_s: float) -> None:
+        self.alerts.append(alert.to_dict())
+
+    def deadletter(
+        self,
+        raw: bytes | None,
+        error: str,
+        source: str,
+        position: str,
+        key: bytes | None = None,
+        stage: str = "worker",
+    ) -> None:
+        self.dead.append((raw, error, position))
+
+    def control(self, doc: dict[str, Any]) -> None:
+        self.controls.append(doc)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class FakeSnapshots:
+    writer_id = "fake"
+
+    def __init__(self) -> None:
+        self.written: dict[int, tuple[int, bytes]] = {}
+        self.last_written: dict[int, str] = {}
+
+    def write(self, partition: int, offset: int, data: bytes, events: int = 0) -> str:
+        self.written[partition] = (offset, data)
+        self.last_written[partition] = f"s{offset}"
+        return f"s{offset}"
+
+
+def _records(events: list[dict[str, Any]], partition: int = 0, start: int = 0) -> list[Record]:
+    return [
+        Record(partition, start + i, d["user_id"].encode(), orjson.dumps(d), None, 1.0)
+        for i, d in enumerate(events)
+    ]
+
+
+def _processor(
+    tmp_path: Path, n: int
+) -> tuple[AccessProcessor, FakeOutput, FakeSnapshots, list[dict[str, Any]]]:
+    events = synthetic_hospital(tmp_path / "ctx", n)
+    ctx = Context.load(tmp_path / "ctx")
+    out, snaps = FakeOutput(), FakeSnapshots()
+    proc = AccessProcessor(ctx, None, out, snapshots=snaps, snapshot_interval_s=3600)  # type: ignore[arg-type]
+    return proc, out, snaps, events
+
+
+def test_bad_records_are_dead_lettered_and_the_batch_goes_on(tmp_path: Path) -> None:
+    proc, out, _snaps, events = _processor(tmp_path, 50)
+    proc.adopt(0, None)
+    recs = _records(events[:10])
+    bad = [
+        Record(0, 10, b"u1", b"{not json", None, 1.0),
+        Record(0, 11, b"u1", orjson.dumps({"event_id": "x", "user_id": "u1"}), None, 1.0),
+        Record(
+            0,
+            12,
+            b"u1",
+            orjson.dumps({"event_id": "y", "user_id": "u1", "ts": "2026-03-02T09:00:00"}),
+            None,
+            1.0,
+        ),
+        Record(0, 13, b"u1", None, None, 1.0),
+    ]
+    res = proc.process(recs + bad + _records(events[10:20], start=14))
+    assert res.processed == 20 and res.deadletters == 4
+    reasons = [e for _, e, _ in out.dead]
+    assert "JSONDecodeError" in reasons[0]
+    assert "missing required field 'ts'" in reasons[1]
+    assert "no UTC offset" in reasons[2]
+    assert [pos for *_, pos in out.dead] == ["0:10", "0:11", "0:12", "0:13"]
+    assert out.dead[0][0] == b"{not json"  # the original bytes
+
+
+def test_restored_partition_skips_what_the_snapshot_covers(tmp_path: Path) -> None:
+    proc, out, snaps, events = _processor(tmp_path, 3000)
+    proc.adopt(0, None)
+    proc.process(_records(events[:1000]))
+    proc.snapshot_all()
+    offset, data = snaps.written[0]
+    assert offset == 1000
+    # a second worker restores it and is handed an overlapping batch (500 already covered)
+    ctx = Context.load(tmp_path / "ctx")
+    out2 = FakeOutput()
+    proc2 = AccessProcessor(ctx, None, out2, snapshots=FakeSnapshots(), snapshot_interval_s=3600)  # type: ignore[arg-type]
+    assert proc2.adopt(0, Snapshot(0, offset, data, "s1000", "other", 1000)) == 1000
+    res = proc2.process(_records(events[500:3000], start=500))
+    assert res.skipped == 500 and res.processed == 2000
+    assert proc2.parts[0].events == 3000
+    # same final alerts as one uninterrupted engine
+    res_all = AccessProcessor(
+        Context.load(tmp_path / "ctx"), None, FakeOutput(), snapshot_interval_s=3600
+    )  # type: ignore[arg-type]
+    res_all.adopt(0, None)
+    full_out = res_all.output
+    res_all.process(_records(events))
+    last = lambda alerts: {a["alert_id"]: a["event_ids"] for a in alerts}  # noqa: E731
+    combined = last(out.alerts) | last(out2.alerts)
+    assert combined == last(full_out.alerts)  # type: ignore[attr-defined]
+
+
+def test_end_of_input_flushes_snapshots_and_acknowledges(tmp_path: Path) -> None:
+    proc, out, snaps, events = _processor(tmp_path, 20)
+    proc.adopt(2, None)
+    eof = Record(
+        2,
+        20,
+        b"\x00eof",
+        orjson.dumps({"type": "eof", "run": "r1"}),
+        [(CONTROL_HEADER, b"eof")],
+        1.0,
+    )
+    res = proc.process(_records(events, partition=2) + [eof])
+    assert res.processed == 20
+    assert out.controls == [res.acks[0]]
+    ack = res.acks[0]
+    assert ack["type"] == "eof-ack" and ack["run"] == "r1" and ack["partition"] == 2
+    assert ack["events"] == 20 and ack["offset"] == 20
+    assert snaps.written[2][0] == 21  # the marker itself is covered
+
+
+def test_context_marker_waits_for_the_named_offsets(tmp_path: Path) -> None:
+    proc, _out, _snaps, _events = _processor(tmp_path, 1)
+    synced: list[dict[str, int]] = []
+    proc.context_sync = synced.append
+    proc.adopt(0, None)
+    marker = Record(
+        0,
+        0,
+        b"\x00ctx",
+        orjson.dumps({"type": "context", "offsets": {"x.context.sealed:0": 7}}),
+        [(CONTROL_HEADER, b"context")],
+        1.0,
+    )
+    res = proc.process([marker])
+    assert synced == [{"x.context.sealed:0": 7}] and not res.acks
+
+
+def test_layout_names() -> None:
+    lay = TopicLayout(prefix="h1")
+    assert lay.access == "h1.access" and lay.context("sealed") == "h1.context.sealed"
+    assert lay.raw("fhir") == "h1.raw.fhir" and lay.snapshots("g") == "h1.snapshots.g"
