@@ -49,7 +49,7 @@ def test_migrations_create_the_modelled_schema_and_round_trip(store_url: str) ->
 
     engine = create_engine(normalize_url(store_url))
     schema.migrate(engine)
-    assert schema.current_revision(engine) == "0001"
+    assert schema.current_revision(engine) == "0002"
     with engine.connect() as conn:
         mc = MigrationContext.configure(
             conn, opts={"compare_type": True, "version_table": schema.VERSION_TABLE}
@@ -358,3 +358,14 @@ def test_audit_log_records_views_and_unmasking(store: AlertStore, clock: FakeClo
     assert len(store.audit_log(since=log[1].at)) == 2
     with pytest.raises(ValueError):
         store.record_access("", "case.view")
+
+
+def test_a_0001_store_upgrades_in_place(store_url: str) -> None:
+    engine = create_engine(normalize_url(store_url))
+    schema.migrate(engine, "0001")
+    assert "ix_alerts_updated_at" not in {i["name"] for i in inspect(engine).get_indexes("alerts")}
+    schema.migrate(engine)
+    assert schema.current_revision(engine) == "0002"
+    assert "ix_alerts_updated_at" in {i["name"] for i in inspect(engine).get_indexes("alerts")}
+    schema.downgrade(engine, "base")
+    engine.dispose()

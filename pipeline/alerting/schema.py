@@ -66,6 +66,7 @@ alerts = Table(
     Column("received_at", DateTime, nullable=False),
     Column("updated_at", DateTime, nullable=False),
     Index("ix_alerts_last_seen", "last_seen", "alert_id"),
+    Index("ix_alerts_updated_at", "updated_at"),
     Index("ix_alerts_severity", "severity_rank", "last_seen", "alert_id"),
     Index("ix_alerts_state", "state", "last_seen", "alert_id"),
     Index("ix_alerts_status", "status", "last_seen", "alert_id"),
