@@ -123,7 +123,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="emrwatch", description="Privacy monitoring for EMR access logs."
     )
@@ -184,34 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--config", default=None)
     ru.set_defaults(func=cmd_rules)
 
-    _add_streaming_commands(sub)
+    _add_streaming_commands(sub, sys.argv[1:] if argv is None else argv)
     return p
 
 
-def _add_streaming_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """demo, run and bench live in the streaming modules; register them if importable."""
+def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) -> None:  # type: ignore[type-arg]
+    """Commands whose modules pull in Faust, Kafka or the web stack: imported only when
+    one of them is the command being run, so ``replay`` starts fast."""
+    import importlib
+
     for name, module, helptext in (
         ("demo", "pipeline.demo", "the whole pipeline on this machine with an embedded broker"),
         ("run", "pipeline.streaming", "production worker on a real Kafka cluster"),
         ("bench", "pipeline.bench", "throughput and latency benchmark"),
+        ("users", "pipeline.web.users", "hash passwords for the alert feed's users"),
     ):
         sp = sub.add_parser(name, help=helptext)
-        try:
-            mod = __import__(module, fromlist=["x"])
+        if name in argv[:1]:
+            mod = importlib.import_module(module)
             getattr(mod, f"add_{name}_arguments")(sp)
             sp.set_defaults(func=getattr(mod, f"cmd_{name}"))
-        except (ImportError, AttributeError) as exc:
-            err = str(exc)
-            sp.set_defaults(func=lambda a, err=err, name=name: _unavailable(name, err))
-
-
-def _unavailable(name: str, err: str) -> int:
-    print(f"emrwatch {name}: not available in this build ({err})", file=sys.stderr)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args) or 0)
 
 
