@@ -563,23 +563,15 @@ class Engine:
         return False
 
     def advance(self, t: float) -> list[Alert]:
-        """Event-time watermark: forget idle users' expired cases and old state.
+        """Event-time watermark from the stream: bound memory without changing any result.
 
-        Alerts are emitted when they change, so closing a case emits nothing; this only
-        bounds memory."""
-        cfg = self.cfg
-        horizon = max(cfg.case_gap_s, cfg.documented_window_s, cfg.model_case_gap_s)
-        stale = [u for u, st in self.users.items() if t - st.last_t > horizon and not st.days]
-        for u in stale:
-            del self.users[u]
+        Replay never calls this, so it must not change what later events see: it leaves
+        users, cases and model state alone (other users' events drive the watermark, so a
+        user's next event may be older than it) and only drops documentation entries too
+        old, by a day's margin, to explain anything any more."""
+        cut = t - self.cfg.documented_window_s - 86400.0
         for st in self.users.values():
-            c = st.case
-            if c is not None and t - c.touched_t > (
-                cfg.model_case_gap_s if c.learned_only() else cfg.case_gap_s
-            ):
-                st.case = None
             if len(st.writes) > 256:
-                cut = t - self.cfg.documented_window_s
                 st.writes = {p: w for p, w in st.writes.items() if w >= cut}
         return []
 

@@ -22,6 +22,7 @@ from detectors.config import ConfigError
 from emrwatch.context import Context
 from pipeline.stream_config import StreamConfigError, StreamSettings, load_settings
 from pipeline.stream_context import ContextFeed, publish_context
+from pipeline.stream_host import HostError
 from pipeline.stream_metrics import StreamMetrics
 from pipeline.stream_processor import AccessProcessor, Output
 from pipeline.stream_state import SnapshotStore
@@ -256,6 +257,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except TopicLayoutError as exc:
         print(f"emrwatch run: {exc}", file=sys.stderr)
         return 2
+    except HostError as exc:
+        print(f"emrwatch run: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
