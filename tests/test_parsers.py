@@ -1177,6 +1177,8 @@ def _edited(obj: dict[str, Any], edits: list[tuple[tuple[Any, ...], Any]]) -> di
                 node = node[key]
             if type(node) is list and path[-1] == len(node):
                 node.append(None)
+            if type(node) is dict and not isinstance(path[-1], str):
+                continue  # an earlier edit turned a list into an object: JSON keys are strings
             node[path[-1]] = copy.deepcopy(value)
         except (KeyError, IndexError, TypeError):
             pass
