@@ -332,6 +332,7 @@ def run_demo(args: argparse.Namespace) -> int:
         feed.start()
         tail.start()
         last_sent, last_done, last_t = 0, 0, time.monotonic()
+        printed: set[str] = set()
         try:
             while not stop.is_set():
                 stop.wait(1.0)
@@ -376,8 +377,14 @@ def run_demo(args: argparse.Namespace) -> int:
                 if tty:
                     sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(screen) + "\n")
                     sys.stdout.flush()
-                elif int(now - started) % 5 == 0:
-                    print(" | ".join(x.strip() for x in screen[1:4]), flush=True)
+                else:
+                    # a log, not a screen: new alerts as they come, a status line every 5 s
+                    for head, reason in reversed(lines):
+                        if head not in printed:
+                            printed.add(head)
+                            print(f"alert  {head}\n       {reason}", flush=True)
+                    if int(now - started) % 5 == 0:
+                        print(" | ".join(x.strip() for x in screen[1:4]), flush=True)
         except KeyboardInterrupt:
             pass
         finally:
