@@ -22,26 +22,12 @@ from typing import Any
 
 import orjson
 
-from emrwatch.events import AccessEvent, EventError
+from emrwatch.events import CANONICAL_FIELDS, AccessEvent, EventError
 
 __all__ = ["iter_csv", "parse_canonical", "parse_csv_header", "parse_csv_row", "parse_jsonl_line"]
 
 #: Fields that must be JSON scalars: a nested object here would become a garbage id.
-_SCALAR_FIELDS = (
-    "event_id",
-    "ts",
-    "user_id",
-    "patient_id",
-    "action",
-    "resource_type",
-    "workstation",
-    "outcome",
-    "emergency",
-    "purpose",
-    "source",
-    "encounter_id",
-    "event_category",
-)
+_SCALAR_FIELDS = (*CANONICAL_FIELDS, "encounter_id", "event_category")
 _SCALARS = (str, int, float, bool)
 _NESTED = frozenset({dict, list})  # extras may nest; canonical fields may not
 REQUIRED_COLUMNS = ("event_id", "ts", "user_id")
