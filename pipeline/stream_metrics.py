@@ -33,6 +33,13 @@ class StreamMetrics:
         self.alerts = Counter(
             "emrwatch_alerts_emitted", "Alert versions written to the alert topic", registry=r
         )
+        self.new_alerts = Counter(
+            "emrwatch_alerts",
+            "Alerts (cases) first emitted by this worker, by primary detector and severity",
+            ["detector", "severity"],
+            registry=r,
+        )
+        self._seen: dict[str, None] = {}  # alert ids already counted (bounded, oldest dropped)
         self.batches = Counter("emrwatch_batches", "take() batches processed", registry=r)
         self.batch_seconds = Histogram(
             "emrwatch_batch_seconds",
@@ -81,12 +88,26 @@ class StreamMetrics:
 
     def on_alerts(self, alerts: Iterable[tuple[Any, float]], now: float) -> None:
         n = 0
-        for _a, src_ts in alerts:
+        for a, src_ts in alerts:
             n += 1
+            self._count_new(a)
             if src_ts:
                 self.event_to_alert.observe(max(0.0, now - src_ts))
         if n:
             self.alerts.inc(n)
+
+    def _count_new(self, a: Any) -> None:
+        d = a if isinstance(a, dict) else a.to_dict()
+        aid = d.get("alert_id", "")
+        if aid in self._seen or d.get("status") == "retracted":
+            return
+        self._seen[aid] = None
+        if len(self._seen) > 200_000:
+            del self._seen[next(iter(self._seen))]
+        detectors = d.get("detector") or ["unknown"]
+        self.new_alerts.labels(
+            detector=str(detectors[0]), severity=str(d.get("severity", ""))
+        ).inc()
 
     def on_snapshot(self, size: int, seconds: float) -> None:
         self.snapshot_bytes.set(size)
