@@ -243,7 +243,8 @@ def _build(cls: type, data: Any, section: str) -> Any:
 
 
 def settings_from_dict(doc: dict[str, Any], source: str = "config") -> StreamSettings:
-    known = {"kafka", "topics", "worker", "context", "detection", "connectors", "sinks"}
+    # alerting: and feed: belong to `emrwatch alerts` (pipeline.alert_service); a worker ignores them
+    known = {"kafka", "topics", "worker", "context", "detection", "connectors", "sinks", "alerting", "feed"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise StreamConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(known)}")

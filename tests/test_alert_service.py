@@ -1,0 +1,68 @@
+"""``emrwatch alerts``: alert versions on the real broker's alert topic reach the store once,
+and a restart (same consumer group) re-reads nothing into duplicates."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from pipeline.alert_service import run_alert_service
+from pipeline.alerting.testing import sample_alert
+
+
+def _config(tmp_path: Path, broker: Any, layout: Any) -> str:
+    cfg = {
+        "kafka": {"bootstrap_servers": broker.bootstrap},
+        "topics": {"prefix": layout.prefix, "partitions": layout.partitions},
+        "worker": {"group_id": f"g-{layout.prefix}"},
+        "alerting": {"store_url": f"sqlite:///{tmp_path / 'alerts.sqlite3'}"},
+    }
+    path = tmp_path / "emrwatch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _run_until(config: str, done: Any, timeout: float = 40.0) -> None:
+    stop = threading.Event()
+    routers: list[Any] = []
+    t = threading.Thread(target=run_alert_service, args=(config, stop, routers.append), daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if routers and done(routers[0]):
+                return
+            time.sleep(0.2)
+        raise AssertionError("the alert service did not store the alerts in time")
+    finally:
+        stop.set()
+        t.join(timeout=15)
+
+
+def _send(producer: Any, topic: str, alerts: list[dict[str, Any]]) -> None:
+    for a in alerts:
+        producer.send(topic, key=a["alert_id"].encode(), value=orjson.dumps(a))
+    producer.flush()
+
+
+def test_alert_topic_to_store_once_across_a_restart(tmp_path, broker, layout, producer):
+    config = _config(tmp_path, broker, layout)
+    first = [sample_alert(alert_id=f"ew-{i:04d}", version=1) for i in range(5)]
+    _send(producer, layout.alerts, first + [first[0]])  # a redelivered version too
+    _run_until(config, lambda r: r.store.count() == 5)
+    grown = dict(first[1], version=2, event_ids=[*first[1]["event_ids"], "late-event"])
+    _send(producer, layout.alerts, [grown, sample_alert(alert_id="ew-9999", version=1)])
+    _run_until(config, lambda r: r.store.count() == 6 and r.store.get("ew-0001").version == 2)
+    from pipeline.alerting.store import AlertStore
+
+    store = AlertStore(f"sqlite:///{tmp_path / 'alerts.sqlite3'}")
+    try:
+        assert store.count() == 6
+        assert "late-event" in store.event_ids("ew-0001")
+    finally:
+        store.close()
