@@ -115,9 +115,14 @@ class StreamMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics``; returns the bound port (0 picks a free one)."""
-        if port == 0:
-            from pipeline.broker import free_port
+        return serve_registry(self.registry, port, host)
 
-            port = free_port(host)
-        start_http_server(port, addr=host, registry=self.registry)
-        return port
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> int:
+    """Serve a registry's ``/metrics``; returns the bound port (0 picks a free one)."""
+    if port == 0:
+        from pipeline.broker import free_port
+
+        port = free_port(host)
+    start_http_server(port, addr=host, registry=registry)
+    return port

@@ -301,3 +301,30 @@ def test_sink_reports_api_errors() -> None:
         )  # fmt: skip
         with pytest.raises(SinkError, match="invalid_auth"):
             sink.send(entry)
+
+
+def test_sink_metrics_count_failures_retries_and_backlog(slack: FakeSlack, tmp_path) -> None:
+    from prometheus_client import generate_latest
+
+    from pipeline.alerting.metrics import sink_registry
+
+    clock = FakeClock()
+    router = make_router(f"sqlite:///{tmp_path / 'm.sqlite3'}", slack, clock)
+    registry = sink_registry(router)
+    try:
+        slack.fail_all = True
+        router.handle([sample_alert(alert_id="ew-m1", severity="high")])
+        router.deliver()
+        down = generate_latest(registry).decode()
+        assert 'emrwatch_sink_failures_total{sink="slack"} 1.0' in down
+        assert 'emrwatch_sink_delivered_total{sink="slack"} 0.0' in down
+        assert re.search(r'emrwatch_outbox_entries\{sink="slack",state="\w+"\} 1\.0', down)
+        slack.fail_all = False
+        clock.advance(120)
+        router.deliver()
+        up = generate_latest(registry).decode()
+        assert 'emrwatch_sink_delivered_total{sink="slack"} 1.0' in up
+        assert 'emrwatch_sink_retries_total{sink="slack"} 1.0' in up
+        assert "ew-m1" not in up  # no alert, user or patient ids in metrics
+    finally:
+        router.close()
