@@ -199,6 +199,7 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
         ("bench", "pipeline.bench", "throughput and latency benchmark"),
         ("users", "pipeline.web.users", "hash passwords for the alert feed's users"),
         ("alerts", "pipeline.alert_service", "production sinks: alert topic → store, Slack, e-mail, feed"),
+        ("connectors", "pipeline.connect", "list, check and run connectors; read the receipt ledger"),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:

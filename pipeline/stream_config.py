@@ -23,8 +23,10 @@ are an error, so a typo never silently leaves a default in place::
       timezone: Asia/Shanghai
       load_dir: /etc/emrwatch/context    # optional: publish these CSVs at start-up
     detection: /etc/emrwatch/detection.yaml   # or an inline mapping
-    connectors:
-      - {type: file, path: /var/log/emr/audit.ndjson, format: fhir}
+    connectors:                          # see `emrwatch connectors list` for every type
+      - {type: file, name: emr-audit, path: /var/log/emr/audit.ndjson, format: fhir, mode: tail}
+    ingest:
+      state_dir: /var/lib/emrwatch/connectors   # checkpoints and the receipt ledger
     sinks: []                            # consumers of the alert topic, run separately
 
 The embedded broker needs short sessions (joins take session_timeout / 2 there); real Kafka
@@ -184,6 +186,21 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class IngestSettings:
+    """How connectors run: where their checkpoints and ledger live, how they batch."""
+
+    state_dir: str = ".emrwatch/connectors"
+    batch_size: int = 2000
+    linger_s: float = 0.5
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise StreamConfigError("ingest.batch_size must be at least 1")
+        if self.linger_s < 0:
+            raise StreamConfigError("ingest.linger_s must not be negative")
+
+
+@dataclass(frozen=True)
 class StreamSettings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     topics: TopicLayout = field(default_factory=TopicLayout)
@@ -194,6 +211,7 @@ class StreamSettings:
     connectors: tuple[dict[str, Any], ...] = ()
     sinks: tuple[dict[str, Any], ...] = ()
     create_topics: bool = True
+    ingest: IngestSettings = field(default_factory=IngestSettings)
 
     def validate(self) -> StreamSettings:
         self.kafka.validate()
@@ -202,14 +220,29 @@ class StreamSettings:
             raise StreamConfigError("topics.partitions must be at least 1")
         if self.context_load_dir and not Path(self.context_load_dir).is_dir():
             raise StreamConfigError(f"context.load_dir: {self.context_load_dir} is not a directory")
-        for i, c in enumerate(self.connectors):
-            if c.get("type") != "file":
-                raise StreamConfigError(
-                    f"connectors[{i}].type: only 'file' is built in, got {c.get('type')!r}"
-                )
-            if not c.get("path"):
-                raise StreamConfigError(f"connectors[{i}].path: required")
+        self.ingest.validate()
+        self.build_connectors()  # every connector's config is checked now, not at first use
         return self
+
+    def build_connectors(self, ledger: Any = None) -> list[Any]:
+        """The configured connectors (``connectors.registry``); names must be unique."""
+        from connectors.base import ConnectorConfigError
+        from connectors.registry import build
+
+        out = []
+        names: set[str] = set()
+        for i, spec in enumerate(self.connectors):
+            try:
+                c = build(spec, i, ledger=ledger)
+            except ConnectorConfigError as exc:
+                raise StreamConfigError(str(exc)) from None
+            if c.name in names:
+                raise StreamConfigError(
+                    f"connectors[{i}].name: {c.name!r} is used twice; give each source a name"
+                )
+            names.add(c.name)
+            out.append(c)
+        return out
 
     def with_bootstrap(self, bootstrap: str) -> StreamSettings:
         return replace(self, kafka=replace(self.kafka, bootstrap_servers=bootstrap))
@@ -244,7 +277,18 @@ def _build(cls: type, data: Any, section: str) -> Any:
 
 def settings_from_dict(doc: dict[str, Any], source: str = "config") -> StreamSettings:
     # alerting: and feed: belong to `emrwatch alerts` (pipeline.alert_service); a worker ignores them
-    known = {"kafka", "topics", "worker", "context", "detection", "connectors", "sinks", "alerting", "feed"}
+    known = {
+        "kafka",
+        "topics",
+        "worker",
+        "context",
+        "detection",
+        "connectors",
+        "ingest",
+        "sinks",
+        "alerting",
+        "feed",
+    }
     unknown = sorted(set(doc) - known)
     if unknown:
         raise StreamConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(known)}")
@@ -268,6 +312,7 @@ def settings_from_dict(doc: dict[str, Any], source: str = "config") -> StreamSet
         connectors=tuple(doc.get("connectors") or ()),
         sinks=tuple(doc.get("sinks") or ()),
         create_topics=create,
+        ingest=_build(IngestSettings, doc.get("ingest"), "ingest"),
     ).validate()
 
 

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -144,14 +143,12 @@ def run_worker(settings: StreamSettings, ingest: bool = True) -> int:
 
 
 def _start_connectors(settings: StreamSettings, producer: Any) -> None:
-    from pipeline.stream_ingest import produce_file
+    """The configured connectors, each in a thread beside the worker (checkpointed in
+    ``ingest.state_dir``; see :mod:`connectors.runner`)."""
+    from pipeline.connect import ConnectorService
 
-    def run() -> None:
-        for c in settings.connectors:
-            stats = produce_file(producer, settings.topics, c["path"], c.get("format", "auto"))
-            log.info("connector %s: %s", c["path"], stats)
-
-    threading.Thread(target=run, name="emrwatch-connectors", daemon=True).start()
+    svc = ConnectorService(settings, producer)
+    svc.start()
 
 
 # ---------------------------------------------------------------------------- command line

@@ -1,0 +1,66 @@
+"""Prometheus metrics of the connectors, per source.
+
+>>> from prometheus_client import CollectorRegistry
+>>> m = ConnectorMetrics(CollectorRegistry())
+>>> m.record("emr-a", "accepted", 120)
+>>> m.records.labels("emr-a", "accepted")._value.get(), m.bytes.labels("emr-a")._value.get()
+(1.0, 120.0)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class ConnectorMetrics:
+    """Records received per source and outcome (accepted, empty, deadletter, skipped), bytes,
+    the time of the last record, and committed batches."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self.records = Counter(
+            "emrwatch_connector_records",
+            "raw records received by a connector, by outcome "
+            "(accepted, empty, deadletter, skipped = already delivered before a restart)",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "emrwatch_connector_bytes", "bytes received by a connector", ["source"], registry=r
+        )
+        self.last_record = Gauge(
+            "emrwatch_connector_last_record_timestamp_seconds",
+            "when a connector last received a record",
+            ["source"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "emrwatch_connector_batches",
+            "batches acknowledged by the broker and checkpointed",
+            ["source"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, str], Any] = {}
+        self._bytes: dict[str, Any] = {}
+        self._last: dict[str, float] = {}
+
+    def record(self, source: str, outcome: str, nbytes: int) -> None:
+        c = self._children.get((source, outcome))
+        if c is None:
+            c = self._children[(source, outcome)] = self.records.labels(source, outcome)
+        c.inc()
+        b = self._bytes.get(source)
+        if b is None:
+            b = self._bytes[source] = self.bytes.labels(source)
+        b.inc(nbytes)
+        now = time.time()
+        if now - self._last.get(source, 0.0) > 1.0:  # a gauge write per second is enough
+            self._last[source] = now
+            self.last_record.labels(source).set(now)
+
+    def batch(self, source: str) -> None:
+        self.batches.labels(source).inc()
