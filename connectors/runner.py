@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,6 +110,8 @@ class ConnectorRunner:
         self.metrics = metrics
         self.on_batch = on_batch
         self.stats = RunnerStats()
+        #: batches sent but not yet acknowledged before the runner waits for the oldest
+        self.max_inflight = 3
         self._name_b = connector.name.encode("utf-8", "replace")
         self._scan_from: dict[str, int] = {}
 
@@ -184,13 +187,10 @@ class ConnectorRunner:
         batch_t = time.monotonic()
         m = self.metrics
 
-        def commit() -> None:
-            nonlocal pending, futures, acks, batch_t
-            if pending == 0 and not acks:
-                batch_t = time.monotonic()
-                return
-            self.producer.flush()
-            for f in futures:
+        inflight: deque[tuple[list[Any], list[tuple[RawRecord, str | None]], Any]] = deque()
+
+        def finalize(batch_futures: list[Any], batch_acks: list[Any], cp: Any) -> None:
+            for f in batch_futures:
                 if f.failed():
                     raise DeliveryError(
                         f"connector {c.name}: broker refused a record: {f.exception}"
@@ -200,9 +200,9 @@ class ConnectorRunner:
                     k = f"{md.topic}:{md.partition}"
                     if md.offset + 1 > self._scan_from.get(k, 0):
                         self._scan_from[k] = md.offset + 1
-            if self.store is not None and last_cp is not None:
-                self.store.save(c.name, {"checkpoint": last_cp, "scan_from": self._scan_from})
-            for raw, reason in acks:
+            if self.store is not None and cp is not None:
+                self.store.save(c.name, {"checkpoint": cp, "scan_from": self._scan_from})
+            for raw, reason in batch_acks:
                 try:
                     if reason is None:
                         if raw.ack is not None:
@@ -214,10 +214,27 @@ class ConnectorRunner:
                         "connector %s: acknowledging %s failed", c.name, raw.position, exc_info=True
                     )
             st.batches += 1
-            futures, acks, pending = [], [], 0
-            batch_t = time.monotonic()
             if self.on_batch is not None:
                 self.on_batch(st)
+
+        def commit(block: bool = True) -> None:
+            """End the current batch. Batches are checkpointed in order once the broker
+            acknowledged all of their records; ``block`` waits for every one in flight
+            (idle source, peers waiting for an ACK, the end), otherwise only finished
+            batches are checkpointed and up to :attr:`max_inflight` stay pipelined."""
+            nonlocal pending, futures, acks, batch_t
+            if pending or acks:
+                inflight.append((futures, acks, last_cp))
+                futures, acks, pending = [], [], 0
+            batch_t = time.monotonic()
+            if block or len(inflight) > self.max_inflight:
+                self.producer.flush()
+            while inflight:
+                head = inflight[0]
+                if not all(f.is_done for f in head[0]):
+                    break
+                inflight.popleft()
+                finalize(*head)
 
         c.start()
         try:
@@ -299,7 +316,7 @@ class ConnectorRunner:
                     acks.append((raw, reason))
                     commit()  # the peer waits for its acknowledgement
                 elif pending >= self.batch_size or time.monotonic() - batch_t >= self.linger_s:
-                    commit()
+                    commit(block=False)
                 if stop.is_set():
                     break
             commit()

@@ -7,6 +7,7 @@ ledger of what each source sent.
     emrwatch connectors check --config FILE        # validate the connectors of a run config
     emrwatch connectors run --config FILE [--only NAME ...] [--metrics-port N]
     emrwatch connectors ledger --state DIR [--source NAME] [--json]
+    emrwatch connectors bench [--events N] [--json]   # events/s of the file connectors
 
 ``run`` starts every configured connector in its own thread with the runner of
 :mod:`connectors.runner` (checkpoints in ``ingest.state_dir``), until the ``once`` sources
@@ -41,6 +42,10 @@ def add_connectors_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--bootstrap", default=None, help="override kafka.bootstrap_servers")
     run.add_argument("--metrics-port", type=int, default=-1, help="serve /metrics (-1: off)")
     run.add_argument("--log-level", default="INFO")
+    b = sub.add_parser("bench", help="events/s of the file connectors (normalize, to broker)")
+    b.add_argument("--events", type=int, default=50_000)
+    b.add_argument("--bootstrap", default=None, help="a broker to use (default: embedded)")
+    b.add_argument("--json", action="store_true")
     led = sub.add_parser("ledger", help="what each source sent: receipts per unit")
     led.add_argument("--state", required=True, help="the ingest.state_dir of the config")
     led.add_argument("--source", default=None)
@@ -49,9 +54,21 @@ def add_connectors_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_connectors(args: argparse.Namespace) -> int:
-    return {"list": _list, "check": _check, "run": _run, "ledger": _ledger}[args.connectors_cmd](
-        args
-    )
+    cmds = {"list": _list, "check": _check, "run": _run, "ledger": _ledger, "bench": _bench}
+    return cmds[args.connectors_cmd](args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from connectors.bench import run
+
+    results = run(args.events, args.bootstrap)
+    if args.json:
+        sys.stdout.write(orjson.dumps(results).decode() + "\n")
+        return 0
+    print(f"{'source':28} {'normalize ev/s':>15} {'to broker ev/s':>15}")
+    for label, r in results.items():
+        print(f"{label:28} {r['normalize_per_s']:>15,} {r['to_broker_per_s']:>15,}")
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:
