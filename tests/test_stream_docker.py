@@ -29,6 +29,7 @@ def test_compose_runs_kraft_kafka_and_scalable_workers() -> None:
     )
     worker = services["worker"]
     assert worker["command"][:2] == ["run", "--config"]
+    assert services["connector"]["command"][:3] == ["connectors", "run", "--config"]
     assert "replicas" in worker["deploy"]
     assert services["connector"]["build"]["dockerfile"] == "docker/Dockerfile"
     assert worker["image"] == services["connector"]["image"]
@@ -56,8 +57,8 @@ def test_dockerfile_installs_like_the_makefile() -> None:
 def test_worker_configs_load(tmp_path: Path) -> None:
     worker = load_settings(DOCKER / "stream.yaml")
     doc = yaml.safe_load((DOCKER / "connector.yaml").read_text())
-    doc["context"]["load_dir"] = str(tmp_path)  # /data exists only inside the container
     connector = settings_from_dict(doc)
+    assert {c.type for c in connector.build_connectors()} == {"context-csv", "file"}
     assert connector.topics == worker.topics  # same layout: one group shares the partitions
     assert connector.worker.group_id == worker.worker.group_id
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
