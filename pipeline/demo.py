@@ -103,9 +103,12 @@ def _feed(
     stop: threading.Event,
 ) -> None:
     """Produce at ``rate`` events/s, recording the offsets the broker acknowledged."""
+    from pipeline.stream_processor import H_SOURCE
+
     tick = 0.05
     per_tick = max(1, round(rate * tick))
     nxt = time.perf_counter()
+    headers = [(H_SOURCE, b"demo")]  # the workers count events by source
 
     def acked(md: Any) -> None:
         with state.lock:
@@ -118,7 +121,10 @@ def _feed(
                 return
             for e in items[i : i + per_tick]:
                 fut = producer.send(
-                    layout.access, key=e.user_id.encode(), value=orjson.dumps(e.to_dict())
+                    layout.access,
+                    key=e.user_id.encode(),
+                    value=orjson.dumps(e.to_dict()),
+                    headers=headers,
                 )
                 fut.add_callback(acked)
             state.sent = min(len(items), i + per_tick)

@@ -12,6 +12,7 @@ bench.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,13 +48,19 @@ def produce_items(
     rate: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_bad: Callable[[int, str], None] | None = None,
+    source_name: str | None = None,
 ) -> IngestStats:
     """Send parsed items: events to the access topic, errors to the dead-letter topic.
 
     ``rate`` (events/s) paces the feed; None sends as fast as the producer takes them.
+    ``source`` (a file path or a name) goes whole into dead letters; access events carry
+    the header ``emrwatch-source`` = ``source_name``, by default ``source``'s basename, as
+    the connector runner's do (the workers count events by it).
     """
     stats = IngestStats()
     access, dead = layout.access, layout.deadletter
+    # one headers list shared by every event: kafka-python encodes it at send time
+    access_headers = [(H_SOURCE, source_label(source, source_name).encode("utf-8", "replace"))]
     send = producer.send
     dumps = orjson.dumps
     t0 = time.perf_counter()
@@ -77,7 +84,7 @@ def produce_items(
                 ],
             )
             continue
-        send(access, key=item.user_id.encode(), value=dumps(item.to_dict()))
+        send(access, key=item.user_id.encode(), value=dumps(item.to_dict()), headers=access_headers)
         stats.events += 1
         if rate:
             budget -= 1
@@ -94,6 +101,20 @@ def produce_items(
     return stats
 
 
+def source_label(source: str, source_name: str | None = None) -> str:
+    """The ``emrwatch-source`` of events read from ``source``: an explicit name, else the
+    file's basename (a directory or temp path says nothing and would split one feed).
+
+    >>> source_label("/data/2026-03/events.ndjson"), source_label("bench"), source_label("-")
+    ('events.ndjson', 'bench', 'stdin')
+    """
+    if source_name:
+        return source_name
+    if source in ("-", ""):
+        return "stdin"
+    return os.path.basename(source.rstrip("/\\")) or source
+
+
 def produce_file(
     producer: Any,
     layout: TopicLayout,
@@ -102,12 +123,21 @@ def produce_file(
     rate: float | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_bad: Callable[[int, str], None] | None = None,
+    source_name: str | None = None,
 ) -> IngestStats:
-    """Read an events file (FHIR NDJSON / JSONL / CSV) and produce it."""
+    """Read an events file (FHIR NDJSON / JSONL / CSV) and produce it; its events carry
+    ``emrwatch-source`` = ``source_name`` or the file's basename."""
     from connectors.readers import read_events
 
     return produce_items(
-        producer, layout, read_events(path, fmt), str(path), rate, should_stop, on_bad
+        producer,
+        layout,
+        read_events(path, fmt),
+        str(path),
+        rate,
+        should_stop,
+        on_bad,
+        source_name=source_name,
     )
 
 

@@ -1,7 +1,10 @@
 """Prometheus metrics of a stream worker (seconds and ``_total``, unlike Faust's own sensors).
 
 Counters move once per batch, not per event: per-event label lookups would cost more than
-the detection itself.
+the detection itself. Events by source (``emrwatch_events_by_source_total{source}``) are
+counted the same way: the processor tallies the raw ``emrwatch-source`` header values of a
+batch in a dict and this module turns them into at most :data:`MAX_SOURCES` label values
+(the rest as ``other``; events without the header as ``unknown``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_SOURCES = 50  # distinct ``source`` label values; later sources count as OTHER_SOURCE
+MAX_SOURCE_LEN = 64  # characters of a source name kept in its label
+UNKNOWN_SOURCE = "unknown"  # events without an ``emrwatch-source`` header (older producers)
+OTHER_SOURCE = "other"
 
 
 class StreamMetrics:
@@ -22,6 +29,19 @@ class StreamMetrics:
         self.events = Counter(
             "emrwatch_events_processed", "Access events run through detection", registry=r
         )
+        # a separate counter, not a label on emrwatch_events_processed: a labelled counter
+        # has no series before its first event, and "rate(...) == 0" (the stalled-pipeline
+        # rule) would then never hold for a worker that never processed anything
+        self.events_by_source = Counter(
+            "emrwatch_events_by_source",
+            "Access events run through detection, by the emrwatch-source header (connector); "
+            f"'{UNKNOWN_SOURCE}' without it, '{OTHER_SOURCE}' past {MAX_SOURCES} sources",
+            ["source"],
+            registry=r,
+        )
+        self.events_by_source.labels(source=UNKNOWN_SOURCE)  # the series exists from the start
+        self._source_labels: dict[Any, str] = {None: UNKNOWN_SOURCE}  # header value → label
+        self._named_sources: set[str] = set()
         self.skipped = Counter(
             "emrwatch_events_skipped",
             "Records skipped because a restored snapshot covers them",
@@ -80,11 +100,50 @@ class StreamMetrics:
         self.batches.inc()
         if res.processed:
             self.events.inc(res.processed)
+        by_source = getattr(res, "by_source", None)
+        if by_source:
+            self.on_sources(by_source)
         if res.skipped:
             self.skipped.inc(res.skipped)
         if res.deadletters:
             self.deadletters.inc(res.deadletters)
         self.on_alerts(alerts, now)
+
+    def on_sources(self, counts: dict[Any, int]) -> None:
+        """Add one batch's events per raw ``emrwatch-source`` header value (bytes, or None
+        for events without the header)."""
+        per_label: dict[str, int] = {}
+        for raw, n in counts.items():
+            label = self.source_label(raw)
+            per_label[label] = per_label.get(label, 0) + n
+        for label, n in per_label.items():
+            if n:
+                self.events_by_source.labels(source=label).inc(n)
+
+    def source_label(self, raw: Any) -> str:
+        """The label of one header value: its text (trimmed, at most
+        :data:`MAX_SOURCE_LEN` characters) for the first :data:`MAX_SOURCES` distinct
+        sources, :data:`OTHER_SOURCE` after them, :data:`UNKNOWN_SOURCE` when absent or
+        empty."""
+        if isinstance(raw, bytearray | memoryview):
+            raw = bytes(raw)
+        label = self._source_labels.get(raw)
+        if label is not None:
+            return label
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        text = "".join(ch for ch in text if ch.isprintable()).strip()[:MAX_SOURCE_LEN]
+        if not text:
+            label = UNKNOWN_SOURCE
+        elif text in self._named_sources or text in (UNKNOWN_SOURCE, OTHER_SOURCE):
+            label = text
+        elif len(self._named_sources) < MAX_SOURCES:
+            self._named_sources.add(text)
+            label = text
+        else:
+            return OTHER_SOURCE  # not remembered: the map stays bounded whatever arrives
+        if len(self._source_labels) < 4 * MAX_SOURCES:  # bounded, like the label values
+            self._source_labels[raw] = label
+        return label
 
     def on_alerts(self, alerts: Iterable[tuple[Any, float]], now: float) -> None:
         n = 0

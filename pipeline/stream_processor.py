@@ -139,6 +139,9 @@ class BatchResult:
     deadletters: int = 0
     alerts: int = 0
     acks: list[dict[str, Any]] = field(default_factory=list)
+    # processed events per raw ``emrwatch-source`` header value (None: no header); the
+    # metrics turn these into bounded labels once per batch
+    by_source: dict[Any, int] = field(default_factory=dict)
 
 
 class AccessProcessor:
@@ -260,6 +263,7 @@ class AccessProcessor:
         res = BatchResult()
         # partition → user → producer timestamp of the user's first record in this batch
         touched: dict[int, dict[str, float]] = {}
+        by_source = res.by_source
         parts = self.parts
         from_dict = AccessEvent.from_dict
         loads = orjson.loads
@@ -283,8 +287,14 @@ class AccessProcessor:
             st.next_offset = off + 1
             if not st.first_batch_at:
                 st.first_batch_at = now
+            src: Any = None  # the emrwatch-source header (bytes), counted per batch
             if rec.headers:
-                ctl = _control(rec.headers)
+                ctl = None
+                for hk, hv in rec.headers:  # one pass: the source and a control marker
+                    if hk == H_SOURCE:
+                        src = hv if hv.__class__ is bytes else _hashable(hv)
+                    elif hk == CONTROL_HEADER:
+                        ctl = hv.decode() if isinstance(hv, bytes | bytearray) else str(hv)
                 if ctl is not None:
                     # whatever this batch raised so far goes out before the control acts
                     self._drain(touched, res)
@@ -310,6 +320,7 @@ class AccessProcessor:
             st.events += 1
             st.dirty = True
             res.processed += 1
+            by_source[src] = by_source.get(src, 0) + 1
             if e.t > st.watermark:
                 st.watermark = e.t
             users = touched.get(p)
@@ -452,6 +463,17 @@ def _batching(engine: Any) -> Any:
         if hasattr(engine, "ingest") and hasattr(engine, "drain")
         else _PerEventEngine(engine)
     )
+
+
+def _hashable(value: Any) -> Any:
+    """A header value usable as a dict key (aiokafka gives bytes; be safe with others)."""
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    try:
+        hash(value)
+    except TypeError:
+        return str(value)
+    return value
 
 
 def _control(headers: Any) -> str | None:

@@ -1,17 +1,25 @@
 """The shipped Prometheus rules and Grafana dashboard use only metrics the workers export,
-and the worker counts new alerts by detector and severity (never by user or patient)."""
+the worker counts new alerts by detector and severity (never by user or patient), and it
+counts events by their ``emrwatch-source`` header with a bounded set of labels."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
+import orjson
 import yaml
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from detectors.alerts import Alert
-from pipeline.stream_metrics import StreamMetrics
+from pipeline.stream_metrics import MAX_SOURCES, StreamMetrics
+from pipeline.stream_processor import BatchResult
+from tests.conftest import StreamHarness, synthetic_hospital
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 METRIC = re.compile(r"\b(emrwatch_[a-z_]+)\b")
@@ -88,3 +96,92 @@ def test_new_alerts_are_counted_once_by_detector_and_severity_without_ids():
     assert 'emrwatch_alerts_total{detector="sealed-record-touch",severity="high"} 1.0' in text
     assert "emrwatch_alerts_emitted_total 4.0" in text
     assert "u1" not in text and "p1" not in text
+
+
+def _by_source(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "emrwatch_events_by_source_total":
+                out[sample.labels["source"]] = sample.value
+    return out
+
+
+def _processed(text: str) -> float:
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == "emrwatch_events_processed_total":
+                return sample.value
+    raise AssertionError("no emrwatch_events_processed_total")
+
+
+def test_dashboard_charts_events_by_source():
+    dash = json.loads((DOCKER / "grafana" / "emrwatch-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert any("emrwatch_events_by_source_total" in e and "by (source)" in e for e in exprs), exprs
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_events_by_source_labels_are_bounded():
+    m = StreamMetrics()
+    # one batch: two named sources, events without the header, an empty header
+    m.on_batch(BatchResult(processed=10, by_source={b"fhir-ehr": 6, None: 3, b"": 1}), (), 0.0)
+    # later batches: many more sources than labels allowed
+    for i in range(MAX_SOURCES + 10):
+        m.on_batch(BatchResult(processed=1, by_source={f"src-{i:03d}".encode(): 1}), (), 0.0)
+    m.on_batch(BatchResult(processed=2, by_source={b"fhir-ehr": 2}), (), 0.0)
+    text = generate_latest(m.registry).decode()
+    got = _by_source(text)
+    assert got["fhir-ehr"] == 8.0
+    assert got["unknown"] == 4.0
+    assert len(got) == MAX_SOURCES + 2  # the named ones, "unknown" and "other"
+    assert got["other"] == 11.0  # src-049 … src-059 (fhir-ehr took the first place)
+    assert sum(got.values()) == _processed(text) == 10 + MAX_SOURCES + 10 + 2
+    assert m.source_label(b"x" * 500) == "other"  # and nothing new is remembered
+    assert len(m._source_labels) <= 4 * MAX_SOURCES
+
+
+def test_a_fresh_worker_exports_the_unknown_source_at_zero():
+    got = _by_source(generate_latest(StreamMetrics().registry).decode())
+    assert got == {"unknown": 0.0}
+
+
+def _metrics_url(worker: Any, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(r"metrics: (http://\S+/metrics)", worker.log())
+        if m:
+            return m.group(1)
+        if not worker.alive():
+            raise AssertionError(f"worker exited:\n{worker.log()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"the worker served no metrics:\n{worker.log()[-3000:]}")
+
+
+def test_events_are_counted_by_their_source_header_on_the_real_broker(
+    harness: StreamHarness, spawn_worker: Any, tmp_path: Path
+) -> None:
+    from emrwatch.events import AccessEvent
+    from pipeline.stream_ingest import produce_items
+
+    events = synthetic_hospital(tmp_path / "ctx", 300, seed=21)
+    harness.publish_context(tmp_path / "ctx")
+    w = spawn_worker(harness.layout, "g-sources", "--metrics-port", "0")
+    items = [(i + 1, AccessEvent.from_dict(d), b"") for i, d in enumerate(events)]
+    # the file ingest labels by basename, or by an explicit name
+    produce_items(harness.producer, harness.layout, items[:100], "/var/spool/emr/audit.ndjson")
+    produce_items(harness.producer, harness.layout, items[100:220], "x", source_name="fhir-ehr")
+    # an older producer: no header at all
+    for d in events[220:]:
+        harness.producer.send(
+            harness.layout.access, key=d["user_id"].encode(), value=orjson.dumps(d)
+        )
+    harness.producer.flush()
+    run, parts = harness.eof()
+    acks = harness.wait_acks(run, parts, workers=(w,))
+    assert sum(a["events"] for a in acks.values()) == len(events)
+    with urllib.request.urlopen(_metrics_url(w), timeout=10) as r:  # noqa: S310 - loopback
+        text = r.read().decode()
+    assert _by_source(text) == {"audit.ndjson": 100.0, "fhir-ehr": 120.0, "unknown": 80.0}
+    assert _processed(text) == len(events)
