@@ -170,6 +170,13 @@ class FileConnector(Connector):
             cfg.columns or cfg.values or cfg.defaults or cfg.timestamp_format or cfg.timezone
         )
         self._tz = ZoneInfo(cfg.timezone or DEFAULT_TIMEZONE)
+        taken = set(cfg.columns.values())
+        #: (canonical field, record column): mapped columns, and canonical names not taken
+        self._plan = [
+            (name, cfg.columns.get(name, name))
+            for name in sorted(_CANONICAL_NAMES)
+            if name in cfg.columns or name not in taken
+        ]
         self._key: bytes | None = None
         if cfg.verify != "none":
             self._key = _load_key(cfg.key_file, cfg.key_env)
@@ -460,11 +467,10 @@ class FileConnector(Connector):
     def _mapped_event(self, rec: dict[str, Any]) -> Any:
         cfg = self.config
         out: dict[str, Any] = {}
-        cols = cfg.columns
-        for name in _CANONICAL_NAMES:
-            col = cols.get(name, name if name not in cols.values() else None)
-            if col is not None and col in rec and rec[col] not in (None, ""):
-                out[name] = rec[col]
+        for name, col in self._plan:
+            v = rec.get(col)
+            if v is not None and v != "":
+                out[name] = v
         for name, value in cfg.defaults.items():
             if out.get(name) in (None, ""):
                 out[name] = value
