@@ -26,8 +26,9 @@ from emrwatch.events import CANONICAL_FIELDS, AccessEvent, EventError
 
 __all__ = ["iter_csv", "parse_canonical", "parse_csv_header", "parse_csv_row", "parse_jsonl_line"]
 
-#: Fields that must be JSON scalars: a nested object here would become a garbage id.
-_SCALAR_FIELDS = (*CANONICAL_FIELDS, "encounter_id", "event_category")
+#: Every scalar field an event may carry (the canonical ones and the optional extras); they
+#: must be JSON scalars: a nested object here would become a garbage id.
+EVENT_FIELDS = (*CANONICAL_FIELDS, "encounter_id", "event_category")
 _SCALARS = (str, int, float, bool)
 _NESTED = frozenset({dict, list})  # extras may nest; canonical fields may not
 REQUIRED_COLUMNS = ("event_id", "ts", "user_id")
@@ -49,7 +50,7 @@ def parse_canonical(obj: Any) -> AccessEvent:
     if type(obj) is not dict:
         raise EventError(f"expected a JSON object, got {_kind(obj)}")
     if not _NESTED.isdisjoint(map(type, obj.values())):  # C-speed screen, then find it
-        for name in _SCALAR_FIELDS:
+        for name in EVENT_FIELDS:
             value = obj.get(name)
             if value is not None and not isinstance(value, _SCALARS):
                 raise EventError(f"field {name!r} must be a string, got {_kind(value)}")

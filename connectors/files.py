@@ -52,7 +52,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 
 from connectors.base import Connector, ConnectorConfigError, ContextUpdate, Output, RawRecord
-from connectors.canonical import parse_canonical, parse_csv_header, parse_jsonl_line
+from connectors.canonical import (
+    EVENT_FIELDS,
+    parse_canonical,
+    parse_csv_header,
+    parse_jsonl_line,
+)
 from connectors.fhir import parse_fhir_line
 from connectors.readers import _sniff
 from emrwatch.context import CONTEXT_FILES, ContextError, record_from_row
@@ -63,23 +68,8 @@ log = logging.getLogger(__name__)
 
 _BOM = b"\xef\xbb\xbf"
 _SIDECAR = ".hmac"
-_CANONICAL_NAMES = frozenset(
-    {
-        "event_id",
-        "ts",
-        "user_id",
-        "patient_id",
-        "action",
-        "resource_type",
-        "workstation",
-        "outcome",
-        "emergency",
-        "purpose",
-        "source",
-        "encounter_id",
-        "event_category",
-    }
-)
+#: the fields a vendor mapping may fill: the canonical ones and the optional extras
+_CANONICAL_NAMES = frozenset(EVENT_FIELDS)
 
 
 def _help(text: str, default: Any = None, factory: Any = None) -> Any:

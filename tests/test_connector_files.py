@@ -166,11 +166,11 @@ def test_vendor_mapping_config_errors_are_clear(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- tail
-class Tail:
-    """A tail-mode connector read in a thread."""
+class Reading:
+    """A connector's records() read in a thread, as the runner would."""
 
-    def __init__(self, path: Path, checkpoint: Any = None) -> None:
-        self.c = build({"type": "file", "path": str(path), "mode": "tail", "poll_interval_s": 0.05})
+    def __init__(self, connector: Any, checkpoint: Any = None) -> None:
+        self.c = connector
         self.stop = threading.Event()
         self.got: list[Any] = []
         self.t = threading.Thread(target=self._run, args=(checkpoint,), daemon=True)
@@ -181,16 +181,28 @@ class Tail:
             if raw is not None:
                 self.got.append(raw)
 
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[str]:
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[Any]:
+        """The outputs of the first records once ``n`` arrived (or the timeout passed)."""
         deadline = time.monotonic() + timeout
         while len(self.got) < n and time.monotonic() < deadline:
             time.sleep(0.02)
-        return [self.c.normalize(r)[0].event_id for r in self.got]
+        return [self.c.normalize(r)[0] for r in self.got]
 
     def close(self) -> None:
         self.stop.set()
         self.t.join(5)
         assert not self.t.is_alive()
+
+
+class Tail(Reading):
+    """A tail-mode file connector; ``wait_for`` gives event ids."""
+
+    def __init__(self, path: Path, checkpoint: Any = None) -> None:
+        cfg = {"type": "file", "path": str(path), "mode": "tail", "poll_interval_s": 0.05}
+        super().__init__(build(cfg), checkpoint)
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[Any]:
+        return [e.event_id for e in super().wait_for(n, timeout)]
 
 
 def test_tail_follows_appends_partial_lines_and_rotation(tmp_path: Path) -> None:
@@ -296,33 +308,20 @@ def test_drops_mode_waits_for_the_signature_then_reads(tmp_path: Path) -> None:
             "done_dir": str(tmp_path / "done"),
         }
     )
-    stop = threading.Event()
-    got: list[Any] = []
-
-    def run() -> None:
-        for raw in c.records(None, stop):
-            if raw is not None:
-                got.append(raw)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    reading = Reading(c)
     try:
         f = drops / "x.jsonl"
         f.write_bytes(jsonl([event(7)]))
         time.sleep(0.4)
-        assert got == []  # no signature yet: it waits, it does not quarantine at once
+        assert reading.got == []  # no signature yet: it waits, it does not quarantine at once
         sign_file(f, KEY)
-        deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert [c.normalize(r)[0].event_id for r in got] == ["e7"]
+        assert [e.event_id for e in reading.wait_for(1, 5)] == ["e7"]
         deadline = time.monotonic() + 5
         while f.exists() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (tmp_path / "done" / "x.jsonl").exists()
     finally:
-        stop.set()
-        t.join(5)
+        reading.close()
 
 
 def test_context_csv_watch_republishes_a_changed_file(tmp_path: Path) -> None:
@@ -333,30 +332,15 @@ def test_context_csv_watch_republishes_a_changed_file(tmp_path: Path) -> None:
         "patient_id,sealed_at,reason,authorized_user_ids\np1,2026-01-01T00:00:00+08:00,vip,u1\n"
     )
     c = build({"type": "context-csv", "directory": str(d), "watch": True, "poll_interval_s": 0.05})
-    stop = threading.Event()
-    got: list[Any] = []
-
-    def run() -> None:
-        for raw in c.records(None, stop):
-            if raw is not None:
-                got.append(raw)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    reading = Reading(c)
     try:
-        deadline = time.monotonic() + 5
-        while len(got) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        reading.wait_for(1, 5)
         time.sleep(0.1)
         sealed.write_text(sealed.read_text() + "p2,2026-02-01T00:00:00+08:00,psych,\n")
-        deadline = time.monotonic() + 5
-        while len(got) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        rows = [c.normalize(r)[0].row["patient_id"] for r in got]
+        rows = [u.row["patient_id"] for u in reading.wait_for(3, 5)]
         assert rows == ["p1", "p1", "p2"]  # the whole file again: rows are upserts
     finally:
-        stop.set()
-        t.join(5)
+        reading.close()
 
 
 def test_normalize_raises_only_event_errors_on_garbage(tmp_path: Path) -> None:
