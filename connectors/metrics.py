@@ -44,6 +44,12 @@ class ConnectorMetrics:
             ["source"],
             registry=r,
         )
+        self.refused = Counter(
+            "emrwatch_connector_refused",
+            "units (files, connections) refused or quarantined: failed TLS, bad signature, ...",
+            ["source", "status"],
+            registry=r,
+        )
         self._children: dict[tuple[str, str], Any] = {}
         self._bytes: dict[str, Any] = {}
         self._last: dict[str, float] = {}
@@ -64,3 +70,20 @@ class ConnectorMetrics:
 
     def batch(self, source: str) -> None:
         self.batches.labels(source).inc()
+
+
+class MeteredLedger:
+    """A ledger that also counts refused and quarantined units in :class:`ConnectorMetrics`."""
+
+    def __init__(self, ledger: Any, metrics: ConnectorMetrics) -> None:
+        self.inner = ledger
+        self.metrics = metrics
+
+    def receipt(self, source: str, unit: str, **kw: Any) -> None:
+        self.inner.receipt(source, unit, **kw)
+        status = kw.get("status", "accepted")
+        if status != "accepted":
+            self.metrics.refused.labels(source, status).inc()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

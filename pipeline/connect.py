@@ -157,7 +157,12 @@ class ConnectorService:
         state = Path(settings.ingest.state_dir)
         self.ledger = SqliteLedger(state / "ledger.sqlite")
         self.store = CheckpointStore(state / "checkpoints")
-        connectors = settings.build_connectors(ledger=self.ledger)
+        ledger: Any = self.ledger
+        if metrics is not None:
+            from connectors.metrics import MeteredLedger
+
+            ledger = MeteredLedger(self.ledger, metrics)
+        connectors = settings.build_connectors(ledger=ledger)
         if only:
             unknown = set(only) - {c.name for c in connectors}
             if unknown:

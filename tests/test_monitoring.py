@@ -16,6 +16,8 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from connectors.base import NullLedger
+from connectors.metrics import ConnectorMetrics, MeteredLedger
 from detectors.alerts import Alert
 from pipeline.stream_metrics import MAX_SOURCES, StreamMetrics
 from pipeline.stream_processor import BatchResult
@@ -30,6 +32,11 @@ def _exported() -> set[str]:
     m.new_alerts.labels(detector="x", severity="low").inc()
     m.lag.labels(partition="0").set(0)
     text = generate_latest(m.registry).decode()
+    c = ConnectorMetrics()  # `emrwatch connectors run --metrics-port`
+    c.record("src", "accepted", 10)
+    c.batch("src")
+    MeteredLedger(NullLedger(), c).receipt("src", "f", status="quarantined")
+    text += generate_latest(c.registry).decode()
     return {
         line.split("{")[0].split(" ")[0]
         for line in text.splitlines()
@@ -61,6 +68,8 @@ def test_rules_cover_the_four_conditions_and_use_exported_metrics():
         "EmrwatchPipelineStalled",
         "EmrwatchLagGrowing",
         "EmrwatchDeadLetterRate",
+        "EmrwatchSourceSilent",
+        "EmrwatchSourceRefused",
     } <= set(rules)
     exported = _exported()
     used = {name for expr in rules.values() for name in METRIC.findall(expr)}
@@ -185,3 +194,36 @@ def test_events_are_counted_by_their_source_header_on_the_real_broker(
         text = r.read().decode()
     assert _by_source(text) == {"audit.ndjson": 100.0, "fhir-ehr": 120.0, "unknown": 80.0}
     assert _processed(text) == len(events)
+
+
+def test_connector_metrics_count_refused_units_and_records_by_outcome(tmp_path: Path) -> None:
+    from connectors.files import sign_file
+    from connectors.registry import build
+    from connectors.testing import collect
+
+    drops = tmp_path / "drops"
+    drops.mkdir()
+    key = b"k" * 32
+    (tmp_path / "key").write_bytes(key)
+    (drops / "ok.jsonl").write_text(
+        '{"event_id":"e1","ts":"2026-03-01T08:00:00+08:00","user_id":"u1"}\n'
+    )
+    sign_file(drops / "ok.jsonl", key)
+    (drops / "forged.jsonl").write_text("{}\n")
+    (drops / "forged.jsonl.hmac").write_text("00" * 32)
+    m = ConnectorMetrics()
+    ledger = NullLedger()
+    c = build(
+        {
+            "type": "file",
+            "name": "drop-a",
+            "path": str(drops / "*.jsonl"),
+            "verify": "hmac-sha256",
+            "key_file": str(tmp_path / "key"),
+        },
+        ledger=MeteredLedger(ledger, m),
+    )
+    assert len(collect(c)) == 1
+    text = generate_latest(m.registry).decode()
+    assert 'emrwatch_connector_refused_total{source="drop-a",status="quarantined"} 1.0' in text
+    assert [r["status"] for r in ledger.receipts].count("accepted") == 1
