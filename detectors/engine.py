@@ -31,11 +31,10 @@ from detectors.cases import (
     new_case,
 )
 from detectors.config import DetectionConfig
-from detectors.explain import Explainer
-from detectors.rules import Rule, compile_matcher, load_rules
-from emrwatch.context import KNOWN_ROLES, Context
+from detectors.explain import DOCUMENTED, EMERGENCY, GRANT, EncounterState, Explainer
+from detectors.rules import FACT_FIELDS, Rule, compile_matcher, load_rules
+from emrwatch.context import KNOWN_ROLES, Context, Grant, Staff
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
-from emrwatch.timeutil import in_shift
 
 # imported here, not lazily: river's import takes a second, and replay workers fork from a
 # parent that has already paid it
@@ -78,31 +77,43 @@ class EngineStats:
 
 
 class Window:
-    """One correlation rule's event-time window for one user."""
+    """One correlation rule's event-time window for one user.
 
-    __slots__ = ("entries", "distinct", "switches")
+    ``distinct`` False skips the per-key counts, for windows that never count distinct keys
+    (the engine's ``events`` and ``switches`` windows): :meth:`count` then knows only those."""
 
-    def __init__(self) -> None:
+    __slots__ = ("entries", "distinct", "switches", "_track")
+
+    def __init__(self, distinct: bool = True) -> None:
         # (t, key, switched, explained, evidence)
         self.entries: deque[tuple[float, str, bool, bool, Evidence]] = deque()
         self.distinct: dict[str, int] = {}
         self.switches = 0
+        self._track = distinct
 
     def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> None:
         entries = self.entries
         switched = bool(entries) and entries[-1][1] != key
         entries.append((t, key, switched, explained, ev))
-        self.distinct[key] = self.distinct.get(key, 0) + 1
-        self.switches += switched
+        track = self._track
+        if track:
+            distinct = self.distinct
+            distinct[key] = distinct.get(key, 0) + 1
+        if switched:
+            self.switches += 1
         horizon = t - span
+        if entries[0][0] >= horizon:
+            return
         while entries and entries[0][0] < horizon:
             _, k, sw, _, _ = entries.popleft()
-            self.switches -= sw
-            n = self.distinct[k] - 1
-            if n:
-                self.distinct[k] = n
-            else:
-                del self.distinct[k]
+            if sw:
+                self.switches -= 1
+            if track:
+                n = self.distinct[k] - 1
+                if n:
+                    self.distinct[k] = n
+                else:
+                    del self.distinct[k]
             if entries and entries[0][2]:
                 # the new head's predecessor left the window: its switch no longer counts
                 head = entries[0]
@@ -144,7 +155,7 @@ class DayCounter:
 
 
 class UserState:
-    __slots__ = ("writes", "windows", "days", "case", "last_t", "models")
+    __slots__ = ("writes", "windows", "days", "case", "last_t", "models", "rel")
 
     def __init__(self) -> None:
         self.writes: dict[str, float] = {}
@@ -153,6 +164,80 @@ class UserState:
         self.case: Case | None = None
         self.last_t = 0.0
         self.models: UserModels | None = None
+        #: cache, not state: patient → what the context says about this user and patient
+        self.rel: dict[str, _Rel] = {}
+
+
+#: a user's relationship cache is cleared when it holds more patients than this
+REL_CACHE_SIZE = 64
+_INF = float("inf")
+
+
+class _UserInfo:
+    """What the context says about one user, valid for one context version."""
+
+    __slots__ = (
+        "version",
+        "staff",
+        "dept_kind",
+        "in_ed",
+        "static",
+        "template",
+        "valid_from",
+        "valid_until",
+        "shift",
+        "shift_start",
+        "shift_end",
+        "clearance",
+        "grants",
+    )
+
+    def __init__(
+        self,
+        version: int,
+        staff: Staff | None,
+        dept_kind: str,
+        in_ed: bool,
+        static: dict[str, Any],
+        grants: list[Grant] | None,
+    ) -> None:
+        self.version = version
+        self.staff = staff
+        self.dept_kind = dept_kind
+        self.in_ed = in_ed
+        self.static = static
+        #: every fact, the user's filled in: facts() copies it and sets the rest
+        self.template: dict[str, Any] = {k: None for k in FACT_FIELDS}
+        self.template["explanations"] = ()
+        self.template.update(static)
+        self.grants = grants
+        if staff is not None:
+            self.valid_from, self.valid_until = staff.valid_from, staff.valid_until
+            self.clearance = staff.clearance
+            s, e = staff.shift_start, staff.shift_end
+            self.shift = not (s is None or e is None or s == e)
+            self.shift_start, self.shift_end = s or 0, e or 0
+        else:
+            self.valid_from, self.valid_until = _INF, -_INF
+            self.clearance = 0
+            self.shift, self.shift_start, self.shift_end = False, 0, 0
+
+
+class _Rel:
+    """What the context says about one user's access to one patient (one context version):
+    the patient facts, from when a seal applies, and the encounter state of the explanation
+    with the times it holds for."""
+
+    __slots__ = ("version", "facts", "sensitivity", "seal_from", "enc")
+
+    def __init__(
+        self, version: int, facts: dict[str, Any], sensitivity: int, seal_from: float
+    ) -> None:
+        self.version = version
+        self.facts = facts
+        self.sensitivity = sensitivity
+        self.seal_from = seal_from
+        self.enc: EncounterState | None = None
 
 
 class Engine:
@@ -200,27 +285,44 @@ class Engine:
         # statistics for evaluation and metrics
         self.events = 0
         self.explained = 0
-        self.reason_counts: dict[str, int] = {}
         self.finding_counts: dict[str, int] = {r.id: 0 for r in self.rules}
         self.suppressed: dict[str, list[tuple[str, str]]] = {}  # exception id → [(rule, event)]
         self._clock = context.clock
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
-        self._user_cache: dict[str, tuple[int, tuple[Any, str, bool, dict[str, Any]]]] = {}
+        self._user_cache: dict[str, _UserInfo] = {}
+        self._documented_window = self.cfg.documented_window_s
+        self._reason_tuples: dict[tuple[str, ...], int] = {}  # reason codes → events
+        self._reason_order: list[str] = []
+        self._hour0 = self._hour1 = 0.0  # the hour whose UTC offset is cached
+        self._offset = 0
+        # the correlation rules, unpacked for the hot path
+        self._agg_plan = [
+            (
+                r,
+                r.aggregate,
+                r.aggregate.count,
+                r.aggregate.field,
+                r.aggregate.timespan_s,
+                r.aggregate.gte,
+            )
+            for r in self.agg_rules
+            if r.aggregate is not None
+        ]
         self._dirty: dict[
             str, tuple[str, Case]
         ] = {}  # alert id → (user, case) changed since the last drain
 
     # ------------------------------------------------------------------ facts
-    def _user_facts(self, user_id: str) -> tuple[Any, str, bool, dict[str, Any]]:
-        """(staff, department kind, in ED, facts that depend only on the user), cached until
-        the context changes."""
-        hit = self._user_cache.get(user_id)
-        if hit is not None and hit[0] == self.ctx.version:
-            return hit[1]
-        staff = self.ctx.staff.get(user_id)
+    def _user_info(self, user_id: str) -> _UserInfo:
+        """The user's static facts, cached until the context changes."""
+        info = self._user_cache.get(user_id)
+        ctx = self.ctx
+        if info is not None and info.version == ctx.version:
+            return info
+        staff = ctx.staff.get(user_id)
         if staff is not None:
-            dept = self.ctx.departments.get(staff.department_id)
+            dept = ctx.departments.get(staff.department_id)
             dept_kind = dept.kind if dept is not None else "clinical"
             in_ed = dept is not None and dept.is_emergency
             role = staff.role
@@ -237,70 +339,132 @@ class Engine:
             "grant_only_role": role in self.grant_only,
             "clerk_role": role in self.clerks,
         }
-        value = (staff, dept_kind, in_ed, static)
-        self._user_cache[user_id] = (self.ctx.version, value)
-        return value
+        info = _UserInfo(ctx.version, staff, dept_kind, in_ed, static, ctx.grants.get(user_id))
+        self._user_cache[user_id] = info
+        return info
 
-    def facts(self, e: AccessEvent, st: UserState) -> dict[str, Any]:
-        """Everything the rules may test about one access (``rules.FACT_FIELDS``)."""
+    def _user_facts(self, user_id: str) -> tuple[Any, str, bool, dict[str, Any]]:
+        """(staff, department kind, in ED, facts that depend only on the user), cached until
+        the context changes."""
+        info = self._user_info(user_id)
+        return info.staff, info.dept_kind, info.in_ed, info.static
+
+    def _rel(self, info: _UserInfo, user_id: str, patient_id: str, st: UserState) -> _Rel:
+        """The patient facts of ``user_id``'s access to ``patient_id`` (cached per user)."""
         ctx = self.ctx
-        t = e.t
-        staff, dept_kind, user_in_ed, ufacts = self._user_facts(e.user_id)
-        patient = ctx.patients.get(e.patient_id) if e.patient_id else None
-        if staff is not None:
-            clearance = staff.clearance
-            active = staff.valid_from <= t < staff.valid_until
-            off_shift = not in_shift(
-                self._clock.minute_of_day(t), staff.shift_start, staff.shift_end
-            )
-        else:
-            clearance, active, off_shift = 0, False, False
-        write = e.action in WRITE_ACTIONS and e.outcome == "success"
-        last_write = t if write else st.writes.get(e.patient_id)
-        reasons, grant_covered = self.explainer.explain(e, staff, last_write, dept_kind, user_in_ed)
+        patient = ctx.patients.get(patient_id) if patient_id else None
+        staff = info.staff
         if patient is not None:
             sensitivity = patient.sensitivity
             emp = patient.employee_user_id
-            self_access = emp == e.user_id
+            self_access = emp == user_id
             family = (
                 bool(patient.family_key)
                 and staff is not None
                 and patient.family_key == staff.family_key
             )
-            seal = ctx.seals.get(e.patient_id)
-            sealed = seal is not None and t >= seal.sealed_at and e.user_id not in seal.authorized
+            seal = ctx.seals.get(patient_id)
+            seal_from = (
+                seal.sealed_at if seal is not None and user_id not in seal.authorized else _INF
+            )
             vip = patient.vip
         else:
-            sensitivity, emp, self_access, family, sealed, vip = 0, "", False, False, False, False
-        return {
-            **ufacts,
-            "action": e.action,
-            "resource_type": e.resource_type,
-            "outcome": e.outcome,
-            "emergency": e.emergency,
-            "purpose": e.purpose,
-            "workstation": e.workstation,
-            "source": e.source,
-            "event_category": e.event_category,
-            "account_active": active,
+            sensitivity, emp, self_access, family, seal_from, vip = 0, "", False, False, _INF, False
+        facts = {
             "known_patient": patient is not None,
             "sensitivity": sensitivity,
             "vip": vip,
             "patient_is_employee": bool(emp),
-            "explained": bool(reasons),
-            "explanations": reasons,
             "self_access": self_access,
             "coworker": bool(emp) and not self_access,
             "family": family and not self_access,
-            "sealed_violation": sealed,
-            "off_shift": off_shift,
-            "above_clearance": patient is not None and sensitivity > clearance,
-            "clinical_resource": e.resource_type not in self.non_clinical,
-            "exfiltration": e.action in EXFIL_ACTIONS,
-            "write": write,
-            "denied": e.outcome == "failure",
-            "grant_covered": grant_covered,
+            "above_clearance": patient is not None and sensitivity > info.clearance,
         }
+        rel = _Rel(ctx.version, facts, sensitivity, seal_from)
+        cache = st.rel
+        if len(cache) >= REL_CACHE_SIZE:
+            cache.clear()
+        cache[patient_id] = rel
+        return rel
+
+    def facts(self, e: AccessEvent, st: UserState) -> dict[str, Any]:
+        """Everything the rules may test about one access (``rules.FACT_FIELDS``), plus
+        ``explanations`` (the reason codes)."""
+        return self._facts(e, st, e.t + self._clock.offset(e.t))
+
+    def _facts(self, e: AccessEvent, st: UserState, lt: float) -> dict[str, Any]:
+        """:meth:`facts`, given the event's local time ``lt``.
+
+        The hot path: what depends only on the user, or on the user and the patient, is
+        cached (per context version), and the explanation's encounter scan is reused while
+        the event time stays in the range over which its outcome cannot change."""
+        t = e.t
+        user_id = e.user_id
+        patient_id = e.patient_id
+        info = self._user_cache.get(user_id)
+        if info is None or info.version != self.ctx.version:
+            info = self._user_info(user_id)
+        rel = st.rel.get(patient_id)
+        if rel is None or rel.version != info.version:
+            rel = self._rel(info, user_id, patient_id, st)
+        action = e.action
+        outcome = e.outcome
+        write = action in WRITE_ACTIONS and outcome == "success"
+        staff = info.staff
+        if staff is not None:
+            active = info.valid_from <= t < info.valid_until
+            if info.shift:
+                m = int((lt % 86400) // 60)  # LocalClock.minute_of_day
+                s0, s1 = info.shift_start, info.shift_end
+                off_shift = not (s0 <= m < s1) if s0 < s1 else not (m >= s0 or m < s1)
+            else:
+                off_shift = False
+            es = rel.enc
+            if es is None or not (
+                es.lo_in <= t and es.lo_ex < t and t <= es.hi_in and t < es.hi_ex
+            ):
+                es = rel.enc = self.explainer.encounter_state(
+                    user_id, staff, patient_id, t, info.dept_kind, info.in_ed
+                )
+            # the per-event part of Explainer.finish, inlined
+            grant_covered = False
+            grants = info.grants
+            if grants:
+                for g in grants:
+                    if g.covers(t, action, es.seen):
+                        grant_covered = True
+                        break
+            last_write = t if write else st.writes.get(patient_id)
+            idx = GRANT if grant_covered else 0
+            if last_write is not None and t - last_write <= self._documented_window:
+                idx |= DOCUMENTED
+            if e.emergency:
+                idx |= EMERGENCY
+            reasons = es.table[idx]
+        else:
+            active = off_shift = grant_covered = False
+            reasons = ()
+        f = info.template.copy()
+        f.update(rel.facts)
+        f["action"] = action
+        f["resource_type"] = e.resource_type
+        f["outcome"] = outcome
+        f["emergency"] = e.emergency
+        f["purpose"] = e.purpose
+        f["workstation"] = e.workstation
+        f["source"] = e.source
+        f["event_category"] = e.event_category
+        f["account_active"] = active
+        f["explained"] = bool(reasons)
+        f["explanations"] = reasons
+        f["sealed_violation"] = t >= rel.seal_from
+        f["off_shift"] = off_shift
+        f["clinical_resource"] = e.resource_type not in self.non_clinical
+        f["exfiltration"] = action in EXFIL_ACTIONS
+        f["write"] = write
+        f["denied"] = outcome == "failure"
+        f["grant_covered"] = grant_covered
+        return f
 
     # ------------------------------------------------------------------ processing
     def process_dict(self, d: dict[str, Any]) -> list[Alert]:
@@ -359,24 +523,42 @@ class Engine:
         self._dirty.clear()
         return out
 
+    def _local(self, t: float) -> float:
+        """``t`` shifted to local time (the clock's per-hour UTC offset, cached for the hour
+        the events are in: consecutive events mostly share it)."""
+        if not (self._hour0 <= t < self._hour1):
+            h = int(t // 3600)
+            self._hour0, self._hour1 = h * 3600.0, (h + 1) * 3600.0
+            self._offset = self._clock.offset(t)
+        return t + self._offset
+
     def ingest(self, e: AccessEvent) -> None:
         """Update state and cases for one event; alerts come out of :meth:`drain`."""
-        st = self.users.get(e.user_id)
+        user_id = e.user_id
+        st = self.users.get(user_id)
         if st is None:
-            st = self.users[e.user_id] = UserState()
+            st = self.users[user_id] = UserState()
         t = e.t
         if t > st.last_t:
             st.last_t = t
-        f = self.facts(e, st)
+        lt = self._local(t)
+        f = self._facts(e, st, lt)
         self.events += 1
         reasons = f["explanations"]
         if reasons:
             self.explained += 1
-            rc = self.reason_counts
-            for r in reasons:
-                rc[r] = rc.get(r, 0) + 1
+            rt = self._reason_tuples
+            n = rt.get(reasons)
+            if n is None:
+                rt[reasons] = 1
+                # codes in order of first appearance, as counting them one by one gives
+                self._reason_order.extend(r for r in reasons if r not in self._reason_order)
+            else:
+                rt[reasons] = n + 1
         elif self.unexplained_ids is not None:
             self.unexplained_ids.add(e.event_id)
+        explained = f["explained"]
+        patient_id = e.patient_id
         case = st.case
         cfg = self.cfg
         if case is not None and (
@@ -387,72 +569,85 @@ class Engine:
         opened = case
         version0 = case.version if case is not None else -1
         fired0 = len(case.fired) if case is not None else -1
-        if f["write"] and e.patient_id:
-            st.writes[e.patient_id] = t
+        if f["write"] and patient_id:
+            st.writes[patient_id] = t
             if case is not None and self.retractable:
-                case.retract(self.retractable, e.patient_id, t - cfg.documented_grace_s)
+                case.retract(self.retractable, patient_id, t - cfg.documented_grace_s)
         ev: Evidence = (
             e.event_id,
             t,
-            e.patient_id,
+            patient_id,
             e.action,
             e.resource_type,
             e.workstation,
             f["sensitivity"],
         )
         models = self.models
-        if models is not None and e.patient_id:
+        if models is not None and patient_id:
             um = st.models
             if um is None:
                 um = st.models = models.new_user()
-            for vs in models.observe(e, f, um, ev):
-                case = self._learned(st, e.user_id, vs, case, t)
-        event_rules = self.event_rules
-        for i in self._match_event(f):
-            rule = event_rules[i]
-            if self._suppressed(rule, e, f):
-                continue
-            if case is None:
-                case = st.case = new_case(e.user_id, e.event_id, t)
-            case.add(rule, ev)
-            self.finding_counts[rule.id] += 1
-        agg_rules = self.agg_rules
+            visits = models.observe(e, f, um, ev)
+            if visits:
+                for vs in visits:
+                    case = self._learned(st, user_id, vs, case, t)
+        matched = self._match_event(f)
+        if matched:
+            event_rules = self.event_rules
+            for i in matched:
+                rule = event_rules[i]
+                if self.exceptions and self._suppressed(rule, e, f):
+                    continue
+                if case is None:
+                    case = st.case = new_case(user_id, e.event_id, t)
+                case.add(rule, ev)
+                self.finding_counts[rule.id] += 1
+        agg_rules = self._agg_plan
         for i in self._match_agg(f):
-            rule = agg_rules[i]
-            agg = rule.aggregate
-            if agg.count == "day_distinct":  # type: ignore[union-attr]
-                fired, extras = self._day_count(rule, st, e, f, ev)
+            rule, agg, kind, fld, span, gte = agg_rules[i]
+            if kind == "day_distinct":
+                # today's distinct count, inlined up to the thresholds: it runs for most events
+                dc = st.days.get(rule.id)
+                if dc is None:
+                    dc = st.days[rule.id] = DayCounter()
+                day = int(lt // 86400)
+                if day != dc.day:
+                    dc.roll(day, cfg.volume_history_days)
+                dc.patients.add(patient_id)
+                if not explained:
+                    dc.unexplained.append(ev)
+                    dc.unexplained_patients.add(patient_id)
+                if (
+                    len(dc.patients) < gte
+                    or len(dc.history) < agg.min_history_days
+                    or len(dc.unexplained_patients) < agg.min_unexplained
+                ):
+                    continue
+                fired, extras = self._day_fires(rule, st, dc, explained, ev)
             else:
                 # windowed correlation, inlined: it runs for most events
                 w = st.windows.get(rule.id)
                 if w is None:
-                    w = st.windows[rule.id] = Window()
-                kind = agg.count  # type: ignore[union-attr]
-                w.push(
-                    t,
-                    e.event_id if kind == "events" else getattr(e, agg.field),
-                    f["explained"],  # type: ignore[union-attr]
-                    ev,
-                    agg.timespan_s,
-                )  # type: ignore[union-attr]
+                    w = st.windows[rule.id] = Window(kind == "distinct")
+                w.push(t, e.event_id if kind == "events" else getattr(e, fld), explained, ev, span)
                 n = (
                     len(w.entries)
                     if kind == "events"
                     else (len(w.distinct) if kind == "distinct" else w.switches)
                 )
-                if n < agg.gte:  # type: ignore[union-attr]
+                if n < gte:
                     continue
-                if agg.evidence == "unexplained":  # type: ignore[union-attr]
+                if agg.evidence == "unexplained":
                     fired = [x[4] for x in w.entries if not x[3]]
                 else:
                     fired = [x[4] for x in w.entries]
                 extras = None
-            if not fired or self._suppressed(rule, e, f):
+            if not fired or (self.exceptions and self._suppressed(rule, e, f)):
                 continue
             if case is None:
                 # the id comes from the event that opened the case, which no other case can
                 # share (a window's first event may already belong to a closed case)
-                case = st.case = new_case(e.user_id, e.event_id, t)
+                case = st.case = new_case(user_id, e.event_id, t)
             if extras:
                 case.extras[rule.id] = extras
             for item in fired:
@@ -469,7 +664,7 @@ class Engine:
             ):
                 case.touched_t = t
             if case.dirty:
-                self._dirty[case.alert_id] = (e.user_id, case)
+                self._dirty[case.alert_id] = (user_id, case)
 
     def _learned(
         self, st: UserState, user_id: str, vs: VisitScore, case: Case | None, t: float
@@ -507,7 +702,8 @@ class Engine:
     def _day_count(
         self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any], ev: Evidence
     ) -> tuple[list[Evidence], dict[str, Any] | None]:
-        """Update today's distinct count; return the evidence to add when the rule holds."""
+        """Update today's distinct count; return the evidence to add when the rule holds.
+        (:meth:`ingest` runs the same steps inlined.)"""
         agg = rule.aggregate
         assert agg is not None
         explained = f["explained"]
@@ -519,15 +715,22 @@ class Engine:
         if not explained:
             dc.unexplained.append(ev)
             dc.unexplained_patients.add(e.patient_id)
-        n = len(dc.patients)
-        hist = dc.history
         if (
-            n < agg.gte
-            or len(hist) < agg.min_history_days
+            len(dc.patients) < agg.gte
+            or len(dc.history) < agg.min_history_days
             or len(dc.unexplained_patients) < agg.min_unexplained
         ):
             return [], None
-        base = statistics.median(hist)
+        return self._day_fires(rule, st, dc, explained, ev)
+
+    def _day_fires(
+        self, rule: Rule, st: UserState, dc: DayCounter, explained: bool, ev: Evidence
+    ) -> tuple[list[Evidence], dict[str, Any] | None]:
+        """Today's count passed the rule's thresholds: against the user's own history?"""
+        agg = rule.aggregate
+        assert agg is not None
+        n = len(dc.patients)
+        base = statistics.median(dc.history)
         if n < agg.baseline_ratio * base:
             return [], None
         extras = {
@@ -585,6 +788,15 @@ class Engine:
 
     # ------------------------------------------------------------------ stats
     @property
+    def reason_counts(self) -> dict[str, int]:
+        """Explained events per reason code."""
+        rc: dict[str, int] = dict.fromkeys(self._reason_order, 0)
+        for reasons, n in self._reason_tuples.items():
+            for r in reasons:
+                rc[r] = rc.get(r, 0) + n
+        return rc
+
+    @property
     def explained_share(self) -> float:
         return self.explained / self.events if self.events else 0.0
 
@@ -630,7 +842,7 @@ class Engine:
                 rule = self.rule_by_id.get(rid)
                 if rule is None or rule.aggregate is None:
                     continue
-                w = st.windows[rid] = Window()
+                w = st.windows[rid] = Window(rule.aggregate.count == "distinct")
                 for t, key, _sw, explained, ev in entries:
                     w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
             for rid, (day, patients, unexplained, history, fired) in o["days"].items():

@@ -246,6 +246,10 @@ class Visit:
         return v
 
 
+def _visit_order(v: Visit) -> tuple[float, str]:
+    return (v.last_t, v.patient_id)
+
+
 class UserBehaviour:
     """One user's own history, as the features need it. Bounded in size."""
 
@@ -260,6 +264,7 @@ class UserBehaviour:
         "workstations",
         "patients",
         "recent",
+        "recent_comms",
         "hour",
         "hour_count",
         "hourly",
@@ -277,6 +282,7 @@ class UserBehaviour:
         self.workstations: dict[str, float] = {}
         self.patients: dict[str, float] = {}
         self.recent: deque[tuple[float, str]] = deque()  # (visit start, community), last hour
+        self.recent_comms: dict[str, int] = {}  # community → visits of it in ``recent``
         self.hour = -1  # index of the current clock hour
         self.hour_count = 0  # visits in it
         self.hourly = -1.0  # EWMA visits per active hour; -1: none yet
@@ -294,13 +300,18 @@ class UserBehaviour:
         if len(opened) - len(done) > MAX_OPEN_VISITS:
             rest = sorted(
                 (v for v in opened.values() if v.last_t >= horizon),
-                key=lambda v: (v.last_t, v.patient_id),
+                key=_visit_order,
             )
             done += rest[: len(rest) - MAX_OPEN_VISITS]
-        done.sort(key=lambda v: (v.last_t, v.patient_id))
+        if len(done) > 1:
+            done.sort(key=_visit_order)
         for v in done:
             del opened[v.patient_id]
-        self.oldest = min((v.last_t for v in opened.values()), default=math.inf)
+        oldest = math.inf
+        for v in opened.values():
+            if v.last_t < oldest:
+                oldest = v.last_t
+        self.oldest = oldest
         return done
 
     def close_all(self) -> list[Visit]:
@@ -339,9 +350,16 @@ class UserBehaviour:
         """A visit starts at ``t``: keep the last hour of visits and the hourly rate."""
         rec = self.recent
         rec.append((t, community))
+        comms = self.recent_comms
+        comms[community] = comms.get(community, 0) + 1
         horizon = t - HOUR
         while rec and rec[0][0] < horizon:
-            rec.popleft()
+            c = rec.popleft()[1]
+            n = comms[c] - 1
+            if n:
+                comms[c] = n
+            else:
+                del comms[c]
         h = int(t // HOUR)
         if h != self.hour:
             if self.hour >= 0 and self.hour_count:
@@ -382,6 +400,8 @@ class UserBehaviour:
         st.workstations = dict(o["workstations"])
         st.patients = dict(o["patients"])
         st.recent = deque((t, c) for t, c in o["recent"])
+        for _, c in st.recent:
+            st.recent_comms[c] = st.recent_comms.get(c, 0) + 1
         st.hour, st.hour_count, st.hourly = o["hour"]
         st.visits = o["visits"]
         return st
@@ -404,7 +424,16 @@ def visit_features(
     user_id: str = "",
 ) -> dict[str, float]:
     """The features of a closed visit, judged against the user's history *before* it."""
-    base = priors.baseline(group, role)
+    return features_against(
+        v, st, priors.baseline(group, role), priors.community_prior(user_id, group, role)
+    )
+
+
+def features_against(
+    v: Visit, st: UserBehaviour, base: PeerBaseline, comm_prior: dict[str, float]
+) -> dict[str, float]:
+    """:func:`visit_features` with the user's peer baseline and community prior looked up
+    already (they depend on the user alone, so the runtime keeps them per user)."""
     n = v.n or 1
     rare = 0.0
     rare_n = 0
@@ -419,12 +448,11 @@ def visit_features(
             rare = r
         if p < RARE:
             rare_n += c
-    comm_prior = priors.community_prior(user_id, group, role)
-    outside = -math.log(_blend(st.communities, st.communities_total, comm_prior, v.community))
+    outside = -log(_blend(st.communities, st.communities_total, comm_prior, v.community))
     usual_writes = st.write_rate if st.write_rate >= 0 else base.write_visit_share
     usual_rate = max(1.0, st.hourly if st.hourly > 0 else 0.0, base.visits_per_hour)
     last_hour = len(st.recent)
-    comms = {c for _, c in st.recent}
+    comms = len(st.recent_comms)  # distinct communities of the last hour's visits
     return {
         "unusual_reads": min(1.0, rare / RARITY_SCALE),
         "unusual_share": rare_n / n,
@@ -441,5 +469,5 @@ def visit_features(
             else 0.0
         ),
         "patients_per_hour": last_hour / (last_hour + usual_rate),
-        "communities_per_hour": min(1.0, (len(comms) - 1) / 5.0) if comms else 0.0,
+        "communities_per_hour": min(1.0, (comms - 1) / 5.0) if comms else 0.0,
     }

@@ -80,13 +80,22 @@ class HistogramSurprise:
         return cls(features, tables, term_cap)
 
     def score(self, role: str, x: dict[str, float]) -> tuple[float, dict[str, float]]:
+        return self.score_table(self.table(role), x)
+
+    def table(self, role: str) -> list[tuple[str, list[float]]]:
+        """The histograms that apply to ``role``, in feature order (for :meth:`score_table`)."""
         t = self.tables.get(role) or self.tables["*"]
+        return [(f, t[f]) for f in self.features]
+
+    def score_table(
+        self, table: list[tuple[str, list[float]]], x: dict[str, float]
+    ) -> tuple[float, dict[str, float]]:
         terms: dict[str, float] = {}
         total = 0.0
         cap = self.term_cap
-        for f in self.features:
+        for f, costs in table:
             b = int(x[f] * BINS)
-            c = t[f][BINS - 1 if b >= BINS else (0 if b < 0 else b)]
+            c = costs[BINS - 1 if b >= BINS else (0 if b < 0 else b)]
             if c:
                 if c > cap:
                     c = cap

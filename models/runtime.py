@@ -36,9 +36,9 @@ from models.features import (
     Priors,
     UserBehaviour,
     Visit,
+    features_against,
     patient_department,
     peer_key,
-    visit_features,
 )
 from models.online import HSTState, QuantileGate, SharedHalfSpaceTrees
 from models.population import HistogramSurprise, TailCalibration
@@ -46,6 +46,8 @@ from models.registry import DEFAULT_REGISTRY, ModelRegistry, RegistryError
 
 #: the registry entries an engine runs (each optional but ``visits``)
 MODEL_NAMES = ("visits", "cases")
+_NONE: list[Any] = []  # observe() closed no visit (never appended to)
+_NO_TERMS: dict[str, float] = {}
 
 
 @dataclass
@@ -151,7 +153,7 @@ def registry_for(path: str) -> ModelRegistry | None:
 class UserModels:
     """One user's model state."""
 
-    __slots__ = ("behaviour", "hst", "gate", "scored", "group", "key", "means")
+    __slots__ = ("behaviour", "hst", "gate", "scored", "group", "key", "means", "prep")
 
     def __init__(self, hst: HSTState) -> None:
         self.behaviour = UserBehaviour()
@@ -161,6 +163,8 @@ class UserModels:
         self.group = ""  # peer group (department/role)
         self.key = ""  # role@department kind: which population histograms apply
         self.means: dict[str, float] = {}  # running mean of each feature (for attribution)
+        #: cache, not state: what the scorer looks up for this user (see ``_prepare``)
+        self.prep: _Prep | None = None
 
     def to_obj(self) -> dict[str, Any]:
         return {
@@ -185,7 +189,29 @@ class UserModels:
         return um
 
 
-@dataclass
+class _Prep:
+    """What scoring a user's visits looks up that depends on the user and the installed
+    models alone: the peer baseline, the community prior, the population keys and their
+    calibrations."""
+
+    __slots__ = ("bundle", "base", "comm_prior", "table_e", "table_u", "cal_e", "cal_u")
+
+    def __init__(self, scorer: ModelScorer, um: UserModels, user_id: str) -> None:
+        role = um.key.partition("@")[0]
+        priors = scorer.priors
+        self.bundle = scorer.bundle
+        self.base = priors.baseline(um.group, role)
+        self.comm_prior = priors.community_prior(user_id, um.group, role)
+        cal = scorer.calibration
+        pe, pu = f"{um.key}|e", f"{um.key}|u"
+        self.cal_e = cal.get(pe) or scorer.global_cal
+        self.cal_u = cal.get(pu) or scorer.global_cal
+        sur = scorer.surprise
+        self.table_e = sur.table(pe) if sur is not None else None
+        self.table_u = sur.table(pu) if sur is not None else None
+
+
+@dataclass(slots=True)
 class VisitScore:
     """A closed visit, its features and its scores (all higher = more suspicious)."""
 
@@ -288,10 +314,10 @@ class ModelScorer:
         """Add one access to the user's open visit; score the visits it closes."""
         bh = um.behaviour
         t = e.t
-        out: list[VisitScore] = []
         if t - bh.oldest > VISIT_GAP_S or len(bh.open) > MAX_OPEN_VISITS:
-            for v in bh.expired(t):
-                out.append(self.score_visit(e.user_id, um, v))
+            out = [self.score_visit(e.user_id, um, v) for v in bh.expired(t)]
+        else:
+            out = _NONE
         if not um.key:
             um.group = peer_key(f["user_department"], f["role"])
             um.key = f"{f['role']}@{f['user_department_kind'] or 'clinical'}"
@@ -305,15 +331,23 @@ class ModelScorer:
             bh.roll(t, comm)
             if t < bh.oldest:
                 bh.oldest = t
-        v.add(
-            f"{e.resource_type}.{e.action}",
-            f["explained"],
-            f["write"],
-            f["exfiltration"],
-            f["denied"],
-            f["off_shift"],
-            ev,
-        )
+        # Visit.add, inlined: it runs for every access
+        v.n += 1
+        v.last_t = ev[1]
+        if not f["explained"]:
+            v.unexplained += 1
+        if f["write"]:
+            v.writes += 1
+        if f["exfiltration"]:
+            v.exfil += 1
+        if f["denied"]:
+            v.denied += 1
+        if f["off_shift"]:
+            v.off_shift += 1
+        kinds = v.kinds
+        kind = f"{e.resource_type}.{e.action}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+        v.evidence.append(ev)
         return out
 
     def close_all(self, user_id: str, um: UserModels) -> list[VisitScore]:
@@ -323,15 +357,16 @@ class ModelScorer:
     def score_visit(self, user_id: str, um: UserModels, v: Visit) -> VisitScore:
         if self._reset_trees and len(um.hst.l_mass) != self.trees.size:
             um.hst = self.trees.new_state()
-        x = visit_features(
-            v, um.behaviour, self.priors, um.group, um.key.partition("@")[0], user_id
-        )
+        prep = um.prep
+        if prep is None or prep.bundle is not self.bundle:
+            prep = um.prep = _Prep(self, um, user_id)
+        x = features_against(v, um.behaviour, prep.base, prep.comm_prior)
         explained = v.unexplained * 2 < v.n
-        pkey = f"{um.key}|{'e' if explained else 'u'}"
-        peer, terms = 0.0, {}
-        if self.surprise is not None:
-            raw, terms = self.surprise.score(pkey, x)
-            cal = self.calibration.get(pkey) or self.global_cal
+        peer, terms = 0.0, _NO_TERMS
+        table = prep.table_e if explained else prep.table_u
+        if table is not None:
+            raw, terms = self.surprise.score_table(table, x)  # type: ignore[union-attr]
+            cal = prep.cal_e if explained else prep.cal_u
             peer = cal.level(raw) if cal is not None else 0.0
         trees, st = self.trees, um.hst
         p = self.bundle.behaviour

@@ -48,6 +48,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--data", default=None, help="use this simulated hospital instead")
+    parser.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="only the replay measurements (costs per component, 1 and 2 workers); no broker",
+    )
+    parser.add_argument(
+        "--replay-runs", type=int, default=3, help="replay runs per worker count (best is kept)"
+    )
 
 
 def _log(args: argparse.Namespace, msg: str) -> None:
@@ -172,6 +180,156 @@ def _latency_run(
     }
 
 
+# ---------------------------------------------------------------------- replay measurements
+# peak memory: VmHWM of this interpreter (ru_maxrss would include the forked bench process
+# it was exec'd from) and the largest replay worker
+_REPLAY_SNIPPET = """
+import json, resource, sys
+from pipeline.replay import replay_file
+r = replay_file(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]))
+hwm = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        hwm = int(line.split()[1])
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"events": r.events, "seconds": r.seconds, "alerts": len(r.alerts),
+                  "peak_rss_mb": max(hwm, kids) / 1024}))
+"""
+
+
+def replay_rates(data: Path, workers: int, runs: int) -> dict[str, Any]:
+    """``emrwatch replay`` of ``data`` with ``workers`` processes, ``runs`` times, each in a
+    fresh interpreter (so peak memory is the replay's alone): the best rate and its memory."""
+    import subprocess
+
+    best: dict[str, Any] | None = None
+    for _ in range(max(1, runs)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _REPLAY_SNIPPET,
+                str(data),
+                str(data / "events.ndjson"),
+                str(workers),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        if best is None or r["seconds"] < best["seconds"]:
+            best = r
+    assert best is not None
+    best["events_per_s"] = best["events"] / best["seconds"] if best["seconds"] else 0.0
+    return best
+
+
+def component_costs(data: Path, runs: int = 3) -> dict[str, float]:
+    """Microseconds per event of each part of a replay, one process, best of ``runs``:
+    parsing, the rules engine (models off), and each learned model: the visit features,
+    the population histograms (HBOS + calibration), the per-user HalfSpaceTrees, the case
+    model, and the per-access visit bookkeeping (what the visit models cost minus the rest).
+    The per-model parts are timed inside one full run (perf_counter around each call)."""
+    import gc
+    from dataclasses import replace as dc_replace
+
+    import models.runtime as runtime
+    from connectors.readers import read_events
+    from detectors.config import DetectionConfig
+    from detectors.engine import Engine
+    from emrwatch.context import Context
+    from emrwatch.events import AccessEvent
+    from models.batch import CaseScorer
+    from models.online import SharedHalfSpaceTrees
+    from models.population import HistogramSurprise, TailCalibration
+    from models.runtime import ModelScorer
+    from pipeline.replay import run_engine
+
+    ctx = Context.load(data)
+    path = data / "events.ndjson"
+    parse = float("inf")
+    events: list[AccessEvent] = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        events = [e for _, e, _ in read_events(path, "auto") if isinstance(e, AccessEvent)]
+        parse = min(parse, time.perf_counter() - t0)
+    n = max(1, len(events))
+    cfg = DetectionConfig()
+
+    def best(make: Any) -> float:
+        b = float("inf")
+        for _ in range(runs):
+            eng = make()
+            gc.collect()
+            t0 = time.perf_counter()
+            run_engine(eng, events)
+            b = min(b, time.perf_counter() - t0)
+        return b
+
+    rules = best(lambda: Engine(ctx, dc_replace(cfg, model_registry="none")))
+
+    def visits_only() -> Engine:
+        full = ModelScorer.from_registry(ctx, cfg.model_registry)
+        if full is None:
+            return Engine(ctx, dc_replace(cfg, model_registry="none"))
+        return Engine(ctx, cfg, models=ModelScorer(ctx, dc_replace(full.bundle, case_model=None)))
+
+    visits = best(visits_only)
+    full = best(lambda: Engine(ctx, cfg))
+
+    # one more full run with the models' entry points timed
+    spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    patches: list[tuple[Any, str, Any]] = []
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        fn = getattr(owner, name)
+        clock = time.perf_counter
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = clock()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + clock() - t0
+                calls[label] = calls.get(label, 0) + 1
+
+        patches.append((owner, name, fn))
+        setattr(owner, name, wrapper)
+
+    timed(runtime, "features_against", "features")
+    timed(HistogramSurprise, "score_table", "population")
+    timed(TailCalibration, "level", "calibration")
+    timed(SharedHalfSpaceTrees, "score_one", "trees")
+    timed(SharedHalfSpaceTrees, "learn_one", "trees")
+    timed(CaseScorer, "score", "case_model")
+    timed(ModelScorer, "score_visit", "score_visit")
+    try:
+        run_engine(Engine(ctx, cfg), events)
+    finally:
+        for owner, name, fn in reversed(patches):
+            setattr(owner, name, fn)
+    us = 1e6 / n
+    visit_models = (visits - rules) * us
+    per_visit = spent.get("score_visit", 0.0) * us
+    return {
+        "events": float(len(events)),
+        "visits": float(calls.get("score_visit", 0)),
+        "parse_us": parse * us,
+        "rules_us": rules * us,
+        "models_us": (full - rules) * us,
+        "visit_models_us": visit_models,
+        "case_model_us": (full - visits) * us,
+        "features_us": spent.get("features", 0.0) * us,
+        "population_us": (spent.get("population", 0.0) + spent.get("calibration", 0.0)) * us,
+        "trees_us": spent.get("trees", 0.0) * us,
+        "case_model_inference_us": spent.get("case_model", 0.0) * us,
+        "visit_bookkeeping_us": max(0.0, visit_models - per_visit),
+        "total_us": (parse + full) * us,
+    }
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="emrwatch-bench-"))
     try:
@@ -198,16 +356,26 @@ def _run_bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         _log(args, f"simulating {args.days} day(s) at scale {args.scale} …")
         simulate(data, days=args.days, seed=args.seed, scale=args.scale)
     events_path = data / "events.ndjson"
+    result: dict[str, Any] = {}
+    _log(args, "costs per component (one process, best of runs) …")
+    result["costs_us_per_event"] = component_costs(data, max(1, args.replay_runs))
+    for w in (1, 2):
+        _log(args, f"replay with {w} worker(s) …")
+        result[f"replay_{w}w"] = replay_rates(data, w, args.replay_runs)
+    if args.replay_only:
+        result["events"] = int(result["costs_us_per_event"]["events"])
+        result["replay_events_per_s"] = result["replay_1w"]["events_per_s"]
+        return result
     items = [
         (n, e, b"") for n, e, _raw in read_events(events_path, "auto") if isinstance(e, AccessEvent)
     ]
     _log(args, f"{len(items)} events; in-process replay …")
     rep = replay_file(data, events_path)
-    result: dict[str, Any] = {
-        "events": len(items),
-        "replay_events_per_s": rep.events_per_s,
-        "replay_alerts": len(rep.alerts),
-    }
+    result.update(
+        events=len(items),
+        replay_events_per_s=rep.events_per_s,
+        replay_alerts=len(rep.alerts),
+    )
     logdir = tmp / "logs"
     logdir.mkdir()
     with EmbeddedBroker(log_dir=tmp / "broker") as broker:
@@ -268,6 +436,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     print()
     print(f"events                     {res['events']:>12,}")
+    c = res["costs_us_per_event"]
+    print(f"cost per event, one process (µs; {c['visits']:,.0f} visits scored):")
+    print(f"  parse (FHIR)             {c['parse_us']:>12.2f}")
+    print(f"  rules engine             {c['rules_us']:>12.2f}   (models off)")
+    print(f"  learned models           {c['models_us']:>12.2f}   (= visit models + case model)")
+    print(f"    visit models           {c['visit_models_us']:>12.2f}")
+    print(f"      per-access visits    {c['visit_bookkeeping_us']:>12.2f}")
+    print(f"      visit features       {c['features_us']:>12.2f}")
+    print(f"      population (HBOS)    {c['population_us']:>12.2f}")
+    print(f"      per-user trees (HST) {c['trees_us']:>12.2f}")
+    print(
+        f"    case model             {c['case_model_us']:>12.2f}   "
+        f"(inference {c['case_model_inference_us']:.2f})"
+    )
+    print(f"  total                    {c['total_us']:>12.2f}")
+    for w in (1, 2):
+        r = res[f"replay_{w}w"]
+        print(
+            f"replay, {w} worker(s)        {r['events_per_s']:>12,.0f} events/s   "
+            f"peak {r['peak_rss_mb']:,.0f} MiB"
+        )
+    if "stream_events_per_s" not in res:
+        return 0
     print(f"in-process replay          {res['replay_events_per_s']:>12,.0f} events/s")
     print(f"Faust pass-through         {res['passthrough_events_per_s']:>12,.0f} events/s (median)")
     print(f"stream worker, all rules   {res['stream_events_per_s']:>12,.0f} events/s (median)")

@@ -160,6 +160,34 @@ _FHIR_WHO = re.compile(
     rb'"who"\s*:\s*\{\s*"identifier"\s*:\s*\{\s*"value"\s*:\s*"([^"\\]*)"\s*\}\s*\}'
 )
 _JSONL_USER = re.compile(rb'"user_id"\s*:\s*"([^"\\]*)"')
+_FHIR_USER_COMPACT = re.compile(rb'"who":\{"identifier":\{"value":"([^"\\]*)"')
+
+
+#: samples of the input read to balance the workers' loads: how many, and how large
+BALANCE_SAMPLES = 64
+BALANCE_SAMPLE_BYTES = 1 << 16
+
+
+def balance_users(path: str, fmt: str, workers: int) -> dict[bytes, int]:
+    """Users → worker, so that the workers get about as many events each: the users seen in
+    evenly spread samples of the file, heaviest first, each to the least loaded worker.
+    Users the samples missed go by :func:`partition_of`. Deterministic for a given file,
+    and any assignment gives the same alerts (all detector state is per user)."""
+    size = os.path.getsize(path)
+    pattern = _FHIR_USER_COMPACT if fmt == "fhir" else _JSONL_USER
+    counts: dict[bytes, int] = {}
+    with open(path, "rb") as fh:
+        for i in range(BALANCE_SAMPLES):
+            fh.seek(size * i // BALANCE_SAMPLES)
+            for uid in pattern.findall(fh.read(BALANCE_SAMPLE_BYTES)):
+                counts[uid] = counts.get(uid, 0) + 1
+    load = [0] * workers
+    table: dict[bytes, int] = {}
+    for uid, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        w = min(range(workers), key=load.__getitem__)
+        table[uid] = w
+        load[w] += n
+    return table
 
 
 def partition_of(user_id: str, partitions: int) -> int:
@@ -177,23 +205,111 @@ def owner_hint(raw: bytes, fmt: str) -> bytes | None:
     return m.group(1) if m else None
 
 
+_WHO = b'"who"'
+_WHO_COMPACT = b'"who":{"identifier":{"value":"'
+_USER = b'"user_id"'
+_USER_COMPACT = b'"user_id":"'
+_BOM = b"\xef\xbb\xbf"
+#: a partition worker reads its input in blocks this large
+READ_BLOCK = 1 << 22
+
+
+def fast_owner_hint(raw: bytes, fmt: str) -> bytes | None:
+    """:func:`owner_hint`, with a literal fast path for the compact JSON that every writer we
+    know emits (no regular expression for most lines); the same answer on every input."""
+    if fmt == "fhir":
+        key, compact, pattern, tail = _WHO, _WHO_COMPACT, _FHIR_WHO, b'"}}'
+    else:
+        key, compact, pattern, tail = _USER, _USER_COMPACT, _JSONL_USER, b'"'
+    at = raw.find(key)
+    if at < 0 or raw.find(key, at + len(key)) >= 0:
+        return None
+    if raw.startswith(compact, at):
+        start = at + len(compact)
+        end = raw.find(b'"', start)
+        if end >= 0 and raw.startswith(tail, end) and raw.find(b"\\", start, end) < 0:
+            return raw[start:end]
+    m = pattern.match(raw, at)
+    return m.group(1) if m else None
+
+
+def _partition_lines(
+    path: str, p: int, parts: int, fmt: str, table: dict[bytes, int] | None = None
+) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, bytes, owner known) of the non-blank lines of ``path`` that may belong
+    to partition ``p``: those whose owner the bytes show to be another partition's are left
+    out. Lines are numbered and stripped as :func:`connectors.readers.read_lines` does, but
+    read in large blocks and searched in place: a line of another partition is never copied
+    (lines are ~1 KB, and copying them is most of what reading costs)."""
+    crc = zlib.crc32
+    owner = (table or {}).get
+    if fmt == "fhir":
+        key, compact, tail = _WHO, _WHO_COMPACT, b'"}}'
+    else:
+        key, compact, tail = _USER, _USER_COMPACT, b'"'
+    klen, clen = len(key), len(compact)
+    number = 0
+    rest = b""
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            chunk = fh.read(READ_BLOCK)
+            if chunk:
+                block = rest + chunk if rest else chunk
+                stop = block.rfind(b"\n") + 1  # lines after it wait for the next block
+                rest = block[stop:]
+            elif rest:
+                block, stop, rest = rest + b"\n", len(rest) + 1, b""
+            else:
+                break
+            find, startswith = block.find, block.startswith
+            pos = 0
+            while pos < stop:
+                nl = find(b"\n", pos, stop)
+                number += 1
+                if number > 1:
+                    # fast_owner_hint on the line in place
+                    at = find(key, pos, nl)
+                    if at >= 0 and find(key, at + klen, nl) < 0 and startswith(compact, at):
+                        start = at + clen
+                        end = find(b'"', start, nl)
+                        if end >= 0 and startswith(tail, end) and find(b"\\", start, end) < 0:
+                            uid = block[start:end]
+                            w = owner(uid)
+                            if (crc(uid) % parts if w is None else w) == p:
+                                yield number, block[pos:nl].rstrip(b"\r\n"), True
+                            pos = nl + 1
+                            continue
+                raw = block[pos:nl].rstrip(b"\r\n")
+                pos = nl + 1
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[3:]
+                if not raw or raw.isspace():
+                    continue
+                hint = owner_hint(raw, fmt)
+                if hint is None:
+                    yield number, raw, False
+                else:
+                    w = owner(hint)
+                    if (crc(hint) % parts if w is None else w) == p:
+                        yield number, raw, True
+
+
 def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple[int, str]], int]:
-    from connectors.readers import read_lines
+    from connectors.canonical import parse_jsonl_line
+    from connectors.fhir import parse_fhir_line
 
     parts: int = _JOB["partitions"]
     fmt: str = _JOB["fmt"]
+    parse = parse_fhir_line if fmt == "fhir" else parse_jsonl_line
     eng = Engine(_JOB["ctx"], _JOB["cfg"])
     if _JOB["collect_unexplained"]:
         eng.unexplained_ids = set()
-    crc = zlib.crc32
     counts = [0, 0]  # events, bad lines (counted by partition 0 only)
     bad: list[tuple[int, str]] = []
 
     def mine() -> Iterator[AccessEvent]:
-        for line_no, raw, parse in read_lines(_JOB["path"], fmt):
-            hint = owner_hint(raw, fmt)
-            if hint is not None and crc(hint) % parts != p:
-                continue
+        table: dict[bytes, int] = _JOB["table"]
+        for line_no, raw, known in _partition_lines(_JOB["path"], p, parts, fmt, table):
             try:
                 e = parse(raw)
             except EventError as exc:
@@ -207,8 +323,11 @@ def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple
                     counts[1] += 1
                     bad.append((line_no, f"unexpected {type(exc).__name__} in parser: {exc}"))
                 continue
-            if hint is None and partition_of(e.user_id, parts) != p:
-                continue
+            if not known:
+                uid = e.user_id.encode()
+                w = table.get(uid)
+                if (zlib.crc32(uid) % parts if w is None else w) != p:
+                    continue
             counts[0] += 1
             yield e
 
@@ -235,6 +354,7 @@ def _replay_parallel(
         fmt=fmt,
         partitions=workers,
         collect_unexplained=collect_unexplained,
+        table=balance_users(path, fmt, workers),
     )
     try:
         with mp.get_context("fork").Pool(workers) as pool:
