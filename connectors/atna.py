@@ -65,6 +65,21 @@ from xml.sax.saxutils import quoteattr
 import defusedxml
 import defusedxml.ElementTree as SafeET
 
+from connectors.audit_codes import (
+    ACTION_CODES,
+    ACTION_OUT,
+    CATEGORY_OUT,
+    DCM,
+    DICOM_EXPORT,
+    EMERGENCY_OVERRIDE,
+    EMERGENCY_PURPOSES,
+    OUTCOMES,
+    SOURCE_ROLE,
+    event_category,
+    is_emergency,
+    refine_action,
+    requestor_candidates,
+)
 from connectors.base import Connector, ConnectorConfigError, Ledger, Output, RawRecord
 from connectors.net import peer_address, peer_identity, server_ssl_context, subject_allowed
 from emrwatch.events import AccessEvent, EventError, parse_ts
@@ -364,59 +379,9 @@ def _lf_end(buf: bytes | bytearray, pos: int) -> int:
 
 
 # =========================================================================== DICOM audit XML
-_ACTION_CODES = {"C": "create", "R": "view", "U": "update", "D": "delete", "E": "execute"}
-#: as in connectors.fhir: FHIR restful-interaction codes (any system)
-_REST_ACTIONS = {
-    "read": "view",
-    "vread": "view",
-    "history-instance": "view",
-    "search": "query",
-    "search-type": "query",
-    "search-system": "query",
-    "history-type": "query",
-    "history-system": "query",
-    "create": "create",
-    "update": "update",
-    "patch": "update",
-    "delete": "delete",
-}
-_EXFIL_ACTIONS = {"print": "print", "export": "export", "copy": "copy", "forward": "forward"}
-_DICOM_EXPORT = "110106"
-#: DICOM / IHE codes that say what happened, consulted after the FHIR REST codes
-_IHE_ACTIONS = {
-    "110112": "query",  # DICOM Query
-    # fmt: off
-    **dict.fromkeys(
-        [
-            "ITI-9",
-            "ITI-18",
-            "ITI-21",
-            "ITI-22",
-            "ITI-38",
-            "ITI-47",
-            "ITI-51",
-            "ITI-63",
-            "ITI-66",
-            "ITI-67",
-            "ITI-78",
-            "ITI-83",
-        ],
-        "query",
-    ),
-    # fmt: on
-    **{c: "view" for c in ("ITI-17", "ITI-39", "ITI-43", "ITI-68", "RAD-69")},
-    **{c: "create" for c in ("ITI-15", "ITI-41", "ITI-42", "ITI-65")},
-    "ITI-57": "update",
-    "ITI-62": "delete",
-    "ITI-32": "export",  # Distribute Document Set on Media
-}
-_EVENT_CATEGORIES = {"110113": "security_alert", "110114": "authentication"}
-_EMERGENCY_OVERRIDE = "110127"  # Security Alert type "Emergency Override Started"
-_OUTCOMES = {"0": "success", "4": "failure", "8": "failure", "12": "failure"}
-_EMERGENCY = frozenset({"ETREAT", "BTG"})
-_SOURCE_ROLE = "110153"
-#: RoleIDCodes of machines / applications: a human requestor is preferred over these
-_MACHINE_ROLES = frozenset({"110150", "110151", "110152", "110153"})
+# The code tables (actions, IHE/DICOM event types, categories, outcomes, emergency codes,
+# machine roles) and the rules that use them live in connectors.audit_codes, shared with
+# connectors.fhir so that the two connectors cannot drift apart.
 _FHIR_TYPES = "http://hl7.org/fhir/resource-types"
 #: ParticipantObjectIDTypeCode → resource type (RFC 3881, DICOM, IHE XDS)
 _ID_TYPES = {
@@ -601,16 +566,21 @@ def parse_audit_message(
       110106 Export, FHIR REST codes), then DICOM 110112 Query and IHE ITI transactions;
     * ``outcome``: ``@EventOutcomeIndicator`` 0 → success, 4/8/12 → failure;
     * ``event_category``: 110114 User Authentication → authentication, 110113 Security
-      Alert → security_alert; ``emergency``: PurposeOfUse ETREAT/BTG or EventTypeCode 110127
-      (Emergency Override Started); ``purpose``: the first PurposeOfUse code;
+      Alert → security_alert; ``emergency``: PurposeOfUse ETREAT/BTG (event level or the
+      requestor's) or EventTypeCode 110127 (Emergency Override Started); ``purpose``: the
+      first event-level PurposeOfUse code, else the requestor's first;
     * ``user_id``/``workstation``: the ``ActiveParticipant`` with ``UserIsRequestor="true"``
-      (a human one before a machine role 110150-110153): ``UserID`` and
-      ``NetworkAccessPointID`` (else the Source Role ID participant's);
+      (a human one before a machine role 110150-110153; the first with a UserID), else the
+      first participant: ``UserID`` and ``NetworkAccessPointID`` (else the Source Role ID
+      participant's);
     * ``patient_id``: the CX id of the ``ParticipantObjectIdentification`` with TypeCode 1
       and TypeCodeRole 1 (or an id type "Patient"); ``resource_type``: the first other
       object's type (FHIR resource-types code, XDS/DICOM/RFC 3881 id type, else its role),
       default Patient; an Encounter object gives ``encounter_id``;
     * ``source``: ``AuditSourceIdentification/@AuditSourceID``.
+
+    The code tables and the format-independent rules live in :mod:`connectors.audit_codes`,
+    shared with :mod:`connectors.fhir`.
     """
     if _local(root.tag) != "AuditMessage":
         raise EventError(f"root element is {_local(root.tag) or '?'!r}, not AuditMessage")
@@ -632,14 +602,10 @@ def parse_audit_message(
 
     codes = _iter_codes(ev_parts.get("EventID", ()))
     codes += _iter_codes(ev_parts.get("EventTypeCode", ()))
-    category = "access"
-    for c in codes:
-        if c in _EVENT_CATEGORIES:
-            category = _EVENT_CATEGORIES[c]
-            break
+    category = event_category(codes)
     action = _action(_get(ev, "EventActionCode"), codes)
     outcome_code = _get(ev, "EventOutcomeIndicator") or "0"
-    outcome = _OUTCOMES.get(outcome_code)
+    outcome = OUTCOMES.get(outcome_code.lower())
     if outcome is None:
         raise EventError(
             f"unknown EventOutcomeIndicator {outcome_code[:20]!r} (expected 0, 4, 8 or 12)"
@@ -652,15 +618,15 @@ def parse_audit_message(
     workstation = _get(requestor, "NetworkAccessPointID")
     if not workstation:
         for p in participants:
-            if p is not requestor and _SOURCE_ROLE in _roles(p):
+            if p is not requestor and SOURCE_ROLE in _roles(p):
                 workstation = _get(p, "NetworkAccessPointID")
                 if workstation:
                     break
 
-    purposes = _iter_codes(ev_parts.get("PurposeOfUse", ()))
-    if not purposes:
-        purposes = _iter_codes(_children(requestor, "PurposeOfUse"))
-    emergency = _EMERGENCY_OVERRIDE in codes or any(p.upper() in _EMERGENCY for p in purposes)
+    event_purposes = _iter_codes(ev_parts.get("PurposeOfUse", ()))
+    own_purposes = _iter_codes(_children(requestor, "PurposeOfUse"))
+    purposes = event_purposes or own_purposes
+    emergency = is_emergency(codes, event_purposes, own_purposes)
 
     sources = parts.get("AuditSourceIdentification")
     source = ""
@@ -689,45 +655,43 @@ def parse_audit_message(
 
 
 def _action(code: str | None, codes: list[str]) -> str:
-    """EventActionCode refined: exfiltration > DICOM Export > FHIR REST > DICOM/IHE > code."""
+    """EventActionCode refined (:func:`connectors.audit_codes.refine_action`):
+    exfiltration > DICOM Export > FHIR REST > DICOM Query / IHE transaction > code."""
     if code is None or not code.strip():
         base = "view"
     else:
-        found = _ACTION_CODES.get(code.strip().upper())
+        found = ACTION_CODES.get(code.strip().upper())
         if found is None:
             raise EventError(f"unknown EventActionCode {code[:20]!r} (expected C, R, U, D or E)")
         base = found
-    rest = ihe = ""
-    for c in codes:
-        if c in _EXFIL_ACTIONS:
-            return _EXFIL_ACTIONS[c]
-        if not rest:
-            rest = _REST_ACTIONS.get(c, "")
-        if not ihe:
-            ihe = _IHE_ACTIONS.get(c, "")
-    if _DICOM_EXPORT in codes:
-        return "export"
-    return rest or ihe or base
+    return refine_action(base, codes)
 
 
 def _roles(participant: Any) -> list[str]:
     return _iter_codes(_children(participant, "RoleIDCode"))
 
 
+def _is_requestor(participant: Any) -> bool:
+    return _get(participant, "UserIsRequestor").lower() in _TRUE
+
+
 def _requestor(participants: list[Any]) -> tuple[Any, str]:
-    """The requesting participant (human roles first) and its UserID."""
-    requestors = [p for p in participants if _get(p, "UserIsRequestor").lower() in _TRUE]
-    if not requestors:
-        if participants:
-            raise EventError('no ActiveParticipant with UserIsRequestor="true"')
+    """The requesting participant and its UserID, by the rule shared with FHIR
+    (:func:`connectors.audit_codes.requestor_candidates`): the first participant with
+    ``UserIsRequestor="true"`` and a UserID, persons before machine roles 110150-110153;
+    if none is marked a requestor, the first participant."""
+    if not participants:
         raise EventError("AuditMessage has no ActiveParticipant")
-    if len(requestors) > 1:  # human roles first, machines (Source, Destination, ...) last
-        requestors.sort(key=lambda p: bool(_MACHINE_ROLES.intersection(_roles(p))))
-    for p in requestors:
+    candidates = requestor_candidates(participants, _is_requestor, _roles)
+    for p in candidates:
         user_id = _get(p, "UserID")
         if user_id:
             return p, user_id
-    raise EventError("the requesting ActiveParticipant has no UserID")
+    if _is_requestor(candidates[0]):
+        raise EventError("the requesting ActiveParticipant has no UserID")
+    raise EventError(
+        'no ActiveParticipant with UserIsRequestor="true", and the first one has no UserID'
+    )
 
 
 def _strip_domain(user_id: str) -> str:
@@ -802,11 +766,6 @@ def _object_type(id_types: list[tuple[str, str]], role: str, object_id: str) -> 
 
 
 # =========================================================================== encoder
-_ACTION_OUT = {
-    "create": "C", "view": "R", "query": "E", "update": "U", "delete": "D", "execute": "E",
-    "print": "R", "export": "R", "copy": "R", "forward": "R",
-}  # fmt: skip
-_DCM = "DCM"
 
 
 def _coded(tag: str, code: str, system: str, text: str = "") -> str:
@@ -835,33 +794,30 @@ def to_audit_message(
 
     The event id travels in ``[emrwatch@32473 eventId="..."]`` (``with_event_id=False``
     leaves it out: the parser then derives one from the XML)."""
-    if e.event_category == "authentication":
-        event_id = ("110114", "User Authentication")
-    elif e.event_category == "security_alert":
-        event_id = ("110113", "Security Alert")
+    category = CATEGORY_OUT.get(e.event_category)
+    if category is not None:
+        event_id = category
     elif e.action == "query":
         event_id = ("110112", "Query")
     elif e.action == "export":
-        event_id = (_DICOM_EXPORT, "Export")
+        event_id = (DICOM_EXPORT, "Export")
     else:
         event_id = ("110110", "Patient Record")
     parts = [
-        f"<EventIdentification EventActionCode={quoteattr(_ACTION_OUT.get(e.action, 'E'))}"
+        f"<EventIdentification EventActionCode={quoteattr(ACTION_OUT.get(e.action, 'E'))}"
         f" EventDateTime={quoteattr(e.ts)}"
         f" EventOutcomeIndicator={quoteattr('0' if e.outcome == 'success' else '4')}>",
-        _coded("EventID", event_id[0], _DCM, event_id[1]),
+        _coded("EventID", event_id[0], DCM, event_id[1]),
     ]
     if e.action in ("print", "copy", "forward") or (
-        e.action in ("query", "export") and event_id[0] not in ("110112", _DICOM_EXPORT)
+        e.action in ("query", "export") and event_id[0] not in ("110112", DICOM_EXPORT)
     ):
         sub = "search" if e.action == "query" else e.action
         parts.append(_coded("EventTypeCode", sub, "urn:emrwatch:subtype"))
     if e.emergency and e.event_category == "security_alert":
-        parts.append(
-            _coded("EventTypeCode", _EMERGENCY_OVERRIDE, _DCM, "Emergency Override Started")
-        )
+        parts.append(_coded("EventTypeCode", EMERGENCY_OVERRIDE, DCM, "Emergency Override Started"))
     purposes = [e.purpose] if e.purpose else []
-    if e.emergency and not _EMERGENCY & set(purposes):
+    if e.emergency and not EMERGENCY_PURPOSES & set(purposes):
         purposes.append("BTG")
     for p in purposes:
         parts.append(_coded("PurposeOfUse", p, "2.16.840.1.113883.5.8"))
@@ -878,7 +834,7 @@ def to_audit_message(
     )
     parts.append(
         f'<ActiveParticipant UserID={quoteattr(hostname)} UserIsRequestor="false">'
-        + _coded("RoleIDCode", "110152", _DCM, "Destination Role ID")
+        + _coded("RoleIDCode", "110152", DCM, "Destination Role ID")
         + "</ActiveParticipant>"
     )
     parts.append(

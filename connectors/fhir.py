@@ -20,7 +20,9 @@ The inverse of :mod:`connectors.fhir_encode`. Three paths, one result:
 
 Whenever the struct or fast path sees anything it does not fully understand it returns
 ``None`` and the next path decides; differential tests hold each of them to the general
-path's answer.
+path's answer. The code tables and the rules that are not about FHIR's shape (action
+refinement, category, emergency, outcome, which requestor is the user) come from
+:mod:`connectors.audit_codes`, shared with :mod:`connectors.atna`.
 
 >>> e = parse_fhir_line(b'{"resourceType":"AuditEvent","id":"a1","action":"R",'
 ...     b'"recorded":"2026-03-01T08:00:00+08:00","outcome":"0",'
@@ -40,6 +42,22 @@ import msgspec
 import orjson
 from msgspec import Struct
 
+from connectors.audit_codes import (
+    ACTION_CODES,
+    DICOM_EXPORT,
+    EMERGENCY_OVERRIDE,
+    EMERGENCY_PURPOSES,
+    EVENT_CATEGORIES,
+    EXFIL_ACTIONS,
+    IHE_ACTIONS,
+    OUTCOMES,
+    REST_ACTIONS,
+    SOURCE_ROLE,
+    event_category,
+    is_emergency,
+    refine_action,
+    requestor_candidates,
+)
 from emrwatch.events import AccessEvent, EventError, parse_ts
 
 __all__ = ["parse_audit_event", "parse_fhir_line"]
@@ -78,52 +96,34 @@ _check_field_order()
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 
-#: AuditEvent.action (R4 and R5 share the code list).
-_ACTION_CODES = {"C": "create", "R": "view", "U": "update", "D": "delete", "E": "execute"}
-#: FHIR restful-interaction codes (any system) that say what the REST call really did.
-_REST_ACTIONS = {
-    "read": "view",
-    "vread": "view",
-    "history-instance": "view",
-    "search": "query",
-    "search-type": "query",
-    "search-system": "query",
-    "history-type": "query",
-    "history-system": "query",
-    "create": "create",
-    "update": "update",
-    "patch": "update",
-    "delete": "delete",
-}
-#: Codes (any system) for taking data out of the record system. They win over REST codes:
-#: "printed a read" is a print, and exfiltration is what a privacy officer must see.
-_EXFIL_ACTIONS = {"print": "print", "export": "export", "copy": "copy", "forward": "forward"}
-_DICOM_EXPORT = "110106"
-#: DICOM audit event ids that are not record accesses.
-_EVENT_CATEGORIES = {"110113": "security_alert", "110114": "authentication"}
-_OUTCOMES = {
-    "0": "success",
-    "4": "failure",
-    "8": "failure",
-    "12": "failure",
-    # Firely and some R5 servers send the display word instead of the number.
-    "success": "success",
-    "failure": "failure",
-}
-_FAST_OUTCOMES = {"0": "success", "4": "failure", "8": "failure", "12": "failure"}
-_EMERGENCY = frozenset({"ETREAT", "BTG"})
+# The code tables and the format-independent rules live in connectors.audit_codes, shared
+# with connectors.atna so that the two connectors cannot drift apart. Tables whose methods
+# the hot paths call are bound to module names here: CPython 3.11 compiles ``NAME.get(...)``
+# on an imported name to a plain attribute load plus a bound-method object per call (no
+# LOAD_METHOD), which cost ~2% of the per-event budget.
+_ACTION_CODES = ACTION_CODES
+_EVENT_CATEGORIES = EVENT_CATEGORIES
+_OUTCOMES = OUTCOMES
+_FAST_OUTCOMES = {code: out for code, out in OUTCOMES.items() if code.isdigit()}
 _BALP_ENTITY_TYPE = frozenset(
     {
         "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
         "http://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType",
     }
 )
-#: DICOM "Source Role ID": the agent that stands for the client machine.
-_SOURCE_ROLE = "110153"
 #: Codes that change the result when they appear as a type/subtype code. The fast path
 #: leaves any event carrying one it cannot resolve on its own to the general path.
-_SPECIAL_CODES = frozenset({*_REST_ACTIONS, *_EXFIL_ACTIONS, _DICOM_EXPORT, *_EVENT_CATEGORIES})
-_REFINE = {**_REST_ACTIONS, **_EXFIL_ACTIONS}
+_SPECIAL_CODES = frozenset(
+    {
+        *REST_ACTIONS,
+        *EXFIL_ACTIONS,
+        DICOM_EXPORT,
+        *IHE_ACTIONS,
+        *EVENT_CATEGORIES,
+        EMERGENCY_OVERRIDE,
+    }
+)
+_REFINE = {**REST_ACTIONS, **EXFIL_ACTIONS}
 
 #: Resource types seen all day in an EMR log: a set lookup instead of three str methods.
 _COMMON_TYPES = frozenset(
@@ -345,11 +345,15 @@ def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
     if not event_id or ts is None or not agents or a.resourceType != "AuditEvent":
         return None
     agent = agents[0]
-    if len(agents) > 1:
-        for other in agents:  # _requestor
+    if len(agents) > 1:  # _requestor
+        marked = None
+        for other in agents:
             if other.requestor:
-                agent = other
-                break
+                if marked is not None:
+                    return None  # several requestors: the general path ranks them
+                marked = other
+        if marked is not None:
+            agent = marked
 
     who = agent.who  # _user_id
     if who is None:
@@ -369,6 +373,7 @@ def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
         if action is None:
             return None
     category = "access"
+    override = False  # DICOM 110127 Emergency Override among the codes
     typ = a.type
     subtype = a.subtype
     if len(subtype) <= 1 and (typ is None or typ.code not in _SPECIAL_CODES):
@@ -377,15 +382,16 @@ def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
             refined = _REFINE.get(code)
             if refined is not None:
                 action = refined
-            elif code == _DICOM_EXPORT:
-                action = "export"
-            elif code in _EVENT_CATEGORIES:
-                category = _EVENT_CATEGORIES[code]
+            elif code in _SPECIAL_CODES:
+                category = _EVENT_CATEGORIES.get(code, "access")
+                action = refine_action(action, (code,))
+                override = code == EMERGENCY_OVERRIDE
     else:
         codes = [] if typ is None or not typ.code else [typ.code]
         codes += [sub.code for sub in subtype if sub.code]
-        category = _category(codes)
-        action = _action(a.action, codes)  # a known code: cannot raise
+        category = event_category(codes)
+        action = refine_action(action, codes)
+        override = EMERGENCY_OVERRIDE in codes
 
     patient_id = resource_type = encounter_id = ""  # _entities
     for ent in a.entity:
@@ -422,13 +428,11 @@ def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
         return None
 
     purpose = ""  # _purposes
-    emergency = False
+    emergency = override
     if agent.purposeOfUse:
         codes = _concept_codes(a.purposeOfUse)
         agent_codes = _concept_codes(agent.purposeOfUse)
-        emergency = any(c.upper() in _EMERGENCY for c in codes) or any(
-            c.upper() in _EMERGENCY for c in agent_codes
-        )
+        emergency = override or is_emergency((), codes, agent_codes)
         purpose = (codes or agent_codes)[0] if codes or agent_codes else ""
     else:
         for concept in a.purposeOfUse:
@@ -437,7 +441,7 @@ def _parse_struct(a: _AuditEvent) -> AccessEvent | None:
                 if code:
                     if not purpose:
                         purpose = code
-                    if code.upper() in _EMERGENCY:
+                    if code.upper() in EMERGENCY_PURPOSES:
                         emergency = True
 
     net = agent.network  # _workstation
@@ -501,9 +505,9 @@ def _concept_codes(concepts: list[_Concept]) -> list[str]:
 
 
 def _is_source_role(agent: _Agent) -> bool:
-    """``_SOURCE_ROLE in _codes(agent.type, agent.role)``."""
+    """``SOURCE_ROLE in _codes(agent.type, agent.role)``."""
     concepts = agent.role if agent.type is None else [agent.type, *agent.role]
-    return _SOURCE_ROLE in _concept_codes(concepts)
+    return SOURCE_ROLE in _concept_codes(concepts)
 
 
 # --------------------------------------------------------------------------- fast path
@@ -586,7 +590,7 @@ def _parse_fast(obj: dict[str, Any]) -> AccessEvent | None:
                         return None
                     if not purpose:
                         purpose = code
-                    if code.upper() in _EMERGENCY:
+                    if code.upper() in EMERGENCY_PURPOSES:
                         emergency = True
 
         source = ""
@@ -683,9 +687,9 @@ def _parse_general(obj: dict[str, Any]) -> AccessEvent:
     agent = _requestor(agents)
     user_id = _user_id(agent)
     codes = _event_codes(obj)
-    category = _category(codes)
+    category = event_category(codes)
     patient_id, resource_type, encounter_id = _entities(obj, category)
-    purposes, emergency = _purposes(obj, agent)
+    purposes, emergency = _purposes(obj, agent, codes)
     return AccessEvent(
         event_id=event_id,
         ts=ts,
@@ -775,18 +779,36 @@ def _parse_time(ts: str) -> float:
 
 
 def _requestor(agents: list[dict[str, Any]]) -> dict[str, Any]:
-    """The agent with ``requestor: true`` (the user who asked), else the first."""
-    for agent in agents:
-        if agent.get("requestor") is True:
-            return agent
-    return agents[0]
+    """The agent with ``requestor: true`` (the user who asked), else the first.
+
+    Several requestors (IHE puts the client machine next to the user): a person before a
+    machine role (Source, Destination, Application), the first one with a user id; the
+    rule :func:`connectors.audit_codes.requestor_candidates` shares with ATNA.
+    """
+    candidates = requestor_candidates(agents, _is_requestor, _agent_roles)
+    if len(candidates) > 1:
+        for agent in candidates:
+            if _agent_user_id(agent):
+                return agent
+    return candidates[0]
+
+
+def _is_requestor(agent: dict[str, Any]) -> bool:
+    return agent.get("requestor") is True
+
+
+def _agent_roles(agent: dict[str, Any]) -> list[str]:
+    return _codes(agent.get("type"), agent.get("role"))
+
+
+def _agent_user_id(agent: dict[str, Any]) -> str:
+    """``who.identifier.value``, else the id in ``who.reference``; ``""`` when neither."""
+    who = _dict(agent.get("who"))
+    return _s(_dict(who.get("identifier")).get("value")) or _ref(who.get("reference"))[1]
 
 
 def _user_id(agent: dict[str, Any]) -> str:
-    who = _dict(agent.get("who"))
-    user_id = _s(_dict(who.get("identifier")).get("value"))
-    if not user_id:
-        user_id = _ref(who.get("reference"))[1]
+    user_id = _agent_user_id(agent)
     if not user_id:
         raise EventError("requesting agent has no user id (who.identifier.value or who.reference)")
     return user_id
@@ -802,7 +824,7 @@ def _workstation(agent: dict[str, Any], agents: list[dict[str, Any]]) -> str:
     if address:
         return address
     for other in agents:
-        if other is not agent and _SOURCE_ROLE in _codes(other.get("type"), other.get("role")):
+        if other is not agent and SOURCE_ROLE in _agent_roles(other):
             address = _address(other)
             if address:
                 return address
@@ -827,31 +849,16 @@ def _event_codes(obj: dict[str, Any]) -> list[str]:
     return _codes(obj.get("type"), obj.get("subtype"), obj.get("category"), obj.get("code"))
 
 
-def _category(codes: list[str]) -> str:
-    for code in codes:
-        category = _EVENT_CATEGORIES.get(code)
-        if category:
-            return category
-    return "access"
-
-
 def _action(code: Any, codes: list[str]) -> str:
-    """``action`` refined by the event codes: exfiltration > DICOM Export > REST > action."""
+    """``action`` refined by the event codes (:func:`connectors.audit_codes.refine_action`):
+    exfiltration > DICOM Export > REST > DICOM Query / IHE transaction > action."""
     if code is None:
         base = "view"
     else:
         base = _ACTION_CODES.get(code) if type(code) is str else None
         if base is None:
             raise EventError(f"unknown action code {_short(code)} (expected C, R, U, D or E)")
-    rest = ""
-    for c in codes:
-        if c in _EXFIL_ACTIONS:
-            return _EXFIL_ACTIONS[c]
-        if not rest:
-            rest = _REST_ACTIONS.get(c, "")
-    if _DICOM_EXPORT in codes:
-        return "export"
-    return rest or base
+    return refine_action(base, codes)
 
 
 def _outcome(value: Any) -> str:
@@ -872,15 +879,15 @@ def _outcome(value: Any) -> str:
     return outcome
 
 
-def _purposes(obj: dict[str, Any], agent: dict[str, Any]) -> tuple[list[str], bool]:
+def _purposes(
+    obj: dict[str, Any], agent: dict[str, Any], codes: list[str]
+) -> tuple[list[str], bool]:
     """Purpose codes, event-level first (R4 ``purposeOfUse``, R5 ``authorization``), else
-    the requestor's own; break-the-glass if ETREAT or BTG appears at either level."""
+    the requestor's own; break-the-glass if ETREAT or BTG appears at either level, or the
+    event codes hold DICOM 110127 Emergency Override Started."""
     event_codes = _codes(obj.get("purposeOfUse"), obj.get("authorization"))
     agent_codes = _codes(agent.get("purposeOfUse"), agent.get("authorization"))
-    emergency = any(c.upper() in _EMERGENCY for c in event_codes) or any(
-        c.upper() in _EMERGENCY for c in agent_codes
-    )
-    return event_codes or agent_codes, emergency
+    return event_codes or agent_codes, is_emergency(codes, event_codes, agent_codes)
 
 
 def _source(value: Any) -> str:

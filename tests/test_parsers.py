@@ -691,6 +691,7 @@ def _variants(obj: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
         st.none(),
         st.integers(-3, 110114),
         st.sampled_from(["", "1", "read", "print", "110106", "110113", "Patient/x", "X", "0", "4"]),
+        st.sampled_from(["110112", "ITI-43", "ITI-18", "110127", "110153"]),
         st.sampled_from(
             [
                 "Patient/P9/_history/2",
@@ -846,7 +847,10 @@ _EDGE_CASES: list[tuple[tuple[Any, ...], Any]] = [
     *[
         (path, code)
         for path in (("subtype", 0, "code"), ("type", "code"))
-        for code in (110106, 110113, 110114, "110106", "110114", "print", "vread", 1)
+        for code in (
+            *(110106, 110113, 110114, "110106", "110114", "print", "vread", 1),
+            *("110112", "ITI-43", "ITI-67", "110127"),
+        )
     ],
     *[(("entity", 1, "role"), role) for role in ({"code": "1"}, {"coding": [{"code": "1"}]}, "1")],
     *[
@@ -1124,6 +1128,9 @@ _STRUCT_VALUES: list[Any] = [
     "110153",
     "110106",
     "110114",
+    "110112",
+    "110127",
+    "ITI-43",
     "rest",
     "read",
     "print",
@@ -1155,6 +1162,11 @@ _STRUCT_VALUES: list[Any] = [
     {"coding": [{"code": "1"}]},
     {"code": "110106"},
     {"code": "print"},
+    {"code": "ITI-18"},
+    {"code": "110127"},
+    {"coding": [{"code": "110150"}]},
+    {"who": {"identifier": {"value": "M1"}}, "requestor": True, "type": {"code": "110153"}},
+    {"requestor": True, "role": [{"coding": [{"code": "110152"}]}], "who": {"display": "srv"}},
     {"address": "10.9.9.9"},
     {"what": {"reference": "Patient/P5"}},
     {"what": {"identifier": {"value": "MRN-5"}}, "role": {"code": "1"}},
