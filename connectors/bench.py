@@ -4,7 +4,8 @@ For each file-based source format it measures two rates on the same generated ev
 
 * **read + normalize**: ``records()`` and ``normalize()`` only (the connector's own cost);
 * **to the broker**: the whole :class:`~connectors.runner.ConnectorRunner` into the embedded
-  broker (or ``--bootstrap``), with checkpoints, until the broker acknowledged everything.
+  broker (or ``--bootstrap``) with the librdkafka producer ``emrwatch connectors run`` uses,
+  with checkpoints, until the broker acknowledged everything.
 
 The stream's workers process about 12k events/s per core (``emrwatch bench``), so a
 connector is not the bottleneck while its "to the broker" rate stays well above that.
@@ -127,20 +128,20 @@ def normalize_rate(make: Callable[[], Connector], n: int) -> float:
 def broker_rate(make: Callable[[], Connector], n: int, bootstrap: str, state: Path) -> float:
     from connectors.runner import ConnectorRunner
     from connectors.state import CheckpointStore
+    from connectors.producer import make_connector_producer
     from pipeline.stream_config import KafkaSettings
-    from pipeline.streaming import make_producer
     from pipeline.topics import TopicLayout, ensure_topics
 
     layout = TopicLayout(prefix=f"cb{uuid.uuid4().hex[:6]}", partitions=4, sources=())
     ensure_topics(bootstrap, layout)
-    producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap))
+    producer = make_connector_producer(KafkaSettings(bootstrap_servers=bootstrap))
     try:
         runner = ConnectorRunner(
             make(), producer, layout, CheckpointStore(state), bootstrap=bootstrap
         )
         st = runner.run()
     finally:
-        producer.close()
+        producer.flush()
     if st.events != n:
         raise RuntimeError(f"{st.events} events delivered for {n}")
     return st.events / st.seconds

@@ -31,14 +31,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
 from connectors.base import Connector, ContextUpdate, RawRecord
+from connectors.producer import Batch, DeliveryError, sender_for
 from connectors.state import CheckpointStore
 from emrwatch.events import AccessEvent, EventError
 from pipeline.topics import TopicLayout, context_key
+
+__all__ = ["ConnectorRunner", "DeliveryError", "RunnerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,6 @@ H_SOURCE = "emrwatch-source"
 H_POSITION = "emrwatch-position"
 H_ERROR = "emrwatch-error"
 H_STAGE = "emrwatch-stage"
-
-
-class DeliveryError(RuntimeError):
-    """The broker did not acknowledge a batch; nothing of it was checkpointed."""
 
 
 @dataclass
@@ -176,30 +176,25 @@ class ConnectorRunner:
         checkpoint, landed = self._load()
         st = self.stats
         t0 = time.perf_counter()
-        send = self.producer.send
+        sender = sender_for(self.producer)
         dumps = orjson.dumps
         access, dead = self.layout.access, self.layout.deadletter
+        scanned = (f"{access}:", f"{dead}:")
         src_h = (H_SOURCE, self._name_b)
-        futures: list[Any] = []
+        batch = Batch()
+        send = partial(sender.send, batch)
         acks: list[tuple[RawRecord, str | None]] = []
         pending = 0
         last_cp: Any = checkpoint
         batch_t = time.monotonic()
         m = self.metrics
 
-        inflight: deque[tuple[list[Any], list[tuple[RawRecord, str | None]], Any]] = deque()
+        inflight: deque[tuple[Batch, list[tuple[RawRecord, str | None]], Any]] = deque()
 
-        def finalize(batch_futures: list[Any], batch_acks: list[Any], cp: Any) -> None:
-            for f in batch_futures:
-                if f.failed():
-                    raise DeliveryError(
-                        f"connector {c.name}: broker refused a record: {f.exception}"
-                    )
-                md = f.value
-                if md.topic in (access, dead):
-                    k = f"{md.topic}:{md.partition}"
-                    if md.offset + 1 > self._scan_from.get(k, 0):
-                        self._scan_from[k] = md.offset + 1
+        def finalize(done: Batch, batch_acks: list[Any], cp: Any) -> None:
+            for k, off in sender.settle(done, c.name).items():
+                if k.startswith(scanned) and off + 1 > self._scan_from.get(k, 0):
+                    self._scan_from[k] = off + 1
             if self.store is not None and cp is not None:
                 self.store.save(c.name, {"checkpoint": cp, "scan_from": self._scan_from})
             for raw, reason in batch_acks:
@@ -222,20 +217,28 @@ class ConnectorRunner:
             acknowledged all of their records; ``block`` waits for every one in flight
             (idle source, peers waiting for an ACK, the end), otherwise only finished
             batches are checkpointed and up to :attr:`max_inflight` stay pipelined."""
-            nonlocal pending, futures, acks, batch_t
+            nonlocal pending, batch, send, acks, batch_t
             if pending or acks:
-                inflight.append((futures, acks, last_cp))
-                futures, acks, pending = [], [], 0
+                inflight.append((batch, acks, last_cp))
+                batch = Batch()
+                send = partial(sender.send, batch)
+                acks, pending = [], 0
             batch_t = time.monotonic()
-            if block or len(inflight) > self.max_inflight:
-                self.producer.flush()
+            if block:
+                sender.flush()
+            elif len(inflight) > self.max_inflight:
+                sender.wait(inflight[0][0])  # the oldest only: later batches keep flowing
             while inflight:
                 head = inflight[0]
-                if not all(f.is_done for f in head[0]):
+                if not sender.done(head[0]):
                     break
                 inflight.popleft()
                 finalize(*head)
 
+        normalize = c.normalize
+        batch_size = self.batch_size
+        linger_s = self.linger_s
+        tick = 0
         c.start()
         try:
             for raw in c.records(checkpoint, stop):
@@ -257,7 +260,7 @@ class ConnectorRunner:
                         last_cp = raw.checkpoint
                     continue
                 try:
-                    outs = c.normalize(raw)
+                    outs = normalize(raw)
                     reason = None
                 except EventError as exc:
                     outs = []
@@ -265,24 +268,15 @@ class ConnectorRunner:
                 if reason is None:
                     for o in outs:
                         if type(o) is AccessEvent:
-                            futures.append(
-                                send(
-                                    access,
-                                    key=o.user_id.encode(),
-                                    value=dumps(o.to_dict()),
-                                    headers=headers,
-                                )
-                            )
+                            send(access, o.user_id.encode(), dumps(o.to_dict()), headers)
                             st.events += 1
                         elif isinstance(o, ContextUpdate):
                             row = dict(o.row)
-                            futures.append(
-                                send(
-                                    self.layout.context(o.kind),
-                                    key=context_key(o.kind, row).encode(),
-                                    value=dumps(row),
-                                    headers=headers,
-                                )
+                            send(
+                                self.layout.context(o.kind),
+                                context_key(o.kind, row).encode(),
+                                dumps(row),
+                                headers,
                             )
                             st.context += 1
                         else:
@@ -295,17 +289,16 @@ class ConnectorRunner:
                     st.dead += 1
                     key = reason.split(":", 1)[0][:60]
                     st.reasons[key] = st.reasons.get(key, 0) + 1
-                    futures.append(
-                        send(
-                            dead,
-                            value=raw.payload,
-                            headers=[
-                                src_h,
-                                (H_POSITION, pos.encode("utf-8", "replace")),
-                                (H_ERROR, reason[:2000].encode("utf-8", "replace")),
-                                (H_STAGE, b"connector"),
-                            ],
-                        )
+                    send(
+                        dead,
+                        None,
+                        raw.payload,
+                        [
+                            src_h,
+                            (H_POSITION, pos.encode("utf-8", "replace")),
+                            (H_ERROR, reason[:2000].encode("utf-8", "replace")),
+                            (H_STAGE, b"connector"),
+                        ],
                     )
                     if m is not None:
                         m.record(c.name, "deadletter", len(raw.payload))
@@ -315,8 +308,15 @@ class ConnectorRunner:
                 if raw.ack is not None or raw.reject is not None:
                     acks.append((raw, reason))
                     commit()  # the peer waits for its acknowledgement
-                elif pending >= self.batch_size or time.monotonic() - batch_t >= self.linger_s:
-                    commit(block=False)
+                else:
+                    tick += 1
+                    if pending >= batch_size or (
+                        tick & 63 == 0 and time.monotonic() - batch_t >= linger_s
+                    ):
+                        commit(block=False)
+                    if tick & 255 == 0 and stop.is_set():
+                        break
+                    continue
                 if stop.is_set():
                     break
             commit()

@@ -224,15 +224,15 @@ class ConnectorConformance:
 
     def test_conformance_through_the_broker(self, tmp_path: Path, request: Any) -> None:
         broker = request.getfixturevalue("broker")
+        from connectors.producer import make_connector_producer
         from connectors.runner import ConnectorRunner
         from connectors.state import CheckpointStore
         from pipeline.stream_config import KafkaSettings
-        from pipeline.streaming import make_producer
         from pipeline.topics import TopicLayout, ensure_topics
 
         layout = TopicLayout(prefix=f"c{uuid.uuid4().hex[:8]}", partitions=2, sources=())
         ensure_topics(broker.bootstrap, layout)
-        producer = make_producer(KafkaSettings(bootstrap_servers=broker.bootstrap))
+        producer = make_connector_producer(KafkaSettings(bootstrap_servers=broker.bootstrap))
         connector = self.make(self.source_config(tmp_path), name=f"src-{uuid.uuid4().hex[:6]}")
         stop = threading.Event()
         runner = ConnectorRunner(
@@ -265,7 +265,7 @@ class ConnectorConformance:
             assert not t.is_alive()
         finally:
             stop.set()
-            producer.close()
+            producer.flush()
         stats = runner.stats
         n_raw, n_out, n_err = self.expected
         assert (stats.records, stats.events + stats.context, stats.dead) == (n_raw, n_out, n_err)

@@ -150,7 +150,11 @@ class ConnectorService:
     """Runs a set of connectors, one thread each, until they end or :meth:`stop`."""
 
     def __init__(
-        self, settings: Any, producer: Any, only: list[str] | None = None, metrics: Any = None
+        self,
+        settings: Any,
+        producer: Any = None,
+        only: list[str] | None = None,
+        metrics: Any = None,
     ) -> None:
         from connectors.state import CheckpointStore, SqliteLedger
 
@@ -169,6 +173,10 @@ class ConnectorService:
                 raise ValueError(f"--only: no connector named {sorted(unknown)}")
             connectors = [c for c in connectors if c.name in only]
         self.settings = settings
+        if producer is None:  # librdkafka: ~4x kafka-python, see connectors/producer.py
+            from connectors.producer import make_connector_producer
+
+            producer = make_connector_producer(settings.kafka)
         self.producer = producer
         self.connectors = connectors
         self.metrics = metrics
@@ -219,7 +227,7 @@ class ConnectorService:
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.stream_config import StreamConfigError
-    from pipeline.streaming import check_reachable, make_producer
+    from pipeline.streaming import check_reachable
     from pipeline.topics import ensure_topics
 
     logging.basicConfig(
@@ -246,9 +254,8 @@ def _run(args: argparse.Namespace) -> int:
 
         metrics = ConnectorMetrics()
         start_http_server(args.metrics_port, registry=metrics.registry)
-    producer = make_producer(s.kafka)
     try:
-        svc = ConnectorService(s, producer, args.only, metrics)
+        svc = ConnectorService(s, None, args.only, metrics)
     except ValueError as exc:
         print(f"emrwatch connectors: {exc}", file=sys.stderr)
         return 2
@@ -257,8 +264,7 @@ def _run(args: argparse.Namespace) -> int:
     svc.start()
     print(f"connectors running: {', '.join(c.name for c in svc.connectors)}", flush=True)
     svc.wait()
-    producer.flush()
-    producer.close()
+    svc.producer.flush()
     for name, st in svc.results.items():
         print(f"{name}: {orjson.dumps(st.as_dict()).decode()}", flush=True)
     for name, exc in svc.errors.items():

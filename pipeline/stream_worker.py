@@ -104,7 +104,7 @@ def run_worker(settings: StreamSettings, ingest: bool = True) -> int:
         counts = publish_context(producer, layout, settings.context_load_dir)
         log.info("published context rows: %s", counts)
     if ingest and settings.connectors:
-        _start_connectors(settings, producer)
+        _start_connectors(settings)
 
     host: Any = None
     if settings.worker.mode == "detect":
@@ -142,12 +142,12 @@ def run_worker(settings: StreamSettings, ingest: bool = True) -> int:
     return 0
 
 
-def _start_connectors(settings: StreamSettings, producer: Any) -> None:
+def _start_connectors(settings: StreamSettings) -> None:
     """The configured connectors, each in a thread beside the worker (checkpointed in
     ``ingest.state_dir``; see :mod:`connectors.runner`)."""
     from pipeline.connect import ConnectorService
 
-    svc = ConnectorService(settings, producer)
+    svc = ConnectorService(settings)  # with its own (librdkafka) producer
     svc.start()
 
 
