@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -224,6 +225,12 @@ def settings_from_args(args: argparse.Namespace) -> StreamSettings:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """``emrwatch run --config FILE``: a production worker (see :mod:`pipeline.stream_config`)."""
     add_worker_arguments(parser)
+    parser.add_argument(
+        "--sinks",
+        action="store_true",
+        help="also run the config's alert sinks (alerting:, feed:) in this process, as "
+        "`emrwatch alerts --config FILE` does; use it on one worker only",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -244,6 +251,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError) as exc:
         print(f"emrwatch run: detection config: {exc}", file=sys.stderr)
         return 2
+    sinks_stop = None
+    if getattr(args, "sinks", False):
+        if not getattr(args, "config", None):
+            print(
+                "emrwatch run: --sinks needs --config FILE (its alerting: section)", file=sys.stderr
+            )
+            return 2
+        try:
+            sinks_stop = _start_sinks(args.config)
+        except (StreamConfigError, ValueError, OSError) as exc:
+            print(f"emrwatch run: sinks: {exc}", file=sys.stderr)
+            return 2
     try:
         return run_worker(settings)
     except SystemExit as exc:
@@ -257,12 +276,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     except HostError as exc:
         print(f"emrwatch run: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if sinks_stop is not None:
+            sinks_stop.set()
+
+
+def _start_sinks(config: str) -> threading.Event:
+    """The alert service of :mod:`pipeline.alert_service` in a thread: the alert topic to the
+    store, Slack, e-mail and the feed. Its config errors surface before the worker starts."""
+    from pipeline.alert_service import _load, run_alert_service
+
+    _load(config)  # fail fast on a bad alerting:/feed: section
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            run_alert_service(config, stop)
+        except Exception:
+            log.exception("the alert sinks stopped")
+
+    threading.Thread(target=work, name="emrwatch-sinks", daemon=True).start()
+    return stop
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.streaming", description="one emrwatch stream worker"
     )
-    add_worker_arguments(parser)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     return cmd_run(args)

@@ -66,3 +66,53 @@ def test_alert_topic_to_store_once_across_a_restart(tmp_path, broker, layout, pr
         assert "late-event" in store.event_ids("ew-0001")
     finally:
         store.close()
+
+
+def test_emrwatch_run_with_sinks_stores_alerts_from_its_own_config(
+    tmp_path, broker, layout, producer, spawn_worker
+):
+    """`emrwatch run --config FILE --sinks`: the worker also runs the config's sinks."""
+    config = _config(tmp_path, broker, layout)
+    w = spawn_worker(layout, f"g-{layout.prefix}", "--config", config, "--sinks")
+    alerts = [sample_alert(alert_id=f"ew-run-{i}", version=1) for i in range(3)]
+    _send(producer, layout.alerts, alerts)
+    from pipeline.alerting.store import AlertStore
+
+    db = tmp_path / "alerts.sqlite3"
+    deadline = time.monotonic() + 60
+    count = 0
+    while time.monotonic() < deadline and w.alive():
+        if db.exists():
+            store = AlertStore(f"sqlite:///{db}")
+            try:
+                count = store.count()
+            finally:
+                store.close()
+            if count == 3:
+                break
+        time.sleep(0.3)
+    assert count == 3, w.log()[-3000:]
+
+
+def test_emrwatch_run_sinks_refuses_a_bad_alerting_section(tmp_path, broker, layout):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap_servers": broker.bootstrap},
+                "topics": {"prefix": layout.prefix},
+                "alerting": {"store_url": "sqlite:///x.db", "no_such_key": 1},
+            }
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--config", str(bad), "--sinks"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "no_such_key" in r.stderr
