@@ -64,3 +64,19 @@ def test_worker_configs_load(tmp_path: Path) -> None:
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     ports = {c["port"] for job in prom["scrape_configs"] for c in job["dns_sd_configs"]}
     assert ports == {worker.worker.metrics_port}
+
+
+def test_alerts_service_config_loads(tmp_path: Path) -> None:
+    from pipeline.alert_service import _load
+
+    doc = yaml.safe_load((DOCKER / "alerts.yaml").read_text())
+    doc["context"]["load_dir"] = str(tmp_path)  # /data exists only inside the container
+    doc["alerting"]["store_url"] = f"sqlite:///{tmp_path / 'a.sqlite3'}"
+    cfg = tmp_path / "alerts.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    settings, alerting, feed, _ctx = _load(str(cfg))
+    worker = load_settings(DOCKER / "stream.yaml")
+    assert settings.topics == worker.topics
+    assert feed is not None and feed.port == 8080
+    services = _compose()["services"]
+    assert services["alerts"]["command"] == ["alerts", "--config", "/etc/emrwatch/alerts.yaml"]
