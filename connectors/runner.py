@@ -98,8 +98,11 @@ class ConnectorRunner:
         linger_s: float = 0.5,
         metrics: Any = None,
         on_batch: Callable[[RunnerStats], None] | None = None,
+        on_dead: Callable[[RawRecord, str], None] | None = None,
     ) -> None:
         self.c = connector
+        #: told of every dead-lettered record with its reason (``replay --stream``'s stderr)
+        self.on_dead = on_dead
         self.producer = producer
         self.layout = layout
         self.store = checkpoints
@@ -302,6 +305,8 @@ class ConnectorRunner:
                     )
                     if m is not None:
                         m.record(c.name, "deadletter", len(raw.payload))
+                    if self.on_dead is not None:
+                        self.on_dead(raw, reason)
                 if raw.checkpoint is not None:
                     last_cp = raw.checkpoint
                 pending += 1

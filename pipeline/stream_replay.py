@@ -216,7 +216,10 @@ def run_stream_replay(
                 if errors is not None:
                     errors.write(f"{events_path}:{line_no}: skipped: {reason}\n")
 
-            stats = produce_file(producer, settings.topics, events_path, fmt, on_bad=on_bad)
+            if str(events_path) == "-":  # stdin: the plain producer reads it
+                stats = produce_file(producer, settings.topics, events_path, fmt, on_bad=on_bad)
+            else:  # the production connector path: file connector, runner, librdkafka
+                stats = _produce_with_connector(settings, events_path, fmt, on_bad)
             parts = send_eof(producer, settings.topics, run_id)
 
             def check_workers() -> None:
@@ -247,6 +250,32 @@ def run_stream_replay(
         acks=acks,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _produce_with_connector(settings: Any, events_path: str | Path, fmt: str, on_bad: Any) -> Any:
+    """Send the file through a ``file`` connector and the connector runner (no checkpoints:
+    a replay starts over), exactly as ``emrwatch connectors run`` would; returns counts."""
+    import re
+
+    from connectors.files import FileConnector
+    from connectors.producer import make_connector_producer
+    from connectors.runner import ConnectorRunner
+    from pipeline.stream_ingest import IngestStats
+
+    line = re.compile(r" line (\d+)")
+    connector = FileConnector.from_dict(
+        {"path": str(events_path), "format": fmt}, name=Path(events_path).name
+    )
+    producer = make_connector_producer(settings.kafka)
+
+    def dead(raw: Any, reason: str) -> None:
+        m = line.search(raw.position)
+        on_bad(int(m.group(1)) if m else 0, reason)
+
+    runner = ConnectorRunner(connector, producer, settings.topics, on_dead=dead)
+    st = runner.run()
+    producer.flush()
+    return IngestStats(events=st.events, bad=st.dead, seconds=st.seconds)
 
 
 def replay_stream(
