@@ -42,7 +42,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from emrwatch.events import AccessEvent, EventError
 
@@ -102,25 +102,12 @@ class ContextUpdate:
 Output = AccessEvent | ContextUpdate
 
 
-class Ledger(Protocol):
-    """Where connectors record what they received (and what they refused), per source."""
+class Ledger:
+    """Where connectors record what they received (and what they refused), per source.
 
-    def receipt(
-        self,
-        source: str,
-        unit: str,
-        *,
-        peer: str = "",
-        records: int = 0,
-        size: int = 0,
-        status: str = "accepted",
-        reason: str = "",
-        digest: str = "",
-    ) -> None: ...
-
-
-class NullLedger:
-    """A ledger that keeps receipts in memory (tests, one-off runs)."""
+    Connectors call :meth:`receipt`; a ledger stores the row in :meth:`store`. This one
+    keeps receipts in memory (tests, one-off runs); :class:`connectors.state.SqliteLedger`
+    keeps them in a file."""
 
     def __init__(self) -> None:
         self.receipts: list[dict[str, Any]] = []
@@ -138,20 +125,27 @@ class NullLedger:
         reason: str = "",
         digest: str = "",
     ) -> None:
+        self.store(
+            {
+                "source": source,
+                "unit": unit,
+                "peer": peer,
+                "received_at": time.time(),
+                "records": records,
+                "bytes": size,
+                "status": status,
+                "reason": reason[:2000],
+                "digest": digest,
+            }
+        )
+
+    def store(self, row: dict[str, Any]) -> None:
         with self._lock:
-            self.receipts.append(
-                {
-                    "source": source,
-                    "unit": unit,
-                    "peer": peer,
-                    "records": records,
-                    "bytes": size,
-                    "status": status,
-                    "reason": reason,
-                    "digest": digest,
-                    "received_at": time.time(),
-                }
-            )
+            self.receipts.append(row)
+
+
+#: the in-memory ledger (the base class itself)
+NullLedger = Ledger
 
 
 class Connector(ABC):

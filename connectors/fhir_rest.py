@@ -602,7 +602,26 @@ def _last_updated(resource: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- fhir-rest
-class FhirRestConnector(Connector):
+class _FhirConnector(Connector):
+    """What the FHIR connectors share: an HTTP client for ``base_url`` (None without one),
+    and a stop inside a retry wait ends :meth:`records` quietly."""
+
+    def __init__(self, config: Any, name: str = "", ledger: Any = None) -> None:
+        super().__init__(config, name=name, ledger=ledger)
+        base_url = getattr(config, "base_url", "")
+        self.http = _Http(config, base_url, self.name) if base_url else None
+
+    def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
+        try:
+            yield from self._records(checkpoint, stop)
+        except _Stopped:
+            return
+
+    def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
+        raise NotImplementedError
+
+
+class FhirRestConnector(_FhirConnector):
     """AuditEvents from a FHIR server's REST search, polled by ``_lastUpdated``."""
 
     type = "fhir-rest"
@@ -610,16 +629,6 @@ class FhirRestConnector(Connector):
     Config = FhirRestConfig
     produces = frozenset({"access"})
     resource_type = "AuditEvent"
-
-    def __init__(self, config: Any, name: str = "", ledger: Any = None) -> None:
-        super().__init__(config, name=name, ledger=ledger)
-        self.http = _Http(config, config.base_url, self.name)
-
-    def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
-        try:
-            yield from self._records(checkpoint, stop)
-        except _Stopped:
-            return
 
     def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         cfg = self.config
@@ -668,23 +677,13 @@ def _audit_event(payload: bytes) -> Output:
 
 
 # ---------------------------------------------------------------------------- fhir-bulk-export
-class FhirBulkExportConnector(Connector):
+class FhirBulkExportConnector(_FhirConnector):
     """AuditEvents through FHIR Bulk Data ``$export`` (kick-off, status, NDJSON files)."""
 
     type = "fhir-bulk-export"
     summary = "FHIR Bulk Data $export of AuditEvents (NDJSON), resumable mid-file"
     Config = FhirBulkExportConfig
     produces = frozenset({"access"})
-
-    def __init__(self, config: Any, name: str = "", ledger: Any = None) -> None:
-        super().__init__(config, name=name, ledger=ledger)
-        self.http = _Http(config, config.base_url, self.name)
-
-    def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
-        try:
-            yield from self._records(checkpoint, stop)
-        except _Stopped:
-            return
 
     def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         cfg = self.config
@@ -1192,7 +1191,7 @@ def _practitioner_key(role: dict[str, Any]) -> str:
     return "Practitioner/" + _ref_id(role.get("practitioner"))
 
 
-class FhirContextConnector(Connector):
+class FhirContextConnector(_FhirConnector):
     """Staff, encounters and patients from FHIR resources (REST search or NDJSON files)."""
 
     type = "fhir-context"
@@ -1200,18 +1199,11 @@ class FhirContextConnector(Connector):
     Config = FhirContextConfig
     produces = frozenset({"context"})
 
-    def __init__(self, config: Any, name: str = "", ledger: Any = None) -> None:
-        super().__init__(config, name=name, ledger=ledger)
-        self.http = _Http(config, config.base_url, self.name) if config.base_url else None
-
-    def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
-        try:
-            if self.http is not None:
-                yield from self._rest(checkpoint, stop)
-            else:
-                yield from self._files(checkpoint, stop)
-        except _Stopped:
-            return
+    def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
+        if self.http is not None:
+            yield from self._rest(checkpoint, stop)
+        else:
+            yield from self._files(checkpoint, stop)
 
     # ------------------------------------------------------------ REST
     def _rest(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:

@@ -29,11 +29,12 @@ import os
 import re
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from connectors.base import Ledger
 
 __all__ = ["CheckpointStore", "SqliteLedger"]
 
@@ -97,10 +98,11 @@ CREATE INDEX IF NOT EXISTS receipts_source_time ON receipts (source, received_at
 """
 
 
-class SqliteLedger:
+class SqliteLedger(Ledger):
     """Receipts in a SQLite file; safe to share between the connector threads of a process."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -108,23 +110,13 @@ class SqliteLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
 
-    def receipt(
-        self,
-        source: str,
-        unit: str,
-        *,
-        peer: str = "",
-        records: int = 0,
-        size: int = 0,
-        status: str = "accepted",
-        reason: str = "",
-        digest: str = "",
-    ) -> None:
+    def store(self, row: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT INTO receipts (source, unit, peer, received_at, records, bytes, status,"
-                " reason, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (source, unit, peer, time.time(), records, size, status, reason[:2000], digest),
+                " reason, digest) VALUES (:source, :unit, :peer, :received_at, :records, :bytes,"
+                " :status, :reason, :digest)",
+                row,
             )
 
     def rows(self, source: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
