@@ -54,6 +54,19 @@ def producer(broker: Any) -> Iterator[Any]:
     p.close()
 
 
+# ---------------------------------------------------------------------------- PostgreSQL
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A throwaway database on the local PostgreSQL for one test module (dropped after)."""
+    from pipeline.alerting.testing import postgres_unavailable, scratch_postgres
+
+    why = postgres_unavailable()
+    if why:
+        pytest.skip(why)
+    with scratch_postgres() as url:
+        yield url
+
+
 # ---------------------------------------------------------------------------- workers
 class WorkerProc:
     """One ``python -m pipeline.streaming`` subprocess; killed at teardown whatever happens."""

@@ -11,12 +11,10 @@ the accesses use the values it implies (Patient, success, routine).
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from connectors.atna import octet_frame, to_audit_message
 from connectors.fhir_encode import to_audit_event
@@ -24,7 +22,6 @@ from connectors.registry import build
 from connectors.sql import CLARITY_DDL, CLARITY_METRICS, clarity_config, to_access_log_row
 from connectors.testing import collect, normalize_all
 from emrwatch.events import ACTIONS, AccessEvent
-from pipeline.alerting.testing import postgres_unavailable, scratch_postgres
 
 SOURCE = "clarity-prod"
 
@@ -47,15 +44,6 @@ def accesses() -> list[AccessEvent]:
             )
         )
     return out
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    why = postgres_unavailable()
-    if why:
-        pytest.skip(why)
-    with scratch_postgres() as url:
-        yield url
 
 
 def via_fhir(events: list[AccessEvent], tmp_path: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from connectors.sql import (
 )
 from connectors.testing import ConnectorConformance, collect, normalize_all
 from emrwatch.events import AccessEvent, EventError
-from pipeline.alerting.testing import free_port, postgres_unavailable, scratch_postgres
+from pipeline.alerting.testing import free_port
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -67,13 +66,6 @@ PW = "s3cret-Pw0rd"
 
 
 # ---------------------------------------------------------------------------- databases
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    why = postgres_unavailable()
-    if why:
-        pytest.skip(why)
-    with scratch_postgres() as url:
-        yield url
 
 
 def new_schema(pg_url: str, rows: list[Row] | None = None, password: str = "") -> str:
