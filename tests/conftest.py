@@ -54,6 +54,15 @@ def producer(broker: Any) -> Iterator[Any]:
     p.close()
 
 
+# ---------------------------------------------------------------------------- browser
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    """Real headless Chromium (tests/browser.py)."""
+    from tests.browser import launch
+
+    yield from launch()
+
+
 # ---------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:

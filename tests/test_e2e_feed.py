@@ -26,25 +26,15 @@ import yaml
 from detectors.alerts import alert_id_for
 from pipeline.alerting.render import mask_id
 from pipeline.web.testing import PASSWORD, feed_settings
+from tests.browser import log_in, needs_chromium, open_page
 from tests.conftest import StreamHarness
 from tests.hospital import ev, write_hospital
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 REPO = Path(__file__).resolve().parent.parent
 FEED_BUDGET_S = 2.0  # the product requirement
 SEALED = "P-SEAL"  # sealed; only p-card is on its authorised list (tests/hospital.py)
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)"
-)
+pytestmark = needs_chromium
 
 # stamps, in page time (ms since the epoch), the moment each watched row enters the DOM
 _WATCH_JS = """
@@ -103,17 +93,6 @@ class AlertService:
 
 
 @pytest.fixture()
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-@pytest.fixture()
 def alert_service(broker: Any, layout: Any, tmp_path: Path) -> Iterator[AlertService]:
     ana = feed_settings().user("ana")
     assert ana is not None
@@ -162,17 +141,8 @@ def test_a_stream_alert_is_visible_in_the_feed_within_2_s(
     worker = spawn_worker(harness.layout, f"g-feed-{harness.layout.prefix}")
     url = alert_service.wait_for_url()
 
-    ctx = browser.new_context(viewport={"width": 1360, "height": 820})
-    page = ctx.new_page()
-    page.set_default_timeout(30_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.goto(url + "/")
-    assert "/login" in page.url
-    page.fill("input[name=username]", "ana")
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit]")
+    page, errors = open_page(browser, 30_000)
+    log_in(page, url, "ana", PASSWORD)
     page.wait_for_selector("#live.live-on")  # the event stream is connected
 
     # warm-up: the worker acknowledges an end marker on every access partition (it owns
@@ -221,5 +191,5 @@ def test_a_stream_alert_is_visible_in_the_feed_within_2_s(
     assert mask_id(SEALED) in page.inner_text("#timeline")
     assert page.locator(f"form[action='/cases/{aid}/unmask']").count() == 1  # may ask, once
     assert not errors, errors
-    ctx.close()
+    page.context.close()
     assert worker.alive()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,34 +19,12 @@ import pytest
 from pipeline.alerting.store import AlertStore
 from pipeline.web import serve_feed
 from pipeline.web.testing import PASSWORD, TZ, believable_alert, feed_settings
+from tests.browser import log_in, needs_chromium, open_page
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 REPO = Path(__file__).resolve().parent.parent
 SHOTS = REPO / "docs" / "screenshots"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium is not installed (make test installs it)"
-)
-
-
-@pytest.fixture()
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        # Playwright gives every launch a fresh, empty profile (--user-data-dir)
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+pytestmark = needs_chromium
 
 
 def _save(page: Any, tmp_path: Path, name: str, full_page: bool = False) -> Path:
@@ -73,19 +50,10 @@ def test_login_live_alert_case_and_triage(browser: Any, tmp_path: Path) -> None:
     )
     url, stop = serve_feed(store, feed_settings(poll_interval_s=0.25))
     try:
-        ctx = browser.new_context(viewport={"width": 1360, "height": 820})
-        page = ctx.new_page()
-        page.set_default_timeout(10_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page, errors = open_page(browser, 10_000)
 
         # login (the feed sends anonymous visitors to the login page)
-        page.goto(url + "/")
-        assert "/login" in page.url
-        page.fill("input[name=username]", "ana")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
+        log_in(page, url, "ana", PASSWORD)
         page.wait_for_selector("#alerts tbody tr")
         assert page.locator("#rows tr").count() == 10
         page.wait_for_selector("#live.live-on")  # the event stream is connected
@@ -133,7 +101,7 @@ def test_login_live_alert_case_and_triage(browser: Any, tmp_path: Path) -> None:
         sync_api.expect(page.locator(f"#row-{aid}")).to_contain_text("sam", timeout=2_000)
         assert page.evaluate("performance.getEntriesByType('navigation').length") == nav_before
         assert not errors, errors  # no script errors, no CSP violations
-        ctx.close()
+        page.context.close()
     finally:
         stop()
 
