@@ -228,13 +228,20 @@ class _Rel:
     the patient facts, from when a seal applies, and the encounter state of the explanation
     with the times it holds for."""
 
-    __slots__ = ("version", "facts", "sensitivity", "seal_from", "enc")
+    __slots__ = ("version", "facts", "template", "sensitivity", "seal_from", "enc")
 
     def __init__(
-        self, version: int, facts: dict[str, Any], sensitivity: int, seal_from: float
+        self,
+        version: int,
+        facts: dict[str, Any],
+        sensitivity: int,
+        seal_from: float,
+        template: dict[str, Any],
     ) -> None:
         self.version = version
         self.facts = facts
+        #: the user's fact template with these patient facts filled in (one copy an event)
+        self.template = {**template, **facts}
         self.sensitivity = sensitivity
         self.seal_from = seal_from
         self.enc: EncounterState | None = None
@@ -380,7 +387,7 @@ class Engine:
             "family": family and not self_access,
             "above_clearance": patient is not None and sensitivity > info.clearance,
         }
-        rel = _Rel(ctx.version, facts, sensitivity, seal_from)
+        rel = _Rel(ctx.version, facts, sensitivity, seal_from, info.template)
         cache = st.rel
         if len(cache) >= REL_CACHE_SIZE:
             cache.clear()
@@ -444,8 +451,7 @@ class Engine:
         else:
             active = off_shift = grant_covered = False
             reasons = ()
-        f = info.template.copy()
-        f.update(rel.facts)
+        f = rel.template.copy()
         f["action"] = action
         f["resource_type"] = e.resource_type
         f["outcome"] = outcome
@@ -541,7 +547,11 @@ class Engine:
         t = e.t
         if t > st.last_t:
             st.last_t = t
-        lt = self._local(t)
+        if not (self._hour0 <= t < self._hour1):  # self._local(t), inlined
+            h = int(t // 3600)
+            self._hour0, self._hour1 = h * 3600.0, (h + 1) * 3600.0
+            self._offset = self._clock.offset(t)
+        lt = t + self._offset
         f = self._facts(e, st, lt)
         self.events += 1
         reasons = f["explanations"]

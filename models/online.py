@@ -119,19 +119,60 @@ class SharedHalfSpaceTrees:
         self.size = len(feats)
         self._max_score = n_trees * window_size * (2 ** (height + 1) - 1)
         self._size_limit = 0.1 * window_size
+        self._learn_paths, self._path_mass = self._compile()
+
+    def _compile(self) -> tuple[Any, Any]:
+        """:meth:`learn_one`'s and :meth:`score_one`'s walks down the trees as straight-line
+        code (nested ifs on constant features and thresholds: no per-node list lookups),
+        generated from the structure once. Same nodes, same operations, same order: the
+        same masses and bit-for-bit the same scores as the loops they replace."""
+        feat, thr, left, right, height = (
+            self._feature,
+            self._threshold,
+            self._left,
+            self._right,
+            self.height,
+        )
+        learn = ["def learn(x, lm):"]
+        score = ["def score(x, rm, limit):", "    s = 0.0"]
+
+        def walk_learn(node: int, depth: int, pad: str) -> None:
+            learn.append(f"{pad}lm[{node}] += 1")
+            if depth == height:
+                return
+            learn.append(f"{pad}if x[{feat[node]!r}] < {float(thr[node])!r}:")
+            walk_learn(left[node], depth + 1, pad + "    ")
+            learn.append(f"{pad}else:")
+            walk_learn(right[node], depth + 1, pad + "    ")
+
+        def walk_score(node: int, depth: int, pad: str) -> None:
+            power = 1 << depth
+            if depth == height:
+                score.append(f"{pad}s += rm[{node}] * {power}")
+                return
+            score.append(f"{pad}r = rm[{node}]")
+            score.append(f"{pad}s += r * {power}")
+            score.append(f"{pad}if r >= limit:")
+            pad2 = pad + "    "
+            score.append(f"{pad2}if x[{feat[node]!r}] < {float(thr[node])!r}:")
+            walk_score(left[node], depth + 1, pad2 + "    ")
+            score.append(f"{pad2}else:")
+            walk_score(right[node], depth + 1, pad2 + "    ")
+
+        for root in self._roots:
+            walk_learn(root, 0, "    ")
+            walk_score(root, 0, "    ")
+        score.append("    return s")
+        ns: dict[str, Any] = {}
+        # built from the trees' own features (repr'd str) and thresholds (repr'd float)
+        exec("\n".join(learn + score), {"__builtins__": {}}, ns)  # noqa: S102
+        return ns["learn"], ns["score"]
 
     def new_state(self) -> HSTState:
         return HSTState(self.size)
 
     def learn_one(self, st: HSTState, x: dict[str, float]) -> None:
-        feat, thr, left, right = self._feature, self._threshold, self._left, self._right
-        lm = st.l_mass
-        height = self.height
-        for node in self._roots:
-            for _ in range(height):
-                lm[node] += 1
-                node = left[node] if x[feat[node]] < thr[node] else right[node]
-            lm[node] += 1
+        self._learn_paths(x, st.l_mass)  # river's walk: see _learn_loop
         st.counter += 1
         if st.counter == self.window_size:
             st.r_mass, st.l_mass = st.l_mass, array("l", bytes(8 * self.size))
@@ -141,6 +182,22 @@ class SharedHalfSpaceTrees:
     def score_one(self, st: HSTState, x: dict[str, float]) -> float:
         """0 until the first window is full, then 1 − (mass along the path) / max: in [0, 1],
         higher is more anomalous."""
+        if st.first_window:
+            return 0.0
+        return 1.0 - self._path_mass(x, st.r_mass, self._size_limit) / self._max_score
+
+    def _learn_loop(self, x: dict[str, float], lm: array) -> None:
+        """What :meth:`learn_one` runs as generated code (:meth:`_compile`), as river's loop."""
+        feat, thr, left, right = self._feature, self._threshold, self._left, self._right
+        height = self.height
+        for node in self._roots:
+            for _ in range(height):
+                lm[node] += 1
+                node = left[node] if x[feat[node]] < thr[node] else right[node]
+            lm[node] += 1
+
+    def _score_loop(self, st: HSTState, x: dict[str, float]) -> float:
+        """What :meth:`score_one` runs as generated code (:meth:`_compile`), as river's loop."""
         if st.first_window:
             return 0.0
         feat, thr, left, right = self._feature, self._threshold, self._left, self._right

@@ -244,7 +244,7 @@ def component_costs(data: Path, runs: int = 3) -> dict[str, float]:
     from models.online import SharedHalfSpaceTrees
     from models.population import HistogramSurprise, TailCalibration
     from models.runtime import ModelScorer
-    from pipeline.replay import run_engine
+    from pipeline.replay import paused_gc, run_engine
 
     ctx = Context.load(data)
     path = data / "events.ndjson"
@@ -252,7 +252,8 @@ def component_costs(data: Path, runs: int = 3) -> dict[str, float]:
     events: list[AccessEvent] = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        events = [e for _, e, _ in read_events(path, "auto") if isinstance(e, AccessEvent)]
+        with paused_gc():  # as replay runs
+            events = [e for _, e, _ in read_events(path, "auto") if isinstance(e, AccessEvent)]
         parse = min(parse, time.perf_counter() - t0)
     n = max(1, len(events))
     cfg = DetectionConfig()
@@ -263,7 +264,8 @@ def component_costs(data: Path, runs: int = 3) -> dict[str, float]:
             eng = make()
             gc.collect()
             t0 = time.perf_counter()
-            run_engine(eng, events)
+            with paused_gc():
+                run_engine(eng, events)
             b = min(b, time.perf_counter() - t0)
         return b
 
@@ -306,7 +308,8 @@ def component_costs(data: Path, runs: int = 3) -> dict[str, float]:
     timed(CaseScorer, "score", "case_model")
     timed(ModelScorer, "score_visit", "score_visit")
     try:
-        run_engine(Engine(ctx, cfg), events)
+        with paused_gc():
+            run_engine(Engine(ctx, cfg), events)
     finally:
         for owner, name, fn in reversed(patches):
             setattr(owner, name, fn)

@@ -11,6 +11,7 @@ so the alerts are identical to a single-process run; a test checks it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import re
@@ -19,7 +20,9 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,6 +69,23 @@ def collapse(alerts: Iterable[Alert]) -> list[Alert]:
         last[a.alert_id] = a
     live = [a for a in last.values() if a.status != "retracted"]
     return sorted(live, key=lambda a: (a.first_seen, a.alert_id))
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for a replay loop, as it was afterwards.
+
+    Replay creates a few container objects per event (the event, its facts, evidence) and
+    keeps a growing heap of per-user state, so the collector runs every few hundred events
+    and re-traverses that heap: ~7% of a replay, for nothing (the engine makes no reference
+    cycles; memory is freed by reference counting as before)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def run_engine(eng: Engine, events: Iterable[AccessEvent]) -> dict[str, Alert]:
@@ -138,7 +158,8 @@ def replay_file(
     res = ReplayResult(alerts=[], stats=EngineStats())
     counter = _Counter(res, path, errors)
     t0 = time.perf_counter()
-    out = run_engine(eng, counter.events(read_events(events_path, fmt)))
+    with paused_gc():
+        out = run_engine(eng, counter.events(read_events(events_path, fmt)))
     res.seconds = time.perf_counter() - t0
     res.alerts = collapse(out.values())
     res.stats = eng.stats()
@@ -153,8 +174,9 @@ def _gzipped(path: str) -> bool:
 # ---------------------------------------------------------------------- parallel replay
 # Each forked worker reads the whole file but fully parses only the lines of its own users.
 # The owner of a line is found from its bytes when that is unambiguous (one agent with an
-# identifier, no escapes); otherwise the worker parses the line to find out. The context is
-# inherited through fork, not pickled.
+# identifier, no escapes); otherwise the worker parses the line to find out. The context and
+# a fresh engine (rules, models) are built once in the parent and inherited through fork,
+# not pickled or rebuilt per worker.
 _JOB: dict[str, Any] = {}
 _FHIR_WHO = re.compile(
     rb'"who"\s*:\s*\{\s*"identifier"\s*:\s*\{\s*"value"\s*:\s*"([^"\\]*)"\s*\}\s*\}'
@@ -233,6 +255,49 @@ def fast_owner_hint(raw: bytes, fmt: str) -> bytes | None:
     return m.group(1) if m else None
 
 
+class _Owned(dict[bytes, bool]):
+    """User id → whether partition ``p`` owns it, filled in on first sight."""
+
+    def __init__(self, p: int, parts: int, table: dict[bytes, int]) -> None:
+        super().__init__()
+        self.p, self.parts, self.table = p, parts, table
+
+    def __missing__(self, uid: bytes) -> bool:
+        w = self.table.get(uid)
+        mine = self[uid] = (zlib.crc32(uid) % self.parts if w is None else w) == self.p
+        return mine
+
+
+#: the compact FHIR owner and the rest of its line: at most one match a line
+_FHIR_OWNER_LINE = re.compile(rb'"who":\{"identifier":\{"value":"([^"\\\n]*)"\}\}[^\n]*')
+
+
+def _block_owners(block: bytes, stop: int) -> tuple[list[int], list[bytes]] | None:
+    """For a block of whole FHIR lines (``block[:stop]``, each ending in a newline): the
+    newline positions and each line's owner, when every line has exactly one ``"who"`` and
+    it is compact (what :func:`fast_owner_hint` reads from each line, then, for all of them
+    at once, in C); else None, and the lines are looked at one by one.
+
+    Every line has exactly one ``"who"``: the owner pattern matches at most once a line (it
+    runs to the line's end) and matches once in every line, and ``"who"`` occurs, counted
+    overlapping and so at least as often as :meth:`bytes.find` sees it, as often as there
+    are lines."""
+    import numpy as np
+
+    arr = np.frombuffer(block, np.uint8, stop)
+    newlines = np.flatnonzero(arr == 10)
+    n = len(newlines)
+    uids = _FHIR_OWNER_LINE.findall(block, 0, stop)
+    if len(uids) != n:
+        return None
+    w = np.flatnonzero(arr == 119)  # "w"
+    w = w[(w >= 1) & (w <= stop - 4)]
+    who = (arr[w - 1] == 34) & (arr[w + 1] == 104) & (arr[w + 2] == 111) & (arr[w + 3] == 34)
+    if int(np.count_nonzero(who)) != n:
+        return None
+    return newlines.tolist(), uids
+
+
 def _partition_lines(
     path: str, p: int, parts: int, fmt: str, table: dict[bytes, int] | None = None
 ) -> Iterator[tuple[int, bytes, bool]]:
@@ -240,9 +305,11 @@ def _partition_lines(
     to partition ``p``: those whose owner the bytes show to be another partition's are left
     out. Lines are numbered and stripped as :func:`connectors.readers.read_lines` does, but
     read in large blocks and searched in place: a line of another partition is never copied
-    (lines are ~1 KB, and copying them is most of what reading costs)."""
+    (lines are ~1 KB, and copying them is most of what reading costs). A FHIR block whose
+    every line names its owner the compact way is split among partitions in one pass."""
     crc = zlib.crc32
     owner = (table or {}).get
+    owned = _Owned(p, parts, table or {})
     if fmt == "fhir":
         key, compact, tail = _WHO, _WHO_COMPACT, b'"}}'
     else:
@@ -261,6 +328,16 @@ def _partition_lines(
                 block, stop, rest = rest + b"\n", len(rest) + 1, b""
             else:
                 break
+            if number and fmt == "fhir" and stop:
+                found = _block_owners(block, stop)
+                if found is not None:
+                    newlines, uids = found
+                    mine = owned.__getitem__
+                    for k in compress(range(len(uids)), map(mine, uids)):
+                        start = newlines[k - 1] + 1 if k else 0
+                        yield number + k + 1, block[start : newlines[k]].rstrip(b"\r\n"), True
+                    number += len(uids)
+                    continue
             find, startswith = block.find, block.startswith
             pos = 0
             while pos < stop:
@@ -301,9 +378,13 @@ def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple
     parts: int = _JOB["partitions"]
     fmt: str = _JOB["fmt"]
     parse = parse_fhir_line if fmt == "fhir" else parse_jsonl_line
-    eng = Engine(_JOB["ctx"], _JOB["cfg"])
-    if _JOB["collect_unexplained"]:
-        eng.unexplained_ids = set()
+    # fresh, built once in the parent: each forked process has its own copy of it; a process
+    # given a second partition (the pool may do that) builds another one
+    eng: Engine | None = _JOB.pop("engine", None)
+    if eng is None:
+        eng = Engine(_JOB["ctx"], _JOB["cfg"])
+        if _JOB["collect_unexplained"]:
+            eng.unexplained_ids = set()
     counts = [0, 0]  # events, bad lines (counted by partition 0 only)
     bad: list[tuple[int, str]] = []
 
@@ -331,7 +412,8 @@ def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple
             counts[0] += 1
             yield e
 
-    out = run_engine(eng, mine())
+    with paused_gc():
+        out = run_engine(eng, mine())
     return list(out.values()), eng.stats(), counts[0], bad, counts[1]
 
 
@@ -346,20 +428,29 @@ def _replay_parallel(
 ) -> ReplayResult:
     res = ReplayResult(alerts=[], stats=EngineStats(), workers=workers)
     counter = _Counter(res, path, errors)
+    # One engine, built here as the single-process replay builds it (rules, models: ~0.4 s)
+    # and inherited by every worker through fork, instead of built again in each of them.
+    eng = Engine(ctx, cfg)
+    if collect_unexplained:
+        eng.unexplained_ids = set()
     t0 = time.perf_counter()
     _JOB.update(
+        engine=eng,
         ctx=ctx,
         cfg=cfg,
+        collect_unexplained=collect_unexplained,
         path=path,
         fmt=fmt,
         partitions=workers,
-        collect_unexplained=collect_unexplained,
         table=balance_users(path, fmt, workers),
     )
+    # the inherited heap out of the collector's reach: no copy-on-write of it in the workers
+    gc.freeze()
     try:
         with mp.get_context("fork").Pool(workers) as pool:
             results = pool.map(_replay_partition, range(workers))
     finally:
+        gc.unfreeze()
         _JOB.clear()
     out: list[Alert] = []
     for alerts, stats, n, bad, n_bad in results:

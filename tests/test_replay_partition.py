@@ -56,6 +56,31 @@ def test_partition_lines_match_read_lines_and_owner_hint(tmp_path, monkeypatch, 
             assert got == _expected(path, p, parts, "fhir")
 
 
+@pytest.mark.parametrize("block", [512, 4096, 1 << 16])
+def test_whole_block_split_matches_line_by_line(tmp_path, monkeypatch, block):
+    """Blocks of compact lines are split in one pass; any odd line (two "who", an escape,
+    spaces, CRLF, a "who" in a value) sends its block back to the line-by-line path."""
+    lines = [LINE % (b"e%d" % i, b"U%d" % (i % 11)) for i in range(600)]
+    lines[150] = lines[150] + b"\r"
+    lines[300] = LINE % (b"e300", b"U1") + b'"who"'
+    lines[301] = b'{"x":"who","who":{"identifier":{"value":"U4"}}}'
+    lines[420] = ODD[5]
+    lines[421] = ODD[4]
+    lines[480] = b'{"a":"\\"who\\"","who":{"identifier":{"value":"U2"}}}'
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    monkeypatch.setattr(replay, "READ_BLOCK", block)
+    for parts in (2, 3):
+        for p in range(parts):
+            got = list(replay._partition_lines(str(path), p, parts, "fhir"))
+            assert got == _expected(path, p, parts, "fhir")
+    data = b"".join(x + b"\n" for x in lines[1:100])
+    assert replay._block_owners(data, len(data)) is not None
+    for odd in (lines[300], lines[301], ODD[5], ODD[4], b"", b"{}"):
+        data = b"".join(x + b"\n" for x in [*lines[1:50], odd, *lines[50:99]])
+        assert replay._block_owners(data, len(data)) is None
+
+
 def test_fast_owner_hint_is_owner_hint():
     for raw in [LINE % (b"e", b"U1"), *ODD]:
         assert replay.fast_owner_hint(raw, "fhir") == replay.owner_hint(raw, "fhir")
