@@ -109,13 +109,13 @@ class DetectionConfig:
     model_registry: str = ""
     #: a visit at least this unusual (−log10 of the share of ordinary visits scoring as high)
     #: is learned evidence; each level above it adds ``model_weight`` risk per patient
-    model_min_level: float = 2.5
-    model_weight: float = 0.35
+    model_min_level: float = 3.0
+    model_weight: float = 0.75
     #: only explained visits become learned evidence by themselves (rules judge the rest)
     model_explained_only: bool = True
     #: a case holding only learned evidence stays open this long between findings (slow
     #: misuse spreads over days)
-    model_case_gap_s: float = 24 * HOUR
+    model_case_gap_s: float = 72 * HOUR
     #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
     model_fusion: bool = True
     #: look for a newly promoted model at most this often (seconds of wall time)

@@ -19,6 +19,7 @@ What is learned across users comes from the registry as a :class:`ModelBundle`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ from models.registry import DEFAULT_REGISTRY, ModelRegistry, RegistryError
 MODEL_NAMES = ("visits", "cases")
 _NONE: list[Any] = []  # observe() closed no visit (never appended to)
 _NO_TERMS: dict[str, float] = {}
+#: peer fade: an explained visit the peers find at least this unusual counts toward the
+#: user's routine; from the next local day on it takes ``log10(1 + k)`` off the peer level
+FADE_LEVEL = 3.0
 
 
 @dataclass
@@ -153,7 +157,19 @@ def registry_for(path: str) -> ModelRegistry | None:
 class UserModels:
     """One user's model state."""
 
-    __slots__ = ("behaviour", "hst", "gate", "scored", "group", "key", "means", "prep")
+    __slots__ = (
+        "behaviour",
+        "hst",
+        "gate",
+        "scored",
+        "group",
+        "key",
+        "means",
+        "fade_k",
+        "fade_day",
+        "fade_today",
+        "prep",
+    )
 
     def __init__(self, hst: HSTState) -> None:
         self.behaviour = UserBehaviour()
@@ -163,6 +179,11 @@ class UserModels:
         self.group = ""  # peer group (department/role)
         self.key = ""  # role@department kind: which population histograms apply
         self.means: dict[str, float] = {}  # running mean of each feature (for attribution)
+        #: peer fade: explained visits at peer level >= FADE_LEVEL on earlier local days
+        #: (``fade_k``) and on the local day ``fade_day`` (``fade_today``)
+        self.fade_k = 0
+        self.fade_day = -1
+        self.fade_today = 0
         #: cache, not state: what the scorer looks up for this user (see ``_prepare``)
         self.prep: _Prep | None = None
 
@@ -175,6 +196,7 @@ class UserModels:
             "group": self.group,
             "key": self.key,
             "means": self.means,
+            "fade": [self.fade_k, self.fade_day, self.fade_today],
         }
 
     @classmethod
@@ -186,7 +208,20 @@ class UserModels:
         um.group = o["group"]
         um.key = o["key"]
         um.means = dict(o["means"])
+        fade = o.get("fade")
+        if fade:
+            um.fade_k, um.fade_day, um.fade_today = int(fade[0]), int(fade[1]), int(fade[2])
         return um
+
+    def fade(self, day: int) -> float:
+        """What the peer level of an explained visit on local ``day`` loses to the user's
+        routine: ``log10(1 + k)``, k the unusual explained visits of earlier days."""
+        if day > self.fade_day:
+            self.fade_k += self.fade_today
+            self.fade_today = 0
+            self.fade_day = day
+        k = self.fade_k
+        return math.log10(1 + k) if k else 0.0
 
 
 class _Prep:
@@ -362,12 +397,23 @@ class ModelScorer:
             prep = um.prep = _Prep(self, um, user_id)
         x = features_against(v, um.behaviour, prep.base, prep.comm_prior)
         explained = v.unexplained * 2 < v.n
-        peer, terms = 0.0, _NO_TERMS
+        peer = raw_peer = 0.0
+        terms = _NO_TERMS
         table = prep.table_e if explained else prep.table_u
         if table is not None:
             raw, terms = self.surprise.score_table(table, x)  # type: ignore[union-attr]
             cal = prep.cal_e if explained else prep.cal_u
-            peer = cal.level(raw) if cal is not None else 0.0
+            peer = raw_peer = cal.level(raw) if cal is not None else 0.0
+        if explained and peer > 0.0:
+            # peer fade: the peers never get used to the user's own routine (what they find
+            # unusual may be this user's everyday work, and it stays out of learning), so
+            # each earlier-day visit as unusual takes a little off; today's visits do not
+            # (a first-day burst keeps its full level)
+            fade = um.fade(self.ctx.clock.local_day(v.t0))
+            if peer >= FADE_LEVEL:
+                um.fade_today += 1
+            if fade:
+                peer = max(0.0, peer - fade)
         trees, st = self.trees, um.hst
         p = self.bundle.behaviour
         hst = own = 0.0
@@ -379,7 +425,8 @@ class ModelScorer:
             um.scored += 1
             um.gate = self.gate.update(um.gate, hst, um.scored)
         # learn: the gate keeps what the user's model flags out of it and out of the profiles
-        learn = peer < 2.0 and (not scored or hst < um.gate or um.scored < 20)
+        # (on the unfaded peer level: the fade changes what is evidence, not what is learned)
+        learn = raw_peer < 2.0 and (not scored or hst < um.gate or um.scored < 20)
         um.behaviour.learn(v, learn_profile=learn)
         n = um.behaviour.visits
         if learn and (n % p.learn_every == 0 or st.first_window):

@@ -6,6 +6,7 @@ Small simulated hospitals keep this fast; the held-out quality of the models is 
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 from dataclasses import replace
@@ -241,3 +242,61 @@ def test_models_can_be_switched_off(ctx: Context, events: list) -> None:
     assert eng.models is None
     run_engine(eng, events[:500])
     assert all(st.models is None for st in eng.users.values())
+
+
+# ------------------------------------------------------------------ peer fade
+class _FixedSurprise:
+    """A population model that finds every visit as unusual as it is told to."""
+
+    def __init__(self) -> None:
+        self.level = 0.0
+
+    def table(self, key: str) -> str:
+        return key
+
+    def score_table(self, table: str, x: dict[str, float]) -> tuple[float, dict[str, float]]:
+        return self.level, {}
+
+
+class _Identity:
+    def level(self, raw: float) -> float:
+        return raw
+
+
+def _fade_scorer() -> tuple[ModelScorer, _FixedSurprise]:
+    from models.runtime import ModelBundle
+
+    sur = _FixedSurprise()
+    bundle = ModelBundle(surprise=sur, calibration={"*": _Identity()})  # type: ignore[arg-type]
+    return ModelScorer(Context(), bundle), sur
+
+
+def _visit(pid: str, t: float, explained: bool = True) -> Visit:
+    v = Visit(pid, t, "WS1", "", "")
+    v.n = 1
+    v.unexplained = 0 if explained else 1
+    return v
+
+
+def test_peer_fade_spares_a_first_day_burst_and_survives_a_snapshot() -> None:
+    """The peers' level of a user's everyday unusual visits fades from the next local day
+    on (by log10(1 + k)); the same day's visits keep their level; the count is user state."""
+    scorer, sur = _fade_scorer()
+    um = scorer.new_user()
+    sur.level = 3.5
+    day0 = 20_000 * 86400.0 + 12 * 3600  # noon, local day 20000 (UTC here)
+    burst = [scorer.score_visit("U1", um, _visit(f"P{i}", day0 + 60 * i)) for i in range(10)]
+    assert [vs.peer_level for vs in burst] == [3.5] * 10  # a first-day burst is untouched
+    # an unexplained visit neither fades nor counts
+    un = scorer.score_visit("U1", um, _visit("PX", day0 + 86400, explained=False))
+    assert un.peer_level == 3.5
+    # snapshot/restore between days: the count goes with the user
+    back = scorer.restore_user(orjson.loads(orjson.dumps(um.to_obj())))
+    nxt = scorer.score_visit("U1", back, _visit("PY", day0 + 86400 + 60))
+    assert nxt.peer_level == pytest.approx(3.5 - math.log10(11))
+    fresh = scorer.new_user()
+    assert scorer.score_visit("U2", fresh, _visit("PY", day0 + 86400)).peer_level == 3.5
+    # a snapshot from before the fade restores as no fade
+    old = um.to_obj()
+    del old["fade"]
+    assert scorer.restore_user(old).fade_k == 0
