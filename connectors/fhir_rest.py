@@ -92,6 +92,7 @@ import orjson
 
 from connectors.base import Connector, ContextUpdate, Output, RawRecord
 from connectors.fhir import parse_fhir_line
+from emrwatch.context import KNOWN_ROLES
 from emrwatch.events import EventError, parse_ts
 
 __all__ = [
@@ -1052,7 +1053,7 @@ def staff_row(
     ...      "name": [{"family": "Li", "given": ["Wei"]}]})["role"]
     'physician'
     """
-    rmap = {**DEFAULT_ROLE_MAP, **{r: r for r in _KNOWN_ROLES}, **(role_map or {})}
+    rmap = {**DEFAULT_ROLE_MAP, **{r: r for r in sorted(KNOWN_ROLES)}, **(role_map or {})}
     user_id = ""
     idents = [i for i in _l(practitioner.get("identifier")) if type(i) is dict]
     if user_id_system:
@@ -1103,19 +1104,6 @@ def staff_row(
             raise EventError("inactive practitioner/role without a period end or meta.lastUpdated")
     _apply_extensions(row, resources, extensions or {})
     return row
-
-
-_KNOWN_ROLES = (
-    "physician",
-    "nurse",
-    "trainee",
-    "technician",
-    "pharmacist",
-    "clerk",
-    "auditor",
-    "vendor",
-    "researcher",
-)
 
 
 def encounter_row(
