@@ -978,6 +978,9 @@ class AtnaSyslogConnector(Connector):
         }
 
     # ------------------------------------------------------------------ records / normalize
+    #: on stop, the runner reads on until records() has handed over the queued messages
+    drain_on_stop = True
+
     def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         if self._sock is None and not self._closing.is_set():
             self.start()
@@ -991,6 +994,14 @@ class AtnaSyslogConnector(Connector):
                 yield None
                 continue
             yield raw
+        # A graceful stop: syslog has no acknowledgement, so hand over what is queued
+        # (after closing the listener) instead of dropping it.
+        self.close()
+        while True:
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
 
     def normalize(self, raw: RawRecord) -> list[Output]:
         error = raw.meta.get("framing_error")

@@ -159,6 +159,9 @@ class Connector(ABC):
     Config: ClassVar[type[Any]]
     #: what it produces: "access", "context" or both
     produces: ClassVar[frozenset[str]] = frozenset({"access"})
+    #: after ``stop``, the runner keeps reading until :meth:`records` ends, so a push source
+    #: without acknowledgements can hand over what it has queued (and must then end)
+    drain_on_stop: ClassVar[bool] = False
 
     def __init__(self, config: Any, name: str = "", ledger: Ledger | None = None) -> None:
         self.config = config

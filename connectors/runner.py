@@ -239,6 +239,7 @@ class ConnectorRunner:
                 finalize(*head)
 
         normalize = c.normalize
+        drain = c.drain_on_stop  # read on after stop until the source hands over its queue
         batch_size = self.batch_size
         linger_s = self.linger_s
         tick = 0
@@ -247,7 +248,7 @@ class ConnectorRunner:
             for raw in c.records(checkpoint, stop):
                 if raw is None:  # the source is idle: commit what is pending
                     commit()
-                    if stop.is_set():
+                    if stop.is_set() and not drain:
                         break
                     continue
                 st.records += 1
@@ -319,10 +320,10 @@ class ConnectorRunner:
                         tick & 63 == 0 and time.monotonic() - batch_t >= linger_s
                     ):
                         commit(block=False)
-                    if tick & 255 == 0 and stop.is_set():
+                    if tick & 255 == 0 and stop.is_set() and not drain:
                         break
                     continue
-                if stop.is_set():
+                if stop.is_set() and not drain:
                     break
             commit()
         finally:

@@ -846,3 +846,28 @@ def test_fuzz_split_frames(data: bytes, max_bytes: int, allow_lf: bool, final: b
     assert all(len(f) <= max_bytes for f in frames)
     if final and not err:
         assert not data[used:].strip(b"\r\n\x00 \t")
+
+
+# ---------------------------------------------------------------------------- graceful stop
+def test_a_graceful_stop_hands_over_queued_messages_instead_of_dropping_them() -> None:
+    """Syslog has no acknowledgement: what the listener queued must still be yielded after
+    stop (the runner reads on for ``drain_on_stop`` sources), then records() ends."""
+    c = build({"type": "atna-syslog", "transport": "tcp", "port": 0, "queue_size": 1000})
+    assert isinstance(c, AtnaSyslogConnector) and c.drain_on_stop
+    c.start()
+    try:
+        assert c.wait_ready(10)
+        msgs = _messages()
+        with socket.create_connection(("127.0.0.1", c.port), timeout=10) as s:
+            s.sendall(b"".join(octet_frame(m) for m in msgs))
+        deadline = time.monotonic() + 10
+        while c.counters["messages"] < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.counters["messages"] == len(msgs)  # all queued, none read yet
+        stop = threading.Event()
+        stop.set()  # stop before the first read: a restart or SIGTERM now
+        got = [r for r in c.records(None, stop) if r is not None]
+        assert len(got) == len(msgs)
+        assert c.describe()["listening"] is False  # nothing new is accepted meanwhile
+    finally:
+        c.close()
