@@ -134,24 +134,51 @@ class ConnectorRunner:
                     self.c.name,
                     len(landed),
                 )
+        if self.bootstrap:
+            # Partitions this source never wrote to would be scanned from offset 0 after a
+            # crash. Their current ends bound where this run can write, so save them now,
+            # before anything is sent (an under-reported end only makes a scan longer).
+            missing = {k: v for k, v in self._end_offsets().items() if k not in self._scan_from}
+            if missing:
+                self._scan_from.update(missing)
+                self.store.save(
+                    self.c.name, {"checkpoint": doc.get("checkpoint"), "scan_from": self._scan_from}
+                )
         return doc.get("checkpoint"), landed
 
-    def scan_landed(self, scan_from: dict[str, int]) -> set[str]:
-        """Positions this source wrote to the access / dead-letter topics from ``scan_from``."""
-        from kafka import KafkaConsumer, TopicPartition
+    def _consumer(self) -> Any:
+        from kafka import KafkaConsumer
 
-        consumer = KafkaConsumer(
+        return KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             group_id=None,
             consumer_timeout_ms=1500,
             **self.client_config,
         )
+
+    def _partitions(self, consumer: Any) -> list[Any]:
+        from kafka import TopicPartition
+
+        return [
+            TopicPartition(topic, p)
+            for topic in (self.layout.access, self.layout.deadletter)
+            for p in sorted(consumer.partitions_for_topic(topic) or ())
+        ]
+
+    def _end_offsets(self) -> dict[str, int]:
+        consumer = self._consumer()
         try:
-            tps = []
-            for topic in (self.layout.access, self.layout.deadletter):
-                for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                    tps.append(TopicPartition(topic, p))
+            ends = consumer.end_offsets(self._partitions(consumer))
+            return {f"{tp.topic}:{tp.partition}": int(off) for tp, off in ends.items()}
+        finally:
+            consumer.close()
+
+    def scan_landed(self, scan_from: dict[str, int]) -> set[str]:
+        """Positions this source wrote to the access / dead-letter topics from ``scan_from``."""
+        consumer = self._consumer()
+        try:
+            tps = self._partitions(consumer)
             consumer.assign(tps)
             for tp in tps:
                 consumer.seek(tp, int(scan_from.get(f"{tp.topic}:{tp.partition}", 0)))

@@ -407,9 +407,9 @@ def test_kill_9_mid_file_then_restart_loses_and_duplicates_nothing(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # let a few batches commit, then kill mid-file
-            if checkpoint.exists():
-                cur = orjson.loads(checkpoint.read_bytes())["checkpoint"]["cur"]
-                if cur[2] > 3_000:
+            if checkpoint.exists():  # written at start (scan bounds), then per batch
+                cp = orjson.loads(checkpoint.read_bytes())["checkpoint"]
+                if cp is not None and cp["cur"][2] > 3_000:
                     break
             time.sleep(0.01)
         proc.kill()
@@ -432,3 +432,37 @@ def test_kill_9_mid_file_then_restart_loses_and_duplicates_nothing(
     )
     summary = orjson.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
     assert summary["records"] + summary["skipped"] <= n + len(bad_at)
+
+
+def test_checkpoint_bounds_the_recovery_scan_of_every_partition(
+    broker: Any, tmp_path: Path
+) -> None:
+    """Partitions a source never wrote to (here: the dead-letter topic) still get a scan start
+    in the checkpoint, so a restart never re-reads a topic from offset 0."""
+    from connectors.producer import make_connector_producer
+    from connectors.runner import ConnectorRunner
+    from connectors.state import CheckpointStore
+    from pipeline.stream_config import KafkaSettings
+    from pipeline.topics import TopicLayout, ensure_topics
+
+    layout = TopicLayout(prefix=f"b{uuid.uuid4().hex[:8]}", partitions=3, sources=())
+    ensure_topics(broker.bootstrap, layout)
+    src = tmp_path / "ok.jsonl"
+    src.write_bytes(jsonl([event(i, user=f"u{i}") for i in range(30)]))
+    store = CheckpointStore(tmp_path / "state")
+    producer = make_connector_producer(KafkaSettings(bootstrap_servers=broker.bootstrap))
+    try:
+        st = ConnectorRunner(
+            build({"type": "file", "name": "ok", "path": str(src)}),
+            producer,
+            layout,
+            store,
+            bootstrap=broker.bootstrap,
+        ).run()
+    finally:
+        producer.flush()
+    assert (st.events, st.dead) == (30, 0)
+    scan_from = store.load("ok")["scan_from"]
+    want = {f"{layout.access}:{p}" for p in range(3)} | {f"{layout.deadletter}:0"}
+    assert set(scan_from) == want
+    assert sum(scan_from[f"{layout.access}:{p}"] for p in range(3)) >= 30
