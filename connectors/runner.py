@@ -40,16 +40,11 @@ from connectors.base import Connector, ContextUpdate, RawRecord
 from connectors.producer import Batch, DeliveryError, sender_for
 from connectors.state import CheckpointStore
 from emrwatch.events import AccessEvent, EventError
-from pipeline.topics import TopicLayout, context_key
+from pipeline.topics import H_ERROR, H_POSITION, H_SOURCE, H_STAGE, TopicLayout, context_key
 
 __all__ = ["ConnectorRunner", "DeliveryError", "RunnerStats"]
 
 log = logging.getLogger(__name__)
-
-H_SOURCE = "emrwatch-source"
-H_POSITION = "emrwatch-position"
-H_ERROR = "emrwatch-error"
-H_STAGE = "emrwatch-stage"
 
 
 @dataclass

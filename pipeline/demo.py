@@ -103,7 +103,7 @@ def _feed(
     stop: threading.Event,
 ) -> None:
     """Produce at ``rate`` events/s, recording the offsets the broker acknowledged."""
-    from pipeline.stream_processor import H_SOURCE
+    from pipeline.topics import H_SOURCE
 
     tick = 0.05
     per_tick = max(1, round(rate * tick))

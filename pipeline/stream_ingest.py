@@ -22,8 +22,7 @@ from typing import Any
 import orjson
 
 from emrwatch.events import AccessEvent, EventError
-from pipeline.stream_processor import H_ERROR, H_POSITION, H_SOURCE, H_STAGE
-from pipeline.topics import CONTROL_HEADER, TopicLayout
+from pipeline.topics import CONTROL_HEADER, H_ERROR, H_POSITION, H_SOURCE, H_STAGE, TopicLayout
 
 EOF_KEY = b"\x00emrwatch-eof"
 

@@ -25,16 +25,19 @@ import orjson
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.stream_state import Snapshot, SnapshotStore
-from pipeline.topics import CONTROL_HEADER, TopicLayout
+from pipeline.topics import (
+    CONTROL_HEADER,
+    H_ERROR,
+    H_POSITION,
+    H_SOURCE,
+    H_STAGE,
+    TopicLayout,
+)
 
 log = logging.getLogger(__name__)
 
 H_SRC_TS = "emrwatch-src-ts"  # on alerts: ms timestamp of the access record that changed it
 H_EMIT_TS = "emrwatch-emit-ts"  # on alerts: ms wall time of emission
-H_ERROR = "emrwatch-error"
-H_SOURCE = "emrwatch-source"
-H_POSITION = "emrwatch-position"
-H_STAGE = "emrwatch-stage"
 
 
 class Record(NamedTuple):

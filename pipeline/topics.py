@@ -49,6 +49,13 @@ CONTEXT_KEY_COLUMNS: dict[str, tuple[str, ...]] = {
 #: header on access-topic control records (end of input); absent on ordinary events.
 CONTROL_HEADER = "emrwatch-control"
 
+#: headers on access events and dead letters: which source sent it, from where in that
+#: source, and (dead letters) why it was refused and at which stage
+H_SOURCE = "emrwatch-source"
+H_POSITION = "emrwatch-position"
+H_ERROR = "emrwatch-error"
+H_STAGE = "emrwatch-stage"
+
 
 def context_key(kind: str, row: Mapping[str, Any]) -> str:
     """The compacted-topic key of one context row.
