@@ -442,17 +442,8 @@ class FileConnector(Connector):
         header = meta.get("header")
         if not header:
             raise EventError("CSV file has no header row")
-        try:
-            text = payload.decode(self.config.encoding)
-        except (UnicodeDecodeError, LookupError) as exc:
-            raise EventError(f"row is not valid {self.config.encoding}: {exc}") from None
-        try:
-            values = next(csv.reader((text,), delimiter=self.config.delimiter, strict=True))
-        except csv.Error as exc:
-            raise EventError(f"bad CSV row: {exc}") from None
-        if len(values) != len(header):
-            raise EventError(f"row has {len(values)} fields, header has {len(header)}")
-        return {k: v for k, v in zip(header, values, strict=True) if v != ""}
+        row = csv_fields(payload, header, self.config.delimiter, self.config.encoding)
+        return {k: v for k, v in row.items() if v != ""}
 
     def _mapped_event(self, rec: dict[str, Any]) -> Any:
         cfg = self.config
@@ -498,6 +489,29 @@ class FhirFileConnector(FileConnector):
     type = "fhir-file"
     summary = "FHIR AuditEvent NDJSON files (R4 and R5): once, tail or drops"
     default_format = "fhir"
+
+
+def csv_fields(
+    payload: bytes, header: list[str], delimiter: str = ",", encoding: str = "utf-8"
+) -> dict[str, str]:
+    """One CSV line → column → cell (empty cells kept); :class:`EventError` if unusable.
+
+    >>> csv_fields(b'a,"b, c"', ["x", "y"])
+    {'x': 'a', 'y': 'b, c'}
+    """
+    try:
+        text = payload.decode(encoding)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise EventError(f"row is not valid {encoding}: {exc}") from None
+    try:
+        values = next(csv.reader((text,), delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        raise EventError(f"bad CSV row: {exc}") from None
+    except StopIteration:
+        values = []
+    if len(values) != len(header):
+        raise EventError(f"row has {len(values)} fields, header has {len(header)}")
+    return dict(zip(header, values, strict=True))
 
 
 def _file_key(st: os.stat_result) -> str:
@@ -641,13 +655,7 @@ class ContextCsvConnector(Connector):
     def normalize(self, raw: RawRecord) -> list[Output]:
         kind = raw.meta["kind"]
         header = raw.meta["header"]
-        try:
-            values = next(csv.reader((raw.payload.decode("utf-8"),), strict=True))
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise EventError(f"bad CSV row: {exc}") from None
-        if len(values) != len(header):
-            raise EventError(f"row has {len(values)} fields, header has {len(header)}")
-        row = {k: v for k, v in zip(header, values, strict=True)}
+        row = csv_fields(raw.payload, header)
         try:
             rec = record_from_row(kind, row, self._clock)
         except (ContextError, ValueError) as exc:
