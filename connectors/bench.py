@@ -126,9 +126,9 @@ def normalize_rate(make: Callable[[], Connector], n: int) -> float:
 
 
 def broker_rate(make: Callable[[], Connector], n: int, bootstrap: str, state: Path) -> float:
+    from connectors.producer import make_connector_producer
     from connectors.runner import ConnectorRunner
     from connectors.state import CheckpointStore
-    from connectors.producer import make_connector_producer
     from pipeline.stream_config import KafkaSettings
     from pipeline.topics import TopicLayout, ensure_topics
 
