@@ -116,4 +116,10 @@ def test_bench_reports_every_number_as_json(small_hospital: Path) -> None:
     ):
         assert isinstance(doc[key], float) and doc[key] > 0, key
     assert doc["events"] == 6000
+    # the yardstick (plain rule script) read the same events, and replay is stated against it
+    assert doc["yardstick"]["events"] == 6000 and doc["yardstick"]["bad"] == 0
+    for w in (1, 2):
+        r = doc[f"replay_{w}w"]
+        assert r["events"] == 6000
+        assert r["x_yardstick"] == r["events_per_s"] / doc["yardstick"]["events_per_s"]
     assert doc["latency_p50_s"] <= doc["latency_p99_s"] < 5
