@@ -26,8 +26,12 @@ the reason. UDP peers get one receipt each when the connector closes.
 
 Mapping (the same rules as :mod:`connectors.fhir` for the equivalent FHIR AuditEvent,
 CONTRACTS §3): see :func:`parse_audit_message`. Syslog has no application-level
-acknowledgement, so records still queued when the connector is closed are lost (the
-sender cannot know); TCP back-pressure stops senders while the queue is full.
+acknowledgement: the sender cannot know what was lost, so every message is written to a
+spool (:mod:`connectors.spool`) before the next one is read. With a spool directory (the
+default under ``emrwatch connectors run``: ``<ingest.state_dir>/spool/<name>``) a crash
+loses nothing the listener took: after a restart the spool is read on from the saved
+checkpoint. Without one (``spool_dir: memory``) the spool is a bounded queue in memory. A
+full spool stops reading from TCP senders (back-pressure).
 
 >>> from emrwatch.events import AccessEvent
 >>> e = AccessEvent.from_dict({"event_id": "e1", "ts": "2026-03-01T08:00:00+08:00",
@@ -50,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import queue
 import re
 import socket
 import ssl
@@ -59,6 +62,7 @@ import time
 import xml.etree.ElementTree as StdET
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import quoteattr
 
@@ -82,6 +86,7 @@ from connectors.audit_codes import (
 )
 from connectors.base import Connector, ConnectorConfigError, Ledger, Output, RawRecord
 from connectors.net import peer_address, peer_identity, server_ssl_context, subject_allowed
+from connectors.spool import FileSpool, MemorySpool, Spool, SpoolError
 from emrwatch.events import AccessEvent, EventError, parse_ts
 
 __all__ = [
@@ -133,7 +138,17 @@ class AtnaSyslogConfig:
         "empty: any (verified) client",
     )
     max_message_bytes: int = _f(1 << 20, "largest syslog message accepted (frame or datagram)")
-    queue_size: int = _f(10000, "messages buffered between the listener and the runner")
+    spool_dir: str = _f(
+        "",
+        "where received messages wait for the broker, surviving a crash; empty: "
+        "<ingest.state_dir>/spool/<name> under 'emrwatch connectors run', else memory; "
+        "'memory': a queue in memory (a crash loses what it holds)",
+    )
+    spool_max_bytes: int = _f(1 << 30, "spool on disk: largest backlog before senders wait")
+    spool_fsync_s: float = _f(
+        0.2, "spool on disk: fsync at most this often (a power cut loses at most this much)"
+    )
+    queue_size: int = _f(10000, "spool in memory: messages buffered before senders wait")
     max_connections: int = _f(256, "concurrent TCP/TLS connections; more are refused")
     idle_timeout_s: float = _f(600.0, "close a TCP/TLS connection silent this long (0: never)")
     handshake_timeout_s: float = _f(10.0, "tls: seconds allowed for the TLS handshake")
@@ -154,6 +169,8 @@ class AtnaSyslogConfig:
             raise ValueError("max_message_bytes must be at least 64")
         if self.queue_size < 1 or self.max_connections < 1:
             raise ValueError("queue_size and max_connections must be at least 1")
+        if self.spool_max_bytes < 1 << 20 or self.spool_fsync_s < 0:
+            raise ValueError("spool_max_bytes must be at least 1 MiB, spool_fsync_s >= 0")
         if self.transport == "tls":
             if not self.cert_file:
                 raise ValueError("transport tls needs cert_file (and key_file)")
@@ -890,7 +907,8 @@ class AtnaSyslogConnector(Connector):
         self.config: AtnaSyslogConfig = config
         #: the bound port once started (useful with ``port: 0``)
         self.port = 0
-        self._queue: queue.Queue[RawRecord] = queue.Queue(maxsize=config.queue_size)
+        self._spool: Spool | None = None
+        self._state_dir: Path | None = None
         self._closing = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -903,11 +921,39 @@ class AtnaSyslogConnector(Connector):
         self.counters = {"connections": 0, "rejected": 0, "messages": 0, "framing_errors": 0}
 
     # ------------------------------------------------------------------ lifecycle
+    def use_state_dir(self, directory: Path) -> None:
+        self._state_dir = directory
+
+    def spool_path(self) -> Path | None:
+        """The spool directory, or None for a spool in memory."""
+        where = self.config.spool_dir
+        if where == "memory" or (not where and self._state_dir is None):
+            return None
+        return Path(where) if where else self._state_dir
+
+    def _open_spool(self) -> Spool:
+        if self._spool is None:
+            cfg = self.config
+            path = self.spool_path()
+            if path is None:
+                self._spool = MemorySpool(cfg.queue_size)
+            else:
+                try:
+                    self._spool = FileSpool(
+                        path, max_bytes=cfg.spool_max_bytes, fsync_s=cfg.spool_fsync_s
+                    )
+                except (OSError, SpoolError) as exc:
+                    raise ConnectorConfigError(
+                        f"connector {self.name!r}: spool {path}: {exc}"
+                    ) from None
+        return self._spool
+
     def start(self) -> None:
         with self._lock:
             if self._sock is not None or self._closing.is_set():
                 return
             cfg = self.config
+            self._open_spool()
             if cfg.transport == "tls":
                 try:
                     self._ctx = server_ssl_context(
@@ -961,6 +1007,12 @@ class AtnaSyslogConnector(Connector):
         for peer, (records, size) in sorted(self._udp_peers.items()):
             self.ledger.receipt(self.name, f"udp {peer}", peer=peer, records=records, size=size)
         self._udp_peers.clear()
+        if self._spool is not None:
+            self._spool.close()
+
+    def committed(self, checkpoint: Any) -> None:
+        if self._spool is not None:
+            self._spool.committed(checkpoint)
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
@@ -973,7 +1025,7 @@ class AtnaSyslogConnector(Connector):
             "listening": self._sock is not None,
             "mutual_tls": cfg.transport == "tls" and cfg.require_client_cert,
             "open_connections": len(self._conns),
-            "queued": self._queue.qsize(),
+            **(self._spool.describe() if self._spool is not None else {}),
             **self.counters,
         }
 
@@ -984,24 +1036,16 @@ class AtnaSyslogConnector(Connector):
     def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         if self._sock is None and not self._closing.is_set():
             self.start()
-        get = self._queue.get
-        while not stop.is_set():
-            try:
-                raw = get(timeout=0.5)
-            except queue.Empty:
-                if self._closing.is_set():
-                    return
-                yield None
-                continue
+        spool = self._open_spool()
+        last = checkpoint
+        for raw in spool.read(checkpoint, stop):
+            if raw is not None and raw.checkpoint is not None:
+                last = raw.checkpoint
             yield raw
-        # A graceful stop: syslog has no acknowledgement, so hand over what is queued
-        # (after closing the listener) instead of dropping it.
+        # A graceful stop: syslog has no acknowledgement, so hand over what the spool
+        # holds (after closing the listener) instead of leaving it for the next run.
         self.close()
-        while True:
-            try:
-                yield self._queue.get_nowait()
-            except queue.Empty:
-                return
+        yield from spool.pending(last)
 
     def normalize(self, raw: RawRecord) -> list[Output]:
         error = raw.meta.get("framing_error")
@@ -1015,16 +1059,13 @@ class AtnaSyslogConnector(Connector):
         ]
 
     # ------------------------------------------------------------------ listener internals
-    def _put(self, raw: RawRecord) -> bool:
-        """Queue one record, waiting while the queue is full (TCP back-pressure)."""
-        while not self._closing.is_set():
-            try:
-                self._queue.put(raw, timeout=0.25)
-                self.counters["messages"] += 1
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _put(self, payload: bytes, position: str, peer: str, meta: dict[str, Any]) -> bool:
+        """Spool one message, waiting while the spool is full (TCP back-pressure)."""
+        spool = self._spool
+        if spool is None or not spool.append(payload, position, peer, meta):
+            return False
+        self.counters["messages"] += 1
+        return True
 
     def _reject(self, peer: str, subject: str, reason: str) -> None:
         self.counters["rejected"] += 1
@@ -1138,7 +1179,7 @@ class AtnaSyslogConnector(Connector):
             )
             for frame in frames:
                 n += 1
-                if not self._put(RawRecord(frame, f"{who} #{n}", None, peer=who, meta=meta)):
+                if not self._put(frame, f"{who} #{n}", who, meta):
                     reason, final = "connector closed", True
                     break
             if ferr:  # no resynchronising after a bad frame: dead-letter the rest, close
@@ -1146,7 +1187,7 @@ class AtnaSyslogConnector(Connector):
                 self.counters["framing_errors"] += 1
                 bad = bytes(buf[used : used + cfg.max_message_bytes])
                 bad_meta = {**meta, "framing_error": ferr}
-                self._put(RawRecord(bad, f"{who} #{n}", None, peer=who, meta=bad_meta))
+                self._put(bad, f"{who} #{n}", who, bad_meta)
                 reason = reason or f"framing error: {ferr}"
                 failed = final = True
             del buf[:used]
@@ -1184,7 +1225,7 @@ class AtnaSyslogConnector(Connector):
                 self.counters["framing_errors"] += 1
                 error = f"datagram of {len(data)} bytes exceeds max_message_bytes"
                 m = {**meta, "framing_error": f"{error} {cfg.max_message_bytes}"}
-            self._put(RawRecord(data, f"{peer} #{counts[0]}", None, peer=peer, meta=m))
+            self._put(data, f"{peer} #{counts[0]}", peer, m)
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from emrwatch.events import AccessEvent, EventError
@@ -201,6 +202,13 @@ class Connector(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release sockets, files and connections."""
+
+    def use_state_dir(self, directory: Path) -> None:  # noqa: B027 - optional hook
+        """Where this source may keep durable state of its own (the ATNA listener's spool);
+        ``emrwatch connectors run`` passes ``<ingest.state_dir>/spool/<name>``."""
+
+    def committed(self, checkpoint: Any) -> None:  # noqa: B027 - optional hook
+        """The runner saved ``checkpoint``: the broker has everything up to it."""
 
     def describe(self) -> dict[str, Any]:
         """What ``emrwatch connectors status`` shows (listening address, file, ...)."""

@@ -222,6 +222,7 @@ class ConnectorRunner:
                     self._scan_from[k] = off + 1
             if self.store is not None and cp is not None:
                 self.store.save(c.name, {"checkpoint": cp, "scan_from": self._scan_from})
+                c.committed(cp)
             for raw, reason in batch_acks:
                 try:
                     if reason is None:

@@ -167,6 +167,8 @@ class ConnectorService:
 
             ledger = MeteredLedger(self.ledger, metrics)
         connectors = settings.build_connectors(ledger=ledger)
+        for c in connectors:
+            c.use_state_dir(state / "spool" / c.name)
         if only:
             unknown = set(only) - {c.name for c in connectors}
             if unknown:
