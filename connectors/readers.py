@@ -280,7 +280,9 @@ def _extension(name: str) -> str:
     return ext
 
 
-def read_lines(path: PathLike, fmt: str) -> Iterator[tuple[int, bytes, Callable[[bytes], AccessEvent]]]:
+def read_lines(
+    path: PathLike, fmt: str
+) -> Iterator[tuple[int, bytes, Callable[[bytes], AccessEvent]]]:
     """(line number, stripped bytes, parser) for each non-blank line of a plain JSON-lines
     file, without parsing: lets a partitioned replay parse only the lines it owns."""
     if fmt not in ("fhir", "jsonl"):
