@@ -94,10 +94,14 @@ class ContextUpdate:
     """One row of reference data (CONTRACTS §2) for a compacted context topic.
 
     ``kind`` is departments, staff, patients, encounters, sealed or grants; ``row`` has that
-    file's column names (missing columns mean "not set")."""
+    file's column names (missing columns mean "not set"). With ``delete`` the record whose
+    key columns (``pipeline.topics.CONTEXT_KEY_COLUMNS``) ``row`` gives is gone: the runner
+    writes a tombstone (a null value under its key) and the workers forget the record
+    (an HL7 A11 cancelled admission, a FHIR Encounter entered in error)."""
 
     kind: str
     row: Mapping[str, str]
+    delete: bool = False
 
 
 Output = AccessEvent | ContextUpdate

@@ -54,8 +54,8 @@ Three connectors share one small HTTP client (``urllib.request``: no runtime dep
     one, at its ``meta.lastUpdated`` date. Encounter → encounters row with ``period`` (R4)
     or ``actualPeriod`` (R5), ``serviceProvider`` or location as department, and the
     ATND participant (else the first practitioner) as attending; a cancelled or
-    entered-in-error encounter ends where it starts (no care relationship); a planned one
-    without a start gives no row. Patient → patients row (names, address; sensitivity
+    entered-in-error encounter deletes its row (a tombstone: it explains no access from
+    then on); a planned one without a start gives no row. Patient → patients row (names, address; sensitivity
     from ``meta.security`` confidentiality V → 4, R → 3).
 
 >>> encounter_row({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
@@ -1106,6 +1106,10 @@ def staff_row(
     return row
 
 
+#: Encounter statuses that mean it never took place: the connector deletes the row
+_VOID_ENCOUNTER = frozenset({"cancelled", "entered-in-error"})
+
+
 def encounter_row(
     enc: dict[str, Any], department_from: str = "serviceProvider"
 ) -> dict[str, str] | None:
@@ -1322,6 +1326,11 @@ class FhirContextConnector(_FhirConnector):
                 role = max(roles, key=_role_order) if roles else None
                 return [ContextUpdate("staff", self._staff(role, res))]
             if rtype == "Encounter":
+                if _str(res.get("status")) in _VOID_ENCOUNTER:
+                    enc_id = _str(res.get("id"))
+                    if not enc_id:
+                        raise EventError("Encounter has no id")
+                    return [ContextUpdate("encounters", {"encounter_id": enc_id}, delete=True)]
                 row = encounter_row(res, cfg.encounter_department_from)
                 if row is None:
                     return []

@@ -27,8 +27,10 @@ attending_user_id   PV1-7 component 1 (first repetition)
 ==================  ====================================================================
 
 Events: A01 admit, A02 transfer, A03 discharge, A04 register outpatient and A08 update
-produce the encounter row (``events`` can add A05, A06, A07, A12, A13). Every other message
-(other ADT events, ORU, SIU, ...) is acknowledged with AA and produces nothing.
+produce the encounter row (``events`` can add A05, A06, A07, A12, A13); A11 (cancel admit /
+visit) deletes it: the runner writes a tombstone and the workers forget the encounter, so
+it explains no access from then on. Every other message (other ADT events, ORU, SIU, ...)
+is acknowledged with AA and produces nothing.
 
 **Transfers (A02).** The encounters table has one row per encounter with one department,
 and a context row is an upsert that replaces the whole row. A transfer therefore re-emits
@@ -38,8 +40,10 @@ transfer stay explained, with ``transfer_history`` (default on) an A02 also emit
 row for the prior location (PV1-6): ``encounter_id = "<visit>@<prior department>"``, start =
 the admit time, end = the transfer time (EVN-6, EVN-2, MSH-7). Normalising is stateless, so
 after several transfers each such row starts at the admission, not at the earlier transfer
-(a slight over-explanation, never an unexplained legitimate access). A12 (cancel transfer)
-is not undone: rows cannot be deleted through a context topic.
+(a slight over-explanation, never an unexplained legitimate access). A12 (cancel transfer,
+if listed in ``events``) re-emits the encounter with PV1-3, which in an A12 is the location
+restored; the prior-location row of the cancelled transfer stays (it covers that ward only
+up to the transfer).
 
 **Patients rows.** A ``ContextUpdate`` replaces the whole row, and PID carries no
 sensitivity / VIP / employee columns, so a ``patients`` row from PID would reset those to
@@ -126,9 +130,11 @@ VT, FS, CR = 0x0B, 0x1C, 0x0D
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 
 #: the ADT trigger events that produce encounter rows by default
-DEFAULT_EVENTS = ("A01", "A02", "A03", "A04", "A08")
+DEFAULT_EVENTS = ("A01", "A02", "A03", "A04", "A08", "A11")
 #: every event ``events`` may list
-SUPPORTED_EVENTS = frozenset({"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A12", "A13"})
+SUPPORTED_EVENTS = frozenset(
+    {"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13"}
+)
 #: events that may take the admit time from the event time when PV1-44 is empty
 _ADMIT_EVENTS = frozenset({"A01", "A04", "A05"})
 _PATIENT_EVENTS = frozenset({"A01", "A04", "A08"})
@@ -561,7 +567,10 @@ class AdtMapper:
         encounter_id = msg.get("PV1", 19)
         if not encounter_id and self.fallback is not None:
             encounter_id = msg.get(*self.fallback)
-        if encounter_id:
+        if encounter_id and event == "A11":  # cancel admit / visit: it never happened
+            row = {"encounter_id": encounter_id, "patient_id": patient_id}
+            out.append(ContextUpdate("encounters", row, delete=True))
+        elif encounter_id:
             if not patient_id:
                 raise Hl7Error(f"ADT^{event}: no patient identifier in PID-3")
             out.extend(self._encounter_rows(msg, event, encounter_id, patient_id))

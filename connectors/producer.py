@@ -57,7 +57,7 @@ class ConfluentSender:
         self._n = 0
 
     def send(
-        self, batch: Batch, topic: str, key: bytes | None, value: bytes, headers: list[Any]
+        self, batch: Batch, topic: str, key: bytes | None, value: bytes | None, headers: list[Any]
     ) -> None:
         p = self.p
         while True:
@@ -98,7 +98,7 @@ class KafkaPythonSender:
         self.p = producer
 
     def send(
-        self, batch: Batch, topic: str, key: bytes | None, value: bytes, headers: list[Any]
+        self, batch: Batch, topic: str, key: bytes | None, value: bytes | None, headers: list[Any]
     ) -> None:
         batch.futures.append(self.p.send(topic, key=key, value=value, headers=headers))
         batch.sent += 1

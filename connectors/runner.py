@@ -302,7 +302,7 @@ class ConnectorRunner:
                             send(
                                 self.layout.context(o.kind),
                                 context_key(o.kind, row).encode(),
-                                dumps(row),
+                                None if o.delete else dumps(row),  # None: a tombstone
                                 headers,
                             )
                             st.context += 1

@@ -313,6 +313,8 @@ def _read_topics(bootstrap: str, layout: Any) -> dict[str, list[Any]]:
                         out["access"].append(orjson.loads(r.value))
                     elif tp.topic == layout.deadletter:
                         out["dead"].append({k: v.decode() for k, v in r.headers})
+                    elif r.value is None:  # a tombstone: the record under this key is gone
+                        out["context"].append({"deleted": r.key.decode()})
                     else:
                         out["context"].append(orjson.loads(r.value))
         return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -341,6 +341,52 @@ class Context:
             self.departments[rec.department_id] = rec
         else:  # pragma: no cover - typing guards this
             raise ContextError(f"not a context record: {rec!r}")
+
+    def remove(self, kind: str, key: Sequence[str]) -> bool:
+        """Forget one record (a tombstone on its context topic): ``key`` holds the values of
+        the kind's key columns (``pipeline.topics.CONTEXT_KEY_COLUMNS``). Accesses after
+        this are judged without it (a cancelled admission no longer explains them); what
+        was judged before stays as it was. True if there was such a record."""
+        first = key[0] if key else ""
+        found: object = None
+        if kind == "staff":
+            found = self.staff.pop(first, None)
+        elif kind == "patients":
+            found = self.patients.pop(first, None)
+        elif kind == "departments":
+            found = self.departments.pop(first, None)
+        elif kind == "sealed":
+            found = self.seals.pop(first, None)
+        elif kind == "encounters":
+            enc = self.encounters.pop(first, None)
+            if enc is not None:
+                left = [
+                    e for e in self.encounters_by_patient.get(enc.patient_id, []) if e is not enc
+                ]
+                if left:
+                    self.encounters_by_patient[enc.patient_id] = left
+                else:
+                    self.encounters_by_patient.pop(enc.patient_id, None)
+            found = enc
+        elif kind == "grants":
+            if len(key) != 4:
+                raise ContextError(f"a grant's key has 4 parts, got {len(key)}")
+            user_id, depts, actions, purpose = key
+            want = (_split(depts), _split(actions), purpose.strip())
+            lst = self.grants.get(user_id.strip(), [])
+            keep = [g for g in lst if (g.departments, g.actions, g.purpose) != want]
+            if len(keep) != len(lst):
+                found = True
+                if keep:
+                    self.grants[user_id.strip()] = keep
+                else:
+                    self.grants.pop(user_id.strip(), None)
+        else:
+            raise ContextError(f"unknown context kind {kind!r}")
+        if found is None:
+            return False
+        self.version += 1
+        return True
 
     def upsert_row(self, kind: str, row: dict[str, str]) -> Record:
         rec = record_from_row(kind, row, self.clock)

@@ -186,9 +186,13 @@ class ContextFeed:
         for tp, records in batch.items():
             kind = self.kinds[tp.topic]
             for rec in records:
-                if rec.value is None:  # a tombstone: the record model has no delete
-                    continue
                 try:
+                    if rec.value is None:  # a tombstone: the record under this key is gone
+                        if rec.key is not None:
+                            key = rec.key.decode()
+                            ctx.remove(kind, key.split("|") if kind == "grants" else [key])
+                            n += 1
+                        continue
                     row = orjson.loads(rec.value)
                     if not isinstance(row, dict):
                         raise ContextError("not a JSON object")

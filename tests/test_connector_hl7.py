@@ -257,6 +257,17 @@ def test_other_messages_and_events_produce_nothing() -> None:
     assert rows(a13, events=["A01", "A13"])[0][1]["end"] == ""
 
 
+def test_a11_cancel_admit_deletes_the_encounter() -> None:
+    [update] = mapper().rows(adt("A11"))
+    assert (update.kind, dict(update.row), update.delete) == (
+        "encounters",
+        {"encounter_id": ROW["encounter_id"], "patient_id": ROW["patient_id"]},
+        True,
+    )
+    assert not any(u.delete for u in mapper().rows(adt("A01")))
+    assert mapper(events=["A01"]).rows(adt("A11")) == []  # only when listed
+
+
 def test_identifier_selection_and_fallbacks() -> None:
     [(_, row)] = rows(A01, patient_id_authority="SSA")
     assert row["patient_id"] == "123456789"
