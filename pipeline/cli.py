@@ -198,8 +198,16 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
         ("run", "pipeline.streaming", "production worker on a real Kafka cluster"),
         ("bench", "pipeline.bench", "throughput and latency benchmark"),
         ("users", "pipeline.web.users", "hash passwords for the alert feed's users"),
-        ("alerts", "pipeline.alert_service", "production sinks: alert topic → store, Slack, e-mail, feed"),
-        ("connectors", "pipeline.connect", "list, check and run connectors; read the receipt ledger"),
+        (
+            "alerts",
+            "pipeline.alert_service",
+            "production sinks: alert topic → store, Slack, e-mail, feed",
+        ),
+        (
+            "connectors",
+            "pipeline.connect",
+            "list, check and run connectors; read the receipt ledger",
+        ),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:

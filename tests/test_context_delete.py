@@ -143,22 +143,21 @@ def test_a_deleted_encounter_travels_as_a_tombstone_to_the_workers(
         st = ConnectorRunner(c, producer, layout, bootstrap=broker.bootstrap).run()
         assert st.dead == 0 and st.context == len(resources)
 
+    def worker_context() -> Context:
+        """What a worker starting now reads from the context topics."""
+        ctx = Context(TZ)
+        feed = ContextFeed(ctx, layout, broker.bootstrap)
+        try:
+            feed.load_all()
+        finally:
+            feed.close()
+        return ctx
+
     run([encounter, other], "ehr-a")
-    first = Context(TZ)
-    feed = ContextFeed(first, layout, broker.bootstrap)
-    try:
-        feed.load_all()
-    finally:
-        feed.close()
-    assert sorted(first.encounters) == ["e1", "e2"]
+    assert sorted(worker_context().encounters) == ["e1", "e2"]
 
     run([{**encounter, "status": "entered-in-error"}], "ehr-b")
     assert {"deleted": "e1"} in _read_topics(broker.bootstrap, layout)["context"]
-    fresh = Context(TZ)
-    feed = ContextFeed(fresh, layout, broker.bootstrap)
-    try:
-        feed.load_all()
-    finally:
-        feed.close()
+    fresh = worker_context()
     assert sorted(fresh.encounters) == ["e2"]
     assert [e.encounter_id for e in fresh.encounters_of("p1")] == ["e2"]
