@@ -7,7 +7,8 @@ with the reason the analyst gave.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import wraps
 from typing import Any
 
 from starlette.requests import Request
@@ -22,7 +23,7 @@ from pipeline.alerting.records import (
     UnknownAlert,
 )
 from pipeline.web import views
-from pipeline.web.app import _feed, db, flash
+from pipeline.web.app import Feed, _feed, db, flash
 from pipeline.web.auth import grant_unmask, may_see_patients, requires
 from pipeline.web.settings import User
 from pipeline.web.users import allowed
@@ -65,13 +66,27 @@ def _missing(request: Request) -> Response:
     )
 
 
+CaseHandler = Callable[[Request, Feed, StoredAlert, User], Awaitable[Response]]
+
+
+def _with_case(handler: CaseHandler) -> Callable[[Request], Awaitable[Response]]:
+    """A handler of one stored case: called with the feed, the stored alert of the path's
+    ``alert_id`` and the reader (inside :func:`requires`); the "no such case" page if the
+    store has no such alert."""
+
+    @wraps(handler)
+    async def run(request: Request) -> Response:
+        stored = await _stored(request)
+        if stored is None:
+            return _missing(request)
+        return await handler(request, _feed(request), stored, request.state.user)
+
+    return run
+
+
 @requires("case.read")
-async def case_page(request: Request) -> Response:
-    feed = _feed(request)
-    stored = await _stored(request)
-    if stored is None:
-        return _missing(request)
-    user: User = request.state.user
+@_with_case
+async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
     aid = stored.alert_id
     unmasked = may_see_patients(request, user, aid)
     detail = {"role": user.role, "unmasked": unmasked, "version": stored.version}
@@ -101,12 +116,8 @@ async def case_page(request: Request) -> Response:
 
 
 @requires("unmask", csrf=True)
-async def unmask(request: Request) -> Response:
-    feed = _feed(request)
-    stored = await _stored(request)
-    if stored is None:
-        return _missing(request)
-    user: User = request.state.user
+@_with_case
+async def unmask(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
     reason = str((await request.form()).get("reason") or "").strip()
     if len(reason) < MIN_REASON:
         flash(request, "error", "Say why you need to see the patient identifiers (a sentence).")
@@ -192,13 +203,11 @@ def _specs(
 
 
 @requires("suppress")
-async def suppress_preview(request: Request) -> Response:
+@_with_case
+async def suppress_preview(
+    request: Request, feed: Feed, stored: StoredAlert, user: User
+) -> Response:
     """What "suppress similar" would create, and which stored alerts it would have hidden."""
-    feed = _feed(request)
-    stored = await _stored(request)
-    if stored is None:
-        return _missing(request)
-    user: User = request.state.user
     scope, until, description = _suppress_params(request.query_params)
     error = ""
     specs: list[SuppressionSpec] = []
@@ -238,13 +247,9 @@ async def suppress_preview(request: Request) -> Response:
 
 
 @requires("suppress", csrf=True)
-async def suppress(request: Request) -> Response:
-    feed = _feed(request)
-    stored = await _stored(request)
-    if stored is None:
-        return _missing(request)
+@_with_case
+async def suppress(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
     aid = stored.alert_id
-    user: User = request.state.user
     form = await request.form()
     scope, until, description = _suppress_params(form)
     note = str(form.get("note") or "").strip()
