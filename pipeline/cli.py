@@ -204,6 +204,11 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "production sinks: alert topic → store, Slack, e-mail, feed",
         ),
         (
+            "report",
+            "pipeline.alerting.report",
+            "the periodic privacy report from the alert store (text, JSON, HTML)",
+        ),
+        (
             "connectors",
             "pipeline.connect",
             "list, check and run connectors; read the receipt ledger",

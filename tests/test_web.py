@@ -63,7 +63,7 @@ def test_every_page_needs_a_login(feed: Feed) -> None:
     assert r.status_code == 303 and r.headers["location"] == "/login?next=/"
     r = anon.get("/?severity=high&department=ORTH")
     assert r.headers["location"] == "/login?next=/%3Fseverity%3Dhigh%26department%3DORTH"
-    for path in ("/api/alerts", "/events", "/audit", f"/cases/{_alert()['alert_id']}"):
+    for path in ("/api/alerts", "/events", "/audit", "/reports", f"/cases/{_alert()['alert_id']}"):
         assert anon.http.get(path).status_code == 401, path
     assert (
         anon.post(f"/cases/{_alert()['alert_id']}/triage", {"action": "acknowledge"}).status_code
@@ -133,6 +133,9 @@ ROLE_CHECKS = [
     ("ana", "POST", "/cases/{aid}/suppress", 403),
     ("ana", "POST", "/cases/{aid}/triage", 303),
     ("sam", "GET", "/audit", 403),
+    ("aud", "GET", "/reports", 200),
+    ("sam", "GET", "/reports", 200),
+    ("ana", "GET", "/reports", 403),
     ("sam", "GET", "/cases/{aid}/suppress", 200),
     ("sam", "POST", "/cases/{aid}/comment", 303),
 ]
@@ -224,6 +227,23 @@ def test_unmask_needs_a_reason_and_is_audited(feed: Feed) -> None:
     page = aud.get(f"/audit?alert={aid}&action=unmask").text
     assert "checking the VIP flag with the ward" in page and "case.view</span>" not in page
     assert aud.get(f"/audit?actor=ana&alert={aid}").text.count("case.view</span>") == 3
+
+
+def test_the_report_page_shows_the_period_and_is_audited(feed: Feed) -> None:
+    feed.store.upsert([_alert(1), _alert(2, severity="critical")])
+    sam = feed.client("sam")
+    today = datetime.now(TZ).date()
+    page = sam.get(f"/reports?from={today.isoformat()}&to={(today + timedelta(days=1))}").text
+    assert "Cases raised: <strong>2</strong>" in page
+    assert _alert(1)["patient_ids"][0] not in page  # a report names staff, never patients
+    bad = sam.get("/reports?from=2026-04-01&to=2026-03-01")
+    assert bad.status_code == 400 and "must end after it starts" in bad.text
+    log = feed.store.audit_log(actor="sam")
+    assert [e.action for e in log][:2] == ["report.view", "report.view"]
+    assert json.loads(log[1].detail)["from"] == today.isoformat()
+    assert (
+        "Reports</a>" in sam.get("/").text and "Reports</a>" not in feed.client("ana").get("/").text
+    )
 
 
 # ---------------------------------------------------------------------------- triage

@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CollectorRegistry
@@ -429,8 +431,51 @@ async def audit_page(request: Request) -> Response:
             "actor": actor or "",
             "alert": alert_id or "",
             "action": action,
-            "actions": ["case.view", "unmask", "login", "logout", "suppression.create"],
+            "actions": [
+                "case.view",
+                "unmask",
+                "login",
+                "logout",
+                "suppression.create",
+                "report.view",
+            ],
         },
+    )
+
+
+@requires("report.read")
+async def report_page(request: Request) -> Response:
+    """The periodic privacy report (:mod:`pipeline.alerting.report`) for a chosen period;
+    reading it is written to the audit log."""
+    from pipeline.alerting.report import last_full_month, privacy_report
+
+    feed = _feed(request)
+    zone = feed.settings.timezone
+    user = request.state.user
+    start, end = last_full_month(datetime.now(ZoneInfo(zone)).date())
+    error = ""
+    try:
+        if request.query_params.get("from"):
+            start = date.fromisoformat(request.query_params["from"])
+        if request.query_params.get("to"):
+            end = date.fromisoformat(request.query_params["to"])
+        rep = await db(privacy_report, feed.store, start, end, zone)
+    except ValueError as exc:
+        error, rep = str(exc), None
+    detail = {"from": start.isoformat(), "to": end.isoformat(), "role": user.role}
+    await db(feed.store.record_access, user.username, "report.view", None, detail)
+    return feed.page(
+        request,
+        "report.html",
+        {
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "timezone": zone,
+            "error": error,
+            "fragment": rep.to_html_fragment() if rep is not None else "",
+            "generated_at": rep.generated_at if rep is not None else "",
+        },
+        status=400 if error else 200,
     )
 
 
@@ -478,6 +523,7 @@ def create_app(
         Route("/api/alerts", api_alerts),
         Route("/events", events),
         Route("/audit", audit_page),
+        Route("/reports", report_page),
         Route("/healthz", healthz),
         *cases.routes(),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 
@@ -47,6 +48,7 @@ class FeedSettings:
     login_max_failures: int = 5
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
+    timezone: str = "Asia/Shanghai"  # the hospital's: report periods are its local dates
     host: str = "127.0.0.1"  # where ``emrwatch run`` serves the feed
     port: int = 8080
     _generated_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
@@ -91,6 +93,10 @@ class FeedSettings:
         return replace(self, users=tuple(users))
 
     def validate(self, source: str = "feed") -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+            raise FeedConfigError(f"{source}: timezone: unknown zone {self.timezone!r}") from exc
         seen: set[str] = set()
         for u in self.users:
             if not _USERNAME.match(str(u.username)):

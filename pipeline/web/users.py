@@ -12,7 +12,7 @@ True
 >>> verify_password(h, "correct horse"), verify_password(h, "wrong")
 (True, False)
 >>> sorted(PERMISSIONS["auditor"])
-['audit.read', 'case.read', 'feed.read']
+['audit.read', 'case.read', 'feed.read', 'report.read']
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "analyst": frozenset({"feed.read", "case.read", "triage", "unmask"}),
     # an analyst's rights, plus suppressions, and patient ids unmasked by default
     "supervisor": frozenset(
-        {"feed.read", "case.read", "triage", "unmask", "suppress", "patients.see"}
+        {"feed.read", "case.read", "triage", "unmask", "suppress", "patients.see", "report.read"}
     ),
-    # read-only and masked; reads the audit log (who looked at what)
-    "auditor": frozenset({"feed.read", "case.read", "audit.read"}),
+    # read-only and masked; reads the audit log (who looked at what) and the reports
+    "auditor": frozenset({"feed.read", "case.read", "audit.read", "report.read"}),
 }
 ROLES = tuple(PERMISSIONS)
 
