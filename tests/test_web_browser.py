@@ -120,3 +120,35 @@ def test_login_live_alert_case_and_triage(browser: Any, tmp_path: Path) -> None:
     assert views and all(e.actor == "ana" for e in views)
     assert feed_shot.stat().st_size > 10_000 and case_shot.stat().st_size > 10_000
     print(f"\nlive alert reached the page in {arrival_s * 1000:.0f} ms")
+
+
+def test_supervisor_reads_the_privacy_report(browser: Any, tmp_path: Path) -> None:
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    base = datetime(2026, 3, 2, 9, 0, tzinfo=TZ)
+    alerts = [believable_alert(i, when=base - timedelta(minutes=37 * i)) for i in range(1, 7)]
+    store.upsert(alerts)
+    verdicts = ("closed_confirmed", "closed_benign", "closed_confirmed")
+    for a, verdict in zip(alerts[:3], verdicts, strict=True):
+        store.transition(a["alert_id"], "acknowledged", "sam")
+        store.transition(a["alert_id"], "investigating", "sam")
+        store.transition(a["alert_id"], verdict, "sam", "reviewed with the ward")
+    url, stop = serve_feed(store, feed_settings())
+    try:
+        page, errors = open_page(browser, 10_000)
+        log_in(page, url, "sam", PASSWORD)
+        page.click("nav a[href='/reports']")
+        page.wait_for_selector("#report")
+        today = datetime.now(TZ).date()
+        page.fill("input[name=from]", today.isoformat())
+        page.fill("input[name=to]", (today + timedelta(days=1)).isoformat())
+        page.click("form.filters button[type=submit]")
+        page.wait_for_selector("section.report")
+        text = page.inner_text("#report")
+        assert "Cases raised: 6" in text and "confirmed misuse 2, benign 1" in text
+        assert all(a["patient_ids"][0] not in page.content() for a in alerts)
+        _save(page, tmp_path, "report.png", full_page=True)
+        assert not errors, errors
+        page.context.close()
+    finally:
+        stop()
+    assert [e.action for e in store.audit_log(actor="sam")][:2] == ["report.view", "report.view"]

@@ -143,13 +143,14 @@ class PrivacyReport:
         """The report as an HTML fragment (escaped), for the feed's page and for e-mail."""
 
         def table(title: str, counts: dict[str, Any]) -> str:
+            head = f"<div class='block'><h3>{html.escape(title)}</h3>"
             if not counts:
-                return f"<h3>{html.escape(title)}</h3><p class='muted'>none</p>"
+                return head + "<p class='muted'>none</p></div>"
             rows = "".join(
                 f"<tr><td>{html.escape(str(k))}</td><td class='num'>{html.escape(str(v))}</td></tr>"
                 for k, v in counts.items()
             )
-            return f"<h3>{html.escape(title)}</h3><table class='report'>{rows}</table>"
+            return f"{head}<table class='report'>{rows}</table></div>"
 
         share = self.confirmed_share
         parts = [
