@@ -275,3 +275,35 @@ def test_transient_rejection_and_bad_credentials_are_retried(
     with pytest.raises(SinkError):
         plain.send(entry)
     assert isinstance(smtplib.SMTP, type)
+
+
+def test_the_monthly_privacy_report_is_mailed_once_when_the_month_is_over(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/r.db"
+    clock = FakeClock("2026-03-10T02:00:00+00:00")
+    office = ["privacy-office@hospital.example", "ciso@hospital.example"]
+    router = make_router(url, smtp, hospital, clock, tmp_path, report_to=office)
+    router.handle([sample_alert("ew-r1", severity="low", user_id="u1", patient_ids=("p00078",))])
+    router.store.transition("ew-r1", "acknowledged", "sam")
+    router.deliver()
+    assert not [m for m in smtp.messages if "privacy report" in m["message"]["Subject"]]
+    # March is over (April 1st, 00:30 in Shanghai): one report per recipient, then never again
+    clock.now = clock.now.replace(month=3, day=31, hour=16, minute=30)
+    router.deliver()
+    router.deliver()
+    again = make_router(url, smtp, hospital, clock, tmp_path, report_to=office)
+    again.deliver()  # a second router (or a restart) on the same store sends nothing more
+    subject = "emrwatch privacy report 2026-03-01 to 2026-04-01"
+    reports = [m for m in smtp.messages if m["message"]["Subject"] == subject]
+    assert sorted(r for m in reports for r in m["rcpt_tos"]) == sorted(office)
+    msg = reports[0]["message"]
+    text = msg.get_body(preferencelist=("plain",)).get_content()
+    assert "Cases raised: 1" in text and "low 1" in text
+    assert f"{FEED}/reports?from=2026-03-01&to=2026-04-01" in text
+    assert (
+        "Cases raised: <strong>1</strong>" in msg.get_body(preferencelist=("html",)).get_content()
+    )
+    assert "p00078" not in msg.as_string()  # no patient id in a report
+    router.close()
+    again.close()

@@ -61,6 +61,10 @@ from the environment (``*_env`` keys) instead of the file::
         min_severity: low               # alerts below this are never mailed (default low)
         immediate_severities: [high, critical]
                       # mailed at once; the other severities go into the digest
+        report_to: [privacy-office@hospital.example]
+                      # the monthly privacy report (pipeline/alerting/report.py), mailed once
+                      # per recipient when a month is over (default none)
+        report_timezone: Asia/Shanghai  # the hospital's: months are its local months
       delivery:       # the outbox's delivery loop
         retry_base_s: 2                 # first retry after ~2 s, then doubling ...
         retry_max_s: 300                # ... up to 5 minutes; retries never give up
@@ -86,7 +90,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, time
 from typing import Any
 
 from detectors.alerts import Alert
@@ -294,8 +298,42 @@ class AlertRouter:
         self.unaddressable += 1
 
     # ------------------------------------------------------------------ out
+    def enqueue_reports(self, now: datetime | None = None) -> int:
+        """Once a month is over, its privacy report for every ``email.report_to`` address
+        (one outbox row each, keyed by the month: never twice, whichever router or restart
+        gets there first); returns rows added. Months before the store's first alert are
+        not reported (the monitor was not running); a quiet month after it is."""
+        e = self.config.email
+        if not e.report_to or "email" not in self.sinks:
+            return 0
+        from zoneinfo import ZoneInfo
+
+        from pipeline.alerting.report import last_full_month, privacy_report
+
+        now = now or self.store.now()
+        start, end = last_full_month(now.astimezone(ZoneInfo(e.report_timezone)).date())
+        tag = f"report:{start.isoformat()}"
+        if not self.outbox.missing(tag, "email", e.report_to):
+            return 0
+        first = self.store.first_received()
+        month_end = datetime.combine(end, time(), ZoneInfo(e.report_timezone))
+        if first is None or first >= month_end:
+            return 0
+        rep = privacy_report(self.store, start, end, e.report_timezone)
+        payload = {
+            "subject": f"emrwatch privacy report {start.isoformat()} to {end.isoformat()}",
+            "text": rep.to_text(),
+            "html": rep.to_html_fragment(),
+            "feed_path": f"/reports?from={start.isoformat()}&to={end.isoformat()}",
+        }
+        added = self.outbox.enqueue_report(tag, "email", e.report_to, payload)
+        if added:
+            self.outbox.wake()
+        return added
+
     def deliver(self, now: datetime | None = None) -> DeliveryReport:
         """One delivery pass (the background loop calls this)."""
+        self.enqueue_reports(now)
         return self.outbox.deliver_due(now)
 
     def flush_digest(self, now: datetime | None = None) -> int:
@@ -303,7 +341,13 @@ class AlertRouter:
         return self.outbox.flush_digest(now)
 
     def start(self) -> None:
-        self.outbox.start(self.config.delivery.poll_interval_s)
+        self.outbox.start(self.config.delivery.poll_interval_s, before=self._tick)
+
+    def _tick(self) -> None:
+        try:
+            self.enqueue_reports()
+        except Exception:  # noqa: BLE001 - a report must never stop alert delivery
+            log.exception("monthly privacy report could not be prepared")
 
     def stop(self) -> None:
         self.outbox.stop()

@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 
@@ -83,6 +84,9 @@ class EmailSettings:
     always_to: tuple[str, ...] = ()
     min_severity: str = "low"
     immediate_severities: tuple[str, ...] = ("high", "critical")
+    #: receive the privacy report (pipeline.alerting.report) of each month once it is over
+    report_to: tuple[str, ...] = ()
+    report_timezone: str = "Asia/Shanghai"
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ class AlertingConfig:
         sub["slack"] = SlackSettings(**_check(SlackSettings, slack, f"{source}: slack"))
         sub["smtp"] = SmtpSettings(**_check(SmtpSettings, smtp, f"{source}: smtp"))
         email = _check(EmailSettings, dict(data.pop("email", None) or {}), f"{source}: email")
-        for k in ("always_to", "immediate_severities"):
+        for k in ("always_to", "immediate_severities", "report_to"):
             if k in email:
                 email[k] = tuple(email[k] or ())
         email["addresses"] = {str(k): str(v) for k, v in (email.get("addresses") or {}).items()}
@@ -169,6 +173,12 @@ class AlertingConfig:
             raise AlertingConfigError(f"{source}: email.address_template needs {{user_id}}")
         if self.smtp.ca_file and not Path(self.smtp.ca_file).is_file():
             raise AlertingConfigError(f"{source}: smtp.ca_file {self.smtp.ca_file} does not exist")
+        try:
+            ZoneInfo(self.email.report_timezone)
+        except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            raise AlertingConfigError(
+                f"{source}: email.report_timezone: unknown zone {self.email.report_timezone!r}"
+            ) from None
         if self.digest_interval_s <= 0 or self.delivery.retry_base_s <= 0:
             raise AlertingConfigError(f"{source}: intervals must be positive")
 

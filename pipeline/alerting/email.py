@@ -16,6 +16,7 @@ is recognisably the same mail.
 from __future__ import annotations
 
 import hashlib
+import html
 import logging
 import smtplib
 import ssl
@@ -192,8 +193,17 @@ class EmailSink:
         self.timeout_s = timeout_s
 
     def build(self, entry: OutboxEntry) -> EmailMessage:
+        html_body = ""
         if entry.kind == "digest":
             subject, body = render_digest_mail(entry.payload["items"], self.feed_url)
+        elif entry.kind == "report":
+            p = entry.payload
+            link = self.feed_url.rstrip("/") + p["feed_path"]
+            subject, body = p["subject"], f"{p['text']}\nIn the alert feed: {link}\n"
+            html_body = (
+                f"<!doctype html><html><body><h1>{html.escape(subject)}</h1>{p['html']}"
+                f"<p><a href='{html.escape(link)}'>Open it in the alert feed</a></p></body></html>"
+            )
         else:
             subject, body = render_alert_mail(entry.payload, entry.event, self.feed_url)
         msg = EmailMessage()
@@ -206,6 +216,8 @@ class EmailSink:
         if entry.alert_id:
             msg["X-Emrwatch-Alert"] = entry.alert_id
         msg.set_content(body)
+        if html_body:
+            msg.add_alternative(html_body, subtype="html")
         return msg
 
     def send(self, entry: OutboxEntry) -> None:

@@ -320,6 +320,43 @@ class Outbox:
                 self._count(n.sink, "enqueued")
         return added
 
+    # ------------------------------------------------------------------ reports
+    def missing(self, tag: str, sink: str, targets: Sequence[str]) -> list[str]:
+        """The targets that have no row for ``tag`` yet (e.g. ``report:2026-03-01``)."""
+        o = t.outbox
+        keys = {_key(sink, tg, "-", tag): tg for tg in targets}
+        with self.store.read() as conn:
+            have = set(conn.execute(select(o.c.key).where(o.c.key.in_(list(keys)))).scalars())
+        return [tg for k, tg in keys.items() if k not in have]
+
+    def enqueue_report(
+        self, tag: str, sink: str, targets: Sequence[str], payload: dict[str, Any]
+    ) -> int:
+        """One ``report`` row per target, once per ``tag``."""
+        added = 0
+        with self.store.write() as conn:
+            now = self.store.now()
+            for tg in targets:
+                row = {
+                    "key": _key(sink, tg, "-", tag),
+                    "sink": sink,
+                    "kind": "report",
+                    "target": tg,
+                    "alert_id": None,
+                    "alert_version": None,
+                    "severity_rank": None,
+                    "event": "report",
+                    "payload": payload,
+                    "state": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+                if self._insert_once(conn, row):
+                    added += 1
+                    self._count(sink, "enqueued")
+        return added
+
     @staticmethod
     def _insert_once(conn: Connection, row: dict[str, Any]) -> int:
         name = conn.dialect.name
@@ -528,8 +565,9 @@ class Outbox:
         """Ask the background loop for a pass now (call after committing new rows)."""
         self._wake.set()
 
-    def start(self, poll_interval_s: float = 1.0) -> None:
-        """Deliver in a daemon thread until :meth:`stop`; new rows wake it at once."""
+    def start(self, poll_interval_s: float = 1.0, before: Callable[[], None] | None = None) -> None:
+        """Deliver in a daemon thread until :meth:`stop`; new rows wake it at once.
+        ``before`` runs at the start of every pass (the router's monthly reports)."""
         if self._thread is not None:
             return
         self._stop.clear()
@@ -537,6 +575,8 @@ class Outbox:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
+                    if before is not None:
+                        before()
                     self.deliver_due()
                 except Exception:  # noqa: BLE001 - e.g. the database is briefly away
                     log.exception("outbox delivery pass failed")

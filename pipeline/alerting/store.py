@@ -518,6 +518,12 @@ class AlertStore(SuppressionsMixin):
                 for r in rows
             ]
 
+    def first_received(self) -> datetime | None:
+        """When the store received its first alert (UTC), or None while it is empty."""
+        with self.read() as conn:
+            first = conn.execute(select(func.min(t.alerts.c.received_at))).scalar()
+        return _aware(first) if first is not None else None
+
     def labels(self, since: datetime | None = None) -> list[Label]:
         """Every analyst verdict (``confirmed`` / ``benign``), oldest decision first."""
         a, e = t.alerts, t.alert_events
