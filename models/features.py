@@ -44,6 +44,9 @@ FLOOR = 1e-4
 RARITY_SCALE = -math.log(FLOOR)
 #: a kind of access this rare for the user (and their peers) is "rarely opened"
 RARE = 0.01
+#: a kind of access at least this common among the peers is part of their routine: a
+#: flagged visit still teaches it to a user whose own history finds it rare
+ROUTINE = 0.005
 #: a user's first visits: workstation novelty means nothing yet
 WARMUP_VISITS = 20
 MAX_PATIENTS = 4096
@@ -321,12 +324,21 @@ class UserBehaviour:
         return done
 
     # ----------------------------------------------------------------- learning
-    def learn(self, v: Visit, learn_profile: bool) -> None:
+    def learn(
+        self, v: Visit, learn_profile: bool, peer_kinds: dict[str, float] | None = None
+    ) -> None:
         """Add a closed visit to the user's history. ``learn_profile`` False keeps what a
-        model flagged out of the profiles (it still counts for volume and novelty)."""
+        model flagged out of the profiles (it still counts for volume and novelty), with one
+        exception: a kind of access the user's peers make routinely (share ``peer_kinds`` ≥
+        :data:`ROUTINE`) that the user's own history still finds rare is learned anyway.
+        Otherwise the user is locked in: the first time they happen to make such an access
+        their history says "rare", the visit is flagged and kept out, so the next one is
+        rare again, for ever. Kinds the user already makes often are not added (a flagged
+        burst of them would make everything else look rare), nor kinds rare for the peers
+        (the reads misuse is made of)."""
         self.visits += 1
+        kinds = self.kinds
         if learn_profile:
-            kinds = self.kinds
             for k, n in v.kinds.items():
                 kinds[k] = kinds.get(k, 0) + n
             self.kinds_total += v.n
@@ -335,6 +347,13 @@ class UserBehaviour:
             self.communities_total += 1
             w = 1.0 if v.writes else 0.0
             self.write_rate = w if self.write_rate < 0 else 0.95 * self.write_rate + 0.05 * w
+        elif peer_kinds:
+            denom = self.kinds_total + PRIOR_STRENGTH
+            for k, n in v.kinds.items():
+                q = peer_kinds.get(k, 0.0)
+                if q >= ROUTINE and kinds.get(k, 0) + PRIOR_STRENGTH * q < RARE * denom:
+                    kinds[k] = kinds.get(k, 0) + n
+                    self.kinds_total += n
         ws = self.workstations
         if v.workstation:
             ws[v.workstation] = v.last_t

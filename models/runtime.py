@@ -52,6 +52,12 @@ _NO_TERMS: dict[str, float] = {}
 #: peer fade: an explained visit the peers find at least this unusual counts toward the
 #: user's routine; from the next local day on it takes ``log10(1 + k)`` off the peer level
 FADE_LEVEL = 3.0
+#: own-model evidence is one-sided: a visit the user's trees find at least this unusual is
+#: scored again with every feature below the user's usual value raised to it, and keeps the
+#: lower level. A visit that departs from the user's routine only by being *more* ordinary
+#: (a known patient after a burst of new ones, an explained access after unexplained ones:
+#: the trees learned the user's state during a misuse burst) is no evidence against them.
+ONE_SIDED_LEVEL = 1.5
 
 
 @dataclass
@@ -222,6 +228,13 @@ class UserModels:
             self.fade_day = day
         k = self.fade_k
         return math.log10(1 + k) if k else 0.0
+
+
+def _at_least(x: dict[str, float], usual: dict[str, float]) -> dict[str, float]:
+    """``x`` with every feature below the user's usual value raised to it: what is left of
+    the visit's deviation in the suspicious direction alone (every feature is higher = more
+    suspicious)."""
+    return {k: m if (m := usual.get(k)) is not None and m > v else v for k, v in x.items()}
 
 
 class _Prep:
@@ -422,12 +435,14 @@ class ModelScorer:
             hst = trees.score_one(st, x)
             if self.hst_cal is not None:
                 own = self.hst_cal.level(hst)
+                if own >= ONE_SIDED_LEVEL:
+                    own = min(own, self.hst_cal.level(trees.score_one(st, _at_least(x, um.means))))
             um.scored += 1
             um.gate = self.gate.update(um.gate, hst, um.scored)
         # learn: the gate keeps what the user's model flags out of it and out of the profiles
         # (on the unfaded peer level: the fade changes what is evidence, not what is learned)
         learn = raw_peer < 2.0 and (not scored or hst < um.gate or um.scored < 20)
-        um.behaviour.learn(v, learn_profile=learn)
+        um.behaviour.learn(v, learn_profile=learn, peer_kinds=prep.base.kinds)
         n = um.behaviour.visits
         if learn and (n % p.learn_every == 0 or st.first_window):
             trees.learn_one(st, x)

@@ -118,20 +118,38 @@ def replay_visits(
     return rows, accesses
 
 
+class _Unscored:
+    """A case model that is never asked: with it the engine records the levels of every visit
+    of a case's patients (``Case.seen_levels``, which ``max_level`` and ``mean_level`` are
+    made of) exactly as it does live, while fusion, off in training, scores nothing."""
+
+    kind = "verdicts"
+    features = CASE_FEATURE_NAMES
+
+    def score(self, rows: Any) -> list[float]:  # pragma: no cover - fusion is off
+        raise AssertionError("the training replay runs without fusion")
+
+
 def replay_cases(
     data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
 ) -> list[dict[str, Any]]:
-    """Every case the engine builds on ``data`` (last version), with features and verdict."""
+    """Every case the engine builds on ``data`` (last version), with features, verdict and
+    ``reviewed``: whether the case model would have scored it live at some point (the rule
+    risk it scales straddled the threshold, see ``Case.undecided``)."""
     labels = _labels(data)
     ctx = Context.load(data, (config or DetectionConfig()).timezone)
-    cfg = replace(config or DetectionConfig(), model_registry="none")
-    eng = Engine(ctx, cfg, models=ModelScorer(ctx, bundle))
+    cfg = replace(config or DetectionConfig(), model_registry="none", model_fusion=False)
+    live = replace(cfg, model_fusion=True)
+    eng = Engine(ctx, cfg, models=ModelScorer(ctx, replace(bundle, case_model=_Unscored())))  # type: ignore[arg-type]
     final: dict[str, tuple[dict[str, float], set[str]]] = {}
+    reviewed: set[str] = set()
 
     def capture() -> None:
         for _, case in eng._dirty.values():
             ids = {k for b in case.evidence.values() for k in b}
             final[case.alert_id] = (case.features(eng.rule_by_id, cfg), ids)
+            if case.undecided(eng.rule_by_id, live):
+                reviewed.add(case.alert_id)
 
     for i, e in enumerate(_events(data), 1):
         eng.ingest(e)
@@ -152,7 +170,15 @@ def replay_cases(
     out = []
     for aid, (feats, ids) in final.items():
         scn = {labels[i][0] for i in ids if i in labels}
-        out.append({"alert_id": aid, **feats, "scenarios": sorted(scn), "verdict": int(bool(scn))})
+        out.append(
+            {
+                "alert_id": aid,
+                **feats,
+                "scenarios": sorted(scn),
+                "verdict": int(bool(scn)),
+                "reviewed": aid in reviewed,
+            }
+        )
     return out
 
 
@@ -186,16 +212,7 @@ def train(
     import pandas as pd
 
     params = behaviour or BehaviourParams()
-    hashes = []
-    windows = []
-    for d in data_dirs:
-        ev_file = next(p for p in sorted(d.iterdir()) if p.name.startswith("events."))
-        hashes.append(ev_file.read_bytes())
-        man = d / "manifest.json"
-        if man.exists():
-            m = orjson.loads(man.read_bytes())
-            windows.append({"data": d.name, **m.get("summary", {}).get("period", {})})
-    dhash = data_hash(*hashes)
+    meta_common = _provenance(data_dirs)
     # 1. priors
     visits: list[dict[str, Any]] = []
     accesses: list[dict[str, Any]] = []
@@ -228,7 +245,6 @@ def train(
         "communities": len(set(communities["department_community"].values())),
     }
     artifact = orjson.dumps(visits_artifact(bundle), option=orjson.OPT_SORT_KEYS)
-    meta_common = {"training_data": windows, "data_hash": dhash}
     v_version = registry.register(
         "visits",
         {"visits.json": artifact},
@@ -243,13 +259,55 @@ def train(
     )
     log(f"registered visits {v_version}")
     # 3. case models
+    out = train_cases(data_dirs, registry, bundle, v_version, False, config, log, meta_common)
+    if promote:
+        registry.promote("visits", v_version)
+        registry.promote("cases", out["cases"])
+    return {"visits": v_version, **out}
+
+
+def _provenance(data_dirs: list[Path]) -> dict[str, Any]:
+    hashes = []
+    windows = []
+    for d in data_dirs:
+        ev_file = next(p for p in sorted(d.iterdir()) if p.name.startswith("events."))
+        hashes.append(ev_file.read_bytes())
+        man = d / "manifest.json"
+        if man.exists():
+            m = orjson.loads(man.read_bytes())
+            windows.append({"data": d.name, **m.get("summary", {}).get("period", {})})
+    return {"training_data": windows, "data_hash": data_hash(*hashes)}
+
+
+def train_cases(
+    data_dirs: list[Path],
+    registry: ModelRegistry,
+    bundle: ModelBundle,
+    visits_version: str,
+    promote: bool = True,
+    config: DetectionConfig | None = None,
+    log: Callable[[str], None] = print,
+    meta_common: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Fit the case models on the cases the engine builds on ``data_dirs`` with the visit
+    models of ``bundle``; register (and promote) them.
+
+    The verdict classifier is fitted on the cases it will judge: those whose fate it can
+    change live (``reviewed``). Fitted on every case, it learns mostly from thousands of
+    single-access cases no threshold ever looks at, and what it says about the few with
+    several patients in a care gap (the cases it does judge) is an extrapolation; those
+    cases, benign or not, got P(misuse) ≈ 0.8 and fusion raised benign ones over the
+    threshold."""
+    meta = {**(meta_common or _provenance(data_dirs)), "visits_version": visits_version}
     cases: list[dict[str, Any]] = []
     for d in data_dirs:
-        c = replay_cases(d, bundle, replace(config or DetectionConfig(), model_fusion=False))
+        c = replay_cases(d, bundle, config)
         cases += c
-        log(f"pass 3 {d}: {len(c)} cases")
+        log(f"pass 3 {d}: {len(c)} cases, {sum(x['reviewed'] for x in c)} reviewed")
     seen = [
-        c for c in cases if not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
+        c
+        for c in cases
+        if c["reviewed"] and not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
     ]
     rows = [{f: c[f] for f in CASE_FEATURE_NAMES} for c in seen]
     y = [c["verdict"] for c in seen]
@@ -260,19 +318,25 @@ def train(
         "cases",
         {"model.skops": skops_bytes(clf)},
         {
-            **meta_common,
+            **meta,
             "kind": "verdicts",
             "estimator": "StandardScaler + LogisticRegression(class_weight=balanced)",
             "features": list(CASE_FEATURE_NAMES),
+            "training_cases": "reviewed: cases whose rule risk straddled the threshold",
             "withheld_scenarios": sorted(UNSEEN_SCENARIOS),
-            "metrics": {**case_metrics, "cases": len(seen), "misuse_cases": int(sum(y))},
+            "metrics": {
+                **case_metrics,
+                "all_cases": len(cases),
+                "cases": len(seen),
+                "misuse_cases": int(sum(y)),
+            },
         },
     )
     i_version = registry.register(
         "cases",
         {"model.skops": skops_bytes(iso)},
         {
-            **meta_common,
+            **meta,
             "kind": "isolation",
             "estimator": "IsolationForest(n_estimators=50, max_samples=128)",
             "features": list(CASE_FEATURE_NAMES),
@@ -281,9 +345,8 @@ def train(
     )
     log(f"registered cases {c_version} (verdicts), {i_version} (isolation)")
     if promote:
-        registry.promote("visits", v_version)
         registry.promote("cases", c_version)
-    return {"visits": v_version, "cases": c_version, "cases_isolation": i_version}
+    return {"cases": c_version, "cases_isolation": i_version}
 
 
 def _case_metrics(rows: list[dict[str, float]], y: list[int]) -> dict[str, float]:
@@ -311,11 +374,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True, help="simulated or labelled history")
     p.add_argument("--registry", default=None, help="default: the registry shipped in models/")
     p.add_argument("--no-promote", action="store_true")
+    p.add_argument(
+        "--cases-only",
+        action="store_true",
+        help="refit only the case models, on top of the promoted visit models",
+    )
     a = p.parse_args(argv)
     from models.registry import DEFAULT_REGISTRY
+    from models.runtime import load_bundle
 
     reg = ModelRegistry(a.registry or DEFAULT_REGISTRY)
-    out = train([Path(d) for d in a.data], reg, promote=not a.no_promote)
+    dirs = [Path(d) for d in a.data]
+    if a.cases_only:
+        bundle = load_bundle(reg)
+        if bundle is None:
+            p.error("--cases-only: the registry promotes no visits model")
+        out = train_cases(dirs, reg, bundle, bundle.versions["visits"], not a.no_promote)
+    else:
+        out = train(dirs, reg, promote=not a.no_promote)
     sys.stdout.write(orjson.dumps(out).decode() + "\n")
     return 0
 
