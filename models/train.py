@@ -304,11 +304,14 @@ def train_cases(
         c = replay_cases(d, bundle, config)
         cases += c
         log(f"pass 3 {d}: {len(c)} cases, {sum(x['reviewed'] for x in c)} reviewed")
-    seen = [
-        c
-        for c in cases
-        if c["reviewed"] and not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
+    usable = [
+        c for c in cases if not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
     ]
+    seen = [c for c in usable if c["reviewed"]]
+    chosen = "reviewed: cases whose rule risk straddled the threshold"
+    if len({c["verdict"] for c in seen}) < 2:  # a small history: too few cases to judge by
+        log(f"only {len(seen)} reviewed case(s), not both verdicts: fitting on every case")
+        seen, chosen = usable, "all (too few reviewed cases with both verdicts)"
     rows = [{f: c[f] for f in CASE_FEATURE_NAMES} for c in seen]
     y = [c["verdict"] for c in seen]
     clf = fit_verdicts(rows, y, random_state=0)
@@ -322,7 +325,7 @@ def train_cases(
             "kind": "verdicts",
             "estimator": "StandardScaler + LogisticRegression(class_weight=balanced)",
             "features": list(CASE_FEATURE_NAMES),
-            "training_cases": "reviewed: cases whose rule risk straddled the threshold",
+            "training_cases": chosen,
             "withheld_scenarios": sorted(UNSEEN_SCENARIOS),
             "metrics": {
                 **case_metrics,
