@@ -32,7 +32,7 @@ import orjson
 from detectors.config import DetectionConfig
 from detectors.engine import Engine
 from emrwatch.context import Context
-from models.batch import CASE_FEATURE_NAMES, fit_isolation, fit_verdicts
+from models.batch import CASE_FEATURE_NAMES, VERDICTS_C, fit_isolation, fit_verdicts
 from models.community import learn_communities, learn_priors
 from models.features import FEATURE_NAMES, FEATURES
 from models.population import HistogramSurprise, TailCalibration
@@ -134,8 +134,8 @@ def replay_cases(
     data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
 ) -> list[dict[str, Any]]:
     """Every case the engine builds on ``data`` (last version), with features, verdict and
-    ``reviewed``: whether the case model would have scored it live at some point (the rule
-    risk it scales straddled the threshold, see ``Case.undecided``)."""
+    ``reviewed``: whether the case model would have scored it live at some point (the risk
+    it scales straddled the threshold, see ``Case.undecided``)."""
     labels = _labels(data)
     ctx = Context.load(data, (config or DetectionConfig()).timezone)
     cfg = replace(config or DetectionConfig(), model_registry="none", model_fusion=False)
@@ -269,6 +269,7 @@ def train(
 def _provenance(data_dirs: list[Path]) -> dict[str, Any]:
     hashes = []
     windows = []
+    seeds: list[Any] = []
     for d in data_dirs:
         ev_file = next(p for p in sorted(d.iterdir()) if p.name.startswith("events."))
         hashes.append(ev_file.read_bytes())
@@ -276,7 +277,13 @@ def _provenance(data_dirs: list[Path]) -> dict[str, Any]:
         if man.exists():
             m = orjson.loads(man.read_bytes())
             windows.append({"data": d.name, **m.get("summary", {}).get("period", {})})
-    return {"training_data": windows, "data_hash": data_hash(*hashes)}
+            seed = m.get("parameters", {}).get("seed")
+            if seed is not None:
+                seeds.append(seed)
+    out: dict[str, Any] = {"training_data": windows, "data_hash": data_hash(*hashes)}
+    if seeds:
+        out["training_seeds"] = seeds
+    return out
 
 
 def train_cases(
@@ -308,7 +315,10 @@ def train_cases(
         c for c in cases if not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
     ]
     seen = [c for c in usable if c["reviewed"]]
-    chosen = "reviewed: cases whose rule risk straddled the threshold"
+    chosen = (
+        "reviewed: cases whose risk the case model scales (rule risk, "
+        "and a lone learned visit's in a mixed case) straddled the threshold"
+    )
     if len({c["verdict"] for c in seen}) < 2:  # a small history: too few cases to judge by
         log(f"only {len(seen)} reviewed case(s), not both verdicts: fitting on every case")
         seen, chosen = usable, "all (too few reviewed cases with both verdicts)"
@@ -323,7 +333,8 @@ def train_cases(
         {
             **meta,
             "kind": "verdicts",
-            "estimator": "StandardScaler + LogisticRegression(class_weight=balanced)",
+            "estimator": f"StandardScaler + LogisticRegression(C={VERDICTS_C}, "
+            "class_weight=balanced)",
             "features": list(CASE_FEATURE_NAMES),
             "training_cases": chosen,
             "withheld_scenarios": sorted(UNSEEN_SCENARIOS),

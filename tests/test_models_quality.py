@@ -2,9 +2,8 @@
 
 - the misuse no rule names (``explained_browsing``): the models alone catch ≥ 80% of its users;
 - with the models, fewer false alerts per 10,000 benign events than rules alone, at the same
-  or better user recall. At the default threshold rules alone make about one false alert in
-  200,000 events, too few to compare, so this is also checked at a lower alert threshold
-  (0.5), where rules alone are noisy.
+  or better user recall: at the default threshold (where rules alone make about one false
+  alert in 200,000 events) and at a lower one (0.5), where rules alone are noisy.
 """
 
 from __future__ import annotations
@@ -39,7 +38,4 @@ def test_models_cut_false_alerts_at_same_or_better_recall(held_out: Path, thresh
     both = evaluate(held_out, DetectionConfig(alert_threshold=threshold), workers=2)
     assert both["mean_user_recall"] >= rules["mean_user_recall"]
     assert both["min_user_recall"] >= rules["min_user_recall"]
-    if threshold < 1.0:
-        assert both["false_alerts_per_10k_benign"] < rules["false_alerts_per_10k_benign"]
-    else:  # rules alone are all but silent here: the models may not add noise
-        assert both["false_alerts_per_10k_benign"] <= rules["false_alerts_per_10k_benign"] + 0.1
+    assert both["false_alerts_per_10k_benign"] < rules["false_alerts_per_10k_benign"]
