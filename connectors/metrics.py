@@ -13,6 +13,8 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class ConnectorMetrics:
@@ -70,6 +72,31 @@ class ConnectorMetrics:
 
     def batch(self, source: str) -> None:
         self.batches.labels(source).inc()
+
+    def watch(self, connectors: list[Any]) -> None:
+        """Export the spool backlog of these connectors (read at scrape time, so it grows
+        while the broker is away and no batch completes)."""
+        self.registry.register(_SpoolCollector(connectors))
+
+
+class _SpoolCollector(Collector):
+    """``emrwatch_connector_spool_backlog_bytes``: received, not yet acknowledged by the
+    broker, per spooling source (:mod:`connectors.spool`)."""
+
+    def __init__(self, connectors: list[Any]) -> None:
+        self.connectors = connectors
+
+    def collect(self) -> Any:
+        g = GaugeMetricFamily(
+            "emrwatch_connector_spool_backlog_bytes",
+            "bytes a push source received and spooled that the broker has not acknowledged",
+            labels=["source"],
+        )
+        for c in self.connectors:
+            backlog = c.describe().get("spool_unacked_bytes")
+            if backlog is not None:
+                g.add_metric([c.name], float(backlog))
+        yield g
 
 
 class MeteredLedger:

@@ -182,6 +182,8 @@ class ConnectorService:
         self.producer = producer
         self.connectors = connectors
         self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(connectors)
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.results: dict[str, Any] = {}

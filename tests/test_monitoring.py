@@ -36,12 +36,33 @@ def _exported() -> set[str]:
     c.record("src", "accepted", 10)
     c.batch("src")
     MeteredLedger(NullLedger(), c).receipt("src", "f", status="quarantined")
+    c.watch([_Spooling()])
     text += generate_latest(c.registry).decode()
     return {
         line.split("{")[0].split(" ")[0]
         for line in text.splitlines()
         if line.startswith("emrwatch_")
     }
+
+
+class _Spooling:
+    """A push source with a spool backlog, as ``describe()`` reports it."""
+
+    name = "atna"
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "atna-syslog", "spool_unacked_bytes": 4096}
+
+
+def test_spool_backlog_is_read_at_scrape_time() -> None:
+    c = ConnectorMetrics()
+    src = _Spooling()
+    c.watch([src, type("Plain", (), {"name": "f", "describe": lambda self: {}})()])
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(c.registry).decode())
+    }
+    [sample] = families["emrwatch_connector_spool_backlog_bytes"].samples
+    assert sample.labels == {"source": "atna"} and sample.value == 4096
 
 
 def _alert(aid: str, severity: str, status: str = "open") -> Alert:
