@@ -251,3 +251,27 @@ def test_kill_9_with_messages_spooled_then_restart_loses_and_duplicates_nothing(
     assert orjson.loads((state / "checkpoints" / "atna.checkpoint.json").read_bytes())[
         "checkpoint"
     ] == {"spool_seq": n}
+
+
+def test_atna_spools_where_it_is_told_and_reports_the_backlog(tmp_path: Path) -> None:
+    from connectors.registry import build
+
+    c = build({"type": "atna-syslog", "name": "atna", "transport": "udp", "port": 0})
+    c.use_state_dir(tmp_path / "spool" / "atna")  # what `emrwatch connectors run` does
+    c.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(to_audit_message(_event(1)), ("127.0.0.1", c.port))
+        deadline = time.monotonic() + 5
+        while c.describe()["spool_seq"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        info = c.describe()
+        assert info["spool"] == str(tmp_path / "spool" / "atna")
+        assert info["spool_seq"] == 1 and info["spool_unacked_bytes"] > 0
+        c.committed({"spool_seq": 1})
+        assert c.describe()["spool_committed"] == 1
+    finally:
+        c.close()
+    memory = build({"type": "atna-syslog", "transport": "udp", "port": 0, "spool_dir": "memory"})
+    memory.use_state_dir(tmp_path / "ignored")
+    assert memory.spool_path() is None
