@@ -139,3 +139,11 @@ def test_emrwatch_report_command(
     assert "<h1>emrwatch privacy report 2026-03-01 to 2026-04-01</h1>" in page.read_text()
     bad = subprocess.run([*base, "--from", "2026-13-01"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "month must be in 1..12" in bad.stderr
+    missing = subprocess.run(
+        [*base[:-1], f"sqlite:///{tmp_path}/nothing.sqlite3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "cannot read the alert store" in missing.stderr
+    assert "Traceback" not in missing.stderr

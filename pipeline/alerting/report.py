@@ -387,11 +387,17 @@ def cmd_report(args: Any) -> int:
     except ValueError as exc:
         print(f"emrwatch report: {exc}", file=sys.stderr)
         return 2
+    from sqlalchemy.exc import SQLAlchemyError
+
     store = AlertStore(url, migrate=False)
     try:
         rep = privacy_report(store, start, end, zone)
     except ValueError as exc:
         print(f"emrwatch report: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        reason = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc)
+        print(f"emrwatch report: cannot read the alert store {url}: {reason}", file=sys.stderr)
         return 2
     finally:
         store.close()
