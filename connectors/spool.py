@@ -189,10 +189,12 @@ class FileSpool(Spool):
             first = int(path.stem)
             last, good, size = first - 1, 0, path.stat().st_size
             with open(path, "rb") as fh:
-                for seq, end in _scan(fh):
+                for seq, _hlen, body, intact in _frames(fh):
+                    if not intact:
+                        break
                     if seq != last + 1:
                         raise SpoolError(f"{path}: record {seq} follows {last}")
-                    last, good = seq, end
+                    last, good = seq, good + _HEADER.size + len(body)
             if good < size:
                 if i != len(paths) - 1:
                     raise SpoolError(f"{path}: damaged record at byte {good} (not the last file)")
@@ -236,8 +238,7 @@ class FileSpool(Spool):
                 self._open_segment()
             seq = self._seq + 1
             body = head + payload
-            crc = zlib.crc32(body, zlib.crc32(struct.pack(">Q", seq)))
-            record = _HEADER.pack(_MAGIC, seq, len(head), len(payload), crc) + body
+            record = _HEADER.pack(_MAGIC, seq, len(head), len(payload), _crc(seq, body)) + body
             os.write(self._fd, record)  # in the kernel now: a killed process loses nothing
             self._seq = seq
             seg = self._segments[-1]
@@ -326,21 +327,25 @@ class FileSpool(Spool):
             }
 
 
-def _scan(fh: Any) -> Iterator[tuple[int, int]]:
-    """(sequence number, offset after it) of each intact record, up to the first that is not."""
-    pos = 0
+def _crc(seq: int, body: bytes) -> int:
+    """The checksum of one record: its sequence number and its body."""
+    return zlib.crc32(body, zlib.crc32(struct.pack(">Q", seq)))
+
+
+def _frames(fh: Any) -> Iterator[tuple[int, int, bytes, bool]]:
+    """(sequence number, head length, body, checksum holds) of each whole record from the
+    file's position on, until the end of what is written or bytes that are not a record."""
     while True:
         header = fh.read(_HEADER.size)
         if len(header) < _HEADER.size:
-            return
+            return  # the end, or a record still being written (appends are whole writes)
         magic, seq, hlen, plen, crc = _HEADER.unpack(header)
         if magic != _MAGIC:
             return
         body = fh.read(hlen + plen)
-        if len(body) < hlen + plen or zlib.crc32(body, zlib.crc32(struct.pack(">Q", seq))) != crc:
+        if len(body) < hlen + plen:
             return
-        pos += _HEADER.size + hlen + plen
-        yield seq, pos
+        yield seq, hlen, body, _crc(seq, body) == crc
 
 
 class _Cursor:
@@ -384,15 +389,8 @@ class _Cursor:
 
 
 def _records(fh: Any, path: Path) -> Iterator[tuple[int, RawRecord]]:
-    while True:
-        header = fh.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return  # the end, or a record still being written (appends are whole writes)
-        magic, seq, hlen, plen, crc = _HEADER.unpack(header)
-        body = fh.read(hlen + plen)
-        if magic != _MAGIC or len(body) < hlen + plen:
-            return
-        if zlib.crc32(body, zlib.crc32(struct.pack(">Q", seq))) != crc:
+    for seq, hlen, body, intact in _frames(fh):
+        if not intact:
             raise SpoolError(f"{path}: record {seq} fails its checksum")
         head = orjson.loads(body[:hlen])
         yield (
