@@ -320,12 +320,7 @@ class Context:
         elif isinstance(rec, Patient):
             self.patients[rec.patient_id] = rec
         elif isinstance(rec, Encounter):
-            old = self.encounters.get(rec.encounter_id)
-            if old is not None:
-                lst = self.encounters_by_patient.get(old.patient_id, [])
-                self.encounters_by_patient[old.patient_id] = [
-                    e for e in lst if e.encounter_id != rec.encounter_id
-                ]
+            self._drop_encounter(rec.encounter_id)
             self.encounters[rec.encounter_id] = rec
             lst = self.encounters_by_patient.setdefault(rec.patient_id, [])
             lst.append(rec)
@@ -333,10 +328,8 @@ class Context:
         elif isinstance(rec, Seal):
             self.seals[rec.patient_id] = rec
         elif isinstance(rec, Grant):
-            lst = self.grants.setdefault(rec.user_id, [])
-            key = (rec.departments, rec.actions, rec.purpose)
-            lst[:] = [g for g in lst if (g.departments, g.actions, g.purpose) != key]
-            lst.append(rec)
+            self._drop_grant(rec.user_id, _grant_key(rec))
+            self.grants.setdefault(rec.user_id, []).append(rec)
         elif isinstance(rec, Department):
             self.departments[rec.department_id] = rec
         else:  # pragma: no cover - typing guards this
@@ -348,44 +341,52 @@ class Context:
         this are judged without it (a cancelled admission no longer explains them); what
         was judged before stays as it was. True if there was such a record."""
         first = key[0] if key else ""
-        found: object = None
         if kind == "staff":
-            found = self.staff.pop(first, None)
+            found = self.staff.pop(first, None) is not None
         elif kind == "patients":
-            found = self.patients.pop(first, None)
+            found = self.patients.pop(first, None) is not None
         elif kind == "departments":
-            found = self.departments.pop(first, None)
+            found = self.departments.pop(first, None) is not None
         elif kind == "sealed":
-            found = self.seals.pop(first, None)
+            found = self.seals.pop(first, None) is not None
         elif kind == "encounters":
-            enc = self.encounters.pop(first, None)
-            if enc is not None:
-                left = [
-                    e for e in self.encounters_by_patient.get(enc.patient_id, []) if e is not enc
-                ]
-                if left:
-                    self.encounters_by_patient[enc.patient_id] = left
-                else:
-                    self.encounters_by_patient.pop(enc.patient_id, None)
-            found = enc
+            found = self._drop_encounter(first) is not None
         elif kind == "grants":
             if len(key) != 4:
                 raise ContextError(f"a grant's key has 4 parts, got {len(key)}")
             user_id, depts, actions, purpose = key
-            want = (_split(depts), _split(actions), purpose.strip())
-            lst = self.grants.get(user_id.strip(), [])
-            keep = [g for g in lst if (g.departments, g.actions, g.purpose) != want]
-            if len(keep) != len(lst):
-                found = True
-                if keep:
-                    self.grants[user_id.strip()] = keep
-                else:
-                    self.grants.pop(user_id.strip(), None)
+            found = self._drop_grant(
+                user_id.strip(), (_split(depts), _split(actions), purpose.strip())
+            )
         else:
             raise ContextError(f"unknown context kind {kind!r}")
-        if found is None:
+        if not found:
             return False
         self.version += 1
+        return True
+
+    def _drop_encounter(self, encounter_id: str) -> Encounter | None:
+        """Take an encounter out of both indexes; the one that was there, if any."""
+        enc = self.encounters.pop(encounter_id, None)
+        if enc is not None:
+            left = [e for e in self.encounters_by_patient.get(enc.patient_id, []) if e is not enc]
+            if left:
+                self.encounters_by_patient[enc.patient_id] = left
+            else:
+                self.encounters_by_patient.pop(enc.patient_id, None)
+        return enc
+
+    def _drop_grant(self, user_id: str, key: tuple[Any, ...]) -> bool:
+        """Take out the user's grant with this (departments, actions, purpose); whether
+        there was one."""
+        lst = self.grants.get(user_id, [])
+        keep = [g for g in lst if _grant_key(g) != key]
+        if len(keep) == len(lst):
+            return False
+        if keep:
+            self.grants[user_id] = keep
+        else:
+            self.grants.pop(user_id, None)
         return True
 
     def upsert_row(self, kind: str, row: dict[str, str]) -> Record:
@@ -419,6 +420,11 @@ class Context:
 
 
 _EMPTY: list[Encounter] = []
+
+
+def _grant_key(g: Grant) -> tuple[Any, ...]:
+    """What tells a user's grants apart (the grants topic's key, parsed)."""
+    return (g.departments, g.actions, g.purpose)
 
 
 def read_context_csv(path: Path, kind: str, clock: LocalClock) -> Iterator[Record]:

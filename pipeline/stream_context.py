@@ -18,7 +18,13 @@ from typing import Any
 import orjson
 
 from emrwatch.context import CONTEXT_FILES, Context, ContextError
-from pipeline.topics import CONTEXT_KINDS, CONTROL_HEADER, TopicLayout, context_key
+from pipeline.topics import (
+    CONTEXT_KINDS,
+    CONTROL_HEADER,
+    TopicLayout,
+    context_key,
+    context_key_values,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +195,7 @@ class ContextFeed:
                 try:
                     if rec.value is None:  # a tombstone: the record under this key is gone
                         if rec.key is not None:
-                            key = rec.key.decode()
-                            ctx.remove(kind, key.split("|") if kind == "grants" else [key])
+                            ctx.remove(kind, context_key_values(kind, rec.key.decode()))
                             n += 1
                         continue
                     row = orjson.loads(rec.value)

@@ -66,6 +66,15 @@ def context_key(kind: str, row: Mapping[str, Any]) -> str:
     return "|".join(str(row.get(c) or "").strip() for c in CONTEXT_KEY_COLUMNS[kind])
 
 
+def context_key_values(kind: str, key: str) -> list[str]:
+    """The key columns' values back from a :func:`context_key` (a tombstone's key).
+
+    >>> context_key_values("grants", "u1|ED|*|audit"), context_key_values("encounters", "e|1")
+    (['u1', 'ED', '*', 'audit'], ['e|1'])
+    """
+    return key.split("|") if len(CONTEXT_KEY_COLUMNS[kind]) > 1 else [key]
+
+
 @dataclass(frozen=True, slots=True)
 class TopicLayout:
     """Names and sizes of every topic. ``partitions`` bounds scale-out: one worker per partition."""
