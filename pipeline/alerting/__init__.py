@@ -227,6 +227,7 @@ class AlertRouter:
             on_event=on_event,
         )
         self.unaddressable = 0  # managers without a configured address (counted, logged)
+        self._reported = ""  # the last month whose report needs nothing more
         self.malformed = 0  # alert records that could not be read
 
     @property
@@ -308,23 +309,26 @@ class AlertRouter:
             return 0
         from zoneinfo import ZoneInfo
 
-        from pipeline.alerting.report import last_full_month, privacy_report
+        from pipeline.alerting.report import default_period, privacy_report
 
-        now = now or self.store.now()
-        start, end = last_full_month(now.astimezone(ZoneInfo(e.report_timezone)).date())
+        start, end = default_period(e.report_timezone, now or self.store.now())
         tag = f"report:{start.isoformat()}"
+        if tag == self._reported:  # settled: mailed, or a month before the first alert
+            return 0
         if not self.outbox.missing(tag, "email", e.report_to):
+            self._reported = tag
             return 0
         first = self.store.first_received()
         month_end = datetime.combine(end, time(), ZoneInfo(e.report_timezone))
-        if first is None or first >= month_end:
+        if first is None or first >= month_end:  # stored alerts are stamped now: it stays so
+            self._reported = tag
             return 0
         rep = privacy_report(self.store, start, end, e.report_timezone)
+        link = f"{self.config.feed_url.rstrip('/')}/reports?from={start}&to={end}"
         payload = {
-            "subject": f"emrwatch privacy report {start.isoformat()} to {end.isoformat()}",
-            "text": rep.to_text(),
-            "html": rep.to_html_fragment(),
-            "feed_path": f"/reports?from={start.isoformat()}&to={end.isoformat()}",
+            "subject": rep.title,
+            "text": f"{rep.to_text()}\nIn the alert feed: {link}\n",
+            "html": rep.to_html(link),
         }
         added = self.outbox.enqueue_report(tag, "email", e.report_to, payload)
         if added:

@@ -16,7 +16,6 @@ is recognisably the same mail.
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
 import smtplib
 import ssl
@@ -196,14 +195,8 @@ class EmailSink:
         html_body = ""
         if entry.kind == "digest":
             subject, body = render_digest_mail(entry.payload["items"], self.feed_url)
-        elif entry.kind == "report":
-            p = entry.payload
-            link = self.feed_url.rstrip("/") + p["feed_path"]
-            subject, body = p["subject"], f"{p['text']}\nIn the alert feed: {link}\n"
-            html_body = (
-                f"<!doctype html><html><body><h1>{html.escape(subject)}</h1>{p['html']}"
-                f"<p><a href='{html.escape(link)}'>Open it in the alert feed</a></p></body></html>"
-            )
+        elif entry.kind == "report":  # rendered whole by pipeline.alerting.report
+            subject, body, html_body = (entry.payload[k] for k in ("subject", "text", "html"))
         else:
             subject, body = render_alert_mail(entry.payload, entry.event, self.feed_url)
         msg = EmailMessage()

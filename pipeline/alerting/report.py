@@ -33,7 +33,13 @@ from sqlalchemy import select
 from pipeline.alerting import schema as t
 from pipeline.alerting.render import SEVERITY_ORDER
 
-__all__ = ["RESPONSE_TARGET_H", "PrivacyReport", "last_full_month", "privacy_report"]
+__all__ = [
+    "RESPONSE_TARGET_H",
+    "PrivacyReport",
+    "default_period",
+    "last_full_month",
+    "privacy_report",
+]
 
 #: hours within which a case of each severity should have had its first triage step
 RESPONSE_TARGET_H = {"critical": 4.0, "high": 24.0, "medium": 72.0, "low": 168.0}
@@ -83,6 +89,10 @@ class PrivacyReport:
     unmasks: int = 0
     unmasks_by_actor: dict[str, int] = field(default_factory=dict)
     suppressions_created: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"emrwatch privacy report {self.period_from} to {self.period_to}"
 
     @property
     def confirmed_share(self) -> float | None:
@@ -192,6 +202,20 @@ class PrivacyReport:
         ]
         return "".join(parts)
 
+    def to_html(self, link: str = "") -> str:
+        """The report as a whole HTML document (a file, an e-mail), with a ``link`` to the
+        same period in the alert feed when given."""
+        title = html.escape(self.title)
+        more = f"<p><a href='{html.escape(link)}'>Open it in the alert feed</a></p>" if link else ""
+        return (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
+            "table.report td{padding:0 1em 0 0}.num{text-align:right}</style></head>"
+            f"<body><h1>{title}</h1><p>End exclusive, {html.escape(self.timezone)}; "
+            f"generated {html.escape(self.generated_at)}.</p>{self.to_html_fragment()}"
+            f"{more}</body></html>\n"
+        )
+
 
 def _pairs(counts: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -215,6 +239,12 @@ def last_full_month(today: date) -> tuple[date, date]:
     first = today.replace(day=1)
     prev = (first - timedelta(days=1)).replace(day=1)
     return prev, first
+
+
+def default_period(timezone: str, now: datetime | None = None) -> tuple[date, date]:
+    """The last full month in the hospital's timezone, as of ``now`` (default: now)."""
+    zone = ZoneInfo(timezone)
+    return last_full_month((now or datetime.now(zone)).astimezone(zone).date())
 
 
 def _utc(d: date, zone: ZoneInfo) -> datetime:
@@ -377,12 +407,13 @@ def cmd_report(args: Any) -> int:
     from pipeline.alerting.store import AlertStore
 
     url, zone = _store_and_zone(args)
-    today = datetime.now(ZoneInfo(zone)).date()
-    default_start, default_end = last_full_month(today)
+    default_start, default_end = default_period(zone)
     try:
         start = date.fromisoformat(args.start) if args.start else default_start
         end = (
-            date.fromisoformat(args.end) if args.end else (default_end if not args.start else today)
+            date.fromisoformat(args.end)
+            if args.end
+            else (default_end if not args.start else datetime.now(ZoneInfo(zone)).date())
         )
     except ValueError as exc:
         print(f"emrwatch report: {exc}", file=sys.stderr)
@@ -404,14 +435,7 @@ def cmd_report(args: Any) -> int:
     if args.format == "json":
         text = rep.to_json() + "\n"
     elif args.format == "html":
-        title = f"emrwatch privacy report {rep.period_from} to {rep.period_to}"
-        text = (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
-            "table.report td{padding:0 1em 0 0}.num{text-align:right}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1><p>End exclusive, {html.escape(rep.timezone)}; "
-            f"generated {html.escape(rep.generated_at)}.</p>{rep.to_html_fragment()}</body></html>\n"
-        )
+        text = rep.to_html()
     else:
         text = rep.to_text()
     if args.out == "-":

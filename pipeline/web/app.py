@@ -12,11 +12,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
-from zoneinfo import ZoneInfo
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import CollectorRegistry
@@ -447,12 +446,12 @@ async def audit_page(request: Request) -> Response:
 async def report_page(request: Request) -> Response:
     """The periodic privacy report (:mod:`pipeline.alerting.report`) for a chosen period;
     reading it is written to the audit log."""
-    from pipeline.alerting.report import last_full_month, privacy_report
+    from pipeline.alerting.report import default_period, privacy_report
 
     feed = _feed(request)
     zone = feed.settings.timezone
     user = request.state.user
-    start, end = last_full_month(datetime.now(ZoneInfo(zone)).date())
+    start, end = default_period(zone)
     error = ""
     try:
         if request.query_params.get("from"):
