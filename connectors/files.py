@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -62,7 +62,7 @@ from connectors.fhir import parse_fhir_line
 from connectors.readers import _sniff
 from emrwatch.context import CONTEXT_FILES, ContextError, record_from_row
 from emrwatch.events import EventError
-from emrwatch.timeutil import DEFAULT_TIMEZONE, LocalClock
+from emrwatch.timeutil import DEFAULT_TIMEZONE, LocalClock, zone
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ class FileConfig:
             raise ValueError("verify: set key_file or key_env")
         if self.timezone:
             try:
-                ZoneInfo(self.timezone)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise ValueError(f"timezone: unknown zone {self.timezone!r}") from None
+                zone(self.timezone)
+            except ValueError as exc:
+                raise ValueError(f"timezone: {exc}") from None
         if len(self.delimiter) != 1:
             raise ValueError("delimiter: one character")
         for f in (*self.columns, *self.values, *self.defaults):
@@ -583,9 +583,9 @@ class ContextCsvConfig:
 
     def validate(self) -> None:
         try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"timezone: unknown zone {self.timezone!r}") from None
+            zone(self.timezone)
+        except ValueError as exc:
+            raise ValueError(f"timezone: {exc}") from None
 
 
 class ContextCsvConnector(Connector):

@@ -101,11 +101,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from connectors.base import Connector, ContextUpdate, Ledger, Output, RawRecord
 from emrwatch.events import EventError
 from emrwatch.timeutil import DEFAULT_TIMEZONE
+from emrwatch.timeutil import zone as _zone
 
 __all__ = [
     "Ack",
@@ -466,13 +467,6 @@ class _Header:
 
 
 # ---------------------------------------------------------------------------- timestamps
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown timezone {name!r}") from exc
-
-
 def hl7_timestamp(value: str, tz: str | ZoneInfo | timezone = DEFAULT_TIMEZONE) -> str:
     """An HL7 DTM/TS ``YYYYMMDD[HH[MM[SS[.S{1,4}]]]][+/-ZZZZ]`` as ISO 8601 with the UTC
     offset; without an offset it is local time in ``tz``. ValueError when malformed.
@@ -1141,7 +1135,10 @@ class Hl7MllpConfig:
     )
 
     def validate(self) -> None:
-        _zone(self.timezone)
+        try:
+            _zone(self.timezone)
+        except ValueError as exc:
+            raise ValueError(f"timezone: {exc}") from None
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: {self.port} is not a TCP port")
         if self.max_message_bytes < 64:

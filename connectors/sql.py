@@ -70,13 +70,13 @@ from datetime import date, datetime, timedelta
 from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import orjson
 
 from connectors.base import Connector, ConnectorConfigError, Ledger, RawRecord
 from emrwatch.events import ACTIONS, AccessEvent, EventError
-from emrwatch.timeutil import DEFAULT_TIMEZONE
+from emrwatch.timeutil import DEFAULT_TIMEZONE, zone
 
 __all__ = [
     "CLARITY_ACTIONS",
@@ -247,9 +247,9 @@ class SqlAuditConfig:
         if self.batch_size < 1 or self.poll_interval_s <= 0 or self.retry_backoff_s <= 0:
             raise ConnectorConfigError("batch_size, poll_interval_s, retry_backoff_s must be > 0")
         try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConnectorConfigError(f"timezone: unknown zone {self.timezone!r}") from None
+            zone(self.timezone)
+        except ValueError as exc:
+            raise ConnectorConfigError(f"timezone: {exc}") from None
         for f, canon in (("action", ACTIONS), ("outcome", {"success", "failure"})):
             bad = [
                 v

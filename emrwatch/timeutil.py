@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from datetime import date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA zone ``name``; ``ValueError("unknown zone ...")`` for anything else (the one
+    check every config with a timezone uses).
+
+    >>> zone("Mars/Olympus")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown zone 'Mars/Olympus'
+    """
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown zone {name!r}") from None
 
 
 class LocalClock:

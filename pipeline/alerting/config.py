@@ -7,10 +7,10 @@ import ssl
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import yaml
 
+from emrwatch.timeutil import zone
 from pipeline.alerting.render import SEVERITY_ORDER
 from pipeline.alerting.slack import SlackRoute
 from pipeline.alerting.store import DEFAULT_URL
@@ -174,11 +174,9 @@ class AlertingConfig:
         if self.smtp.ca_file and not Path(self.smtp.ca_file).is_file():
             raise AlertingConfigError(f"{source}: smtp.ca_file {self.smtp.ca_file} does not exist")
         try:
-            ZoneInfo(self.email.report_timezone)
-        except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
-            raise AlertingConfigError(
-                f"{source}: email.report_timezone: unknown zone {self.email.report_timezone!r}"
-            ) from None
+            zone(self.email.report_timezone)
+        except ValueError as exc:
+            raise AlertingConfigError(f"{source}: email.report_timezone: {exc}") from None
         if self.digest_interval_s <= 0 or self.delivery.retry_base_s <= 0:
             raise AlertingConfigError(f"{source}: intervals must be positive")
 

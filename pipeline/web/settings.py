@@ -8,10 +8,10 @@ import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import yaml
 
+from emrwatch.timeutil import zone
 from pipeline.web.users import ROLES
 
 SECRET_ENV_DEFAULT = "EMRWATCH_FEED_SECRET"
@@ -94,9 +94,9 @@ class FeedSettings:
 
     def validate(self, source: str = "feed") -> None:
         try:
-            ZoneInfo(self.timezone)
-        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
-            raise FeedConfigError(f"{source}: timezone: unknown zone {self.timezone!r}") from exc
+            zone(self.timezone)
+        except ValueError as exc:
+            raise FeedConfigError(f"{source}: timezone: {exc}") from None
         seen: set[str] = set()
         for u in self.users:
             if not _USERNAME.match(str(u.username)):
