@@ -55,8 +55,8 @@ Three connectors share one small HTTP client (``urllib.request``: no runtime dep
     or ``actualPeriod`` (R5), ``serviceProvider`` or location as department, and the
     ATND participant (else the first practitioner) as attending; a cancelled or
     entered-in-error encounter deletes its row (a tombstone: it explains no access from
-    then on); a planned one without a start gives no row. Patient → patients row (names, address; sensitivity
-    from ``meta.security`` confidentiality V → 4, R → 3).
+    then on); a planned one without a start gives no row. Patient → patients row (names,
+    address; sensitivity from ``meta.security`` confidentiality V → 4, R → 3).
 
 >>> encounter_row({"resourceType": "Encounter", "id": "e1", "status": "in-progress",
 ...     "subject": {"reference": "Patient/p1"}, "serviceProvider": {"reference": "Organization/ICU"},

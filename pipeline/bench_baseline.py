@@ -9,7 +9,8 @@ The script is what someone would write in an afternoon: the standard library's `
 ``datetime.fromisoformat``, the context CSVs in dicts, and a naive event-by-event rule set
 (sealed record, VIP, self-access, no encounter in the user's department, off-hours,
 export/print, denied). It has no explanations, cases or models and raises an alert per
-event, which is why it is fast and why it flags thousands of accesses per 10,000. It is a yardstick, not a detector: nothing else imports it.
+event, which is why it is fast and why it flags thousands of accesses per 10,000. It is a
+yardstick, not a detector: nothing else imports it.
 """
 
 from __future__ import annotations
