@@ -9,9 +9,12 @@ Three connectors share one small HTTP client (``urllib.request``: no runtime dep
     checkpoint is a high-water mark: ``{"since": <meta.lastUpdated of the last record>,
     "seen": [positions already read at exactly that instant]}``. A resumed poll asks for
     ``ge{since}`` and drops what ``seen`` lists (and anything older than ``since``), so
-    records that share one timestamp are neither lost nor repeated. Known limit of any
-    ``_lastUpdated`` poller: a record that the server commits late *with an older
-    timestamp than the mark* is not seen.
+    records that share one timestamp are neither lost nor repeated. A poll reads only
+    records at least ``settle_s`` old by the server's clock (``_lastUpdated=lt{now -
+    settle_s}``, with ``now`` from the server's ``Date`` header): a server stamps a record
+    when its transaction starts, so one committing late may carry an older timestamp than
+    records already visible, and a poller that read those would move its mark past it.
+    Known limit: a transaction that commits more than ``settle_s`` after its timestamp.
 
 ``fhir-bulk-export`` (:class:`FhirBulkExportConnector`)
     Bulk Data ``$export``: kick-off (``Prefer: respond-async``), status polling (202 with
@@ -175,6 +178,15 @@ def _check_base_url(url: str) -> None:
         raise ValueError(f"base_url: {url!r} is not an http(s) URL")
 
 
+#: how old (by the server's clock) a record must be before a ``_lastUpdated`` poll reads it
+SETTLE_S = 5.0
+SETTLE_HELP = (
+    "read only records whose meta.lastUpdated is at least this many seconds old by the "
+    "server's clock (its Date header), so that a transaction committing late, with an "
+    "earlier timestamp than records already read, is still read; 0: no wait"
+)
+
+
 @dataclass
 class FhirRestConfig(HttpConfig):
     base_url: str = _f("", "FHIR base URL, e.g. https://emr.example/fhir (required)")
@@ -183,6 +195,7 @@ class FhirRestConfig(HttpConfig):
     poll_interval_s: float = _f(10.0, "seconds between polls once caught up")
     params: dict[str, str] = _f({}, "extra search parameters, e.g. {'type': '110110'}")
     once: bool = _f(False, "stop after catching up instead of polling again")
+    settle_s: float = _f(SETTLE_S, SETTLE_HELP)
 
     def validate(self) -> None:
         _check_base_url(self.base_url)
@@ -190,6 +203,8 @@ class FhirRestConfig(HttpConfig):
             raise ValueError("page_size: must be >= 1")
         if self.poll_interval_s < 0:
             raise ValueError("poll_interval_s: must be >= 0")
+        if self.settle_s < 0:
+            raise ValueError("settle_s: must be >= 0")
         if self.since:
             _check_instant(self.since, "since")
         super().validate()
@@ -231,6 +246,7 @@ class FhirContextConfig(HttpConfig):
     page_size: int = _f(500, "_count: entries per page")
     poll_interval_s: float = _f(300.0, "seconds between polls once caught up")
     once: bool = _f(False, "stop after catching up instead of polling again")
+    settle_s: float = _f(SETTLE_S, SETTLE_HELP)
     user_id_system: str = _f("", "Practitioner.identifier system holding the user id")
     role_map: dict[str, str] = _f(
         {}, "PractitionerRole.code ('code' or 'system|code') → role; added to the defaults"
@@ -256,6 +272,8 @@ class FhirContextConfig(HttpConfig):
             raise ValueError(f"resources: {bad or '[]'} not in {list(CONTEXT_RESOURCES)}")
         if self.page_size < 1:
             raise ValueError("page_size: must be >= 1")
+        if self.settle_s < 0:
+            raise ValueError("settle_s: must be >= 0")
         if self.since:
             _check_instant(self.since, "since")
         super().validate()
@@ -290,6 +308,25 @@ class _Http:
         if self.base.startswith("https:") or cfg.ca_file or cfg.cert_file:
             handlers.append(urllib.request.HTTPSHandler(context=self._tls()))
         self.opener = urllib.request.build_opener(*handlers)
+        #: the server's clock minus ours, from the last response's Date header (None: none yet)
+        self.clock_offset: float | None = None
+
+    def server_now(self) -> float:
+        """The server's time now (POSIX seconds), as far as its Date headers tell; this
+        machine's clock until a response had one. A Date header is truncated to the second,
+        so the estimate is up to a second early, which only makes a settle wait longer."""
+        return time.time() + (self.clock_offset or 0.0)
+
+    def _clock(self, headers: Any) -> None:
+        value = headers.get("Date") if headers is not None else None
+        if not value:
+            return
+        try:
+            date = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return
+        if date.tzinfo is not None:
+            self.clock_offset = date.timestamp() - time.time()
 
     def _tls(self) -> ssl.SSLContext:
         cfg = self.cfg
@@ -314,7 +351,9 @@ class _Http:
             return token
         return ""
 
-    def url(self, path: str, params: Mapping[str, str] | None = None) -> str:
+    def url(
+        self, path: str, params: Mapping[str, str] | list[tuple[str, str]] | None = None
+    ) -> str:
         q = urllib.parse.urlencode(params or {}, quote_via=urllib.parse.quote, safe="")
         return f"{self.base}/{path.lstrip('/')}" + (f"?{q}" if q else "")
 
@@ -344,6 +383,7 @@ class _Http:
             delay: float | None = None
             try:
                 resp = self.opener.open(req, timeout=self.cfg.timeout_s)
+                self._clock(resp.headers)
                 if stream:
                     return _Response(resp.status, resp.geturl(), resp.headers, stream=resp)
                 with resp:
@@ -510,6 +550,8 @@ class _Mark:
     since: str = ""
     seen: list[str] = field(default_factory=list)
     inclusive: bool = False  # ge (resumed from a record) or gt (the configured start)
+    #: this poll reads records updated before this instant only (see ``settle_s``)
+    until: datetime | None = None
     _parsed: tuple[str, datetime | None] = ("", None)  # since, parsed once
 
     @classmethod
@@ -521,9 +563,18 @@ class _Mark:
     def dump(self) -> dict[str, Any]:
         return {"since": self.since, "seen": self.seen}  # never mutated in place: shareable
 
+    def settle(self, http: _Http, settle_s: float) -> None:
+        """Start a poll: with ``settle_s``, records updated in the last ``settle_s`` seconds
+        by the server's clock wait for a later poll. Transactions still open now may commit
+        records stamped earlier than those; the mark must not pass them before they can."""
+        if settle_s > 0:
+            self.until = datetime.fromtimestamp(http.server_now() - settle_s, UTC)
+
     def admit(self, last_updated: Any, key: str) -> bool:
-        """Whether a record is new; if so, move the mark over it."""
+        """Whether a record is new and settled; if so, move the mark over it."""
         t = _instant(last_updated)
+        if t is not None and self.until is not None and t >= self.until:
+            return False  # not settled (a server that ignored the upper bound): next poll
         if self._parsed[0] != self.since:
             self._parsed = (self.since, _instant(self.since))
         m = self._parsed[1]
@@ -542,12 +593,12 @@ class _Mark:
 
 
 def _search_url(http: _Http, rtype: str, mark: _Mark, count: int, extra: Mapping[str, str]) -> str:
-    params: dict[str, str] = {}
+    params: list[tuple[str, str]] = []
     if mark.since:
-        params["_lastUpdated"] = ("ge" if mark.inclusive else "gt") + mark.since
-    params["_sort"] = "_lastUpdated"
-    params["_count"] = str(count)
-    params.update(extra)
+        params.append(("_lastUpdated", ("ge" if mark.inclusive else "gt") + mark.since))
+    if mark.until is not None:
+        params.append(("_lastUpdated", "lt" + mark.until.isoformat(timespec="milliseconds")))
+    params += [("_sort", "_lastUpdated"), ("_count", str(count)), *extra.items()]
     return http.url(rtype, params)
 
 
@@ -635,6 +686,7 @@ class FhirRestConnector(_FhirConnector):
         cfg = self.config
         mark = _Mark.load(checkpoint, cfg.since)
         while not stop.is_set():
+            mark.settle(self.http, cfg.settle_s)
             url = _search_url(self.http, self.resource_type, mark, cfg.page_size, cfg.params)
             for page in _pages(self, self.http, url, stop):
                 if page is None:
@@ -1210,6 +1262,7 @@ class FhirContextConnector(_FhirConnector):
         while not stop.is_set():
             for rtype in cfg.resources:
                 mark = marks[rtype]
+                mark.settle(http, cfg.settle_s)
                 url = _search_url(http, rtype, mark, cfg.page_size, extra.get(rtype, {}))
                 for page in _pages(self, http, url, stop):
                     if page is None:

@@ -71,6 +71,7 @@ class FakeFhir:
         self.export_file_lines = 5  # lines per NDJSON file
         self.export_extra: list[bytes] = []  # raw lines appended to the first export file
         self.kickoff_error: tuple[int, str] | None = None
+        self.clock_skew_s = 0.0  # the server's clock minus this machine's (its Date header)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -104,14 +105,19 @@ class FakeFhir:
     def search(self, rtype: str, q: dict[str, str], base: str) -> dict[str, Any]:
         with self.lock:
             items = self.store.get(rtype, [])
-            lu, first = q.get("_lastUpdated", ""), 0
-            if lu:
+            first, end = 0, len(items)
+            for lu in filter(None, q.get("_lastUpdated", "").split(" ")):
                 when = _t(lu[2:])
-                find = {"gt": bisect.bisect_right, "ge": bisect.bisect_left}[lu[:2]]
-                first = find(items, when, key=lambda r: _t(r["meta"]["lastUpdated"]))
+                find = {
+                    "gt": bisect.bisect_right,
+                    "ge": bisect.bisect_left,
+                    "lt": bisect.bisect_left,
+                }
+                at = find[lu[:2]](items, when, key=lambda r: _t(r["meta"]["lastUpdated"]))
+                first, end = (first, min(end, at)) if lu[:2] == "lt" else (max(first, at), end)
             count, offset = int(q.get("_count", "50")), int(q.get("_offset", "0"))
-            page = items[first + offset : first + offset + count]
-            total = len(items) - first
+            page = items[first + offset : min(end, first + offset + count)]
+            total = max(0, end - first)
         entries = [{"resource": r, "search": {"mode": "match"}} for r in page]
         if q.get("_include") == "PractitionerRole:practitioner":
             ids = {r.get("practitioner", {}).get("reference") for r in page}
@@ -131,7 +137,9 @@ class FakeFhir:
             "entry": entries,
         }
         if offset + count < total:
-            nq = {**q, "_offset": str(offset + count)}
+            nq = [(k, v) for k, v in q.items() if k != "_lastUpdated"]
+            nq += [("_lastUpdated", lu) for lu in q.get("_lastUpdated", "").split(" ") if lu]
+            nq.append(("_offset", str(offset + count)))
             bundle["link"].append(
                 {"relation": "next", "url": f"{base}/{rtype}?{urllib.parse.urlencode(nq)}"}
             )
@@ -201,6 +209,10 @@ def _handler(fake: FakeFhir) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args: Any) -> None:
             pass
 
+        def date_time_string(self, timestamp: float | None = None) -> str:
+            """The Date header, from a clock ``fake.clock_skew_s`` off this machine's."""
+            return super().date_time_string(time.time() + fake.clock_skew_s)
+
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             ctype = "application/fhir+json"
@@ -216,7 +228,14 @@ def _handler(fake: FakeFhir) -> type[BaseHTTPRequestHandler]:
 
         def _route(self, method: str) -> None:
             parts = urllib.parse.urlsplit(self.path)
-            q = dict(urllib.parse.parse_qsl(parts.query))
+            pairs = urllib.parse.parse_qsl(parts.query)
+            q = {k: v for k, v in pairs if k not in ("_lastUpdated", "_offset")}
+            # the bounds of a range (ge/gt and lt), space-separated; one offset
+            lus = [v for k, v in pairs if k == "_lastUpdated"]
+            if lus:
+                q["_lastUpdated"] = " ".join(lus)
+            if "_offset" in dict(pairs):
+                q["_offset"] = dict(pairs)["_offset"]
             path = parts.path.removeprefix("/fhir")
             fake.requests.append((method, self.path, dict(self.headers.items())))
             host = self.headers.get("Host", "")
@@ -570,7 +589,9 @@ def test_rest_pages_through_next_links_and_writes_a_receipt_per_page(fhir: FakeF
     searches = [p for p in fhir.paths() if p.startswith("/fhir/AuditEvent")]
     assert len(searches) == 4  # 10 entries, 3 a page
     assert "_sort=_lastUpdated" in searches[0] and "_count=3" in searches[0]
-    assert "_lastUpdated=" not in searches[0]  # no since: everything
+    # no since: everything up to the settle bound (a few seconds ago)
+    assert "_lastUpdated=ge" not in searches[0] and "_lastUpdated=gt" not in searches[0]
+    assert "_lastUpdated=lt" in searches[0]
     receipts = c.ledger.receipts  # type: ignore[attr-defined]
     assert [r["records"] for r in receipts] == [3, 3, 3, 1]
     assert all(r["peer"] == fhir.url and r["bytes"] > 0 for r in receipts)
@@ -603,6 +624,78 @@ def test_rest_resume_with_records_sharing_one_instant(fhir: FakeFhir) -> None:
     assert set(got) == {*positions, "AuditEvent/ae-50 _history/1", "AuditEvent/ae-51 _history/1"}
     # and resuming after the very last record yields nothing
     assert drain(rest(fhir), rest_[-1].checkpoint) == []
+
+
+def _ago(seconds: float) -> str:
+    """An instant ``seconds`` before now, as a FHIR server would stamp it."""
+    return datetime.fromtimestamp(time.time() - seconds, UTC).isoformat(timespec="milliseconds")
+
+
+def _poll_twice(fake: FakeFhir, first: Any, between: Any, **cfg: Any) -> list[str]:
+    """Ids a polling fhir-rest reads in a first poll right after ``first()`` and in the
+    polls after ``between()`` ran (while the poller waited)."""
+    c = build({"type": "fhir-rest", "base_url": fake.url, "poll_interval_s": 0.1, **cfg})
+    first()
+    stop = threading.Event()
+    got: list[str] = []
+    called = False
+    deadline = time.monotonic() + 20
+    gen = c.records(None, stop)
+    for raw in gen:
+        searches = sum(p.startswith("/fhir/AuditEvent") for p in fake.paths())
+        if raw is not None:
+            got.append(orjson.loads(raw.payload)["id"])
+        elif not called and searches == 1:
+            between()
+            called = True
+        elif searches >= 3:
+            stop.set()  # the poll after the one that followed between() is done too
+        if time.monotonic() > deadline:
+            stop.set()
+    c.close()
+    return got
+
+
+def test_rest_reads_a_transaction_that_commits_late_with_an_older_timestamp(
+    fhir: FakeFhir,
+) -> None:
+    """A server stamps a record when its transaction starts. ae-2, stamped 2 s ago, commits
+    after ae-3 (stamped 1 s ago) was already visible: a poller that read ae-3 has moved its
+    mark past ae-2 and never asks for it again. Waiting ``settle_s`` reads both, in order."""
+
+    def visible() -> None:
+        fhir.store.clear()
+        fhir.add(to_audit_event(_event(1)), _ago(60))
+        fhir.add(to_audit_event(_event(3)), _ago(1))
+
+    def late_commit() -> None:
+        fhir.add(to_audit_event(_event(2)), _ago(2))
+        # then both are older than the wait (less the second a Date header may be early)
+        time.sleep(2.5)
+
+    assert _poll_twice(fhir, visible, late_commit, settle_s=3.0) == ["ae-1", "ae-2", "ae-3"]
+    assert "_lastUpdated=lt" in fhir.paths()[0]
+    fhir.requests.clear()
+    # without the wait the mark passes ae-2 before it commits: the loss settle_s prevents
+    assert _poll_twice(fhir, visible, late_commit, settle_s=0) == ["ae-1", "ae-3"]
+
+
+def test_rest_settle_wait_follows_the_servers_clock(fhir: FakeFhir) -> None:
+    """The server's clock runs 120 s behind: a record it stamped 2 s ago (by its clock) is
+    122 s old by ours. Once a response's Date header told the connector, it waits for it."""
+    fhir.clock_skew_s = -120.0
+
+    def old_record() -> None:
+        fhir.add(to_audit_event(_event(1)), _ago(200))
+
+    def add_recent() -> None:
+        fhir.add(to_audit_event(_event(2)), _ago(122))  # 2 s old on the server's clock
+
+    assert _poll_twice(fhir, old_record, add_recent, settle_s=30.0) == ["ae-1"]
+    # the same store, from a server whose clock agrees with ours: ae-2 is old enough
+    fhir.clock_skew_s = 0.0
+    fhir.requests.clear()
+    assert _poll_twice(fhir, lambda: None, lambda: None, settle_s=30.0) == ["ae-1", "ae-2"]
 
 
 def test_rest_new_version_of_a_resource_is_a_new_record(fhir: FakeFhir) -> None:
