@@ -91,6 +91,8 @@ def cmd_rules(args: argparse.Namespace) -> int:
     from detectors.rulecheck import fires
     from detectors.rules import RuleError, load_rules
 
+    if args.action == "simulate":
+        return cmd_rules_simulate(args)
     cfg = _config(args.config, None)
     try:
         rules = load_rules(
@@ -121,6 +123,46 @@ def cmd_rules(args: argparse.Namespace) -> int:
     n = sum(len(r.examples["positive"]) + len(r.examples["negative"]) for r in rules)
     print(f"{len(rules)} rules, {n} examples, {failures} failed")
     return 1 if failures else 0
+
+
+def cmd_rules_simulate(args: argparse.Namespace) -> int:
+    """``emrwatch rules simulate``: the report of :mod:`pipeline.whatif`."""
+    from detectors.rules import RuleError
+    from pipeline.whatif import CandidateError, format_change, simulate_change
+
+    if not args.context or not args.events:
+        print("emrwatch rules simulate: --context and --events are required", file=sys.stderr)
+        return 2
+    if not args.rule and not args.candidate_config:
+        print(
+            "emrwatch rules simulate: nothing to simulate: give --rule FILE.yaml and/or "
+            "--candidate-config FILE",
+            file=sys.stderr,
+        )
+        return 2
+    current = _config(args.config, args.timezone)
+    if args.rules_dir:
+        current.rules_dir = args.rules_dir
+    candidate = _config(args.candidate_config, args.timezone) if args.candidate_config else None
+    try:
+        report = simulate_change(
+            args.context,
+            args.events,
+            current,
+            candidate,
+            rule_files=args.rule,
+            labels_path=args.labels,
+            fmt=args.format,
+            timezone=current.timezone,
+            workers=args.workers,
+        )
+    except (CandidateError, RuleError) as exc:
+        print(f"emrwatch rules simulate: the candidate is refused: {exc}", file=sys.stderr)
+        return 1
+    print(format_change(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -178,10 +220,33 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=default_workers())
     ev.set_defaults(func=cmd_evaluate)
 
-    ru = sub.add_parser("rules", help="list the rules in force or run their examples")
-    ru.add_argument("action", choices=["list", "test"])
+    ru = sub.add_parser(
+        "rules",
+        help="list the rules in force, run their examples, or simulate a change on history",
+        description="list: the rules in force. test: every rule's own examples. simulate: "
+        "replay history under the rules and configuration in force and under a candidate "
+        "change (--rule files and/or --candidate-config) and compare the alerts: added, "
+        "hidden, altered, per rule, per day, and with --labels the quality of both.",
+    )
+    ru.add_argument("action", choices=["list", "test", "simulate"])
     ru.add_argument("--rules-dir", default=None, help="a directory of rule YAML files")
-    ru.add_argument("--config", default=None)
+    ru.add_argument("--config", default=None, help="the configuration in force (YAML)")
+    sim = ru.add_argument_group("simulate")
+    sim.add_argument("--context", default=None, help="directory with the context CSVs")
+    sim.add_argument("--events", default=None, help="the history: FHIR NDJSON, JSONL or CSV")
+    sim.add_argument("--format", default="auto", choices=["auto", "fhir", "jsonl", "csv"])
+    sim.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="FILE.yaml",
+        help="a candidate rule: replaces the rule with its id, or joins the set (repeatable)",
+    )
+    sim.add_argument("--candidate-config", default=None, help="the candidate configuration (YAML)")
+    sim.add_argument("--labels", default=None, help="labels.csv (event_id,scenario,user_id)")
+    sim.add_argument("--json", default=None, metavar="REPORT.json", help="the full report")
+    sim.add_argument("--timezone", default=None)
+    sim.add_argument("--workers", type=int, default=default_workers())
     ru.set_defaults(func=cmd_rules)
 
     _add_streaming_commands(sub, sys.argv[1:] if argv is None else argv)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from detectors.config import DetectionConfig
-from pipeline.replay import replay_file
+from pipeline.replay import ReplayResult, replay_file
 
 #: the simulator seed nobody tunes on; tests and the closing numbers use it.
 HELD_OUT_SEED = 20261126
@@ -83,6 +83,12 @@ def evaluate(
             workers=workers,
             collect_unexplained=True,
         )
+    return {"data": str(data), **score(res, labels)}
+
+
+def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """The quality of one replay (run with ``collect_unexplained``) against labels
+    (:func:`load_labels`), as defined at the top of this module."""
     unexplained = res.stats.unexplained_ids
     alerts = res.alerts
     in_alert: set[str] = set()
@@ -119,7 +125,6 @@ def evaluate(
     benign_unexplained = sum(1 for i in unexplained if i not in labels)
     user_recalls = [s["user_recall"] for s in scenarios.values()]
     return {
-        "data": str(data),
         "events": res.events,
         "bad_lines": res.bad,
         "benign_events": benign,

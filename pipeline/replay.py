@@ -486,32 +486,16 @@ def preview_exceptions(
     config: DetectionConfig,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """What the configured exceptions hide: replay with and without them and compare."""
+    """What the configured exceptions hide: replay with and without them and compare
+    (:func:`pipeline.whatif.compare`: alerts are matched by shared evidence, not by id, as
+    a suppressed finding may move the event a case opens with)."""
+    from pipeline.whatif import compare
+
     without = DetectionConfig.from_dict({**config.to_dict(), "exceptions": []})
     base = replay_file(context_dir, events_path, fmt, timezone, without, workers=workers)
     withx = replay_file(context_dir, events_path, fmt, timezone, config, workers=workers)
-    kept = {a.alert_id: a for a in withx.alerts}
-    hidden, reduced = [], []
-    for a in base.alerts:
-        b = kept.get(a.alert_id)
-        if b is None:
-            hidden.append(
-                {
-                    "alert_id": a.alert_id,
-                    "user_id": a.user_id,
-                    "severity": a.severity,
-                    "reason": a.reason,
-                    "events": len(a.event_ids),
-                }
-            )
-        elif len(b.event_ids) < len(a.event_ids):
-            reduced.append(
-                {
-                    "alert_id": a.alert_id,
-                    "events_before": len(a.event_ids),
-                    "events_after": len(b.event_ids),
-                }
-            )
+    diff = compare(base, withx)
+    keys = ("alert_id", "user_id", "severity", "reason", "events")
     return {
         "exceptions": [
             {
@@ -523,6 +507,14 @@ def preview_exceptions(
         ],
         "alerts_without_exceptions": len(base.alerts),
         "alerts_with_exceptions": len(withx.alerts),
-        "hidden_alerts": hidden,
-        "reduced_alerts": reduced,
+        "hidden_alerts": [{k: g[k] for k in keys} for g in diff["gone"]],
+        "reduced_alerts": [
+            {
+                "alert_id": c["alert_id"],
+                "events_before": c["events"][0],
+                "events_after": c["events"][1],
+            }
+            for c in diff["changed"]
+            if c.get("events_removed")
+        ],
     }
