@@ -36,9 +36,19 @@ import orjson
 
 from connectors.base import Ledger
 
-__all__ = ["CheckpointStore", "SqliteLedger"]
+__all__ = ["CheckpointStore", "SqliteLedger", "safe_name"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(name: str) -> str:
+    """A source name as one file or directory name of its own: other characters become
+    ``_``, and a leading dot too (no hidden files, and never ``.`` or ``..``).
+
+    >>> safe_name("emr/atna 1"), safe_name(".."), safe_name("hl7-adt.main")
+    ('emr_atna_1', '_.', 'hl7-adt.main')"""
+    safe = _SAFE.sub("_", name)
+    return "_" + safe[1:] if safe.startswith(".") else safe or "_"
 
 
 class CheckpointStore:
@@ -49,7 +59,7 @@ class CheckpointStore:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
-        return self.dir / f"{_SAFE.sub('_', name)}.checkpoint.json"
+        return self.dir / f"{safe_name(name)}.checkpoint.json"
 
     def load(self, name: str) -> dict[str, Any] | None:
         p = self.path(name)

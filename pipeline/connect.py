@@ -156,7 +156,7 @@ class ConnectorService:
         only: list[str] | None = None,
         metrics: Any = None,
     ) -> None:
-        from connectors.state import CheckpointStore, SqliteLedger
+        from connectors.state import CheckpointStore, SqliteLedger, safe_name
 
         state = Path(settings.ingest.state_dir)
         self.ledger = SqliteLedger(state / "ledger.sqlite")
@@ -168,7 +168,7 @@ class ConnectorService:
             ledger = MeteredLedger(self.ledger, metrics)
         connectors = settings.build_connectors(ledger=ledger)
         for c in connectors:
-            c.use_state_dir(state / "spool" / c.name)
+            c.use_state_dir(state / "spool" / safe_name(c.name))
         if only:
             unknown = set(only) - {c.name for c in connectors}
             if unknown:
