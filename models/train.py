@@ -15,6 +15,11 @@ exactly the code that runs live):
 
 Labels of :data:`UNSEEN_SCENARIOS` are withheld from the verdict classifier: analysts have
 never seen that kind of misuse, so the classifier must not have either.
+
+The labels come from each directory's ``labels.csv`` (simulated or hand-labelled history)
+or, with ``--verdicts URL``, from the analysts' verdicts in the alert store
+(:mod:`models.verdicts`): the feedback loop of a hospital that has no labels but triages
+its alerts. Accesses in alerts nobody has decided yet count as neither misuse nor benign.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from models.runtime import (
     VisitScore,
     visits_artifact,
 )
+from models.verdicts import Verdicts, parse_since
 
 #: misuse no rule names and no analyst has labelled: kept out of the verdict classifier
 UNSEEN_SCENARIOS = frozenset({"explained_browsing"})
@@ -66,11 +72,21 @@ def _events(data: Path) -> Iterable[Any]:
             yield item
 
 
+def _labels_of(data: Path, verdicts: Verdicts | None) -> dict[str, tuple[str, str]]:
+    return verdicts.labels() if verdicts is not None else _labels(data)
+
+
 def replay_visits(
-    data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
+    data: Path,
+    bundle: ModelBundle,
+    config: DetectionConfig | None = None,
+    verdicts: Verdicts | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Replay ``data`` with ``bundle``; returns (visit rows, access-kind counts)."""
-    labels = _labels(data)
+    """Replay ``data`` with ``bundle``; returns (visit rows, access-kind counts). A visit's
+    ``label`` is the scenario of a labelled access in it; ``undecided`` says it holds an
+    access of an alert no analyst has decided (only with ``verdicts``)."""
+    labels = _labels_of(data, verdicts)
+    undecided = verdicts.undecided if verdicts is not None else set()
     ctx = Context.load(data, (config or DetectionConfig()).timezone)
     rows: list[dict[str, Any]] = []
     users: dict[str, Any] = {}
@@ -92,6 +108,7 @@ def replay_visits(
                 "wrote": int(v.writes > 0),
                 "explained": vs.explained,
                 "label": label,
+                "undecided": bool(undecided) and any(ev[0] in undecided for ev in v.evidence),
                 "peer_level": vs.peer_level,
                 "own_level": vs.own_level,
                 "hst": vs.hst,
@@ -131,12 +148,16 @@ class _Unscored:
 
 
 def replay_cases(
-    data: Path, bundle: ModelBundle, config: DetectionConfig | None = None
+    data: Path,
+    bundle: ModelBundle,
+    config: DetectionConfig | None = None,
+    verdicts: Verdicts | None = None,
 ) -> list[dict[str, Any]]:
     """Every case the engine builds on ``data`` (last version), with features, verdict and
     ``reviewed``: whether the case model would have scored it live at some point (the risk
-    it scales straddled the threshold, see ``Case.undecided``)."""
-    labels = _labels(data)
+    it scales straddled the threshold, see ``Case.undecided``). With ``verdicts`` the
+    verdict is the analysts' (:meth:`Verdicts.case_verdict`; ``None``: not decided yet)."""
+    labels = _labels_of(data, verdicts)
     ctx = Context.load(data, (config or DetectionConfig()).timezone)
     cfg = replace(config or DetectionConfig(), model_registry="none", model_fusion=False)
     live = replace(cfg, model_fusion=True)
@@ -175,17 +196,21 @@ def replay_cases(
                 "alert_id": aid,
                 **feats,
                 "scenarios": sorted(scn),
-                "verdict": int(bool(scn)),
+                "verdict": verdicts.case_verdict(ids) if verdicts else int(bool(scn)),
                 "reviewed": aid in reviewed,
             }
         )
     return out
 
 
+class TrainingError(ValueError):
+    """The history cannot train a model (say, no confirmed misuse in it)."""
+
+
 def _fit_population(
     visits: list[dict[str, Any]], term_cap: float = 8.0
 ) -> tuple[HistogramSurprise, dict[str, TailCalibration], TailCalibration]:
-    ordinary = [r for r in visits if not r["label"]]
+    ordinary = [r for r in visits if not r["label"] and not r["undecided"]]
     keys = [f"{r['key']}|{'e' if r['explained'] else 'u'}" for r in ordinary]
     rows = [{f: r[f] for f in SURPRISE_FEATURES} for r in ordinary]
     hbos = HistogramSurprise.fit(rows, keys, SURPRISE_FEATURES, min_rows=300, term_cap=term_cap)
@@ -207,17 +232,19 @@ def train(
     config: DetectionConfig | None = None,
     log: Callable[[str], None] = print,
     behaviour: BehaviourParams | None = None,
+    verdicts: Verdicts | None = None,
 ) -> dict[str, str]:
-    """Fit everything on ``data_dirs``; register (and promote) ``visits`` and ``cases``."""
+    """Fit everything on ``data_dirs``; register (and promote) ``visits`` and ``cases``.
+    Labels: each directory's ``labels.csv``, or the analysts' ``verdicts``."""
     import pandas as pd
 
     params = behaviour or BehaviourParams()
-    meta_common = _provenance(data_dirs)
+    meta_common = _provenance(data_dirs, verdicts)
     # 1. priors
     visits: list[dict[str, Any]] = []
     accesses: list[dict[str, Any]] = []
     for d in data_dirs:
-        v, a = replay_visits(d, ModelBundle(behaviour=params), config)
+        v, a = replay_visits(d, ModelBundle(behaviour=params), config, verdicts)
         for r in v:
             r["user_id"] = f"{d.name}:{r['user_id']}"
         visits += v
@@ -232,16 +259,17 @@ def train(
     # 2. population models
     visits = []
     for d in data_dirs:
-        v, _ = replay_visits(d, bundle, config)
+        v, _ = replay_visits(d, bundle, config, verdicts)
         visits += v
         log(f"pass 2 {d}: {len(v)} visits")
     hbos, cal, hst_cal = _fit_population(visits)
     bundle = replace(bundle, surprise=hbos, calibration=cal, hst_calibration=hst_cal)
-    ordinary = [r for r in visits if not r["label"]]
+    ordinary = [r for r in visits if not r["label"] and not r["undecided"]]
     visit_metrics = {
         "visits": len(visits),
         "ordinary_visits": len(ordinary),
-        "misuse_visits": len(visits) - len(ordinary),
+        "misuse_visits": sum(1 for r in visits if r["label"]),
+        "undecided_visits": sum(1 for r in visits if r["undecided"] and not r["label"]),
         "communities": len(set(communities["department_community"].values())),
     }
     artifact = orjson.dumps(visits_artifact(bundle), option=orjson.OPT_SORT_KEYS)
@@ -259,14 +287,16 @@ def train(
     )
     log(f"registered visits {v_version}")
     # 3. case models
-    out = train_cases(data_dirs, registry, bundle, v_version, False, config, log, meta_common)
+    out = train_cases(
+        data_dirs, registry, bundle, v_version, False, config, log, meta_common, verdicts
+    )
     if promote:
         registry.promote("visits", v_version)
         registry.promote("cases", out["cases"])
     return {"visits": v_version, **out}
 
 
-def _provenance(data_dirs: list[Path]) -> dict[str, Any]:
+def _provenance(data_dirs: list[Path], verdicts: Verdicts | None = None) -> dict[str, Any]:
     hashes = []
     windows = []
     seeds: list[Any] = []
@@ -280,7 +310,13 @@ def _provenance(data_dirs: list[Path]) -> dict[str, Any]:
             seed = m.get("parameters", {}).get("seed")
             if seed is not None:
                 seeds.append(seed)
-    out: dict[str, Any] = {"training_data": windows, "data_hash": data_hash(*hashes)}
+    out: dict[str, Any] = {
+        "training_data": windows,
+        "data_hash": data_hash(*hashes),
+        "labels": verdicts.describe()
+        if verdicts is not None
+        else {"source": "labels.csv of each training directory"},
+    }
     if seeds:
         out["training_seeds"] = seeds
     return out
@@ -295,6 +331,7 @@ def train_cases(
     config: DetectionConfig | None = None,
     log: Callable[[str], None] = print,
     meta_common: dict[str, Any] | None = None,
+    verdicts: Verdicts | None = None,
 ) -> dict[str, str]:
     """Fit the case models on the cases the engine builds on ``data_dirs`` with the visit
     models of ``bundle``; register (and promote) them.
@@ -304,15 +341,24 @@ def train_cases(
     single-access cases no threshold ever looks at, and what it says about the few with
     several patients in a care gap (the cases it does judge) is an extrapolation; those
     cases, benign or not, got P(misuse) ≈ 0.8 and fusion raised benign ones over the
-    threshold."""
-    meta = {**(meta_common or _provenance(data_dirs)), "visits_version": visits_version}
+    threshold.
+
+    With analysts' ``verdicts``, a case that shares an access with an alert nobody has
+    decided is left out of the classifier (the unsupervised IsolationForest still sees it)."""
+    meta = {
+        **(meta_common or _provenance(data_dirs, verdicts)),
+        "visits_version": visits_version,
+    }
     cases: list[dict[str, Any]] = []
     for d in data_dirs:
-        c = replay_cases(d, bundle, config)
+        c = replay_cases(d, bundle, config, verdicts)
         cases += c
         log(f"pass 3 {d}: {len(c)} cases, {sum(x['reviewed'] for x in c)} reviewed")
     usable = [
-        c for c in cases if not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
+        c
+        for c in cases
+        if c["verdict"] is not None
+        and not (set(c["scenarios"]) and set(c["scenarios"]) <= UNSEEN_SCENARIOS)
     ]
     seen = [c for c in usable if c["reviewed"]]
     chosen = (
@@ -324,6 +370,12 @@ def train_cases(
         seen, chosen = usable, "all (too few reviewed cases with both verdicts)"
     rows = [{f: c[f] for f in CASE_FEATURE_NAMES} for c in seen]
     y = [c["verdict"] for c in seen]
+    if len(set(y)) < 2:
+        kind = "misuse" if not any(y) else "benign"
+        raise TrainingError(
+            f"no {kind} case among the {len(y)} labelled case(s) of this history: a verdict "
+            "classifier needs both (decided cases only count with --verdicts)"
+        )
     clf = fit_verdicts(rows, y, random_state=0)
     iso = fit_isolation([{f: c[f] for f in CASE_FEATURE_NAMES} for c in cases], random_state=0)
     case_metrics = _case_metrics(rows, y)
@@ -343,6 +395,7 @@ def train_cases(
                 "all_cases": len(cases),
                 "cases": len(seen),
                 "misuse_cases": int(sum(y)),
+                "undecided_cases": sum(1 for c in cases if c["verdict"] is None),
             },
         },
     )
@@ -385,7 +438,23 @@ def _case_metrics(rows: list[dict[str, float]], y: list[int]) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.splitlines()[0])
-    p.add_argument("--data", nargs="+", required=True, help="simulated or labelled history")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="history: events and context CSVs, with labels.csv unless --verdicts is given",
+    )
+    p.add_argument(
+        "--verdicts",
+        metavar="STORE_URL",
+        help="label the history with the analysts' verdicts in this alert store "
+        "(sqlite:///… or postgresql://…) instead of labels.csv",
+    )
+    p.add_argument(
+        "--verdicts-since",
+        metavar="DATE",
+        help="only verdicts decided at or after this (YYYY-MM-DD or ISO timestamp)",
+    )
     p.add_argument("--registry", default=None, help="default: the registry shipped in models/")
     p.add_argument("--no-promote", action="store_true")
     p.add_argument(
@@ -395,19 +464,70 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     from models.registry import DEFAULT_REGISTRY
-    from models.runtime import load_bundle
 
     reg = ModelRegistry(a.registry or DEFAULT_REGISTRY)
     dirs = [Path(d) for d in a.data]
+    verdicts = None
+    if a.verdicts:
+        try:
+            since = parse_since(a.verdicts_since)
+        except ValueError:
+            p.error(f"--verdicts-since {a.verdicts_since!r}: not YYYY-MM-DD or an ISO timestamp")
+        try:
+            verdicts = Verdicts.from_store(a.verdicts, since)
+        except ValueError as exc:
+            p.error(f"--verdicts: {exc}")
+        d = verdicts.describe()
+        print(
+            f"labels: {d['confirmed_alerts']} confirmed and {d['benign_alerts']} benign "
+            f"alert(s); {d['undecided_events']} access(es) in undecided alerts left out",
+            file=sys.stderr,
+        )
+    elif a.verdicts_since:
+        p.error("--verdicts-since needs --verdicts")
+    else:
+        missing = [str(d) for d in dirs if not (d / "labels.csv").is_file()]
+        if missing:
+            p.error(f"no labels.csv in {', '.join(missing)}: give one, or --verdicts STORE_URL")
+    try:
+        out = _run(a, p, reg, dirs, verdicts)
+    except TrainingError as exc:
+        print(f"python -m models.train: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
+    return 0
+
+
+def _log(msg: str) -> None:
+    """Progress goes to standard error: standard output is the JSON of the versions."""
+    print(msg, file=sys.stderr)
+
+
+def _run(
+    a: argparse.Namespace,
+    p: argparse.ArgumentParser,
+    reg: ModelRegistry,
+    dirs: list[Path],
+    verdicts: Verdicts | None,
+) -> dict[str, str]:
+    from models.runtime import load_bundle
+
     if a.cases_only:
         bundle = load_bundle(reg)
         if bundle is None:
             p.error("--cases-only: the registry promotes no visits model")
-        out = train_cases(dirs, reg, bundle, bundle.versions["visits"], not a.no_promote)
+        out = train_cases(
+            dirs,
+            reg,
+            bundle,
+            bundle.versions["visits"],
+            not a.no_promote,
+            log=_log,
+            verdicts=verdicts,
+        )
     else:
-        out = train(dirs, reg, promote=not a.no_promote)
-    sys.stdout.write(orjson.dumps(out).decode() + "\n")
-    return 0
+        out = train(dirs, reg, promote=not a.no_promote, log=_log, verdicts=verdicts)
+    return out
 
 
 if __name__ == "__main__":  # pragma: no cover

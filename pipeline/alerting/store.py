@@ -566,6 +566,20 @@ class AlertStore(SuppressionsMixin):
             for r in rows
         ]
 
+    def undecided_event_ids(self) -> set[str]:
+        """The evidence of every alert still without a verdict (open or re-opened): events
+        whose fate no analyst has decided yet, which training must neither call misuse nor
+        benign."""
+        a, e = t.alerts, t.alert_events
+        q = (
+            select(e.c.event_id)
+            .join(a, a.c.alert_id == e.c.alert_id)
+            .where(a.c.verdict.is_(None))
+            .distinct()
+        )
+        with self.read() as conn:
+            return {r.event_id for r in conn.execute(q)}
+
     # ------------------------------------------------------------------ audit
     @staticmethod
     def _audit(
