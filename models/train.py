@@ -49,7 +49,7 @@ from models.runtime import (
     VisitScore,
     visits_artifact,
 )
-from models.verdicts import Verdicts, parse_since
+from models.verdicts import Verdicts, load_or_exit
 
 #: misuse no rule names and no analyst has labelled: kept out of the verdict classifier
 UNSEEN_SCENARIOS = frozenset({"explained_browsing"})
@@ -469,14 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [Path(d) for d in a.data]
     verdicts = None
     if a.verdicts:
-        try:
-            since = parse_since(a.verdicts_since)
-        except ValueError:
-            p.error(f"--verdicts-since {a.verdicts_since!r}: not YYYY-MM-DD or an ISO timestamp")
-        try:
-            verdicts = Verdicts.from_store(a.verdicts, since)
-        except ValueError as exc:
-            p.error(f"--verdicts: {exc}")
+        verdicts = load_or_exit(p, a.verdicts, a.verdicts_since, "--verdicts-since")
         d = verdicts.describe()
         print(
             f"labels: {d['confirmed_alerts']} confirmed and {d['benign_alerts']} benign "

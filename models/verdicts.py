@@ -164,6 +164,21 @@ def parse_since(text: str | None) -> datetime | None:
     return d if d.tzinfo else d.replace(tzinfo=UTC)
 
 
+def load_or_exit(
+    parser: argparse.ArgumentParser, url: str, since: str | None, since_flag: str
+) -> Verdicts:
+    """:meth:`Verdicts.from_store` for a command line: a bad date or a missing store ends
+    the command with a usage error naming the option."""
+    try:
+        when = parse_since(since)
+    except ValueError:
+        parser.error(f"{since_flag} {since!r}: not a date (YYYY-MM-DD) or ISO timestamp")
+    try:
+        return Verdicts.from_store(url, when)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m models.verdicts",
@@ -173,14 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", help="only verdicts decided at or after this (YYYY-MM-DD)")
     p.add_argument("--out", default="-", help="labels.csv to write (default: standard output)")
     a = p.parse_args(argv)
-    try:
-        since = parse_since(a.since)
-    except ValueError:
-        p.error(f"--since {a.since!r}: not a date (YYYY-MM-DD) or ISO timestamp")
-    try:
-        v = Verdicts.from_store(a.store, since)
-    except ValueError as exc:
-        p.error(str(exc))
+    v = load_or_exit(p, a.store, a.since, "--since")
     n = v.write_labels_csv(a.out)
     d = v.describe()
     print(
