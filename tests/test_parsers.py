@@ -160,29 +160,33 @@ def test_balp_r4_patient_read() -> None:
     )
 
 
+#: FHIR R4's 'example-error': a create that failed (outcome 8), observer by identifier.
+R4_ERROR_EXAMPLE: dict[str, Any] = {
+    "resourceType": "AuditEvent",
+    "id": "example-error",
+    "type": {"code": "rest"},
+    "subtype": [{"system": REST, "code": "create"}],
+    "action": "C",
+    "recorded": "2017-09-07T23:42:24Z",
+    "outcome": "8",
+    "outcomeDesc": "Invalid request to create an Operation resource on the Patient endpoint.",
+    "agent": [
+        {"who": {"identifier": {"value": "95"}}, "altId": "601847123", "requestor": True},
+        {
+            "type": {"coding": [{"system": DCM, "code": "110153"}]},
+            "who": {"identifier": {"value": "2.16.840.1.113883.4.2"}},
+            "requestor": False,
+            "network": {"address": "Workstation1.ehr.familyclinic.com", "type": "1"},
+        },
+    ],
+    "source": {"site": "Cloud", "observer": {"identifier": {"value": "hl7connect.example"}}},
+    "entity": [{"what": {"reference": "Patient/example"}, "role": {"code": "1"}}],
+}
+
+
 def test_r4_error_example_create_failure() -> None:
     """After the FHIR R4 'example-error': create that failed (outcome 8), observer by identifier."""
-    obj = {
-        "resourceType": "AuditEvent",
-        "id": "example-error",
-        "type": {"code": "rest"},
-        "subtype": [{"system": REST, "code": "create"}],
-        "action": "C",
-        "recorded": "2017-09-07T23:42:24Z",
-        "outcome": "8",
-        "outcomeDesc": "Invalid request to create an Operation resource on the Patient endpoint.",
-        "agent": [
-            {"who": {"identifier": {"value": "95"}}, "altId": "601847123", "requestor": True},
-            {
-                "type": {"coding": [{"system": DCM, "code": "110153"}]},
-                "who": {"identifier": {"value": "2.16.840.1.113883.4.2"}},
-                "requestor": False,
-                "network": {"address": "Workstation1.ehr.familyclinic.com", "type": "1"},
-            },
-        ],
-        "source": {"site": "Cloud", "observer": {"identifier": {"value": "hl7connect.example"}}},
-        "entity": [{"what": {"reference": "Patient/example"}, "role": {"code": "1"}}],
-    }
+    obj = R4_ERROR_EXAMPLE
     assert parse_audit_event(obj) == ev(
         event_id="example-error",
         ts="2017-09-07T23:42:24Z",
@@ -1018,24 +1022,7 @@ def test_struct_path_agrees_on_fast_path_variants(obj: dict[str, Any]) -> None:
 #: R4 'example-error' after the spec: observer by identifier beside a site, the user first,
 #: the workstation on a later Source Role ID agent, a patient marked by role 1.
 _R4_ERROR_SHAPE: dict[str, Any] = {
-    "resourceType": "AuditEvent",
-    "id": "example-error",
-    "type": {"code": "rest"},
-    "subtype": [{"system": REST, "code": "create"}],
-    "action": "C",
-    "recorded": "2017-09-07T23:42:24Z",
-    "outcome": "8",
-    "outcomeDesc": "Invalid request to create an Operation resource on the Patient endpoint.",
-    "agent": [
-        {"who": {"identifier": {"value": "95"}}, "altId": "601847123", "requestor": True},
-        {
-            "type": {"coding": [{"system": DCM, "code": "110153"}]},
-            "who": {"identifier": {"value": "2.16.840.1.113883.4.2"}},
-            "requestor": False,
-            "network": {"address": "Workstation1.ehr.familyclinic.com", "type": "1"},
-        },
-    ],
-    "source": {"site": "Cloud", "observer": {"identifier": {"value": "hl7connect.example"}}},
+    **R4_ERROR_EXAMPLE,
     "entity": [
         {"what": {"reference": "Observation/o1"}},
         {"what": {"reference": "Patient/example"}, "role": {"code": "1"}},
