@@ -274,6 +274,11 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "the periodic privacy report from the alert store (text, JSON, HTML)",
         ),
         (
+            "history",
+            "pipeline.history",
+            "export the access and context topics as a directory replay and training read",
+        ),
+        (
             "connectors",
             "pipeline.connect",
             "list, check and run connectors; read the receipt ledger",

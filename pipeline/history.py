@@ -1,0 +1,304 @@
+"""``emrwatch history``: the stream's own history as a directory that replay, evaluate,
+``rules simulate``, the notebooks and training read.
+
+In production the access log lives on the access topic and the context on the compacted
+context topics, not in files. This exports both to ``--out``:
+
+- ``events.jsonl``: every access event on the access topic (canonical JSONL, CONTRACTS
+  §3), in event-time order, optionally only ``--from``/``--to`` (event time, half-open).
+  Context markers are skipped; records the workers dead-lettered (not canonical JSON) are
+  counted, not written.
+- ``<kind>.csv`` for every context kind (CONTRACTS §2): the latest row under each key,
+  without the rows a tombstone deleted, i.e. the context the workers hold now.
+- ``manifest.json``: what was read (topics, offset ranges per partition, counts, the
+  events' period) so a model trained on it records its provenance.
+
+The export reads each partition up to the end it saw when it started (records produced
+while it runs are left for the next export) and the topics from their first retained
+offset: retention bounds how far back history goes. The directory holds patient data: it
+is created readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from emrwatch.context import CONTEXT_FILES
+from emrwatch.events import AccessEvent, parse_ts
+from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
+
+EVENTS_FILE = "events.jsonl"
+
+
+class HistoryError(RuntimeError):
+    """The history cannot be exported (a topic is missing, the broker does not answer)."""
+
+
+def _consumer(bootstrap: str, client_config: dict[str, Any] | None, client_id: str) -> Any:
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=50,
+        client_id=client_id,
+        **dict(client_config or {}),
+    )
+
+
+def _partitions(consumer: Any, topic: str, wait_s: float = 15.0) -> list[Any]:
+    from kafka import TopicPartition
+
+    deadline = time.monotonic() + wait_s
+    parts = consumer.partitions_for_topic(topic)
+    while not parts and time.monotonic() < deadline:
+        time.sleep(0.1)
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise HistoryError(f"topic {topic} does not exist (is --prefix right?)")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
+
+
+def read_topics(
+    bootstrap: str,
+    topics: list[str],
+    handle: Callable[[Any], None],
+    client_config: dict[str, Any] | None = None,
+    timeout: float = 300.0,
+) -> dict[str, dict[str, list[int]]]:
+    """Hand every record of ``topics`` (all partitions, from the first retained offset) to
+    ``handle``, up to the end each partition had when the read began. The end is learnt
+    from fetches (the high-water mark), not ListOffsets, which some brokers under-report.
+    Returns topic → partition → [first offset read, end offset]."""
+    c = _consumer(bootstrap, client_config, "emrwatch-history")
+    try:
+        tps = [tp for t in topics for tp in _partitions(c, t, min(15.0, timeout))]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        first: dict[Any, int] = {tp: c.position(tp) for tp in tps}
+        stop: dict[Any, int] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            batch = c.poll(timeout_ms=200, max_records=10000)
+            for tp in tps:
+                if tp not in stop and (hw := c.highwater(tp)) is not None:
+                    stop[tp] = hw  # the end as of the first fetch that answered
+            for tp, recs in batch.items():
+                end = stop.get(tp)
+                for rec in recs:
+                    if end is not None and rec.offset >= end:
+                        break
+                    handle(rec)
+            if len(stop) == len(tps) and all(c.position(tp) >= stop[tp] for tp in tps):
+                break
+            if time.monotonic() > deadline:
+                behind = {
+                    f"{tp.topic}:{tp.partition}": [c.position(tp), stop.get(tp)]
+                    for tp in tps
+                    if tp not in stop or c.position(tp) < stop[tp]
+                }
+                raise HistoryError(f"not read to the end within {timeout:.0f}s: {behind}")
+        out: dict[str, dict[str, list[int]]] = {}
+        for tp in tps:
+            out.setdefault(tp.topic, {})[str(tp.partition)] = [first[tp], stop[tp]]
+        return out
+    finally:
+        c.close()
+
+
+def export_history(
+    bootstrap: str,
+    layout: TopicLayout,
+    out: str | Path,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    client_config: dict[str, Any] | None = None,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """Write the access and context topics of ``layout`` to ``out``; returns the manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    t_from = start.timestamp() if start else float("-inf")
+    t_to = end.timestamp() if end else float("inf")
+
+    # context: latest row per key, tombstones applied
+    kinds = layout.context_topics  # topic → kind
+    rows: dict[str, dict[str, dict[str, str]]] = {k: {} for k in kinds.values()}
+    bad_context: list[str] = []
+
+    def on_context(rec: Any) -> None:
+        kind = kinds[rec.topic]
+        key = rec.key.decode() if rec.key is not None else ""
+        if rec.value is None:
+            rows[kind].pop(key, None)
+            return
+        try:
+            row = orjson.loads(rec.value)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            context_key_values(kind, key)
+        except ValueError as exc:
+            bad_context.append(f"{rec.topic}:{rec.partition}@{rec.offset}: {exc}")
+            return
+        rows[kind].pop(key, None)  # an update moves the row to the end, as it was written
+        rows[kind][key] = {str(k): "" if v is None else str(v) for k, v in row.items()}
+
+    ctx_offsets = read_topics(bootstrap, list(kinds), on_context, client_config, timeout)
+    context_counts: dict[str, int] = {}
+    for kind in CONTEXT_FILES:
+        if kind not in rows:
+            continue
+        context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, list(rows[kind].values()))
+
+    # access events, in event-time order (ties: partition, offset)
+    events: list[tuple[float, int, int, bytes]] = []
+    counts = {"read": 0, "markers": 0, "unreadable": 0, "outside_window": 0}
+    unreadable: list[str] = []
+
+    def on_access(rec: Any) -> None:
+        counts["read"] += 1
+        if rec.headers and any(k == CONTROL_HEADER for k, _ in rec.headers):
+            counts["markers"] += 1
+            return
+        try:
+            d = orjson.loads(rec.value)
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+            e = AccessEvent.from_dict(d)
+        except ValueError as exc:  # EventError and JSON errors are ValueErrors
+            counts["unreadable"] += 1
+            if len(unreadable) < 20:
+                unreadable.append(f"{rec.partition}:{rec.offset}: {exc}")
+            return
+        if not t_from <= e.t < t_to:
+            counts["outside_window"] += 1
+            return
+        events.append((e.t, rec.partition, rec.offset, orjson.dumps(e.to_dict())))
+
+    acc_offsets = read_topics(bootstrap, [layout.access], on_access, client_config, timeout)
+    events.sort()
+    with _private(out / EVENTS_FILE, "wb") as fh:
+        for *_, line in events:
+            fh.write(line + b"\n")
+    period = {}
+    if events:
+        period = {
+            "start": datetime.fromtimestamp(events[0][0], UTC).isoformat(),
+            "end": datetime.fromtimestamp(events[-1][0], UTC).isoformat(),
+        }
+    manifest = {
+        "kind": "emrwatch history export",
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bootstrap": bootstrap,
+        "window": {
+            "from": start.isoformat() if start else None,
+            "to": end.isoformat() if end else None,
+        },
+        "offsets": {**acc_offsets, **ctx_offsets},
+        "summary": {
+            "period": period,
+            "events": len(events),
+            "records": counts,
+            "unreadable_examples": unreadable,
+            "context_rows": context_counts,
+            "context_rejected": bad_context[:20],
+        },
+    }
+    with _private(out / "manifest.json", "wb") as fh:
+        fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    return manifest
+
+
+def _private(path: Path, mode: str) -> Any:
+    """``path`` opened for writing, readable by its owner only (it holds patient data)."""
+    if path.exists():
+        path.unlink()  # a file left by an earlier export keeps its mode otherwise
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if "b" in mode:
+        return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode, newline="", encoding="utf-8")
+
+
+def _write_csv(path: Path, kind: str, rows: list[dict[str, str]]) -> int:
+    """A context CSV with the CONTRACTS §2 columns first, then any others the rows carry."""
+    cols = list(CONTEXT_FILES[kind])
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with _private(path, "w") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+def _when(text: str | None, flag: str, parser: argparse.ArgumentParser) -> datetime | None:
+    if not text:
+        return None
+    try:
+        if len(text) == 10:  # a date: midnight UTC
+            return datetime.fromisoformat(text).replace(tzinfo=UTC)
+        return datetime.fromtimestamp(parse_ts(text), UTC)
+    except ValueError:
+        parser.error(f"{flag} {text!r}: give YYYY-MM-DD or an ISO timestamp with its UTC offset")
+
+
+def add_history_arguments(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="the YAML file of emrwatch run (Kafka and topics)")
+    where.add_argument("--bootstrap", help="HOST:PORT of a broker (plaintext)")
+    parser.add_argument("--prefix", default=None, help="topic prefix (default: emrwatch)")
+    parser.add_argument("--out", required=True, help="directory to write")
+    parser.add_argument("--from", dest="start", help="first event time (YYYY-MM-DD: UTC midnight)")
+    parser.add_argument("--to", dest="end", help="end of the window (exclusive)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to read the topics")
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    parser = argparse.ArgumentParser(prog="emrwatch history")
+    start = _when(args.start, "--from", parser)
+    end = _when(args.end, "--to", parser)
+    client: dict[str, Any] = {}
+    if args.config:
+        from pipeline.stream_config import StreamConfigError, load_settings
+
+        try:
+            settings = load_settings(args.config)
+        except StreamConfigError as exc:
+            print(f"emrwatch history: {exc}", file=sys.stderr)
+            return 2
+        bootstrap = settings.kafka.bootstrap_servers
+        layout = settings.topics
+        client = settings.kafka.kafka_python()
+    else:
+        bootstrap, layout = args.bootstrap, TopicLayout()
+    if args.prefix:
+        from dataclasses import replace
+
+        layout = replace(layout, prefix=args.prefix)
+    try:
+        m = export_history(bootstrap, layout, args.out, start, end, client, args.timeout)
+    except HistoryError as exc:
+        print(f"emrwatch history: {exc}", file=sys.stderr)
+        return 1
+    s = m["summary"]
+    r = s["records"]
+    ctx = ", ".join(f"{n} {k}" for k, n in s["context_rows"].items())
+    print(
+        f"{s['events']} events → {Path(args.out) / EVENTS_FILE} "
+        f"({r['unreadable']} unreadable and {r['outside_window']} outside the window skipped); "
+        f"context: {ctx}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,169 @@
+"""``emrwatch history`` (pipeline.history): the access and context topics of the embedded
+broker exported to a directory that replays to the same alerts as the data that went in."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors.readers import read_events
+from emrwatch.events import AccessEvent
+from pipeline.evaluate import find_events_file
+from pipeline.replay import replay_file
+from pipeline.simulate import simulate
+from pipeline.topics import context_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("history") / "hospital"
+    simulate(out, days=1, seed=5, scale=0.2)  # a tuning seed
+    return out
+
+
+def _events(d: Path) -> list[dict[str, Any]]:
+    return [
+        e.to_dict() for _, e, _ in read_events(find_events_file(d)) if isinstance(e, AccessEvent)
+    ]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _alerts(d: Path) -> dict[str, list[str]]:
+    res = replay_file(d, find_events_file(d))
+    return {a.alert_id: sorted(a.event_ids) for a in res.alerts}
+
+
+def _history(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "history", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_exported_history_replays_to_the_same_alerts(
+    harness: Any, hospital: Path, tmp_path: Path
+) -> None:
+    events = _events(hospital)
+    harness.publish_context(hospital)
+    harness.produce(events[: len(events) // 2])
+    harness.produce_raw(b"u-x", b'{"event_id": "broken"')  # the workers dead-letter this
+    harness.publish_context(hospital, sync=True)  # a re-publish: upserts and context markers
+    harness.produce(events[len(events) // 2 :])
+    # a cancelled admission (tombstone) and a corrected staff row (upsert of the same key)
+    encounters = _rows(hospital / "encounters.csv")
+    gone = encounters[0]
+    producer = harness.producer
+    producer.send(
+        harness.layout.context("encounters"),
+        key=context_key("encounters", gone).encode(),
+        value=None,
+    )
+    staff = _rows(hospital / "staff.csv")
+    moved = {**staff[0], "department_id": staff[1]["department_id"]}
+    producer.send(
+        harness.layout.context("staff"),
+        key=context_key("staff", moved).encode(),
+        value=json.dumps(moved).encode(),
+    )
+    producer.flush()
+
+    out = tmp_path / "export"
+    p = _history(
+        "--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix, "--out", str(out)
+    )
+    assert p.returncode == 0, p.stderr
+    assert f"{len(events)} events" in p.stderr and "1 unreadable" in p.stderr
+
+    # the context the workers hold now
+    got_enc = _rows(out / "encounters.csv")
+    assert len(got_enc) == len(encounters) - 1
+    assert gone["encounter_id"] not in {r["encounter_id"] for r in got_enc}
+    got_staff = {r["user_id"]: r for r in _rows(out / "staff.csv")}
+    assert len(got_staff) == len(staff)
+    assert got_staff[moved["user_id"]]["department_id"] == moved["department_id"]
+    for kind in ("departments", "patients"):
+        assert _rows(out / f"{kind}.csv") == _rows(hospital / f"{kind}.csv")
+
+    # every event once, in event-time order, canonical
+    exported = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert sorted(e["event_id"] for e in exported) == sorted(e["event_id"] for e in events)
+    ts = [AccessEvent.from_dict(e).t for e in exported]
+    assert ts == sorted(ts)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    s = manifest["summary"]
+    assert s["events"] == len(events) and s["records"]["unreadable"] == 1
+    assert s["records"]["markers"] >= harness.layout.partitions
+    assert s["context_rows"]["encounters"] == len(encounters) - 1
+    assert (
+        sum(hi for _, hi in manifest["offsets"][harness.layout.access].values())
+        == (s["records"]["read"])
+    )
+
+    # the same alerts as the source data with the same context change applied
+    reference = tmp_path / "reference"
+    shutil.copytree(hospital, reference)
+    with (reference / "encounters.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(encounters[0]))
+        w.writeheader()
+        w.writerows(encounters[1:])
+    with (reference / "staff.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(staff[0]))
+        w.writeheader()
+        w.writerows([moved, *staff[1:]])
+    want = _alerts(reference)
+    assert want, "the simulated day raises alerts"
+    assert _alerts(out) == want
+
+    # patient data: readable by the owner only
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_a_window_of_event_time(harness: Any, hospital: Path, tmp_path: Path) -> None:
+    events = _events(hospital)
+    harness.publish_context(hospital)
+    harness.produce(events)
+    ts = sorted(AccessEvent.from_dict(e).ts for e in events)
+    lo, hi = ts[len(ts) // 4], ts[len(ts) // 2]
+    out = tmp_path / "window"
+    p = _history(
+        "--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix,
+        "--out", str(out), "--from", lo, "--to", hi,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lo_t, hi_t = (
+        AccessEvent.from_dict({**events[0], "ts": lo}).t,
+        AccessEvent.from_dict({**events[0], "ts": hi}).t,
+    )
+    want = sorted(e["event_id"] for e in events if lo_t <= AccessEvent.from_dict(e).t < hi_t)
+    got = [json.loads(x)["event_id"] for x in (out / "events.jsonl").read_text().splitlines()]
+    assert sorted(got) == want and 0 < len(got) < len(events)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["summary"]["records"]["outside_window"] == len(events) - len(want)
+
+
+def test_clear_errors(harness: Any, tmp_path: Path) -> None:
+    p = _history("--bootstrap", harness.bootstrap, "--prefix", "nosuchprefix",
+                 "--out", str(tmp_path / "x"), "--timeout", "3")  # fmt: skip
+    assert p.returncode == 1 and "topic nosuchprefix." in p.stderr and "does not exist" in p.stderr
+    p = _history("--bootstrap", harness.bootstrap, "--out", str(tmp_path / "y"), "--from", "May 1")
+    assert p.returncode == 2 and "--from 'May 1'" in p.stderr
