@@ -12,9 +12,15 @@ Reading is a keyset scan over the ``cursor`` columns, e.g. ``(ACCESS_TIME, ACCES
 
 so rows that share a timestamp are neither lost nor repeated across batch boundaries,
 and the checkpoint of each record is simply that row's cursor values. The cursor must be
-unique and must only grow (rows committed later with an *older* cursor value would be
-missed: use the EMR's insertion key or a commit timestamp), and rows whose cursor is NULL
-are not read (they have no place in the order).
+unique, and rows whose cursor is NULL are not read (they have no place in the order).
+
+A row stamped when its transaction starts can commit after later-stamped rows were read,
+with a cursor value the scan has passed. So only rows whose first cursor column is at
+least ``settle_s`` old are read (``AND t < :settle_before``): the bound is this machine's
+clock minus ``settle_s`` in the column's own form, learnt from the first row (an aware
+instant for ``timestamptz``; naive wall time in ``timezone``, or UTC, for ``TIMESTAMP``;
+text with the column's separator on SQLite). A transaction committing more than
+``settle_s`` late, or a cursor that is not a time, is not covered.
 
 Each row becomes one :class:`~connectors.base.RawRecord`: the payload is the row as JSON
 (datetimes in ISO 8601, decimals as strings) keyed by column label, so a dead letter shows
@@ -66,7 +72,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Literal
@@ -202,6 +208,15 @@ class SqlAuditConfig:
             "an error (reject)"
         },
     )
+    settle_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "read only rows whose first cursor column (a timestamp) is at least this "
+            "many seconds old by this machine's clock, so a transaction that commits late "
+            "with an older timestamp is not passed by; 0: off. The query form binds the "
+            "bound as :settle_before if it names it"
+        },
+    )
     batch_size: int = field(default=1000, metadata={"help": "rows per query"})
     poll_interval_s: float = field(
         default=5.0, metadata={"help": "seconds between polls once caught up"}
@@ -244,6 +259,8 @@ class SqlAuditConfig:
             raise ConnectorConfigError("event_id: either a column or a template, not both")
         if "ts" in self.constants or "t" in self.columns:
             raise ConnectorConfigError("ts must come from a column")
+        if self.settle_s < 0:
+            raise ConnectorConfigError("settle_s must be >= 0")
         if self.batch_size < 1 or self.poll_interval_s <= 0 or self.retry_backoff_s <= 0:
             raise ConnectorConfigError("batch_size, poll_interval_s, retry_backoff_s must be > 0")
         try:
@@ -375,6 +392,9 @@ class SqlAuditConnector(Connector):
         self.reconnects = 0
         self.last_error = ""
         self.last_cursor: dict[str, Any] | None = None
+        #: how the settle column compares: "aware" / "naive" datetimes, "text" + separator,
+        #: "off" (not a timestamp); None until a row has shown it
+        self._settle_kind: str | None = None if c.settle_s > 0 and not c.query else "off"
         key = list(c.key or c.cursor)
         if c.query:
             # result column names are the labels; matched case-insensitively at run time
@@ -465,7 +485,7 @@ class SqlAuditConnector(Connector):
 
     # ------------------------------------------------------------ reading
     def _statement(self, after: Sequence[Any] | None) -> tuple[Any, dict[str, Any]]:
-        from sqlalchemy import and_, bindparam, literal_column, or_, quoted_name, select, table
+        from sqlalchemy import and_, bindparam, literal_column, or_, quoted_name, select
         from sqlalchemy import text as sql_text
 
         c = self.config
@@ -474,26 +494,21 @@ class SqlAuditConnector(Connector):
             params: dict[str, Any] = {f"cursor_{i}": v for i, v in enumerate(values)}
             params["cursor"] = values[0]
             params["limit"] = c.batch_size
+            params["settle_before"] = self._bound(
+                "naive" if c.naive_timestamps != "reject" else "aware"
+            )
             used = {p for p in params if re.search(rf":{p}\b", c.query)}
             return sql_text(c.query), {k: v for k, v in params.items() if k in used}
 
-        def tbl(spec: str, alias: str | None = None) -> Any:
-            schema, _, name = spec.rpartition(".")
-            t = table(
-                quoted_name(name, False), schema=quoted_name(schema, False) if schema else None
-            )
-            return t.alias(quoted_name(alias, False)) if alias else t
-
-        src = tbl(c.table)
-        for spec in c.joins:
-            m = _JOIN.match(spec)
-            assert m is not None  # validated
-            outer = (m["kind"] or "").strip().upper().startswith("LEFT")
-            src = src.join(tbl(m["table"], m["alias"]), sql_text(m["on"]), isouter=outer)
+        src = self._source()
         cols = [literal_column(expr).label(quoted_name(lbl, True)) for expr, lbl in self._select]
         keys = [literal_column(e) for e in c.cursor]
         # a NULL cursor value has no place in the keyset order (and would stall the scan)
         stmt = select(*cols).select_from(src).where(*[k.is_not(None) for k in keys])
+        settle: dict[str, Any] = {}
+        if self._settle_kind not in (None, "off"):
+            stmt = stmt.where(keys[0] < bindparam("settle_before"))
+            settle["settle_before"] = self._bound(self._settle_kind)
         values = list(after) if after is not None else (list(c.cursor_start) or None)
         params = {}
         if values is not None:
@@ -503,13 +518,76 @@ class SqlAuditConnector(Connector):
                 ors.append(and_(*eqs, col > bindparam(f"c{i}")))
             stmt = stmt.where(or_(*ors))
             params = {f"c{i}": v for i, v in enumerate(values)}
-        return stmt.order_by(*keys).limit(c.batch_size), params
+        return stmt.order_by(*keys).limit(c.batch_size), {**params, **settle}
+
+    def _source(self) -> Any:
+        """The table form's FROM: the audit table with its joins."""
+        from sqlalchemy import quoted_name, table
+        from sqlalchemy import text as sql_text
+
+        def tbl(spec: str, alias: str | None = None) -> Any:
+            schema, _, name = spec.rpartition(".")
+            t = table(
+                quoted_name(name, False), schema=quoted_name(schema, False) if schema else None
+            )
+            return t.alias(quoted_name(alias, False)) if alias else t
+
+        src = tbl(self.config.table)
+        for spec in self.config.joins:
+            m = _JOIN.match(spec)
+            assert m is not None  # validated
+            outer = (m["kind"] or "").strip().upper().startswith("LEFT")
+            src = src.join(tbl(m["table"], m["alias"]), sql_text(m["on"]), isouter=outer)
+        return src
+
+    def _bound(self, kind: str) -> Any:
+        """``now - settle_s`` as the settle column holds time: aware UTC, naive in the
+        ``naive_timestamps`` convention, or that as text with the column's separator."""
+        c = self.config
+        now = datetime.now(UTC) - timedelta(seconds=c.settle_s)
+        if kind == "aware":
+            return now
+        naive = (now.astimezone(self._tz) if c.naive_timestamps == "local" else now).replace(
+            tzinfo=None
+        )
+        if kind.startswith("text"):
+            return naive.isoformat(sep=kind[4:] or " ", timespec="microseconds")
+        return naive
+
+    def _probe_settle(self, conn: Any) -> None:
+        """Learn from one row how the first cursor column holds time (table form)."""
+        from sqlalchemy import literal_column, select
+
+        c = self.config
+        col = literal_column(c.cursor[0])
+        v = conn.execute(
+            select(col).select_from(self._source()).where(col.is_not(None)).limit(1)
+        ).scalar()
+        if v is None:
+            return  # no row yet: the poll reads nothing until one shows the type
+        if isinstance(v, datetime):
+            self._settle_kind = "aware" if v.tzinfo is not None else "naive"
+        elif isinstance(v, str) and len(v) >= 19 and v[4] == "-":
+            self._settle_kind = "text" + v[10]
+        else:
+            self._settle_kind = "off"
+            log.warning(
+                "sql-audit %s: settle_s needs a timestamp as the first cursor column; %s "
+                "holds %s, so rows are read as soon as they are visible",
+                self.name,
+                c.cursor[0],
+                type(v).__name__,
+            )
 
     def _poll(self, after: Sequence[Any] | None) -> tuple[list[str], list[Any]]:
         if self._engine is None:
             self.start()
-        stmt, params = self._statement(after)
         with self._engine.connect() as conn:
+            if self._settle_kind is None:
+                self._probe_settle(conn)
+                if self._settle_kind is None:
+                    return [], []  # an empty table: nothing to read yet
+            stmt, params = self._statement(after)
             if self.config.query and "limit" not in params:
                 conn = conn.execution_options(stream_results=True)  # fetch one batch only
             result = conn.execute(stmt, params)

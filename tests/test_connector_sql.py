@@ -481,6 +481,17 @@ def test_query_form_reads_the_same_events(pg_url: str) -> None:
     nolimit = make({**cfg, "query": QUERY.replace("LIMIT :limit", "")}, ledger)
     assert [r.position for r in collect(nolimit)] == [r.position for r in records]
     assert [r["records"] for r in ledger.receipts] == [4, 4, 4, 3]
+    # the query form settles where its query says: :settle_before
+    now = _local_now()
+    insert(url, [(5001, now - timedelta(seconds=30), "u9", "p9", "WS", 1)])
+    insert(url, [(5002, now, "u9", "p9", "WS", 1)])
+    settled = (
+        QUERY.replace("ORDER BY", "AND a.access_time < :settle_before ORDER BY")
+        .replace("WHERE a.access_time > :cursor_0 OR", "WHERE (a.access_time > :cursor_0 OR")
+        .replace("a.access_log_id > :cursor_1)", "a.access_log_id > :cursor_1))")
+    )
+    got = collect(make({**cfg, "query": settled, "settle_s": 10}))
+    assert [r.position.rsplit("=")[1] for r in got][-2:] == ["1015", "5001"]
 
 
 def test_sqlite_gives_the_same_events(pg_url: str, tmp_path: Path) -> None:
@@ -863,3 +874,72 @@ def test_rows_with_a_null_cursor_do_not_stall_the_scan(tmp_path: Path) -> None:
         "once": True,
     }
     assert [r.position for r in collect(make(cfg))] == ["AUDIT ID=2", "AUDIT ID=3"]
+
+
+# ---------------------------------------------------------------------------- settle window
+def _local_now(tz: str = "Asia/Shanghai") -> datetime:
+    """Now as a Clarity-style naive ACCESS_TIME (hospital-local wall time)."""
+    return datetime.now(ZoneInfo(tz)).replace(tzinfo=None)
+
+
+def test_settle_reads_a_transaction_that_commits_late_with_an_older_timestamp(
+    pg_url: str,
+) -> None:
+    """A row stamped at insert but committed after a later-stamped row: without a settle
+    window the poller reads the later row, moves past the earlier one and never sees it."""
+    url = new_schema(pg_url)
+    kw = {"once": False, "poll_interval_s": 0.1, "timezone": "Asia/Shanghai"}
+    eager = Reader(make(config(url, settle_s=0, **kw)))
+    settled = Reader(make(config(url, settle_s=2.0, **kw)))
+    late = psycopg.connect(url)  # a transaction left open: its row is stamped, not visible
+    try:
+        late.execute(INSERT, (1, _local_now(), "u1", "p1", "WS", 1))
+        time.sleep(0.05)
+        insert(url, [(2, _local_now(), "u2", "p2", "WS", 1)])
+        eager.wait_for(1)
+        time.sleep(0.3)
+        assert settled.out == [], "nothing is read before it has settled"
+        late.commit()
+    finally:
+        late.close()
+    settled.wait_for(2, timeout=10)
+    time.sleep(0.5)
+    eager.finish()
+    settled.finish()
+    ids = [r.position.rsplit("=", 1)[1] for r in settled.out]
+    assert ids == ["1", "2"]
+    assert [r.position.rsplit("=", 1)[1] for r in eager.out] == ["2"]  # row 1 was lost
+
+
+def test_settle_on_sqlite_text_and_timestamptz_columns(pg_url: str, tmp_path: Path) -> None:
+    tz = "America/Chicago"  # behind UTC: a bound taken in the wrong zone would hold rows back
+    old, fresh = _local_now(tz) - timedelta(seconds=30), _local_now(tz)
+    rows: list[Row] = [(1, old, "u1", "p1", "WS", 1), (2, fresh, "u2", "p2", "WS", 1)]
+    url = sqlite_db(tmp_path, rows)
+    got = collect(make(config(url, settle_s=10, timezone=tz)))
+    assert [r.position for r in got] == ["ACCESS_LOG ACCESS_LOG_ID=1"]
+    got = collect(make(config(url, settle_s=0, timezone=tz)))
+    assert len(got) == 2
+    # an empty table reads nothing until a row shows how it holds time
+    empty = sqlite_db(tmp_path, [])
+    assert collect(make(config(empty, settle_s=10))) == []
+    # a timestamptz column compares instants, whatever the configured zone
+    schema = new_schema(pg_url)
+    with psycopg.connect(schema, autocommit=True) as c:
+        c.execute("ALTER TABLE ACCESS_LOG ALTER COLUMN ACCESS_TIME TYPE timestamptz")
+        now = datetime.now(ZoneInfo("UTC"))
+        c.execute(INSERT, (1, now - timedelta(seconds=30), "u1", "p1", "WS", 1))
+        c.execute(INSERT, (2, now, "u2", "p2", "WS", 1))
+    got = collect(make(config(schema, settle_s=10, timezone="Pacific/Kiritimati")))
+    assert [r.position for r in got] == ["ACCESS_LOG ACCESS_LOG_ID=1"]
+
+
+def test_settle_is_off_for_a_cursor_that_is_not_a_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = sqlite_db(tmp_path, ROWS)
+    cfg = config(url, cursor=["ACCESS_LOG.ACCESS_LOG_ID"], settle_s=5)
+    with caplog.at_level(logging.WARNING, logger="connectors.sql"):
+        got = collect(make(cfg))
+    assert len(got) == len(ROWS)
+    assert "settle_s needs a timestamp as the first cursor column" in caplog.text
