@@ -616,3 +616,64 @@ def test_metrics_on_the_feed_port_when_asked(tmp_path: Path) -> None:
     finally:
         stop()
         store.close()
+
+
+# ---------------------------------------------------------------------------- HTTPS
+def _tls_files(tmp_path: Path) -> tuple[Any, str, str]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA(organization_name="Hospital IT CA")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    pem, key = tmp_path / "feed.pem", tmp_path / "feed.key"
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(pem), append=i > 0)
+    cert.private_key_pem.write_to_path(str(key))
+    return ca, str(pem), str(key)
+
+
+def test_the_feed_serves_https_itself(tmp_path: Path) -> None:
+    import ssl
+
+    ca, pem, key = _tls_files(tmp_path)
+    f = Feed(tmp_path, tls_cert_file=pem, tls_key_file=key, poll_interval_s=0.1)
+    try:
+        assert f.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context()
+        ca.configure_trust(trusted)
+        c = FeedClient(f.url, "ana", verify=trusted)
+        f.clients.append(c)
+        r = c.get("/")
+        assert r.status_code == 200 and "emrwatch" in r.text
+        assert r.headers["strict-transport-security"] == "max-age=31536000"
+        cookie = next(x for x in c.http.cookies.jar if x.name == "emrwatch_session")
+        assert cookie.secure, "the session cookie never travels in clear"
+        # a client that does not trust the hospital's CA refuses the server
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f.url + "/login", timeout=5)
+        # plain HTTP on the TLS port gets no page
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f.url.replace("https://", "http://") + "/login", timeout=5)
+    finally:
+        f.close()
+
+
+def test_plain_http_feed_has_no_hsts_and_tls_settings_are_checked(
+    feed: Feed, tmp_path: Path
+) -> None:
+    r = feed.client("ana").get("/")
+    assert r.status_code == 200 and "strict-transport-security" not in r.headers
+    _, pem, key = _tls_files(tmp_path)
+    with pytest.raises(FeedConfigError, match="go together"):
+        FeedSettings.from_dict({"tls_cert_file": pem})
+    with pytest.raises(FeedConfigError, match="tls_key_file: no file"):
+        FeedSettings.from_dict({"tls_cert_file": pem, "tls_key_file": str(tmp_path / "nope")})
+    with pytest.raises(FeedConfigError, match="cannot be used"):
+        FeedSettings.from_dict({"tls_cert_file": key, "tls_key_file": pem})  # swapped
+    ok = FeedSettings.from_dict({"tls_cert_file": pem, "tls_key_file": key})
+    assert ok.tls and ok.https_only_cookies
+
+
+def test_only_loopback_counts_as_local() -> None:
+    from pipeline.web.server import _loopback
+
+    assert all(_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(_loopback(h) for h in ("0.0.0.0", "10.1.2.3", "::", "feed.hospital.org"))

@@ -152,3 +152,39 @@ def test_supervisor_reads_the_privacy_report(browser: Any, tmp_path: Path) -> No
     finally:
         stop()
     assert [e.action for e in store.audit_log(actor="sam")][:2] == ["report.view", "report.view"]
+
+
+def test_live_feed_over_https(browser: Any, tmp_path: Path) -> None:
+    """The feed serving HTTPS itself: login, the live event stream and a Secure cookie in
+    Chromium. (Chromium's trust store is the system's, so this context accepts the test CA's
+    certificate by ignoring its origin; tests/test_web.py checks the chain with httpx.)"""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    pem, key = tmp_path / "feed.pem", tmp_path / "feed.key"
+    issued.cert_chain_pems[0].write_to_path(str(pem))
+    issued.private_key_pem.write_to_path(str(key))
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    base = datetime(2026, 3, 2, 9, 0, tzinfo=TZ)
+    store.upsert([believable_alert(1, when=base)])
+    settings = feed_settings(poll_interval_s=0.25, tls_cert_file=str(pem), tls_key_file=str(key))
+    url, stop = serve_feed(store, settings)
+    try:
+        assert url.startswith("https://")
+        ctx = browser.new_context(ignore_https_errors=True)
+        page = ctx.new_page()
+        page.set_default_timeout(10_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        log_in(page, url, "ana", PASSWORD)
+        page.wait_for_selector("#live.live-on")  # the event stream is connected over TLS
+        fresh = believable_alert(2, when=base + timedelta(minutes=5))
+        store.upsert([fresh])
+        page.wait_for_selector(f"#row-{fresh['alert_id']}", timeout=3_000)
+        session = next(c for c in ctx.cookies() if c["name"] == "emrwatch_session")
+        assert session["secure"] and session["httpOnly"]
+        assert not errors, errors
+        ctx.close()
+    finally:
+        stop()
+        store.close()

@@ -45,6 +45,8 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       secret_env: EMRWATCH_FEED_SECRET  # set: a random one per start (sessions end on restart)
       session_max_age_s: 28800        # a login lasts 8 h
       secure_cookies: false           # true when served over HTTPS (behind a TLS proxy)
+      tls_cert_file: /etc/emrwatch/feed.pem   # serve HTTPS itself (certificate chain, PEM)
+      tls_key_file: /etc/emrwatch/feed.key    # and its key; Secure cookies and HSTS follow
       page_size: 50                   # rows per page (1..500)
       poll_interval_s: 0.5            # how often the store is asked for changes
       unmask_ttl_s: 900               # an analyst's unmask of one case lasts 15 min

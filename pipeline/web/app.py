@@ -80,8 +80,9 @@ class SecurityHeaders:
         "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
     )
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, hsts: bool = False) -> None:
         self.app = app
+        self.hsts = hsts  # served over HTTPS: browsers must never try plain HTTP again
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,6 +101,8 @@ class SecurityHeaders:
                 ]
                 if not scope["path"].startswith("/static/"):
                     extra.append((b"cache-control", b"no-store"))
+                if self.hsts:
+                    extra.append((b"strict-transport-security", b"max-age=31536000"))
                 headers += [(k, v) for k, v in extra if k not in names]
                 message = {**message, "headers": headers}
             await send(message)
@@ -535,14 +538,14 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(SecurityHeaders),
+            Middleware(SecurityHeaders, hsts=settings.tls),
             Middleware(
                 SessionMiddleware,
                 secret_key=secret,
                 session_cookie="emrwatch_session",
                 max_age=settings.session_max_age_s,
                 same_site="lax",
-                https_only=settings.secure_cookies,
+                https_only=settings.https_only_cookies,
             ),
         ],
         lifespan=lifespan,

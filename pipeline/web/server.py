@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -12,6 +15,15 @@ from prometheus_client import CollectorRegistry
 from pipeline.alerting.store import AlertStore
 from pipeline.web.app import create_app
 from pipeline.web.settings import FeedSettings
+
+log = logging.getLogger(__name__)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class FeedServer:
@@ -39,9 +51,20 @@ class FeedServer:
         self._sock.setblocking(False)
         bound_host, bound_port = self._sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"http://{shown}:{bound_port}"
+        scheme = "https" if settings.tls else "http"
+        self.url = f"{scheme}://{shown}:{bound_port}"
+        if not settings.tls and not _loopback(bound_host):
+            log.warning(
+                "the alert feed serves patient data over plain HTTP on %s: set feed.tls_cert_file "
+                "and tls_key_file, or put it behind an HTTPS proxy (and secure_cookies: true)",
+                self.url,
+            )
+        tls: dict[str, Any] = {}
+        if settings.tls:
+            tls = {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
         config = uvicorn.Config(
             self.app,
+            **tls,
             log_config=None,  # the embedding program owns logging; uvicorn prints nothing
             access_log=False,
             lifespan="on",

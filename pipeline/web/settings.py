@@ -41,6 +41,8 @@ class FeedSettings:
     secret_env: str = SECRET_ENV_DEFAULT
     session_max_age_s: int = 8 * 3600
     secure_cookies: bool = False  # true behind HTTPS: cookies never travel in clear
+    tls_cert_file: str = ""  # serve HTTPS itself: the certificate chain (PEM) ...
+    tls_key_file: str = ""  # ... and its private key (PEM)
     page_size: int = 50
     poll_interval_s: float = 0.5
     scan_interval_s: float = 2.0
@@ -120,6 +122,32 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: port must be 0..65535")
         if not 1 <= self.page_size <= 500:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise FeedConfigError(f"{source}: tls_cert_file and tls_key_file go together")
+        if self.tls_cert_file:
+            import ssl
+
+            for name in ("tls_cert_file", "tls_key_file"):
+                if not Path(getattr(self, name)).is_file():
+                    raise FeedConfigError(f"{source}: {name}: no file {getattr(self, name)}")
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert_file, self.tls_key_file
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise FeedConfigError(
+                    f"{source}: tls_cert_file/tls_key_file cannot be used: {exc}"
+                ) from None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the feed serves HTTPS itself."""
+        return bool(self.tls_cert_file)
+
+    @property
+    def https_only_cookies(self) -> bool:
+        """Session cookies marked Secure: behind a TLS proxy, or when serving HTTPS."""
+        return self.secure_cookies or self.tls
 
     def user(self, username: str) -> User | None:
         for u in self.users:

@@ -168,10 +168,18 @@ def believable_alert(
 class FeedClient:
     """An httpx client logged in to a running feed as one user."""
 
-    def __init__(self, base_url: str, username: str | None = None, password: str = PASSWORD):
+    def __init__(
+        self,
+        base_url: str,
+        username: str | None = None,
+        password: str = PASSWORD,
+        verify: Any = True,
+    ):
         import httpx
 
-        self.http = httpx.Client(base_url=base_url, follow_redirects=False, timeout=10)
+        self.http = httpx.Client(
+            base_url=base_url, follow_redirects=False, timeout=10, verify=verify
+        )
         self.csrf = ""
         if username is not None:
             r = self.login(username, password)
