@@ -5,7 +5,10 @@ In production the access log lives on the access topic and the context on the co
 context topics, not in files. This exports both to ``--out``:
 
 - ``events.jsonl``: every access event on the access topic (canonical JSONL, CONTRACTS
-  §3), in event-time order, optionally only ``--from``/``--to`` (event time, half-open).
+  §3), optionally only ``--from``/``--to`` (event time, half-open). Each partition's
+  events keep the order the stream received them (so every user's events are in the order
+  the workers processed them) and partitions are interleaved by event time; the export
+  spools per partition to disk, so memory does not grow with the length of the history.
   Context markers are skipped; records the workers dead-lettered (not canonical JSON) are
   counted, not written.
 - ``<kind>.csv`` for every context kind (CONTRACTS §2): the latest row under each key,
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import os
 import sys
 import time
@@ -162,12 +166,15 @@ def export_history(
             continue
         context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, list(rows[kind].values()))
 
-    # access events, in event-time order (ties: partition, offset)
-    events: list[tuple[float, int, int, bytes]] = []
+    # access events: one spool file per partition, in offset order (what a worker saw),
+    # then merged by event time; memory stays flat however long the history is
+    spools: dict[int, tuple[Path, Any]] = {}
     counts = {"read": 0, "markers": 0, "unreadable": 0, "outside_window": 0}
     unreadable: list[str] = []
+    first_t, last_t, kept = float("inf"), float("-inf"), 0
 
     def on_access(rec: Any) -> None:
+        nonlocal first_t, last_t, kept
         counts["read"] += 1
         if rec.headers and any(k == CONTROL_HEADER for k, _ in rec.headers):
             counts["markers"] += 1
@@ -185,18 +192,27 @@ def export_history(
         if not t_from <= e.t < t_to:
             counts["outside_window"] += 1
             return
-        events.append((e.t, rec.partition, rec.offset, orjson.dumps(e.to_dict())))
+        spool = spools.get(rec.partition)
+        if spool is None:
+            path = out / f".partition-{rec.partition}.tmp"
+            spool = spools[rec.partition] = (path, _private(path, "wb"))
+        spool[1].write(b"%r\t" % e.t + orjson.dumps(e.to_dict()) + b"\n")
+        first_t, last_t, kept = min(first_t, e.t), max(last_t, e.t), kept + 1
 
-    acc_offsets = read_topics(bootstrap, [layout.access], on_access, client_config, timeout)
-    events.sort()
-    with _private(out / EVENTS_FILE, "wb") as fh:
-        for *_, line in events:
-            fh.write(line + b"\n")
+    try:
+        acc_offsets = read_topics(bootstrap, [layout.access], on_access, client_config, timeout)
+        for _, fh in spools.values():
+            fh.close()
+        _merge([path for path, _ in spools.values()], out / EVENTS_FILE)
+    finally:
+        for path, fh in spools.values():
+            fh.close()
+            path.unlink(missing_ok=True)
     period = {}
-    if events:
+    if kept:
         period = {
-            "start": datetime.fromtimestamp(events[0][0], UTC).isoformat(),
-            "end": datetime.fromtimestamp(events[-1][0], UTC).isoformat(),
+            "start": datetime.fromtimestamp(first_t, UTC).isoformat(),
+            "end": datetime.fromtimestamp(last_t, UTC).isoformat(),
         }
     manifest = {
         "kind": "emrwatch history export",
@@ -209,7 +225,7 @@ def export_history(
         "offsets": {**acc_offsets, **ctx_offsets},
         "summary": {
             "period": period,
-            "events": len(events),
+            "events": kept,
             "records": counts,
             "unreadable_examples": unreadable,
             "context_rows": context_counts,
@@ -219,6 +235,21 @@ def export_history(
     with _private(out / "manifest.json", "wb") as fh:
         fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
+
+
+def _merge(paths: list[Path], target: Path) -> None:
+    """Interleave per-partition spools (``t<TAB>json`` lines) by event time into ``target``.
+    Each partition keeps its own order, so every user's events stay in the order the stream
+    received them, exactly as a worker processed them."""
+    files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below, all of them
+    try:
+        streams = [((float(line[: line.index(b"\t")]), line) for line in f) for f in files]
+        with _private(target, "wb") as out:
+            for _, line in heapq.merge(*streams, key=lambda x: x[0]):
+                out.write(line[line.index(b"\t") + 1 :])
+    finally:
+        for f in files:
+            f.close()
 
 
 def _private(path: Path, mode: str) -> Any:

@@ -132,7 +132,8 @@ def test_exported_history_replays_to_the_same_alerts(
     assert want, "the simulated day raises alerts"
     assert _alerts(out) == want
 
-    # patient data: readable by the owner only
+    # patient data: readable by the owner only; no spool left behind
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     for f in out.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
@@ -159,6 +160,26 @@ def test_a_window_of_event_time(harness: Any, hospital: Path, tmp_path: Path) ->
     assert sorted(got) == want and 0 < len(got) < len(events)
     m = json.loads((out / "manifest.json").read_text())
     assert m["summary"]["records"]["outside_window"] == len(events) - len(want)
+
+
+def test_each_user_keeps_the_order_the_stream_received(harness: Any, tmp_path: Path) -> None:
+    """A late event (an older timestamp arriving after newer ones) stays where the workers
+    saw it, so a replay of the export judges it as the stream did."""
+    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
+    sent = [
+        {**base, "event_id": "e2", "ts": "2026-03-02T09:00:00+08:00"},
+        {**base, "event_id": "e3", "ts": "2026-03-02T09:05:00+08:00"},
+        {**base, "event_id": "e1", "ts": "2026-03-02T08:00:00+08:00"},  # late
+        {**base, "user_id": "u2", "event_id": "f1", "ts": "2026-03-02T08:30:00+08:00"},
+    ]
+    harness.produce(sent)
+    out = tmp_path / "order"
+    p = _history("--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix,
+                 "--out", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    got = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["event_id"] for e in got if e["user_id"] == "u1"] == ["e2", "e3", "e1"]
+    assert sorted(e["event_id"] for e in got) == ["e1", "e2", "e3", "f1"]
 
 
 def test_clear_errors(harness: Any, tmp_path: Path) -> None:
