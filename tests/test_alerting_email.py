@@ -7,13 +7,14 @@ from __future__ import annotations
 import smtplib
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from emrwatch.context import Context
-from pipeline.alerting import AlertingConfig, AlertRouter
+from pipeline.alerting import AlertingConfig, AlertingConfigError, AlertRouter
 from pipeline.alerting.email import EmailSink, recipients_for
 from pipeline.alerting.outbox import OutboxEntry, SinkError
 from pipeline.alerting.store import AlertStore
@@ -307,3 +308,90 @@ def test_the_monthly_privacy_report_is_mailed_once_when_the_month_is_over(
     assert "p00078" not in msg.as_string()  # no patient id in a report
     router.close()
     again.close()
+
+
+# ---------------------------------------------------------------------------- reminders
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_case_left_untriaged_past_its_target_reminds_everyone_told_once(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path, backend: str
+) -> None:
+    from pipeline.alerting.testing import FakeSlack
+
+    with backend_url(backend, tmp_path) as url, FakeSlack() as slack:
+        clock = FakeClock()
+
+        def router() -> AlertRouter:
+            r = make_router(url, smtp, hospital, clock, tmp_path)
+            cfg = replace(
+                r.config,
+                slack=replace(
+                    r.config.slack,
+                    token=slack.token,
+                    base_url=slack.base_url,
+                    default_channel="#privacy",
+                ),
+            )
+            return AlertRouter(cfg, hospital, store=r.store)
+
+        first = router()
+        first.handle(
+            [
+                sample_alert("ew-crit", severity="critical", user_id="u1"),
+                sample_alert("ew-high", severity="high", user_id="u3", department_id="ONC"),
+                sample_alert("ew-seen", severity="critical", user_id="u2"),
+                sample_alert("ew-gone", severity="critical", user_id="u2"),
+                sample_alert("ew-med", severity="medium", user_id="u1"),
+            ]
+        )
+        first.deliver()
+        told = len(smtp.messages), len(slack.messages)
+        first.store.transition("ew-seen", "acknowledged", actor="ana")  # someone is on it
+        first.handle([sample_alert("ew-gone", version=2, severity="critical", status="retracted")])
+        first.deliver()
+        clock.advance(3.9 * 3600)
+        assert first.enqueue_overdue() == 0  # critical waits 4 h
+        clock.advance(0.2 * 3600)
+        # ew-crit only: its supervisor, its department head and #privacy
+        assert first.enqueue_overdue() == 3
+        assert first.enqueue_overdue() == 0  # once
+        first.deliver()
+        reminders = [m for m in smtp.messages if "untriaged" in m["message"]["Subject"]]
+        assert sorted(r for m in reminders for r in m["rcpt_tos"]) == [
+            "h-orth@hospital.example",
+            "ward.sister@hospital.example",
+        ]
+        subject = reminders[0]["message"]["Subject"]
+        assert subject == (
+            "[emrwatch] Still untriaged after 4 h: CRITICAL privacy alert on u1 (nurse, ORTH)"
+        )
+        assert "/cases/ew-crit" in reminders[0]["message"].get_content()
+        posts = [m for m in slack.messages if "untriaged" in m["text"]]
+        assert [p["channel"] for p in posts] == ["#privacy"]
+        later = Counter(
+            m["message"]["Subject"].split(":")[0].removeprefix("[emrwatch] ")
+            for m in smtp.messages[told[0] :]
+        )
+        assert later == {"Still untriaged after 4 h": 2, "Retracted": 2, "Digest": 2}
+        first.close()
+
+        # a restarted router does not remind again; the high case's turn comes at 24 h
+        clock.advance(20 * 3600)
+        second = router()
+        assert second.enqueue_overdue() == 3  # ew-high: u3's supervisor, ONC's head, #privacy
+        second.deliver()
+        assert second.enqueue_overdue() == 0
+        assert sum("untriaged" in m["message"]["Subject"] for m in smtp.messages) == 4
+        assert not [m for m in smtp.messages if "ew-med" in m["message"].get_content()
+                    and "untriaged" in m["message"]["Subject"]]  # fmt: skip
+        second.close()
+
+
+def test_overdue_settings_are_checked() -> None:
+    assert AlertingConfig().overdue_after_h == {"critical": 4.0, "high": 24.0}
+    assert AlertingConfig.from_dict({"overdue_after_h": {}}).overdue_after_h == {}
+    cfg = AlertingConfig.from_dict({"overdue_after_h": {"medium": 72, "critical": 0}})
+    assert cfg.overdue_after_h == {"medium": 72, "critical": 0}
+    with pytest.raises(AlertingConfigError, match="unknown severity 'urgent'"):
+        AlertingConfig.from_dict({"overdue_after_h": {"urgent": 1}})
+    with pytest.raises(AlertingConfigError, match="overdue_after_h.high must be"):
+        AlertingConfig.from_dict({"overdue_after_h": {"high": -1}})

@@ -23,6 +23,9 @@ from the environment (``*_env`` keys) instead of the file::
       digest_interval_s: 3600
                       # low/medium e-mails are bundled into one digest per recipient once the
                       # oldest waiting line is this old (default 3600)
+      overdue_after_h: {critical: 4, high: 24}
+                      # a case still untriaged (state new) this many hours after it arrived
+                      # sends one reminder to everyone told about it (0/absent: never)
       slack:          # Slack is on when token or token_env is set
         token: xoxb-...                 # bot token (chat:write); prefer token_env
         token_env: EMRWATCH_SLACK_TOKEN # name of the environment variable holding the token
@@ -90,7 +93,8 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime, time
+from datetime import UTC, datetime, time, timedelta
+from time import monotonic as _monotonic
 from typing import Any
 
 from detectors.alerts import Alert
@@ -164,6 +168,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: how often the delivery loop looks for cases waiting past ``overdue_after_h``
+OVERDUE_CHECK_S = 60.0
 
 
 def build_sinks(config: AlertingConfig) -> dict[str, Sink]:
@@ -229,6 +235,7 @@ class AlertRouter:
         self.unaddressable = 0  # managers without a configured address (counted, logged)
         self._reported = ""  # the last month whose report needs nothing more
         self.malformed = 0  # alert records that could not be read
+        self._overdue_checked = float("-inf")
 
     @property
     def context(self) -> Any:
@@ -335,9 +342,29 @@ class AlertRouter:
             self.outbox.wake()
         return added
 
+    def enqueue_overdue(self, now: datetime | None = None) -> int:
+        """A reminder, once, to everyone told about an open case that has waited untouched
+        (triage state ``new``) longer than ``overdue_after_h`` allows for its severity;
+        returns rows added."""
+        if not self.sinks:
+            return 0
+        now = now or self.store.clock()
+        added = 0
+        for sev, hours in self.config.overdue_after_h.items():
+            if not hours:
+                continue
+            for row in self.outbox.overdue(sev, now - timedelta(hours=hours)):
+                received = row.received_at.replace(tzinfo=UTC)
+                waited_h = (now - received).total_seconds() / 3600
+                added += self.outbox.remind(dict(row.payload), waited_h)
+        if added:
+            self.outbox.wake()
+        return added
+
     def deliver(self, now: datetime | None = None) -> DeliveryReport:
         """One delivery pass (the background loop calls this)."""
         self.enqueue_reports(now)
+        self.enqueue_overdue(now)
         return self.outbox.deliver_due(now)
 
     def flush_digest(self, now: datetime | None = None) -> int:
@@ -352,6 +379,12 @@ class AlertRouter:
             self.enqueue_reports()
         except Exception:  # noqa: BLE001 - a report must never stop alert delivery
             log.exception("monthly privacy report could not be prepared")
+        if _monotonic() - self._overdue_checked >= OVERDUE_CHECK_S:
+            self._overdue_checked = _monotonic()
+            try:
+                self.enqueue_overdue()
+            except Exception:  # noqa: BLE001 - nor a reminder
+                log.exception("overdue reminders could not be prepared")
 
     def stop(self) -> None:
         self.outbox.stop()

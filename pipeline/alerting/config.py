@@ -103,6 +103,11 @@ class AlertingConfig:
     store_url: str = DEFAULT_URL
     feed_url: str = "http://127.0.0.1:8080"
     digest_interval_s: float = 3600.0
+    #: severity → hours a case may wait untouched (triage state ``new``) before everyone
+    #: told about it gets one reminder; 0 or absent: no reminder for that severity
+    overdue_after_h: dict[str, float] = field(
+        default_factory=lambda: {"critical": 4.0, "high": 24.0}
+    )
     slack: SlackSettings = field(default_factory=SlackSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     email: EmailSettings = field(default_factory=EmailSettings)
@@ -150,6 +155,11 @@ class AlertingConfig:
                 DeliverySettings, dict(data.pop("delivery", None) or {}), f"{source}: delivery"
             )
         )
+        if "overdue_after_h" in data:
+            over = data["overdue_after_h"]
+            if not isinstance(over, dict):
+                raise AlertingConfigError(f"{source}: overdue_after_h must map severities to hours")
+            data["overdue_after_h"] = {str(k): v for k, v in over.items()}
         cfg = cls(**_check(cls, data, source), **sub)
         cfg.validate(source)
         return cfg
@@ -177,6 +187,15 @@ class AlertingConfig:
             zone(self.email.report_timezone)
         except ValueError as exc:
             raise AlertingConfigError(f"{source}: email.report_timezone: {exc}") from None
+        for sev, hours in self.overdue_after_h.items():
+            if sev not in SEVERITY_ORDER:
+                raise AlertingConfigError(
+                    f"{source}: overdue_after_h: unknown severity {sev!r}; use {SEVERITY_ORDER}"
+                )
+            if not isinstance(hours, int | float) or hours < 0:
+                raise AlertingConfigError(
+                    f"{source}: overdue_after_h.{sev} must be a number of hours >= 0"
+                )
         if self.digest_interval_s <= 0 or self.delivery.retry_base_s <= 0:
             raise AlertingConfigError(f"{source}: intervals must be positive")
 

@@ -13,9 +13,13 @@ notifying on every version would spam. The outbox notifies
 * ``escalated``: when a later version's severity is higher than any severity already
   notified for that alert (evidence updates at the same or a lower severity are silent);
 * ``retracted``: once, when an alert that was notified turns ``retracted``, to the same
-  targets (digest lines not yet sent are simply dropped).
+  targets (digest lines not yet sent are simply dropped);
+* ``overdue``: once, a reminder to the same targets when an open case has waited in triage
+  state ``new`` longer than ``overdue_after_h`` allows for its severity
+  (:meth:`AlertRouter.enqueue_overdue`, checked once a minute by the delivery loop).
 
-Each row has a unique key ``sink|target|alert_id|sev:<severity>`` (or ``|retracted``), and
+Each row has a unique key ``sink|target|alert_id|sev:<severity>`` (or ``|retracted``,
+``|overdue``), and
 the decision reads only the outbox itself, so a redelivered or replayed alert version
 enqueues nothing twice, whatever the store saw before.
 
@@ -68,7 +72,7 @@ class OutboxEntry:
     kind: str  # message | digest
     target: str
     alert_id: str | None
-    event: str  # new | escalated | retracted | digest
+    event: str  # new | escalated | retracted | overdue | digest
     payload: dict[str, Any]
     attempts: int
     created_at: datetime
@@ -94,7 +98,7 @@ class Notification:
 
 @dataclass(frozen=True)
 class Decision:
-    event: str  # new | escalated | retracted
+    event: str  # new | escalated | retracted | overdue
     previous_severity: str = ""
     #: (sink, target) pairs notified about this alert before (escalations reach them too)
     notified: tuple[tuple[str, str], ...] = ()
@@ -228,9 +232,9 @@ class Outbox:
             "escalated", SEVERITY_ORDER[notified], tuple((r.sink, r.target) for r in prior)
         )
 
-    def _retraction_targets(self, conn: Connection, alert_id: str) -> list[Notification]:
-        """Everyone who was (or is about to be) told about the alert hears it is retracted;
-        digest lines still waiting are dropped instead."""
+    def _told(self, conn: Connection, alert_id: str) -> list[Notification]:
+        """Everyone who was (or is about to be) told about the alert, as message targets
+        (for a retraction or a reminder); digest lines still waiting are not counted."""
         o = t.outbox
         rows = conn.execute(
             select(o.c.sink, o.c.target, o.c.state, o.c.payload)
@@ -256,7 +260,7 @@ class Outbox:
         if decision is None:
             return 0
         if decision.event == "retracted":
-            notes: Sequence[Notification] = self._retraction_targets(conn, alert["alert_id"])
+            notes: Sequence[Notification] = self._told(conn, alert["alert_id"])
         else:
             notes = route(alert, decision)
         return self.enqueue(conn, alert, decision, notes)
@@ -274,9 +278,16 @@ class Outbox:
         now = self.store.now()
         aid = alert["alert_id"]
         view = notification_view(alert)
-        tag = "retracted" if decision.event == "retracted" else f"sev:{view['severity']}"
+        if decision.event in ("retracted", "overdue"):
+            tag = decision.event
+        else:
+            tag = f"sev:{view['severity']}"
+        if decision.event == "overdue":
+            view["waited_h"] = round(float(alert.get("_waited_h", 0.0)), 1)
         # digest lines about this alert not yet sent are replaced by the newer notification
-        if decision.event == "retracted":
+        if decision.event == "overdue":
+            pass  # a reminder replaces nothing
+        elif decision.event == "retracted":
             conn.execute(
                 update(o).where(o.c.alert_id == aid, o.c.state == "held").values(state="superseded")
             )
@@ -319,6 +330,36 @@ class Outbox:
                 added += 1
                 self._count(n.sink, "enqueued")
         return added
+
+    # ------------------------------------------------------------------ reminders
+    def overdue(self, severity: str, received_before: datetime, limit: int = 200) -> list[Any]:
+        """Open alerts of ``severity`` still in triage state ``new`` that the store received
+        before ``received_before`` and that have had no reminder: (payload, received_at)."""
+        a, o = t.alerts, t.outbox
+        reminded = exists().where(o.c.alert_id == a.c.alert_id, o.c.event == "overdue")
+        q = (
+            select(a.c.payload, a.c.received_at)
+            .where(
+                a.c.state == "new",
+                a.c.status != "retracted",
+                a.c.severity == severity,
+                a.c.received_at <= _naive(received_before),
+                ~reminded,
+            )
+            .order_by(a.c.received_at, a.c.alert_id)
+            .limit(limit)
+        )
+        with self.store.read() as conn:
+            return list(conn.execute(q).all())
+
+    def remind(self, alert: dict[str, Any], waited_h: float) -> int:
+        """One ``overdue`` reminder about ``alert`` to everyone told about it (once per
+        target: the rows' keys end in ``|overdue``); returns rows added."""
+        with self.store.write() as conn:
+            notes = self._told(conn, alert["alert_id"])
+            if not notes:
+                return 0
+            return self.enqueue(conn, {**alert, "_waited_h": waited_h}, Decision("overdue"), notes)
 
     # ------------------------------------------------------------------ reports
     def missing(self, tag: str, sink: str, targets: Sequence[str]) -> list[str]:

@@ -86,6 +86,9 @@ def headline(view: dict[str, Any], event: str, previous: str = "") -> str:
     who = f"{view['user_id']} ({view['role']}, {view['department_id']})"
     if event == "retracted":
         return f"Retracted: privacy alert on {who} was explained by later documentation"
+    if event == "overdue":
+        waited = float(view.get("waited_h", 0.0))
+        return f"Still untriaged after {waited:.0f} h: {sev} privacy alert on {who}"
     if event == "escalated":
         was = f" from {previous.upper()}" if previous else ""
         return f"Escalated to {sev}{was}: privacy alert on {who}"
