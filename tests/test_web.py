@@ -677,3 +677,40 @@ def test_only_loopback_counts_as_local() -> None:
 
     assert all(_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert not any(_loopback(h) for h in ("0.0.0.0", "10.1.2.3", "::", "feed.hospital.org"))
+
+
+# ---------------------------------------------------------------------------- late cases
+def test_cases_untouched_past_their_target_are_marked_late(tmp_path: Path) -> None:
+    from datetime import UTC
+
+    from pipeline.alerting.testing import FakeClock
+
+    five_hours_ago = FakeClock((datetime.now(UTC) - timedelta(hours=5, minutes=10)).isoformat())
+    crit, high, seen = (
+        _alert(1, severity="critical"),
+        _alert(2, severity="high"),
+        _alert(3, severity="critical"),
+    )
+    with AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3", clock=five_hours_ago) as old:
+        old.upsert([crit, high, seen])
+        old.transition(seen["alert_id"], "acknowledged", actor="ana")
+    f = Feed(tmp_path)
+    try:
+        c = f.client("ana")
+        page = c.get("/").text
+
+        def late_badge(alert: dict[str, Any]) -> str:
+            m = re.search(rf'<tr id="row-{alert["alert_id"]}".*?</tr>', page, re.S)
+            assert m, alert["alert_id"]
+            badge = re.search(r'<div class="late"( hidden)?[^>]*>([^<]*)</div>', m.group(0))
+            assert badge
+            return "" if badge.group(1) else badge.group(2)
+
+        assert late_badge(crit) == "untriaged 5 h"  # critical: 4 h target
+        assert late_badge(high) == ""  # high: 24 h
+        assert late_badge(seen) == ""  # someone is on it
+        api = {r["alert_id"]: r for r in c.http.get("/api/alerts").json()["items"]}
+        assert api[crit["alert_id"]]["late_h"] == 5 and api[crit["alert_id"]]["target_h"] == 4
+        assert api[high["alert_id"]]["late_h"] is None
+    finally:
+        f.close()

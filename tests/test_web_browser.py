@@ -188,3 +188,39 @@ def test_live_feed_over_https(browser: Any, tmp_path: Path) -> None:
     finally:
         stop()
         store.close()
+
+
+def test_a_case_passing_its_target_is_marked_late_without_reload(
+    browser: Any, tmp_path: Path
+) -> None:
+    """The page counts on: a critical case that was 4 min short of its 4 h target when the
+    page loaded is marked late once the target has passed (Playwright's clock)."""
+    from datetime import UTC
+
+    from pipeline.alerting.testing import FakeClock
+
+    url_db = f"sqlite:///{tmp_path}/alerts.sqlite3"
+    start = datetime.now(UTC)
+    almost = FakeClock((start - timedelta(hours=3, minutes=56)).isoformat())
+    crit = believable_alert(1, severity="critical")
+    with AlertStore(url_db, clock=almost) as old:
+        old.upsert([crit])
+    store = AlertStore(url_db)
+    url, stop = serve_feed(store, feed_settings(poll_interval_s=0.25))
+    try:
+        page, errors = open_page(browser, 10_000)
+        page.clock.install(time=start)
+        log_in(page, url, "ana", PASSWORD)
+        badge = page.locator(f"#row-{crit['alert_id']} .late")
+        page.wait_for_selector(f"#row-{crit['alert_id']}")
+        assert badge.is_hidden()
+        page.clock.fast_forward("05:00")  # five minutes later: 4 h 01 min untouched
+        page.wait_for_function(
+            f"!document.querySelector('#row-{crit['alert_id']} .late').hidden", timeout=3_000
+        )
+        assert badge.inner_text() == "untriaged 4 h"
+        assert not errors, errors
+        page.context.close()
+    finally:
+        stop()
+        store.close()

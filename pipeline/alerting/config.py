@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from emrwatch.timeutil import zone
+from pipeline.alerting.records import RESPONSE_TARGET_H
 from pipeline.alerting.render import SEVERITY_ORDER
 from pipeline.alerting.slack import SlackRoute
 from pipeline.alerting.store import DEFAULT_URL
@@ -106,7 +107,7 @@ class AlertingConfig:
     #: severity → hours a case may wait untouched (triage state ``new``) before everyone
     #: told about it gets one reminder; 0 or absent: no reminder for that severity
     overdue_after_h: dict[str, float] = field(
-        default_factory=lambda: {"critical": 4.0, "high": 24.0}
+        default_factory=lambda: {k: RESPONSE_TARGET_H[k] for k in ("critical", "high")}
     )
     slack: SlackSettings = field(default_factory=SlackSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)

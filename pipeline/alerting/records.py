@@ -28,6 +28,9 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "closed_benign": ("investigating",),
 }
 VERDICTS = {"closed_confirmed": "confirmed", "closed_benign": "benign"}
+#: hours a case may wait for its first triage step, by severity: the privacy report counts
+#: cases past it as late, the feed marks them, and the default reminders use the first two
+RESPONSE_TARGET_H = {"critical": 4.0, "high": 24.0, "medium": 72.0, "low": 168.0}
 SORTS = ("last_seen", "severity")
 
 Clock = Callable[[], datetime]
@@ -97,6 +100,16 @@ class AlertSummary:
     assignee: str | None
     verdict: str | None
     updated_at: datetime
+    received_at: datetime | None = None  # when the store first had it (UTC)
+
+    def late_h(self, now: datetime) -> int | None:
+        """Whole hours an open case has waited untouched (triage state ``new``) since it
+        arrived, once that is past :data:`RESPONSE_TARGET_H` for its severity; else None."""
+        if self.state != "new" or self.status == "retracted" or self.received_at is None:
+            return None
+        waited = (now - self.received_at).total_seconds() / 3600
+        target = RESPONSE_TARGET_H.get(self.severity, RESPONSE_TARGET_H["low"])
+        return int(waited) if waited > target else None
 
 
 @dataclass(frozen=True)
@@ -381,6 +394,7 @@ _SUMMARY_COLS = (
     t.alerts.c.updated_at,
     t.alerts.c.last_seen,
     t.alerts.c.severity_rank,
+    t.alerts.c.received_at,
 )
 
 
@@ -404,6 +418,7 @@ def _summary(r: Any) -> AlertSummary:
         assignee=r.assignee,
         verdict=r.verdict,
         updated_at=_aware(r.updated_at),
+        received_at=_aware(r.received_at),
     )
 
 

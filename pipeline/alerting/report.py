@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 
 from pipeline.alerting import schema as t
+from pipeline.alerting.records import RESPONSE_TARGET_H
 from pipeline.alerting.render import SEVERITY_ORDER
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 #: hours within which a case of each severity should have had its first triage step
-RESPONSE_TARGET_H = {"critical": 4.0, "high": 24.0, "medium": 72.0, "low": 168.0}
 #: age buckets of the open backlog, in days: (label, lower bound)
 AGE_BUCKETS = (("under 1 day", 0.0), ("1–7 days", 1.0), ("7–30 days", 7.0), ("over 30 days", 30.0))
 CLOSED = ("closed_confirmed", "closed_benign")

@@ -193,7 +193,8 @@ class Feed:
 
     def rows(self, summaries: list[AlertSummary], unmasked: bool) -> list[views.Row]:
         pids = patient_ids_of(self.store, [s.alert_id for s in summaries]) if not unmasked else {}
-        return [views.row(s, pids.get(s.alert_id, ()), unmasked) for s in summaries]
+        now = self.store.clock()
+        return [views.row(s, pids.get(s.alert_id, ()), unmasked, now) for s in summaries]
 
 
 def _asset_version() -> str:
@@ -391,7 +392,7 @@ async def events(request: Request) -> Response:
                         "alert", {"alert_id": s.alert_id, "match": False}, feed.changes.event_id(ch)
                     )
                     continue
-                r = views.row(s, ch.patient_ids, unmasked)
+                r = views.row(s, ch.patient_ids, unmasked, feed.store.clock())
                 data = {
                     "alert_id": s.alert_id,
                     "match": True,

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from detectors.explain import REASONS
-from pipeline.alerting.records import TRANSITIONS, AlertSummary, HistoryEntry, StoredAlert
+from pipeline.alerting.records import (
+    RESPONSE_TARGET_H,
+    TRANSITIONS,
+    AlertSummary,
+    HistoryEntry,
+    StoredAlert,
+)
 from pipeline.alerting.render import mask_id, mask_text
 
 MAX_TIMELINE_ROWS = 500  # evidence rows listed on the case page (all are counted)
@@ -111,12 +117,17 @@ class Row:
     state_label: str
     assignee: str
     version: int
+    received_iso: str = ""  # when the store first had it (UTC)
+    target_h: float = 0.0  # hours it may wait for a first triage step
+    late_h: int | None = None  # hours waited untouched, once past target_h
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def row(s: AlertSummary, patient_ids: Iterable[str], unmasked: bool) -> Row:
+def row(
+    s: AlertSummary, patient_ids: Iterable[str], unmasked: bool, now: datetime | None = None
+) -> Row:
     m = Masker(unmasked, patient_ids)
     return Row(
         alert_id=s.alert_id,
@@ -137,6 +148,9 @@ def row(s: AlertSummary, patient_ids: Iterable[str], unmasked: bool) -> Row:
         state_label=STATE_LABELS.get(s.state, s.state),
         assignee=s.assignee or "",
         version=s.version,
+        received_iso=s.received_at.isoformat(timespec="seconds") if s.received_at else "",
+        target_h=RESPONSE_TARGET_H.get(s.severity, RESPONSE_TARGET_H["low"]),
+        late_h=s.late_h(now or datetime.now(UTC)),
     )
 
 

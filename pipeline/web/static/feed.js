@@ -65,6 +65,20 @@
       }
     }
 
+    // a case untouched past its severity's response target says so, and keeps counting
+    function markLate() {
+      rows.querySelectorAll("tr[data-state=new]").forEach(function (tr) {
+        const badge = tr.querySelector(".late");
+        const received = Date.parse(tr.dataset.received || "");
+        if (!badge || isNaN(received) || tr.classList.contains("is-retracted")) return;
+        const waited = (Date.now() - received) / 3600000;
+        const late = waited > parseFloat(tr.dataset.targetH || "Infinity");
+        badge.hidden = !late;
+        if (late) badge.textContent = "untriaged " + Math.floor(waited) + " h";
+      });
+    }
+    setInterval(markLate, 60000);
+
     function connect() {
       const url = "/events?" + (query ? query + "&" : "") + "since=" + encodeURIComponent(since);
       const es = new EventSource(url);
