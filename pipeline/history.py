@@ -25,8 +25,11 @@ is created readable by its owner only.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import hashlib
 import heapq
+import hmac
 import os
 import sys
 import time
@@ -38,7 +41,7 @@ from typing import Any
 import orjson
 
 from emrwatch.context import CONTEXT_FILES
-from emrwatch.events import AccessEvent, parse_ts
+from emrwatch.events import CANONICAL_FIELDS, AccessEvent, parse_ts
 from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
 
 EVENTS_FILE = "events.jsonl"
@@ -129,8 +132,11 @@ def export_history(
     end: datetime | None = None,
     client_config: dict[str, Any] | None = None,
     timeout: float = 300.0,
+    pseudonymizer: Pseudonymizer | None = None,
 ) -> dict[str, Any]:
-    """Write the access and context topics of ``layout`` to ``out``; returns the manifest."""
+    """Write the access and context topics of ``layout`` to ``out``; returns the manifest.
+    With ``pseudonymizer``, patient identifiers, names and addresses are replaced by keyed
+    tokens (see :class:`Pseudonymizer`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
@@ -164,7 +170,10 @@ def export_history(
     for kind in CONTEXT_FILES:
         if kind not in rows:
             continue
-        context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, list(rows[kind].values()))
+        kept_rows = list(rows[kind].values())
+        if pseudonymizer is not None:
+            kept_rows = [pseudonymizer.context_row(kind, r) for r in kept_rows]
+        context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, kept_rows)
 
     # access events: one spool file per partition, in offset order (what a worker saw),
     # then merged by event time; memory stays flat however long the history is
@@ -196,7 +205,8 @@ def export_history(
         if spool is None:
             path = out / f".partition-{rec.partition}.tmp"
             spool = spools[rec.partition] = (path, _private(path, "wb"))
-        spool[1].write(b"%r\t" % e.t + orjson.dumps(e.to_dict()) + b"\n")
+        d = e.to_dict() if pseudonymizer is None else pseudonymizer.event(e.to_dict())
+        spool[1].write(b"%r\t" % e.t + orjson.dumps(d) + b"\n")
         first_t, last_t, kept = min(first_t, e.t), max(last_t, e.t), kept + 1
 
     try:
@@ -231,10 +241,80 @@ def export_history(
             "context_rows": context_counts,
             "context_rejected": bad_context[:20],
         },
+        "pseudonymized": pseudonymizer.describe() if pseudonymizer is not None else None,
     }
     with _private(out / "manifest.json", "wb") as fh:
         fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
+
+
+class Pseudonymizer:
+    """Keyed tokens for what identifies a patient (and staff's names and addresses), so a
+    data science team can replay, evaluate and train on history without seeing them.
+
+    A token is HMAC-SHA256 of the value under a secret key, namespaced by kind: the same
+    value always gives the same token under one key, so everything the detectors compare
+    for equality still compares equal (a patient across events, encounters and seals;
+    surname and address, normalised as :func:`emrwatch.context.family_key` does, between
+    staff and patients), and replaying the export raises the same alerts on the same
+    events. Without the key a token cannot be reversed or recomputed from a guessed value.
+    Staff user ids, departments, times and actions stay as they are (they are what the
+    detectors judge); a seal's free-text reason is dropped, and so are non-canonical event
+    fields a connector may have added."""
+
+    #: kind → (field, token namespace); names and addresses are normalised first
+    CONTEXT_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
+        "patients": (
+            ("patient_id", "patient"),
+            ("family_name", "name"),
+            ("given_name", "name"),
+            ("address", "address"),
+        ),
+        "staff": (("family_name", "name"), ("given_name", "name"), ("address", "address")),
+        "encounters": (("encounter_id", "encounter"), ("patient_id", "patient")),
+        "sealed": (("patient_id", "patient"),),
+    }
+    EVENT_FIELDS = (("patient_id", "patient"), ("encounter_id", "encounter"))
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the pseudonymization key must be at least 16 bytes")
+        self._key = key
+
+    def token(self, namespace: str, value: str) -> str:
+        if namespace == "name":
+            value = " ".join(value.lower().split())
+        elif namespace == "address":
+            value = " ".join(value.lower().replace(",", " ").split())
+        if not value:
+            return ""
+        digest = hmac.new(self._key, f"{namespace}\0{value}".encode(), hashlib.sha256).digest()
+        return f"{namespace[0]}-{base64.b32encode(digest[:10]).decode().lower()}"
+
+    def context_row(self, kind: str, row: dict[str, str]) -> dict[str, str]:
+        out = dict(row)
+        for name, namespace in self.CONTEXT_FIELDS.get(kind, ()):
+            if name in out:
+                out[name] = self.token(namespace, out[name])
+        if kind == "sealed" and "reason" in out:
+            out["reason"] = ""
+        return {k: v for k, v in out.items() if k in CONTEXT_FILES[kind]}
+
+    def event(self, d: dict[str, Any]) -> dict[str, Any]:
+        out = {k: d[k] for k in (*CANONICAL_FIELDS, "encounter_id", "event_category") if k in d}
+        for name, namespace in self.EVENT_FIELDS:
+            if out.get(name):
+                out[name] = self.token(namespace, str(out[name]))
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": "HMAC-SHA256, namespaced, 80-bit base32 tokens",
+            "key_fingerprint": hashlib.sha256(b"fingerprint\0" + self._key).hexdigest()[:12],
+            "context_fields": {k: [f for f, _ in v] for k, v in self.CONTEXT_FIELDS.items()},
+            "event_fields": [f for f, _ in self.EVENT_FIELDS],
+            "dropped": ["sealed.reason", "non-canonical event fields"],
+        }
 
 
 def _merge(paths: list[Path], target: Path) -> None:
@@ -294,6 +374,12 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", help="first event time (YYYY-MM-DD: UTC midnight)")
     parser.add_argument("--to", dest="end", help="end of the window (exclusive)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to read the topics")
+    parser.add_argument(
+        "--pseudonymize-key-env",
+        metavar="NAME",
+        help="replace patient ids, encounter ids, names and addresses by keyed tokens; the "
+        "key (16+ bytes) is read from this environment variable",
+    )
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -318,8 +404,19 @@ def cmd_history(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         layout = replace(layout, prefix=args.prefix)
+    pseudonymizer = None
+    if args.pseudonymize_key_env:
+        key = os.environ.get(args.pseudonymize_key_env, "")
+        if not key:
+            parser.error(f"--pseudonymize-key-env: ${args.pseudonymize_key_env} is not set")
+        try:
+            pseudonymizer = Pseudonymizer(key.encode())
+        except ValueError as exc:
+            parser.error(f"--pseudonymize-key-env: {exc}")
     try:
-        m = export_history(bootstrap, layout, args.out, start, end, client, args.timeout)
+        m = export_history(
+            bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer
+        )
     except HistoryError as exc:
         print(f"emrwatch history: {exc}", file=sys.stderr)
         return 1

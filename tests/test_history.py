@@ -182,6 +182,66 @@ def test_each_user_keeps_the_order_the_stream_received(harness: Any, tmp_path: P
     assert sorted(e["event_id"] for e in got) == ["e1", "e2", "e3", "f1"]
 
 
+def _history_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "history", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+
+
+def test_a_pseudonymized_export_hides_patients_and_replays_to_the_same_alerts(
+    harness: Any, hospital: Path, tmp_path: Path
+) -> None:
+    events = _events(hospital)
+    harness.publish_context(hospital)
+    harness.produce(events)
+    where = ["--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix]
+    key = {"EW_KEY": "k" * 32}
+    out = tmp_path / "pseudo"
+    p = _history_env(key, *where, "--out", str(out), "--pseudonymize-key-env", "EW_KEY")
+    assert p.returncode == 0, p.stderr
+
+    # nothing that names a patient is left: ids, names, addresses, encounter numbers
+    patients = _rows(hospital / "patients.csv")
+    secrets = {r["patient_id"] for r in patients}
+    secrets |= {r[c] for r in patients for c in ("family_name", "address") if len(r[c]) > 3}
+    secrets |= {r["encounter_id"] for r in _rows(hospital / "encounters.csv")}
+    exported = "".join(f.read_text(encoding="utf-8") for f in out.iterdir() if f.is_file())
+    leaked = sorted(x for x in secrets if x in exported)
+    assert not leaked, leaked[:5]
+    # ... while staff, departments and times are kept, and the same alerts come out
+    assert _rows(out / "departments.csv") == _rows(hospital / "departments.csv")
+    want = _alerts(hospital)
+    assert _alerts(out) == want and want  # alert ids come from the evidence: the same
+    manifest = json.loads((out / "manifest.json").read_text())
+    fingerprint = manifest["pseudonymized"]["key_fingerprint"]
+    assert len(fingerprint) == 12 and "k" * 32 not in (out / "manifest.json").read_text()
+
+    # one key: the same tokens in every export; another key: others
+    again = tmp_path / "again"
+    assert _history_env(key, *where, "--out", str(again),
+                        "--pseudonymize-key-env", "EW_KEY").returncode == 0  # fmt: skip
+    assert (again / "patients.csv").read_text() == (out / "patients.csv").read_text()
+    other = tmp_path / "other"
+    assert _history_env({"EW_KEY": "z" * 32}, *where, "--out", str(other),
+                        "--pseudonymize-key-env", "EW_KEY").returncode == 0  # fmt: skip
+    a = {r["patient_id"] for r in _rows(out / "patients.csv")}
+    b = {r["patient_id"] for r in _rows(other / "patients.csv")}
+    assert len(a) == len(patients) and not a & b
+    # a missing or short key is refused before anything is read
+    p = _history_env({}, *where, "--out", str(tmp_path / "x"), "--pseudonymize-key-env", "NOPE")
+    assert p.returncode == 2 and "$NOPE is not set" in p.stderr
+    p = _history_env({"EW_KEY": "short"}, *where, "--out", str(tmp_path / "y"),
+                     "--pseudonymize-key-env", "EW_KEY")  # fmt: skip
+    assert p.returncode == 2 and "at least 16 bytes" in p.stderr
+
+
 def test_clear_errors(harness: Any, tmp_path: Path) -> None:
     p = _history("--bootstrap", harness.bootstrap, "--prefix", "nosuchprefix",
                  "--out", str(tmp_path / "x"), "--timeout", "3")  # fmt: skip
