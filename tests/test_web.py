@@ -712,5 +712,22 @@ def test_cases_untouched_past_their_target_are_marked_late(tmp_path: Path) -> No
         api = {r["alert_id"]: r for r in c.http.get("/api/alerts").json()["items"]}
         assert api[crit["alert_id"]]["late_h"] == 5 and api[crit["alert_id"]]["target_h"] == 4
         assert api[high["alert_id"]]["late_h"] is None
+        # the triage filter "Untriaged past target": the store's query and the live matcher
+        late = c.http.get("/api/alerts?state=late").json()["items"]
+        assert [r["alert_id"] for r in late] == [crit["alert_id"]]
+        assert 'value="late" selected' in c.get("/?state=late").text
+        from pipeline.alerting.records import AlertFilter
+        from pipeline.web.changes import matches
+
+        assert f.store.count(AlertFilter(late=True)) == 1
+        summaries = {x.alert_id: x for x in f.store.page(AlertFilter(), None, 10).items}
+        now = datetime.now(UTC)
+        assert matches(AlertFilter(late=True), summaries[crit["alert_id"]], now)
+        assert not matches(AlertFilter(late=True), summaries[high["alert_id"]], now)
+        assert not matches(
+            AlertFilter(late=True), summaries[crit["alert_id"]], now - timedelta(hours=2)
+        )
+        f.store.transition(crit["alert_id"], "acknowledged", actor="ana")
+        assert c.http.get("/api/alerts?state=late").json()["items"] == []
     finally:
         f.close()

@@ -151,6 +151,9 @@ class AlertFilter:
     user_id: str | Sequence[str] = ()
     last_seen_from: datetime | str | None = None
     last_seen_to: datetime | str | None = None
+    #: only open cases still untouched (triage state new) past their severity's
+    #: :data:`RESPONSE_TARGET_H`
+    late: bool = False
 
     def __post_init__(self) -> None:
         for name in ("severity", "state", "status", "department_id", "detector", "user_id"):

@@ -37,10 +37,20 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from detectors.alerts import Alert
@@ -48,6 +58,7 @@ from pipeline.alerting import schema as t
 from pipeline.alerting.records import (
     _SUMMARY_COLS,
     DEFAULT_URL,
+    RESPONSE_TARGET_H,
     SORTS,
     TRANSITIONS,
     TRIAGE_STATES,
@@ -340,6 +351,20 @@ class AlertStore(SuppressionsMixin):
             cond.append(a.c.last_seen >= parse_time(f.last_seen_from))
         if f.last_seen_to is not None:
             cond.append(a.c.last_seen < parse_time(f.last_seen_to))
+        if f.late:
+            now = self.clock()
+            cond += [a.c.state == "new", a.c.status != "retracted"]
+            cond.append(
+                or_(
+                    *[
+                        and_(
+                            a.c.severity == sev,
+                            a.c.received_at < _naive_utc(now - timedelta(hours=hours)),
+                        )
+                        for sev, hours in RESPONSE_TARGET_H.items()
+                    ]
+                )
+            )
         if f.detector and not skip_detector:
             d = t.alert_detectors
             cond.append(a.c.alert_id.in_(select(d.c.alert_id).where(d.c.detector.in_(f.detector))))

@@ -117,13 +117,15 @@ def parse_filters(qp: QueryParams) -> tuple[AlertFilter, dict[str, list[str]]]:
         k: [v for v in qp.getlist(k) if v]
         for k in ("severity", "department", "detector", "state", "status", "user")
     }
+    late = "late" in chosen["state"]  # a triage choice: untouched past its target
     f = AlertFilter(
         severity=chosen["severity"],
         department_id=chosen["department"],
         detector=chosen["detector"],
-        state=chosen["state"],
+        state=[s for s in chosen["state"] if s != "late"],
         status=chosen["status"],
         user_id=chosen["user"],
+        late=late,
     )
     return f, chosen
 
@@ -387,7 +389,7 @@ async def events(request: Request) -> Response:
                     return
                 s = ch.summary
                 assert s is not None
-                if not matches(f, s):
+                if not matches(f, s, feed.store.clock()):
                     yield _sse(
                         "alert", {"alert_id": s.alert_id, "match": False}, feed.changes.event_id(ch)
                     )

@@ -35,7 +35,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, literal_column, select
@@ -72,8 +72,10 @@ def _signature(s: AlertSummary) -> tuple[Any, ...]:
     return (s.version, s.state, s.assignee, s.verdict, s.status)
 
 
-def matches(f: AlertFilter, s: AlertSummary) -> bool:
+def matches(f: AlertFilter, s: AlertSummary, now: datetime | None = None) -> bool:
     """Whether a feed filter selects an alert (the store's ``page`` semantics, in Python)."""
+    if f.late and s.late_h(now or datetime.now(UTC)) is None:
+        return False
     if f.severity and s.severity not in f.severity:
         return False
     if f.min_severity and severity_rank(s.severity) < severity_rank(f.min_severity):
