@@ -395,3 +395,26 @@ def test_overdue_settings_are_checked() -> None:
         AlertingConfig.from_dict({"overdue_after_h": {"urgent": 1}})
     with pytest.raises(AlertingConfigError, match="overdue_after_h.high must be"):
         AlertingConfig.from_dict({"overdue_after_h": {"high": -1}})
+
+
+def test_the_delivery_loop_sends_reminders_by_itself(
+    smtp: LoopbackSmtp, hospital: Context, tmp_path: Path
+) -> None:
+    import time
+
+    clock = FakeClock()
+    router = make_router(f"sqlite:///{tmp_path}/a.db", smtp, hospital, clock, tmp_path)
+    router.handle([sample_alert("ew-loop", severity="critical", user_id="u1")])
+    router.deliver()
+    clock.advance(5 * 3600)
+    router.start()  # its first pass looks for overdue cases at once, then once a minute
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if sum("untriaged" in m["message"]["Subject"] for m in smtp.messages) == 2:
+            break
+        time.sleep(0.05)
+    router.close()
+    subjects = [
+        m["message"]["Subject"] for m in smtp.messages if "untriaged" in m["message"]["Subject"]
+    ]
+    assert len(subjects) == 2 and "after 5 h" in subjects[0]
