@@ -731,3 +731,37 @@ def test_cases_untouched_past_their_target_are_marked_late(tmp_path: Path) -> No
         assert c.http.get("/api/alerts?state=late").json()["items"] == []
     finally:
         f.close()
+
+
+# ---------------------------------------------------------------------------- case export
+def test_case_export_for_the_file(feed: Feed) -> None:
+    alert = _alert(7)
+    feed.store.upsert([alert])
+    aid = alert["alert_id"]
+    feed.store.transition(aid, "acknowledged", actor="ana", note="looking into it")
+    pid = alert["patient_ids"][0]
+
+    sam = feed.client("sam")
+    assert f'href="/cases/{aid}/export"' in sam.get(f"/cases/{aid}").text
+    r = sam.get(f"/cases/{aid}/export")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.headers["content-disposition"] == f'attachment; filename="case-{aid}.json"'
+    assert r.headers["cache-control"] == "no-store"
+    doc = r.json()
+    assert doc["exported_by"] == {"username": "sam", "role": "supervisor"}
+    assert doc["patient_ids"] == "shown" and pid in r.text
+    assert doc["event_ids"] == alert["event_ids"]
+    assert len(doc["case"]["timeline"]) == len(alert["evidence"])
+    assert doc["triage_history"][0]["note"] == "looking into it"
+    assert [a["action"] for a in doc["access_log"]][-2:] == ["case.view", "case.export"]
+    exports = [e for e in feed.store.audit_log(alert_id=aid) if e.action == "case.export"]
+    assert [e.actor for e in exports] == ["sam"]
+
+    aud = feed.client("aud")  # the compliance file: masked
+    r = aud.get(f"/cases/{aid}/export")
+    assert r.status_code == 200 and r.json()["patient_ids"] == "masked" and pid not in r.text
+    ana = feed.client("ana")  # analysts triage; evidence does not leave through them
+    assert ana.get(f"/cases/{aid}/export").status_code == 403
+    assert "/export" not in ana.get(f"/cases/{aid}").text
+    assert feed.client().get(f"/cases/{aid}/export").status_code in (303, 401)
+    assert sam.get("/cases/ew-nope/export").status_code == 404

@@ -12,7 +12,7 @@ from functools import wraps
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from pipeline.alerting.records import (
@@ -46,6 +46,7 @@ def routes() -> list[BaseRoute]:
         Route("/cases/{alert_id}/comment", comment, methods=["POST"]),
         Route("/cases/{alert_id}/suppress", suppress_preview, methods=["GET"]),
         Route("/cases/{alert_id}/suppress", suppress, methods=["POST"]),
+        Route("/cases/{alert_id}/export", case_export, methods=["GET"]),
     ]
 
 
@@ -110,8 +111,56 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
             "scopes": SCOPES,
             "can_unmask": allowed(user.role, "unmask") and not unmasked,
             "can_suppress": allowed(user.role, "suppress"),
+            "can_export": allowed(user.role, "case.export"),
             "unmask_minutes": feed.settings.unmask_ttl_s // 60,
         },
+    )
+
+
+@requires("case.export")
+@_with_case
+async def case_export(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
+    """The whole case as one JSON file for an HR, legal or compliance file: every evidence
+    event, findings, explanations checked, the triage history with its notes and who has
+    looked at the case. Patient ids as the reader may see them; the export is audited
+    before it is sent."""
+    aid = stored.alert_id
+    unmasked = may_see_patients(request, user, aid)
+    await db(
+        feed.store.record_access,
+        user.username,
+        "case.export",
+        aid,
+        {"role": user.role, "unmasked": unmasked, "version": stored.version},
+    )
+    hist = await db(feed.store.history, aid)
+    audit = await db(feed.store.audit_log, aid, None, None, 1000)
+    doc = {
+        "format": "emrwatch case export 1",
+        "exported_at": feed.store.clock().isoformat(timespec="seconds"),
+        "exported_by": {"username": user.username, "role": user.role},
+        "patient_ids": "shown" if unmasked else "masked",
+        "case": views.case(stored, unmasked, max_rows=None),
+        "event_ids": [str(e) for e in stored.alert.get("event_ids") or []],
+        "triage_history": [
+            {
+                "at": h.at.isoformat(timespec="seconds"),
+                "actor": h.actor,
+                "from": h.from_state,
+                "to": h.to_state,
+                "assignee": h.assignee,
+                "note": h.note,
+            }
+            for h in hist
+        ],
+        "access_log": [
+            {"at": a.at.isoformat(timespec="seconds"), "actor": a.actor, "action": a.action}
+            for a in reversed(audit)
+        ],
+    }
+    return JSONResponse(
+        doc,
+        headers={"content-disposition": f'attachment; filename="case-{aid}.json"'},
     )
 
 

@@ -12,7 +12,7 @@ True
 >>> verify_password(h, "correct horse"), verify_password(h, "wrong")
 (True, False)
 >>> sorted(PERMISSIONS["auditor"])
-['audit.read', 'case.read', 'feed.read', 'report.read']
+['audit.read', 'case.export', 'case.read', 'feed.read', 'report.read']
 """
 
 from __future__ import annotations
@@ -31,11 +31,22 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     # triage; sees masked patient ids; may unmask one case at a time, stating why
     "analyst": frozenset({"feed.read", "case.read", "triage", "unmask"}),
     # an analyst's rights, plus suppressions, and patient ids unmasked by default
+    # (and exports a case's evidence for HR or legal)
     "supervisor": frozenset(
-        {"feed.read", "case.read", "triage", "unmask", "suppress", "patients.see", "report.read"}
+        {
+            "feed.read",
+            "case.read",
+            "triage",
+            "unmask",
+            "suppress",
+            "patients.see",
+            "report.read",
+            "case.export",
+        }
     ),
-    # read-only and masked; reads the audit log (who looked at what) and the reports
-    "auditor": frozenset({"feed.read", "case.read", "audit.read", "report.read"}),
+    # read-only and masked; reads the audit log (who looked at what) and the reports, and
+    # exports a case (masked) for the compliance file
+    "auditor": frozenset({"feed.read", "case.read", "audit.read", "report.read", "case.export"}),
 }
 ROLES = tuple(PERMISSIONS)
 

@@ -154,8 +154,11 @@ def row(
     )
 
 
-def case(stored: StoredAlert, unmasked: bool) -> dict[str, Any]:
-    """Everything the case page shows about one alert, masked for the reader."""
+def case(
+    stored: StoredAlert, unmasked: bool, max_rows: int | None = MAX_TIMELINE_ROWS
+) -> dict[str, Any]:
+    """Everything the case page shows about one alert, masked for the reader (the evidence
+    timeline cut at ``max_rows``; None: all of it)."""
     al = stored.alert
     evidence = list(al.get("evidence") or [])
     pids = list(al.get("patient_ids") or []) + [str(e.get("patient_id") or "") for e in evidence]
@@ -214,7 +217,7 @@ def case(stored: StoredAlert, unmasked: bool) -> dict[str, Any]:
         "patients": [m.id(str(p)) for p in al.get("patient_ids") or []],
         "n_events": len(al.get("event_ids") or []),
         "event_ids": [str(e) for e in al.get("event_ids") or []] if not evidence else [],
-        "timeline": timeline[:MAX_TIMELINE_ROWS],
+        "timeline": timeline[:max_rows] if max_rows is not None else timeline,
         "timeline_total": len(timeline),
         "timeline_rules": rules,
         "model_versions": dict(al.get("model_versions") or {}),
