@@ -765,3 +765,33 @@ def test_case_export_for_the_file(feed: Feed) -> None:
     assert "/export" not in ana.get(f"/cases/{aid}").text
     assert feed.client().get(f"/cases/{aid}/export").status_code in (303, 401)
     assert sam.get("/cases/ew-nope/export").status_code == 404
+
+
+def test_assigned_to_me_and_to_nobody(feed: Feed) -> None:
+    a1, a2, a3 = _alert(11), _alert(12), _alert(13)
+    feed.store.upsert([a1, a2, a3])
+    feed.store.comment(a1["alert_id"], actor="sam", assignee="ana")
+    feed.store.comment(a2["alert_id"], actor="sam", assignee="sam")
+    ana = feed.client("ana")
+
+    def ids(query: str) -> set[str]:
+        r = ana.http.get(f"/api/alerts?{query}")
+        assert r.status_code == 200, r.text
+        return {x["alert_id"] for x in r.json()["items"]}
+
+    assert ids("assignee=me") == {a1["alert_id"]}
+    assert ids("assignee=nobody") == {a3["alert_id"]}
+    assert ids("assignee=me&assignee=nobody") == set()  # both at once: nothing matches
+    assert (
+        feed.client("sam").http.get("/api/alerts?assignee=me").json()["items"][0]["alert_id"]
+        == a2["alert_id"]
+    )
+    assert 'value="me" selected' in ana.get("/?assignee=me").text
+    from pipeline.alerting.records import AlertFilter
+    from pipeline.web.changes import matches
+
+    rows = {s.alert_id: s for s in feed.store.page(AlertFilter(), None, 10).items}
+    assert matches(AlertFilter(assignee="ana"), rows[a1["alert_id"]])
+    assert not matches(AlertFilter(assignee="ana"), rows[a2["alert_id"]])
+    assert matches(AlertFilter(unassigned=True), rows[a3["alert_id"]])
+    assert not matches(AlertFilter(unassigned=True), rows[a1["alert_id"]])

@@ -154,9 +154,20 @@ class AlertFilter:
     #: only open cases still untouched (triage state new) past their severity's
     #: :data:`RESPONSE_TARGET_H`
     late: bool = False
+    #: assigned to any of these analysts; ``unassigned`` for cases nobody has
+    assignee: str | Sequence[str] = ()
+    unassigned: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("severity", "state", "status", "department_id", "detector", "user_id"):
+        for name in (
+            "severity",
+            "state",
+            "status",
+            "department_id",
+            "detector",
+            "user_id",
+            "assignee",
+        ):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         bad = [s for s in self.severity if s not in SEVERITY_ORDER]
         if bad or (self.min_severity and self.min_severity not in SEVERITY_ORDER):

@@ -344,9 +344,12 @@ class AlertStore(SuppressionsMixin):
             (a.c.status, f.status),
             (a.c.department_id, f.department_id),
             (a.c.user_id, f.user_id),
+            (a.c.assignee, f.assignee),
         ):
             if vals:
                 cond.append(col == vals[0] if len(vals) == 1 else col.in_(vals))
+        if f.unassigned:
+            cond.append(or_(a.c.assignee.is_(None), a.c.assignee == ""))
         if f.last_seen_from is not None:
             cond.append(a.c.last_seen >= parse_time(f.last_seen_from))
         if f.last_seen_to is not None:

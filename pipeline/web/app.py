@@ -111,13 +111,15 @@ class SecurityHeaders:
 
 
 # ---------------------------------------------------------------------------- filters
-def parse_filters(qp: QueryParams) -> tuple[AlertFilter, dict[str, list[str]]]:
-    """Feed filters from the query string (each key may repeat); raises ValueError."""
+def parse_filters(qp: QueryParams, username: str = "") -> tuple[AlertFilter, dict[str, list[str]]]:
+    """Feed filters from the query string (each key may repeat); raises ValueError.
+    ``assignee=me`` means ``username``, ``assignee=nobody`` unassigned cases."""
     chosen = {
         k: [v for v in qp.getlist(k) if v]
-        for k in ("severity", "department", "detector", "state", "status", "user")
+        for k in ("severity", "department", "detector", "state", "status", "user", "assignee")
     }
     late = "late" in chosen["state"]  # a triage choice: untouched past its target
+    assignees = [username if a == "me" else a for a in chosen["assignee"] if a != "nobody"]
     f = AlertFilter(
         severity=chosen["severity"],
         department_id=chosen["department"],
@@ -126,6 +128,8 @@ def parse_filters(qp: QueryParams) -> tuple[AlertFilter, dict[str, list[str]]]:
         status=chosen["status"],
         user_id=chosen["user"],
         late=late,
+        assignee=assignees,
+        unassigned="nobody" in chosen["assignee"],
     )
     return f, chosen
 
@@ -284,7 +288,7 @@ async def logout(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------- feed
 def _page_params(request: Request) -> tuple[AlertFilter, dict[str, list[str]], str, int]:
-    f, chosen = parse_filters(request.query_params)
+    f, chosen = parse_filters(request.query_params, request.state.user.username)
     sort = request.query_params.get("sort") or "last_seen"
     if sort not in SORTS:
         raise ValueError(f"sort must be one of {SORTS}")
@@ -365,7 +369,7 @@ async def events(request: Request) -> Response:
     this reader's filters and role see; ``match: false`` tells the page to drop a row."""
     feed = _feed(request)
     try:
-        f, _chosen = parse_filters(request.query_params)
+        f, _chosen = parse_filters(request.query_params, request.state.user.username)
     except ValueError as exc:
         return PlainTextResponse(str(exc), status_code=400)
     since = request.headers.get("last-event-id") or request.query_params.get("since") or None

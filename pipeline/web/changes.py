@@ -85,9 +85,12 @@ def matches(f: AlertFilter, s: AlertSummary, now: datetime | None = None) -> boo
         (f.status, s.status),
         (f.department_id, s.department_id),
         (f.user_id, s.user_id),
+        (f.assignee, s.assignee or ""),
     ):
         if want and have not in want:
             return False
+    if f.unassigned and s.assignee:
+        return False
     return not (f.detector and not set(f.detector) & set(s.detectors))
 
 
