@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -47,14 +48,20 @@ def _alerts(d: Path) -> dict[str, list[str]]:
     return {a.alert_id: sorted(a.event_ids) for a in res.alerts}
 
 
-def _history(*args: str) -> subprocess.CompletedProcess[str]:
+def _history_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``emrwatch history ARGS`` in a subprocess, with ``env`` added to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "history", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
+        env={**os.environ, **env},
     )
+
+
+def _history(*args: str) -> subprocess.CompletedProcess[str]:
+    return _history_env({}, *args)
 
 
 def test_exported_history_replays_to_the_same_alerts(
@@ -180,19 +187,6 @@ def test_each_user_keeps_the_order_the_stream_received(harness: Any, tmp_path: P
     got = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
     assert [e["event_id"] for e in got if e["user_id"] == "u1"] == ["e2", "e3", "e1"]
     assert sorted(e["event_id"] for e in got) == ["e1", "e2", "e3", "f1"]
-
-
-def _history_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "history", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
 
 
 def test_a_pseudonymized_export_hides_patients_and_replays_to_the_same_alerts(
