@@ -239,3 +239,22 @@ def test_verdicts_from_postgresql(pg_url: str, tmp_path: Path, triaged: Triaged)
     assert v.undecided == _union(pg.open) - _union(pg.confirmed)
     assert v.describe()["benign_alerts"] == len(pg.benign)
     assert "postgresql" in v.describe()["source"]
+
+
+def test_full_training_on_verdicts_keeps_undecided_visits_out_of_the_baselines(
+    tmp_path: Path, triaged: Triaged
+) -> None:
+    from models.train import train
+
+    registry = ModelRegistry(tmp_path / "registry")
+    verdicts = Verdicts.from_store(triaged.url)
+    out = train([triaged.data], registry, verdicts=verdicts, log=lambda _m: None)
+    assert registry.promoted() == {"visits": out["visits"], "cases": out["cases"]}
+    meta = registry.metadata("visits", out["visits"])
+    assert meta["labels"]["confirmed_alerts"] == len(triaged.confirmed)
+    m = meta["metrics"]
+    assert m["misuse_visits"] > 0 and m["undecided_visits"] > 0
+    assert m["ordinary_visits"] == m["visits"] - m["misuse_visits"] - m["undecided_visits"]
+    # the engine runs with what it learned from verdicts alone
+    r = evaluate(triaged.data, DetectionConfig(model_registry=str(registry.root)))
+    assert r["mean_user_recall"] >= 0.9
