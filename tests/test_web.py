@@ -760,7 +760,20 @@ def test_case_export_for_the_file(feed: Feed) -> None:
     aud = feed.client("aud")  # the compliance file: masked
     r = aud.get(f"/cases/{aid}/export")
     assert r.status_code == 200 and r.json()["patient_ids"] == "masked" and pid not in r.text
+    # the printable evidence report: the same content as a page, audited the same way
+    page = sam.get(f"/cases/{aid}/report")
+    assert page.status_code == 200 and "Patient identifiers are shown" in page.text
+    assert all(e in page.text for e in alert["event_ids"]) and "looking into it" in page.text
+    formats = [
+        json.loads(e.detail)["format"]
+        for e in feed.store.audit_log(alert_id=aid)
+        if e.action == "case.export"
+    ]
+    assert sorted(formats) == ["html", "json", "json"]
+    masked = aud.get(f"/cases/{aid}/report").text
+    assert "Patient identifiers are masked" in masked and pid not in masked
     ana = feed.client("ana")  # analysts triage; evidence does not leave through them
+    assert ana.get(f"/cases/{aid}/report").status_code == 403
     assert ana.get(f"/cases/{aid}/export").status_code == 403
     assert "/export" not in ana.get(f"/cases/{aid}").text
     assert feed.client().get(f"/cases/{aid}/export").status_code in (303, 401)

@@ -224,3 +224,30 @@ def test_a_case_passing_its_target_is_marked_late_without_reload(
     finally:
         stop()
         store.close()
+
+
+def test_evidence_report_prints_to_pdf(browser: Any, tmp_path: Path) -> None:
+    """A supervisor opens the printable evidence report from the case page and Chromium
+    prints it: the PDF a privacy officer hands to HR."""
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    alert = believable_alert(3, when=datetime(2026, 3, 2, 9, 0, tzinfo=TZ))
+    store.upsert([alert])
+    store.transition(alert["alert_id"], "acknowledged", actor="sam", note="asked the ward")
+    url, stop = serve_feed(store, feed_settings())
+    try:
+        page, errors = open_page(browser, 10_000)
+        log_in(page, url, "sam", PASSWORD)
+        page.goto(f"{url}/cases/{alert['alert_id']}")
+        page.click("#report")
+        page.wait_for_selector("#evidence-report")
+        assert alert["event_ids"][-1] in page.inner_text("#evidence-report")
+        page.emulate_media(media="print")
+        assert page.locator(".topbar").is_hidden()  # the print stylesheet drops the chrome
+        pdf = page.pdf(format="A4")
+        assert pdf[:5] == b"%PDF-" and len(pdf) > 10_000
+        (tmp_path / "evidence.pdf").write_bytes(pdf)
+        assert not errors, errors
+        page.context.close()
+    finally:
+        stop()
+        store.close()

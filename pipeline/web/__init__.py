@@ -24,6 +24,7 @@ session, 403 without the right):
 ``POST /cases/{id}/comment``       a note and/or (re)assignment                analyst+
 ``GET|POST /cases/{id}/suppress``  preview, then create "suppress similar"     supervisor
 ``GET /cases/{id}/export``         the whole case as JSON (``case.export``)    supervisor, auditor
+``GET /cases/{id}/report``         the same as a printable page (PDF)          supervisor, auditor
 ``GET /audit``                     the audit log                               auditor
 ``GET|POST /login``, ``POST /logout``
 =================================  ==========================================  ============

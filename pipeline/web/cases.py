@@ -47,6 +47,7 @@ def routes() -> list[BaseRoute]:
         Route("/cases/{alert_id}/suppress", suppress_preview, methods=["GET"]),
         Route("/cases/{alert_id}/suppress", suppress, methods=["POST"]),
         Route("/cases/{alert_id}/export", case_export, methods=["GET"]),
+        Route("/cases/{alert_id}/report", case_report, methods=["GET"]),
     ]
 
 
@@ -117,13 +118,10 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
     )
 
 
-@requires("case.export")
-@_with_case
-async def case_export(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
-    """The whole case as one JSON file for an HR, legal or compliance file: every evidence
-    event, findings, explanations checked, the triage history with its notes and who has
-    looked at the case. Patient ids as the reader may see them; the export is audited
-    before it is sent."""
+async def _export_doc(
+    request: Request, feed: Feed, stored: StoredAlert, user: User, fmt: str
+) -> dict[str, Any]:
+    """The whole case for a file, audited (``case.export``) before anything is returned."""
     aid = stored.alert_id
     unmasked = may_see_patients(request, user, aid)
     await db(
@@ -131,11 +129,11 @@ async def case_export(request: Request, feed: Feed, stored: StoredAlert, user: U
         user.username,
         "case.export",
         aid,
-        {"role": user.role, "unmasked": unmasked, "version": stored.version},
+        {"role": user.role, "unmasked": unmasked, "version": stored.version, "format": fmt},
     )
     hist = await db(feed.store.history, aid)
     audit = await db(feed.store.audit_log, aid, None, None, 1000)
-    doc = {
+    return {
         "format": "emrwatch case export 1",
         "exported_at": feed.store.clock().isoformat(timespec="seconds"),
         "exported_by": {"username": user.username, "role": user.role},
@@ -158,10 +156,28 @@ async def case_export(request: Request, feed: Feed, stored: StoredAlert, user: U
             for a in reversed(audit)
         ],
     }
+
+
+@requires("case.export")
+@_with_case
+async def case_export(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
+    """The whole case as one JSON file for an HR, legal or compliance file: every evidence
+    event, findings, explanations checked, the triage history with its notes and who has
+    looked at the case. Patient ids as the reader may see them; audited before it is sent."""
+    doc = await _export_doc(request, feed, stored, user, "json")
     return JSONResponse(
         doc,
-        headers={"content-disposition": f'attachment; filename="case-{aid}.json"'},
+        headers={"content-disposition": f'attachment; filename="case-{stored.alert_id}.json"'},
     )
+
+
+@requires("case.export")
+@_with_case
+async def case_report(request: Request, feed: Feed, stored: StoredAlert, user: User) -> Response:
+    """The same as a printable page (the browser prints it to PDF): what a privacy officer
+    hands to HR. Audited like the JSON export."""
+    doc = await _export_doc(request, feed, stored, user, "html")
+    return feed.page(request, "case_report.html", {"doc": doc, "case": doc["case"]})
 
 
 @requires("unmask", csrf=True)
