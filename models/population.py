@@ -115,6 +115,13 @@ class HistogramSurprise:
         )
 
 
+#: the highest level a calibration gives, extrapolated or not: "one ordinary visit in 100,000"
+TAIL_CEILING = 5.0
+#: a calibration extrapolates only when its data reached this level (at least 100 scores): the
+#: tail's slope comes from its last decade, which must not be the bulk of the distribution
+MIN_EXTRAPOLATED = 2.0
+
+
 class TailCalibration:
     """Score → −log10 (share of ordinary training visits scoring at least as high)."""
 
@@ -124,7 +131,7 @@ class TailCalibration:
         self._levels = [i / 8 for i in range(len(points))]
 
     @classmethod
-    def fit(cls, scores: Sequence[float], max_level: float = 5.0) -> TailCalibration:
+    def fit(cls, scores: Sequence[float], max_level: float = TAIL_CEILING) -> TailCalibration:
         """Quantiles of ``scores`` at tail shares 10^-0, 10^-1/8, …; no further than the data
         can tell (one score in ``n`` is level log10 n)."""
         s = sorted(scores)
@@ -143,16 +150,32 @@ class TailCalibration:
         return cls(points, n)
 
     def level(self, score: float) -> float:
-        """Interpolated −log10 tail share; beyond the data it keeps the last step's slope."""
+        """Interpolated −log10 tail share; beyond the data, extrapolated (:meth:`_beyond`)."""
         pts = self.points
         i = bisect.bisect_right(pts, score)
         if i == 0:
             return 0.0
         if i >= len(pts):
-            return self._levels[-1]
+            return self._beyond(score)
         lo, hi = pts[i - 1], pts[i]
         frac = 0.0 if hi <= lo else (score - lo) / (hi - lo)
         return self._levels[i - 1] + frac / 8
+
+    def _beyond(self, score: float) -> float:
+        """A score beyond the highest calibration point: the tail goes on at the slope of its
+        last decade (scores that are sums of log-rarities have a roughly exponential tail),
+        up to :data:`TAIL_CEILING`. Without it, a peer group with n calibration visits could
+        never say more than log10 n, and a small group (a few hundred radiologists' visits)
+        could not tell a visit far beyond anything ordinary from the thousandth most unusual
+        one."""
+        pts = self.points
+        top = self._levels[-1]
+        if top < MIN_EXTRAPOLATED:
+            return top
+        span = pts[-1] - pts[-9]
+        if span <= 0.0:
+            return top
+        return min(TAIL_CEILING, max(top, top + (score - pts[-1]) / span))
 
     def to_obj(self) -> dict[str, Any]:
         return {"points": [round(p, 6) for p in self.points], "n": self.n}

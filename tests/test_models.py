@@ -23,6 +23,7 @@ from emrwatch.context import Context
 from models.batch import CASE_FEATURE_NAMES, CaseScorer, fit_isolation
 from models.features import FEATURE_NAMES, FEATURES, Priors, UserBehaviour, Visit, visit_features
 from models.online import HSTState, QuantileGate, SharedHalfSpaceTrees
+from models.population import TAIL_CEILING, TailCalibration
 from models.registry import DEFAULT_REGISTRY, ModelRegistry, RegistryError
 from models.runtime import ModelScorer, load_bundle
 from pipeline.replay import collapse, partition_of, run_engine
@@ -85,6 +86,27 @@ def test_quantile_gate_tracks_a_quantile() -> None:
     for n in range(1, 3001):
         est = g.update(est, rng.random(), n)
     assert 0.83 < est < 0.96
+
+
+def test_tail_calibration_extrapolates_beyond_a_small_calibration_set() -> None:
+    """Exponential scores: a calibration of 2,000 knows levels up to log10 2000 ≈ 3.3 from
+    data; beyond it, the tail's slope carries on to the ceiling, close to the true level."""
+    rng = random.Random(5)
+    cal = TailCalibration.fit([rng.expovariate(1.0) for _ in range(2000)])
+    top = (len(cal.points) - 1) / 8
+    assert top == pytest.approx(3.25)
+    assert cal.level(cal.points[-1]) == pytest.approx(top)  # continuous at the last point
+    # for Exp(1), the true level of score s is s / ln 10
+    for s in (9.0, 10.0):
+        assert cal.level(s) == pytest.approx(s / math.log(10), abs=0.6)
+    assert cal.level(8.5) < cal.level(9.5) < cal.level(10.5)  # still ranks beyond the data
+    assert cal.level(1e6) == TAIL_CEILING
+    assert cal.level(-1.0) == 0.0
+    # the level of a calibration point itself is unchanged by the extrapolation
+    assert cal.level(cal.points[8]) == pytest.approx(1.0)
+    # too few scores for a tail (under 100): the top level is kept
+    short = TailCalibration.fit([rng.expovariate(1.0) for _ in range(50)])
+    assert short.level(1e3) == (len(short.points) - 1) / 8
 
 
 # ------------------------------------------------------------------ features
