@@ -116,6 +116,10 @@ class DetectionConfig:
     #: a case holding only learned evidence stays open this long between findings (slow
     #: misuse spreads over days)
     model_case_gap_s: float = 72 * HOUR
+    #: a visit idle for the visit gap (10 min) is scored once the partition's event time is
+    #: this much further on, without waiting for the user's next access; an access arriving
+    #: later than this behind the newest one starts a new visit
+    model_visit_lateness_s: float = 10 * 60
     #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
     model_fusion: bool = True
     #: look for a newly promoted model at most this often (seconds of wall time)

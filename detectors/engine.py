@@ -13,6 +13,7 @@ engine: the stream is keyed by user), and can be snapshotted for crash recovery.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Iterable
@@ -38,10 +39,12 @@ from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
 
 # imported here, not lazily: river's import takes a second, and replay workers fork from a
 # parent that has already paid it
-from models.features import FEATURES
+from models.features import FEATURES, VISIT_GAP_S
 from models.runtime import ModelScorer, UserModels, VisitScore
 
 SNAPSHOT_VERSION = 1
+#: how often (seconds of event time) the engine closes visits its watermark has passed
+SWEEP_EVERY_S = 60.0
 
 
 @dataclass
@@ -319,6 +322,9 @@ class Engine:
         self._dirty: dict[
             str, tuple[str, Case]
         ] = {}  # alert id → (user, case) changed since the last drain
+        #: event-time watermark (the latest event time seen) and when it next closes visits
+        self._wm = -math.inf
+        self._sweep_at = -math.inf
 
     # ------------------------------------------------------------------ facts
     def _user_info(self, user_id: str) -> _UserInfo:
@@ -541,10 +547,14 @@ class Engine:
     def ingest(self, e: AccessEvent) -> None:
         """Update state and cases for one event; alerts come out of :meth:`drain`."""
         user_id = e.user_id
+        t = e.t
+        if t > self._wm:
+            self._wm = t
+            if t >= self._sweep_at and self.models is not None:
+                self._sweep(t)
         st = self.users.get(user_id)
         if st is None:
             st = self.users[user_id] = UserState()
-        t = e.t
         if t > st.last_t:
             st.last_t = t
         if not (self._hour0 <= t < self._hour1):  # self._local(t), inlined
@@ -569,6 +579,10 @@ class Engine:
             self.unexplained_ids.add(e.event_id)
         explained = f["explained"]
         patient_id = e.patient_id
+        um = st.models
+        if um is not None and t - um.behaviour.oldest > VISIT_GAP_S:
+            # visits this access finds idle close first, each at its own time
+            self._close_idle(st, user_id, t - VISIT_GAP_S)
         case = st.case
         cfg = self.cfg
         if case is not None and (
@@ -675,6 +689,51 @@ class Engine:
                 case.touched_t = t
             if case.dirty:
                 self._dirty[case.alert_id] = (user_id, case)
+
+    @property
+    def watermark(self) -> float:
+        """The latest event time this engine has seen."""
+        return self._wm
+
+    def sweep_to(self, t: float) -> None:
+        """End of input (or of a partition's input) up to event time ``t``: close the visits
+        that ``t`` leaves idle, as the watermark would. Replay's partitions and the stream's
+        end-of-input marker pass the input's last event time, so every engine closes the
+        same visits a single engine closes; :meth:`drain` then gives the alerts."""
+        if t > self._wm:
+            self._wm = t
+        if self.models is not None and self._wm > -math.inf:
+            self._sweep(self._wm)
+
+    def _sweep(self, wm: float) -> None:
+        """Close the visits the watermark ``wm`` has left idle (by ``model_visit_lateness_s``
+        more than the visit gap), so learned evidence does not wait for the user's next
+        access: a user who browses and logs off is scored minutes later, not at their next
+        shift. Each visit closes at its own time (:meth:`_close_idle`), so the outcome is
+        the same whichever events trigger it: replay with any number of workers and the
+        stream's partitions agree, unless an access arrives later than the lateness."""
+        self._sweep_at = wm + SWEEP_EVERY_S
+        horizon = wm - self.cfg.model_visit_lateness_s - VISIT_GAP_S
+        for user_id, st in self.users.items():
+            um = st.models
+            if um is not None and um.behaviour.oldest < horizon:
+                self._close_idle(st, user_id, horizon)
+
+    def _close_idle(self, st: UserState, user_id: str, horizon: float) -> None:
+        """Score the user's visits idle since before ``horizon``, each as of the moment it
+        went idle (last access + the visit gap): the case it joins is the one open then."""
+        assert self.models is not None and st.models is not None
+        cfg = self.cfg
+        for vs in self.models.expire(user_id, st.models, horizon):
+            tc = vs.visit.last_t + VISIT_GAP_S
+            case = st.case
+            if case is not None and (
+                tc - case.touched_t
+                > (cfg.model_case_gap_s if case.learned_only() else cfg.case_gap_s)
+                or tc - case.opened_t > cfg.case_max_s
+            ):
+                st.case = case = None
+            self._learned(st, user_id, vs, case, tc)
 
     def _learned(
         self, st: UserState, user_id: str, vs: VisitScore, case: Case | None, t: float
@@ -793,7 +852,7 @@ class Engine:
 
         Visits still open are *not* closed here: a stream never knows its input ended, and
         replay must give what the stream gives. A visit is scored when the user's own later
-        events close it."""
+        events close it or the watermark leaves it idle (:meth:`sweep_to`)."""
         return []
 
     # ------------------------------------------------------------------ stats

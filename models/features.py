@@ -317,6 +317,19 @@ class UserBehaviour:
         self.oldest = oldest
         return done
 
+    def idle(self, horizon: float) -> list[Visit]:
+        """Remove and return the open visits whose last access is before ``horizon`` (idle
+        since), oldest first. Unlike :meth:`expired`, never closes a visit for being one too
+        many: that is decided at the user's own accesses only."""
+        opened = self.open
+        if self.oldest >= horizon:
+            return []
+        done = sorted((v for v in opened.values() if v.last_t < horizon), key=_visit_order)
+        for v in done:
+            del opened[v.patient_id]
+        self.oldest = min((v.last_t for v in opened.values()), default=math.inf)
+        return done
+
     def close_all(self) -> list[Visit]:
         done = sorted(self.open.values(), key=lambda v: (v.last_t, v.patient_id))
         self.open = {}

@@ -398,6 +398,14 @@ class ModelScorer:
         v.evidence.append(ev)
         return out
 
+    def expire(self, user_id: str, um: UserModels, horizon: float) -> list[VisitScore]:
+        """Score the user's visits idle since before ``horizon`` (oldest first). Each closes
+        at its own time, ``last_t + VISIT_GAP_S``, whatever triggers it: the user's next
+        access or the engine's event-time watermark."""
+        if um.behaviour.oldest >= horizon:
+            return _NONE
+        return [self.score_visit(user_id, um, v) for v in um.behaviour.idle(horizon)]
+
     def close_all(self, user_id: str, um: UserModels) -> list[VisitScore]:
         return [self.score_visit(user_id, um, v) for v in um.behaviour.close_all()]
 

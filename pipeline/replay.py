@@ -88,8 +88,13 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-def run_engine(eng: Engine, events: Iterable[AccessEvent]) -> dict[str, Alert]:
-    """Feed events in order, draining once per ``DRAIN_EVERY``; the last version of each alert."""
+def run_engine(
+    eng: Engine, events: Iterable[AccessEvent], end_t: float | None = None
+) -> dict[str, Alert]:
+    """Feed events in order, draining once per ``DRAIN_EVERY``; the last version of each alert.
+
+    At the end the engine's watermark goes to ``end_t``, the input's last event time (a
+    partition's engine has not seen the others' events), or else to its own last event."""
     out: dict[str, Alert] = {}
     ingest, drain = eng.ingest, eng.drain
     for i, e in enumerate(events, 1):
@@ -97,9 +102,59 @@ def run_engine(eng: Engine, events: Iterable[AccessEvent]) -> dict[str, Alert]:
         if i % DRAIN_EVERY == 0:
             for a in drain():
                 out[a.alert_id] = a
+    eng.sweep_to(end_t if end_t is not None else eng.watermark)
     for a in eng.drain() + eng.flush():
         out[a.alert_id] = a
     return out
+
+
+#: how much of an events file's end :func:`input_end_time` reads
+END_TAIL_BYTES = 1 << 20
+
+
+def input_end_time(path: str | Path, fmt: str) -> float | None:
+    """The latest event time among the last lines of a plain events file (FHIR NDJSON or
+    JSONL): where replay's partitions and the stream's end-of-input marker put the watermark,
+    so that each partition closes the visits a single engine closes. None when it cannot tell
+    (compressed, CSV, standard input, no parsable line at the end)."""
+    from connectors.canonical import parse_jsonl_line
+    from connectors.fhir import parse_fhir_line
+
+    if str(path) == "-":
+        return None
+    if fmt == "auto":
+        from connectors.readers import detect_format
+
+        try:
+            fmt = detect_format(path)
+        except (OSError, ValueError):
+            return None
+    if fmt not in ("fhir", "jsonl"):
+        return None
+    parse = parse_fhir_line if fmt == "fhir" else parse_jsonl_line
+    try:
+        if _gzipped(str(path)):
+            return None
+        with open(path, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - END_TAIL_BYTES))
+            tail = fh.read()
+    except OSError:
+        return None
+    lines = tail.split(b"\n")
+    if size > END_TAIL_BYTES:
+        lines = lines[1:]  # the first is most likely cut
+    best: float | None = None
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            t = parse(raw).t
+        except Exception:  # noqa: BLE001 - a bad line is replay's to report, not this
+            continue
+        if best is None or t > best:
+            best = t
+    return best
 
 
 def replay_events(
@@ -413,7 +468,7 @@ def _replay_partition(p: int) -> tuple[list[Alert], EngineStats, int, list[tuple
             yield e
 
     with paused_gc():
-        out = run_engine(eng, mine())
+        out = run_engine(eng, mine(), _JOB["end_t"])
     return list(out.values()), eng.stats(), counts[0], bad, counts[1]
 
 
@@ -443,6 +498,7 @@ def _replay_parallel(
         fmt=fmt,
         partitions=workers,
         table=balance_users(path, fmt, workers),
+        end_t=input_end_time(path, fmt),
     )
     # the inherited heap out of the collector's reach: no copy-on-write of it in the workers
     gc.freeze()

@@ -151,10 +151,19 @@ def access_partitions(producer: Any, layout: TopicLayout, timeout: float = 15.0)
         time.sleep(0.1)
 
 
-def send_eof(producer: Any, layout: TopicLayout, run_id: str) -> list[int]:
-    """One end-of-input control record per access partition; returns the partitions."""
+def send_eof(
+    producer: Any, layout: TopicLayout, run_id: str, watermark: float | None = None
+) -> list[int]:
+    """One end-of-input control record per access partition; returns the partitions.
+
+    ``watermark``: the input's last event time, where every partition's engine puts its
+    watermark at the end (so each closes the visits a single replay closes); by default a
+    partition's own last event time."""
     parts = access_partitions(producer, layout)
-    body = orjson.dumps({"type": "eof", "run": run_id})
+    doc: dict[str, Any] = {"type": "eof", "run": run_id}
+    if watermark is not None:
+        doc["watermark"] = watermark
+    body = orjson.dumps(doc)
     for p in parts:
         producer.send(
             layout.access, key=EOF_KEY, value=body, partition=p, headers=[(CONTROL_HEADER, b"eof")]

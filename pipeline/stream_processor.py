@@ -380,6 +380,13 @@ class AccessProcessor:
                 self.context_sync(body.get("offsets") or {})
             return None
         if ctl == "eof":
+            wm = body.get("watermark")
+            sweep = getattr(st.engine, "sweep_to", None)
+            if sweep is not None:
+                sweep(max(float(wm), st.watermark) if isinstance(wm, int | float) else st.watermark)
+                for a in st.engine.drain():
+                    self.output.alert(a, rec.timestamp)
+                    self.total_alerts += 1
             for a in st.engine.flush():
                 self.output.alert(a, rec.timestamp)
                 self.total_alerts += 1

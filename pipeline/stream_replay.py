@@ -220,7 +220,11 @@ def run_stream_replay(
                 stats = produce_file(producer, settings.topics, events_path, fmt, on_bad=on_bad)
             else:  # the production connector path: file connector, runner, librdkafka
                 stats = _produce_with_connector(settings, events_path, fmt, on_bad)
-            parts = send_eof(producer, settings.topics, run_id)
+            from pipeline.replay import input_end_time
+
+            parts = send_eof(
+                producer, settings.topics, run_id, watermark=input_end_time(events_path, fmt)
+            )
 
             def check_workers() -> None:
                 for i, p in enumerate(procs):

@@ -21,7 +21,15 @@ from detectors.config import DetectionConfig
 from detectors.engine import Engine
 from emrwatch.context import Context
 from models.batch import CASE_FEATURE_NAMES, CaseScorer, fit_isolation
-from models.features import FEATURE_NAMES, FEATURES, Priors, UserBehaviour, Visit, visit_features
+from models.features import (
+    FEATURE_NAMES,
+    FEATURES,
+    VISIT_GAP_S,
+    Priors,
+    UserBehaviour,
+    Visit,
+    visit_features,
+)
 from models.online import HSTState, QuantileGate, SharedHalfSpaceTrees
 from models.population import TAIL_CEILING, TailCalibration
 from models.registry import DEFAULT_REGISTRY, ModelRegistry, RegistryError
@@ -165,9 +173,11 @@ def test_shipped_registry_has_metadata_and_loads_safely() -> None:
 
 
 # ------------------------------------------------------------------ engine integration
-def _run(ctx: Context, events: list, cfg: DetectionConfig | None = None) -> list[dict]:
+def _run(
+    ctx: Context, events: list, cfg: DetectionConfig | None = None, end_t: float | None = None
+) -> list[dict]:
     eng = Engine(ctx, cfg)
-    return [a.to_dict() for a in collapse(run_engine(eng, events).values())]
+    return [a.to_dict() for a in collapse(run_engine(eng, events, end_t).values())]
 
 
 def test_every_alert_records_the_model_versions(ctx: Context, events: list) -> None:
@@ -191,14 +201,76 @@ def test_learned_findings_say_why_in_plain_words(ctx: Context, events: list) -> 
         assert any(words in f["reason"] for words in FEATURES.values())
 
 
-def test_partitioned_engines_equal_one_engine(ctx: Context, events: list) -> None:
-    one = _run(ctx, events)
-    parts: list[dict] = []
-    for p in range(2):
-        mine = [e for e in events if partition_of(e.user_id, 2) == p]
-        parts += _run(ctx, mine)
+#: learned evidence at a low bar: many visits become evidence, so how they close matters
+_EAGER = DetectionConfig(model_min_level=1.5, model_weight=1.0)
+
+
+@pytest.mark.parametrize("cfg", [None, _EAGER], ids=["default", "eager"])
+@pytest.mark.parametrize("parts", [2, 0], ids=["2-partitions", "engine-per-user"])
+def test_partitioned_engines_equal_one_engine(
+    ctx: Context, events: list, cfg: DetectionConfig | None, parts: int
+) -> None:
+    """Each partition's watermark closes idle visits at different moments (with an engine
+    per user, only the user's own next access does): the alerts are the same."""
+    one = _run(ctx, events, cfg)
+    if parts:
+        groups = [[e for e in events if partition_of(e.user_id, parts) == p] for p in range(parts)]
+    else:
+        by_user: dict[str, list] = {}
+        for e in events:
+            by_user.setdefault(e.user_id, []).append(e)
+        groups = list(by_user.values())
+    split: list[dict] = []
+    for mine in groups:  # each partition's watermark ends where the input ends
+        split += _run(ctx, mine, cfg, end_t=events[-1].t)
     key = lambda a: (a["first_seen"], a["alert_id"])  # noqa: E731
-    assert sorted(parts, key=key) == sorted(one, key=key)
+    assert sorted(split, key=key) == sorted(one, key=key)
+    if cfg is _EAGER:
+        assert any(LEARNED_RULE_ID in a["detector"] for a in one)
+
+
+def test_a_visit_is_scored_when_the_watermark_passes_it(ctx: Context, events: list) -> None:
+    """A user who reads a chart and leaves is scored once the partition's event time is the
+    visit gap plus the lateness past their last access, not at their next access."""
+    from models.runtime import ModelBundle
+
+    sur = _FixedSurprise()
+    sur.level = 5.0  # every visit is as unusual as can be: each one is learned evidence
+    bundle = ModelBundle(surprise=sur, calibration={"*": _Identity()})  # type: ignore[arg-type]
+    cfg = replace(_EAGER, model_explained_only=False)
+    by_user: dict[str, list] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    # a user's last access before a pause of 2 h or more, with others busy meanwhile
+    pauses = [
+        (a, b)
+        for evs in by_user.values()
+        for a, b in zip(evs, evs[1:], strict=False)
+        if b.t - a.t > 7200 and a.patient_id
+    ]
+    assert pauses
+    last, nxt = min(pauses, key=lambda ab: ab[0].t)
+    uid = last.user_id
+    due = last.t + VISIT_GAP_S + cfg.model_visit_lateness_s
+    eng = Engine(ctx, cfg, models=ModelScorer(ctx, bundle))
+    seen: set[str] = set()
+    checked = False
+    for e in events:
+        if e.t > due + 600:
+            break
+        if e.t > due - 60 and not checked:
+            # just before the visit is due: still open, not learned evidence anywhere yet
+            assert last.patient_id in eng.users[uid].models.behaviour.open
+            assert last.event_id not in seen
+            checked = True
+        eng.ingest(e)
+        for a in eng.drain():
+            seen.update(
+                ev["event_id"] for ev in a.to_dict()["evidence"] if LEARNED_RULE_ID in ev["rules"]
+            )
+    assert checked and nxt.t > due + 600  # the user did not come back in between
+    assert last.patient_id not in eng.users[uid].models.behaviour.open  # the visit closed
+    assert last.event_id in seen  # and it is learned evidence in an alert already
 
 
 def test_snapshot_restore_keeps_model_state(ctx: Context, events: list) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import orjson
 import pytest
 
 import pipeline.replay as replay
@@ -122,3 +123,30 @@ def test_cached_explanations_equal_a_fresh_scan(ctx):
                 fresh = Engine(ctx, DetectionConfig(model_registry="none"))
                 st = states.setdefault(u, UserState())
                 assert cached.facts(e, st) == fresh.facts(e, UserState()), (u, pid, at)
+
+
+def test_input_end_time_reads_the_latest_time_at_the_end(tmp_path, monkeypatch):
+    """Where each partition's watermark ends: the latest event among the file's last lines,
+    past a bad last line and a line cut by the tail window; None when it cannot tell."""
+    import gzip
+
+    from emrwatch.events import parse_ts
+
+    rows = [orjson.dumps(ev("U1", "P1", at=f"2026-03-02T09:{m:02d}:00")) for m in (9, 1, 7, 3)]
+    plain = tmp_path / "events.jsonl"
+    plain.write_bytes(b"\n".join([*rows, b"not json", b""]))
+    latest = parse_ts("2026-03-02T09:09:00+08:00")
+    assert replay.input_end_time(plain, "jsonl") == latest
+    assert replay.input_end_time(plain, "auto") == latest
+    # a tail window that starts inside the first line skips it (the rest end at 09:07)
+    monkeypatch.setattr(replay, "END_TAIL_BYTES", len(b"\n".join(rows[1:])) + 12)
+    assert replay.input_end_time(plain, "jsonl") == parse_ts("2026-03-02T09:07:00+08:00")
+    monkeypatch.undo()
+    packed = tmp_path / "events.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert replay.input_end_time(packed, "jsonl") is None
+    assert replay.input_end_time("-", "jsonl") is None
+    assert replay.input_end_time(tmp_path / "missing.jsonl", "jsonl") is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"not json\n")
+    assert replay.input_end_time(bad, "jsonl") is None
