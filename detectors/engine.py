@@ -44,7 +44,7 @@ from models.runtime import ModelScorer, UserModels, VisitScore
 
 SNAPSHOT_VERSION = 1
 #: how often (seconds of event time) the engine closes visits its watermark has passed
-SWEEP_EVERY_S = 60.0
+SWEEP_EVERY_S = 300.0
 
 
 @dataclass
@@ -325,6 +325,8 @@ class Engine:
         #: event-time watermark (the latest event time seen) and when it next closes visits
         self._wm = -math.inf
         self._sweep_at = -math.inf
+        #: users who may have open visits (the sweep looks at these only)
+        self._open: dict[str, UserState] = {}
 
     # ------------------------------------------------------------------ facts
     def _user_info(self, user_id: str) -> _UserInfo:
@@ -612,6 +614,7 @@ class Engine:
             if um is None:
                 um = st.models = models.new_user()
             visits = models.observe(e, f, um, ev)
+            self._open[user_id] = st  # the user has an open visit: the sweep looks at it
             if visits:
                 for vs in visits:
                     case = self._learned(st, user_id, vs, case, t)
@@ -714,10 +717,18 @@ class Engine:
         stream's partitions agree, unless an access arrives later than the lateness."""
         self._sweep_at = wm + SWEEP_EVERY_S
         horizon = wm - self.cfg.model_visit_lateness_s - VISIT_GAP_S
-        for user_id, st in self.users.items():
+        done = []
+        for user_id, st in self._open.items():
             um = st.models
-            if um is not None and um.behaviour.oldest < horizon:
+            if um is None:
+                done.append(user_id)
+                continue
+            if um.behaviour.oldest < horizon:
                 self._close_idle(st, user_id, horizon)
+            if not um.behaviour.open:
+                done.append(user_id)
+        for user_id in done:
+            del self._open[user_id]
 
     def _close_idle(self, st: UserState, user_id: str, horizon: float) -> None:
         """Score the user's visits idle since before ``horizon``, each as of the moment it
@@ -925,6 +936,8 @@ class Engine:
             st.case = Case.from_obj(o["case"]) if o["case"] else None
             if o.get("models") and self.models is not None:
                 st.models = self.models.restore_user(o["models"])
+                if st.models.behaviour.open:
+                    self._open[u] = st
             self.users[u] = st
 
     @classmethod
