@@ -81,6 +81,7 @@ class Case:
         "dirty",
         "retracted",
         "levels",
+        "extrapolated",
         "seen_levels",
         "why",
         "model_p",
@@ -104,6 +105,8 @@ class Case:
         self.extras: dict[str, dict[str, Any]] = {}  # rule id → values for its reason
         self.dirty = False
         self.levels: dict[str, float] = {}  # patient → highest level of its learned evidence
+        #: patient → ordinary visits behind its level, when that level was extrapolated
+        self.extrapolated: dict[str, int] = {}
         self.seen_levels: dict[str, float] = {}  # patient → highest level of any visit
         self.why: dict[str, float] = {}  # feature → weight in the learned evidence
         self.model_p: float | None = None  # the case model's P(misuse), set when drained
@@ -160,8 +163,11 @@ class Case:
         level: float,
         attribution: dict[str, float],
         min_level: float,
+        extrapolated_from: int = 0,
     ) -> None:
-        """A visit the learned models flagged: its accesses become evidence."""
+        """A visit the learned models flagged: its accesses become evidence.
+        ``extrapolated_from``: the calibration's ordinary visits, when ``level`` lies beyond
+        what they can tell."""
         bucket = self.evidence.setdefault(LEARNED_RULE_ID, {})
         pc = self.patients.setdefault(LEARNED_RULE_ID, {})
         for ev in evidence:
@@ -175,6 +181,10 @@ class Case:
                 self.first_t = ev[1]
         if level > self.levels.get(patient_id, 0.0):
             self.levels[patient_id] = round(level, 4)
+            if extrapolated_from:
+                self.extrapolated[patient_id] = extrapolated_from
+            else:
+                self.extrapolated.pop(patient_id, None)
         weight = max(0.1, level - min_level)
         for k, share in attribution.items():
             self.why[k] = round(self.why.get(k, 0.0) + share * weight, 4)
@@ -289,6 +299,7 @@ class Case:
             "version": self.version,
             "extras": self.extras,
             "levels": self.levels,
+            "extrapolated": self.extrapolated,
             "seen_levels": self.seen_levels,
             "why": self.why,
             "model_p": self.model_p,
@@ -312,6 +323,7 @@ class Case:
         c.version = o["version"]
         c.extras = o.get("extras", {})
         c.levels = dict(o.get("levels", {}))
+        c.extrapolated = {k: int(n) for k, n in o.get("extrapolated", {}).items()}
         c.seen_levels = dict(o.get("seen_levels", {}))
         c.why = dict(o.get("why", {}))
         c.model_p = o.get("model_p")
@@ -455,7 +467,9 @@ class AlertBuilder:
 
     def _learned_why(self, staff: Any, case: Case, evs: list[Evidence]) -> str:
         """The learned finding in words: how rare, compared with whom, and which features."""
-        top = max(case.levels.values(), default=0.0)
+        top_patient = max(case.levels, key=lambda p: (case.levels[p], p), default="")
+        top = case.levels.get(top_patient, 0.0)
+        known = case.extrapolated.get(top_patient, 0)
         peers = f"{staff.role}s of {staff.department_id}" if staff else "peers"
         n = len(case.levels)
         total = sum(case.why.values())
@@ -466,9 +480,11 @@ class AlertBuilder:
             if total > 0 and v / total >= 0.1
         ]
         span = _span(self.ctx, evs[0][1], evs[-1][1]) if evs else ""
-        text = (
-            f"{n} patient chart(s) used in ways rare for this user and for {peers} {span} "
-            f"(the most unusual: about 1 in {10**top:,.0f} ordinary visits)"
+        text = f"{n} patient chart(s) used in ways rare for this user and for {peers} {span} " + (
+            f"(the most unusual: rarer than any of the {known:,} ordinary visits the models "
+            f"were calibrated on; extrapolated, about 1 in {10**top:,.0f})"
+            if known
+            else f"(the most unusual: about 1 in {10**top:,.0f} ordinary visits)"
         )
         return text + (": " + "; ".join(drivers) if drivers else "")
 

@@ -763,6 +763,7 @@ class Engine:
                 vs.level,
                 vs.attribution,
                 cfg.model_min_level,
+                vs.extrapolated_from,
             )
             if t > case.touched_t:
                 case.touched_t = t

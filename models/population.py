@@ -161,6 +161,12 @@ class TailCalibration:
         frac = 0.0 if hi <= lo else (score - lo) / (hi - lo)
         return self._levels[i - 1] + frac / 8
 
+    @property
+    def data_level(self) -> float:
+        """The highest level the calibration's own scores can tell (log10 n, in steps of 1/8);
+        above it, levels are extrapolated."""
+        return self._levels[-1]
+
     def _beyond(self, score: float) -> float:
         """A score beyond the highest calibration point: the tail goes on at the slope of its
         last decade (scores that are sums of log-rarities have a roughly exponential tail),

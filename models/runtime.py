@@ -272,6 +272,9 @@ class VisitScore:
     hst: float  # raw HalfSpaceTrees score
     level: float  # max of the two
     attribution: dict[str, float]  # feature → share of the level it explains
+    #: when ``level`` lies beyond what its calibration's scores can tell (extrapolated), the
+    #: number of ordinary visits that calibration has; else 0
+    extrapolated_from: int = 0
 
 
 class ModelScorer:
@@ -461,7 +464,12 @@ class ModelScorer:
             for k, val in x.items():
                 m = means.get(k)
                 means[k] = val if m is None else m + 0.05 * (val - m)
-        vs = VisitScore(user_id, v, x, explained, peer, own, hst, level, attribution)
+        beyond = 0
+        if level > 0.0:
+            cal = (prep.cal_e if explained else prep.cal_u) if peer >= own else self.hst_cal
+            if cal is not None and level > cal.data_level + 1e-9:
+                beyond = cal.n
+        vs = VisitScore(user_id, v, x, explained, peer, own, hst, level, attribution, beyond)
         if self.recorder is not None:
             self.recorder(vs)
         return vs

@@ -254,6 +254,7 @@ def test_a_visit_is_scored_when_the_watermark_passes_it(ctx: Context, events: li
     due = last.t + VISIT_GAP_S + cfg.model_visit_lateness_s
     eng = Engine(ctx, cfg, models=ModelScorer(ctx, bundle))
     seen: set[str] = set()
+    reasons: list[str] = []
     checked = False
     for e in events:
         if e.t > due + 600:
@@ -265,12 +266,19 @@ def test_a_visit_is_scored_when_the_watermark_passes_it(ctx: Context, events: li
             checked = True
         eng.ingest(e)
         for a in eng.drain():
-            seen.update(
-                ev["event_id"] for ev in a.to_dict()["evidence"] if LEARNED_RULE_ID in ev["rules"]
-            )
+            d = a.to_dict()
+            seen.update(ev["event_id"] for ev in d["evidence"] if LEARNED_RULE_ID in ev["rules"])
+            reasons += [f["reason"] for f in d["findings"] if f["rule"] == LEARNED_RULE_ID]
     assert checked and nxt.t > due + 600  # the user did not come back in between
     assert last.patient_id not in eng.users[uid].models.behaviour.open  # the visit closed
     assert last.event_id in seen  # and it is learned evidence in an alert already
+    # level 5 lies beyond what the calibration's 10,000 visits can tell: the reason says so
+    assert reasons
+    assert all(
+        "rarer than any of the 10,000 ordinary visits the models were calibrated on; "
+        "extrapolated, about 1 in 100,000" in r
+        for r in reasons
+    )
 
 
 def test_snapshot_restore_keeps_model_state(ctx: Context, events: list) -> None:
@@ -353,6 +361,11 @@ class _FixedSurprise:
 
 
 class _Identity:
+    """A calibration whose own scores tell levels up to 4 (10,000 ordinary visits)."""
+
+    n = 10_000
+    data_level = 4.0
+
     def level(self, raw: float) -> float:
         return raw
 
