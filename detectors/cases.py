@@ -226,6 +226,12 @@ class Case:
     def learned_only(self) -> bool:
         return len(self.evidence) == 1 and LEARNED_RULE_ID in self.evidence
 
+    def lapsed(self, t: float, cfg: DetectionConfig) -> bool:
+        """Whether a finding at ``t`` comes too late for this case: past its gap since the
+        last finding (longer for a case of learned evidence only) or its longest span."""
+        gap = cfg.model_case_gap_s if self.learned_only() else cfg.case_gap_s
+        return t - self.touched_t > gap or t - self.opened_t > cfg.case_max_s
+
     def rule_risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:
         total = 0.0
         weights = cfg.level_weights

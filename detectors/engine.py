@@ -587,10 +587,7 @@ class Engine:
             self._close_idle(st, user_id, t - VISIT_GAP_S)
         case = st.case
         cfg = self.cfg
-        if case is not None and (
-            t - case.touched_t > (cfg.model_case_gap_s if case.learned_only() else cfg.case_gap_s)
-            or t - case.opened_t > cfg.case_max_s
-        ):
+        if case is not None and case.lapsed(t, cfg):
             st.case = case = None
         opened = case
         version0 = case.version if case is not None else -1
@@ -720,9 +717,7 @@ class Engine:
         done = []
         for user_id, st in self._open.items():
             um = st.models
-            if um is None:
-                done.append(user_id)
-                continue
+            assert um is not None  # a user enters ``_open`` with models only
             if um.behaviour.oldest < horizon:
                 self._close_idle(st, user_id, horizon)
             if not um.behaviour.open:
@@ -734,15 +729,10 @@ class Engine:
         """Score the user's visits idle since before ``horizon``, each as of the moment it
         went idle (last access + the visit gap): the case it joins is the one open then."""
         assert self.models is not None and st.models is not None
-        cfg = self.cfg
         for vs in self.models.expire(user_id, st.models, horizon):
             tc = vs.visit.last_t + VISIT_GAP_S
             case = st.case
-            if case is not None and (
-                tc - case.touched_t
-                > (cfg.model_case_gap_s if case.learned_only() else cfg.case_gap_s)
-                or tc - case.opened_t > cfg.case_max_s
-            ):
+            if case is not None and case.lapsed(tc, self.cfg):
                 st.case = case = None
             self._learned(st, user_id, vs, case, tc)
 

@@ -82,10 +82,21 @@ class ContextError(ValueError):
     """A context row that cannot be used; the message names the file, line and field."""
 
 
+def normal_name(name: str) -> str:
+    """A name as family matching compares it: lower case, single spaces."""
+    return " ".join((name or "").lower().split())
+
+
+def normal_address(address: str) -> str:
+    """An address as family matching compares it: lower case, commas as spaces, single
+    spaces."""
+    return " ".join((address or "").lower().replace(",", " ").split())
+
+
 def family_key(family_name: str, address: str) -> str:
     """Same surname and same address, normalised; '' when either is missing."""
-    f = " ".join((family_name or "").lower().split())
-    a = " ".join((address or "").lower().replace(",", " ").split())
+    f = normal_name(family_name)
+    a = normal_address(address)
     return f"{f}|{a}" if f and a else ""
 
 

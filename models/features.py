@@ -298,23 +298,14 @@ class UserBehaviour:
         opened = self.open
         if t - self.oldest <= VISIT_GAP_S and len(opened) <= MAX_OPEN_VISITS:
             return []
-        horizon = t - VISIT_GAP_S
-        done = [v for v in opened.values() if v.last_t < horizon]
-        if len(opened) - len(done) > MAX_OPEN_VISITS:
-            rest = sorted(
-                (v for v in opened.values() if v.last_t >= horizon),
-                key=_visit_order,
-            )
-            done += rest[: len(rest) - MAX_OPEN_VISITS]
-        if len(done) > 1:
-            done.sort(key=_visit_order)
-        for v in done:
-            del opened[v.patient_id]
-        oldest = math.inf
-        for v in opened.values():
-            if v.last_t < oldest:
-                oldest = v.last_t
-        self.oldest = oldest
+        done = self.idle(t - VISIT_GAP_S)
+        if len(opened) > MAX_OPEN_VISITS:
+            # the rest are all newer than the idle ones: ``done`` stays oldest first
+            extra = sorted(opened.values(), key=_visit_order)[: len(opened) - MAX_OPEN_VISITS]
+            for v in extra:
+                del opened[v.patient_id]
+            self.oldest = min((v.last_t for v in opened.values()), default=math.inf)
+            done += extra
         return done
 
     def idle(self, horizon: float) -> list[Visit]:

@@ -405,8 +405,6 @@ class ModelScorer:
         """Score the user's visits idle since before ``horizon`` (oldest first). Each closes
         at its own time, ``last_t + VISIT_GAP_S``, whatever triggers it: the user's next
         access or the engine's event-time watermark."""
-        if um.behaviour.oldest >= horizon:
-            return _NONE
         return [self.score_visit(user_id, um, v) for v in um.behaviour.idle(horizon)]
 
     def close_all(self, user_id: str, um: UserModels) -> list[VisitScore]:
@@ -424,10 +422,10 @@ class ModelScorer:
         peer = raw_peer = 0.0
         terms = _NO_TERMS
         table = prep.table_e if explained else prep.table_u
+        peer_cal = prep.cal_e if explained else prep.cal_u
         if table is not None:
             raw, terms = self.surprise.score_table(table, x)  # type: ignore[union-attr]
-            cal = prep.cal_e if explained else prep.cal_u
-            peer = raw_peer = cal.level(raw) if cal is not None else 0.0
+            peer = raw_peer = peer_cal.level(raw) if peer_cal is not None else 0.0
         if explained and peer > 0.0:
             # peer fade: the peers never get used to the user's own routine (what they find
             # unusual may be this user's everyday work, and it stays out of learning), so
@@ -466,7 +464,7 @@ class ModelScorer:
                 means[k] = val if m is None else m + 0.05 * (val - m)
         beyond = 0
         if level > 0.0:
-            cal = (prep.cal_e if explained else prep.cal_u) if peer >= own else self.hst_cal
+            cal = peer_cal if peer >= own else self.hst_cal
             if cal is not None and level > cal.data_level + 1e-9:
                 beyond = cal.n
         vs = VisitScore(user_id, v, x, explained, peer, own, hst, level, attribution, beyond)

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from emrwatch.context import CONTEXT_FILES
+from emrwatch.context import CONTEXT_FILES, normal_address, normal_name
 from emrwatch.events import CANONICAL_FIELDS, AccessEvent, parse_ts
 from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
 
@@ -283,9 +283,9 @@ class Pseudonymizer:
 
     def token(self, namespace: str, value: str) -> str:
         if namespace == "name":
-            value = " ".join(value.lower().split())
+            value = normal_name(value)
         elif namespace == "address":
-            value = " ".join(value.lower().replace(",", " ").split())
+            value = normal_address(value)
         if not value:
             return ""
         digest = hmac.new(self._key, f"{namespace}\0{value}".encode(), hashlib.sha256).digest()

@@ -383,7 +383,8 @@ class AccessProcessor:
             wm = body.get("watermark")
             sweep = getattr(st.engine, "sweep_to", None)
             if sweep is not None:
-                sweep(max(float(wm), st.watermark) if isinstance(wm, int | float) else st.watermark)
+                # the engine's watermark never goes back: a smaller one changes nothing
+                sweep(float(wm) if isinstance(wm, int | float) else st.watermark)
                 for a in st.engine.drain():
                     self.output.alert(a, rec.timestamp)
                     self.total_alerts += 1
