@@ -242,7 +242,12 @@ class Case:
             w = weights[rule.level]
             if rule.aggregate is not None:
                 # a correlation's threshold is its own calibration: when it fires, it is a case
-                total += max(w, cfg.alert_threshold) if rid in self.fired else 0.0
+                # (unless documentation has since taken back enough of its patients)
+                if rid in self.fired and (
+                    not rule.retract_on_documentation
+                    or len(self.patients.get(rid, ())) >= rule.aggregate.gte
+                ):
+                    total += max(w, cfg.alert_threshold)
                 continue
             n_events = len(bucket)
             n_patients = len(self.patients[rid])

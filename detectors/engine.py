@@ -33,7 +33,7 @@ from detectors.cases import (
 )
 from detectors.config import DetectionConfig
 from detectors.explain import DOCUMENTED, EMERGENCY, GRANT, EncounterState, Explainer
-from detectors.rules import FACT_FIELDS, Rule, compile_matcher, load_rules
+from detectors.rules import FACT_FIELDS, Aggregate, Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context, Grant, Staff
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
 
@@ -132,24 +132,59 @@ class Window:
 
 
 class DayCounter:
-    """Distinct patients per local day, against the user's own history of days."""
+    """Distinct patients per local day, against the user's own history of days.
 
-    __slots__ = ("day", "patients", "unexplained", "unexplained_patients", "history", "fired")
+    ``unexplained_only``: the count (today's and each history day's) is of the patients no
+    reason explained; a day the user worked with none of them enters the history as 0."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "day",
+        "patients",
+        "unexplained",
+        "unexplained_patients",
+        "history",
+        "fired",
+        "unexplained_only",
+    )
+
+    def __init__(self, unexplained_only: bool = False) -> None:
         self.day = -1
         self.fired = False  # fired today: later events only add themselves
         self.patients: set[str] = set()
         self.unexplained: list[Evidence] = []
         self.unexplained_patients: set[str] = set()
         self.history: deque[int] = deque(maxlen=14)
+        self.unexplained_only = unexplained_only
+
+    def count(self) -> int:
+        """Today's count: distinct patients, or distinct unexplained ones."""
+        return len(self.unexplained_patients if self.unexplained_only else self.patients)
+
+    def holds(self, agg: Aggregate) -> bool:
+        """Today's count passes ``agg``'s thresholds against the history."""
+        n = self.count()
+        return (
+            n >= agg.gte
+            and len(self.history) >= agg.min_history_days
+            and len(self.unexplained_patients) >= agg.min_unexplained
+            and n >= agg.baseline_ratio * statistics.median(self.history)
+        )
+
+    def forget(self, patient_id: str, since: float) -> None:
+        """The user documented for ``patient_id``: today's unexplained reads of that patient
+        from ``since`` on were consults after all."""
+        if patient_id not in self.unexplained_patients:
+            return
+        self.unexplained = [ev for ev in self.unexplained if ev[2] != patient_id or ev[1] < since]
+        if not any(ev[2] == patient_id for ev in self.unexplained):
+            self.unexplained_patients.discard(patient_id)
 
     def roll(self, day: int, history_days: int) -> None:
         if day != self.day:
             if self.day >= 0 and self.patients:
                 if self.history.maxlen != history_days:
                     self.history = deque(self.history, maxlen=history_days)
-                self.history.append(len(self.patients))
+                self.history.append(self.count())
             self.day = day
             self.patients = set()
             self.unexplained = []
@@ -276,6 +311,14 @@ class Engine:
         self._match_event = compile_matcher(self.event_rules)
         self._match_agg = compile_matcher(self.agg_rules)
         self.retractable = {r.id for r in self.rules if r.retract_on_documentation}
+        #: day counters whose unexplained patients documentation takes back
+        self._retract_days = tuple(
+            r.id
+            for r in self.agg_rules
+            if r.retract_on_documentation
+            and r.aggregate is not None
+            and r.aggregate.count == "day_distinct"
+        )
         self.explainer = Explainer(context, self.cfg)
         self.builder = AlertBuilder(context, self.cfg, self.rule_by_id)
         #: the learned models (``models/``), from the registry the config names, or None
@@ -596,6 +639,10 @@ class Engine:
             st.writes[patient_id] = t
             if case is not None and self.retractable:
                 case.retract(self.retractable, patient_id, t - cfg.documented_grace_s)
+            for rid in self._retract_days:
+                dc = st.days.get(rid)
+                if dc is not None:
+                    dc.forget(patient_id, t - cfg.documented_grace_s)
         ev: Evidence = (
             e.event_id,
             t,
@@ -633,7 +680,7 @@ class Engine:
                 # today's distinct count, inlined up to the thresholds: it runs for most events
                 dc = st.days.get(rule.id)
                 if dc is None:
-                    dc = st.days[rule.id] = DayCounter()
+                    dc = st.days[rule.id] = DayCounter(agg.of == "unexplained")
                 day = int(lt // 86400)
                 if day != dc.day:
                     dc.roll(day, cfg.volume_history_days)
@@ -642,7 +689,7 @@ class Engine:
                     dc.unexplained.append(ev)
                     dc.unexplained_patients.add(patient_id)
                 if (
-                    len(dc.patients) < gte
+                    len(dc.unexplained_patients if dc.unexplained_only else dc.patients) < gte
                     or len(dc.history) < agg.min_history_days
                     or len(dc.unexplained_patients) < agg.min_unexplained
                 ):
@@ -770,37 +817,13 @@ class Engine:
             self._dirty[case.alert_id] = (user_id, case)
         return case
 
-    def _day_count(
-        self, rule: Rule, st: UserState, e: AccessEvent, f: dict[str, Any], ev: Evidence
-    ) -> tuple[list[Evidence], dict[str, Any] | None]:
-        """Update today's distinct count; return the evidence to add when the rule holds.
-        (:meth:`ingest` runs the same steps inlined.)"""
-        agg = rule.aggregate
-        assert agg is not None
-        explained = f["explained"]
-        dc = st.days.get(rule.id)
-        if dc is None:
-            dc = st.days[rule.id] = DayCounter()
-        dc.roll(self._clock.local_day(e.t), self.cfg.volume_history_days)
-        dc.patients.add(e.patient_id)
-        if not explained:
-            dc.unexplained.append(ev)
-            dc.unexplained_patients.add(e.patient_id)
-        if (
-            len(dc.patients) < agg.gte
-            or len(dc.history) < agg.min_history_days
-            or len(dc.unexplained_patients) < agg.min_unexplained
-        ):
-            return [], None
-        return self._day_fires(rule, st, dc, explained, ev)
-
     def _day_fires(
         self, rule: Rule, st: UserState, dc: DayCounter, explained: bool, ev: Evidence
     ) -> tuple[list[Evidence], dict[str, Any] | None]:
         """Today's count passed the rule's thresholds: against the user's own history?"""
         agg = rule.aggregate
         assert agg is not None
-        n = len(dc.patients)
+        n = dc.count()
         base = statistics.median(dc.history)
         if n < agg.baseline_ratio * base:
             return [], None
@@ -917,7 +940,10 @@ class Engine:
                 for t, key, _sw, explained, ev in entries:
                     w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
             for rid, (day, patients, unexplained, history, fired) in o["days"].items():
-                dc = st.days[rid] = DayCounter()
+                rule = self.rule_by_id.get(rid)
+                if rule is None or rule.aggregate is None:
+                    continue
+                dc = st.days[rid] = DayCounter(rule.aggregate.of == "unexplained")
                 dc.day = day
                 dc.fired = fired
                 dc.patients = set(patients)

@@ -3,13 +3,13 @@
 An example of a per-event rule is a partial facts map laid over :func:`benign_facts`.
 An example of a windowed correlation is a list of such maps, each with ``t`` (seconds) and
 optionally ``patient_id``/``workstation``. An example of a daily-volume rule is
-``{history: [daily counts...], day: [{explained: bool, count: n}, ...]}``.
+``{history: [daily counts...], day: [{explained: bool, count: n}, ...]}`` (with
+``of: unexplained`` the history counts each day's unexplained patients).
 The same windows the engine uses (:class:`detectors.engine.Window`, ``DayCounter``) are used here.
 """
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 from detectors.engine import DayCounter, Window
@@ -28,9 +28,8 @@ def fires(rule: Rule, example: Any) -> bool:
     if agg is None:
         return bool(rule.predicate(_facts(example)))
     if agg.count == "day_distinct":
-        dc = DayCounter()
+        dc = DayCounter(agg.of == "unexplained")
         dc.history.extend(example.get("history", []))
-        unexplained: set[str] = set()
         for i, group in enumerate(example.get("day", [])):
             for j in range(int(group.get("count", 1))):
                 f = _facts({k: v for k, v in group.items() if k != "count"})
@@ -38,15 +37,8 @@ def fires(rule: Rule, example: Any) -> bool:
                     continue
                 dc.patients.add(f"p{i}-{j}")
                 if not f["explained"]:
-                    unexplained.add(f"p{i}-{j}")
-        n = len(dc.patients)
-        if (
-            n < agg.gte
-            or len(dc.history) < agg.min_history_days
-            or len(unexplained) < agg.min_unexplained
-        ):
-            return False
-        return n >= agg.baseline_ratio * statistics.median(dc.history)
+                    dc.unexplained_patients.add(f"p{i}-{j}")
+        return dc.holds(agg)
     w = Window()
     for i, item in enumerate(example):
         f = _facts(item)

@@ -21,7 +21,9 @@ selection names with ``and``, ``or``, ``not`` and parentheses.
 
 An optional ``aggregate`` block turns the rule into a correlation over an event-time window
 per user (``count: events | distinct <field> | switches <field>``, ``timespan``, ``gte``),
-or per local day against the user's own history (``timespan: day``, ``baseline_ratio``).
+or per local day against the user's own history (``timespan: day``, ``baseline_ratio``;
+``of: unexplained`` counts only today's patients no reason explains, against the user's
+own days of them).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class Aggregate:
     min_history_days: int = 3
     min_unexplained: int = 1  # day_distinct: at least this many unexplained patients today
     evidence: str = "window"  # "window" (every counted event) | "unexplained"
+    #: day_distinct: what today's count and the history count: "all" the selected patients,
+    #: or only "unexplained" ones (every day the user worked enters the history, 0 included)
+    of: str = "all"
 
 
 @dataclass
@@ -203,6 +208,11 @@ def _aggregate(doc: dict[str, Any] | None, rule_id: str) -> Aggregate | None:
     evidence = doc.get("evidence", "window")
     if evidence not in ("window", "unexplained"):
         raise RuleError(f"{rule_id}: aggregate evidence must be window or unexplained")
+    of = str(doc.get("of", "all"))
+    if of not in ("all", "unexplained"):
+        raise RuleError(f"{rule_id}: aggregate 'of' must be all or unexplained")
+    if of != "all" and kind != "day_distinct":
+        raise RuleError(f"{rule_id}: aggregate 'of' needs timespan 'day'")
     return Aggregate(
         count=kind,
         field=fld,
@@ -212,6 +222,7 @@ def _aggregate(doc: dict[str, Any] | None, rule_id: str) -> Aggregate | None:
         min_history_days=int(doc.get("min_history_days", 3)),
         min_unexplained=int(doc.get("min_unexplained", 1)),
         evidence=evidence,
+        of=of,
     )
 
 

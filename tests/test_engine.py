@@ -221,6 +221,98 @@ def test_snapshot_restore_continues_identically(ctx):
     assert {a.alert_id: a.event_ids for a in whole} == {k: a.event_ids for k, a in alerts.items()}
 
 
+def _worked_days(user, patient, days, unexplained_per_day=0):
+    """``user`` works ``days`` (March 2, 3, …): explained reads of ``patient`` at 09:00, plus
+    ``unexplained_per_day`` reads of far patients (X30…)."""
+    out = []
+    for d in range(days):
+        out.append(ev(user, patient, at=f"2026-03-{2 + d:02d}T09:00:00"))
+        out += [
+            ev(user, f"X{30 + k}", at=f"2026-03-{2 + d:02d}T10:{k:02d}:00")
+            for k in range(unexplained_per_day)
+        ]
+    return out
+
+
+def _surge_day(user, n, day="2026-03-05"):
+    """``n`` reads of distinct unrelated patients 40 minutes apart: too slow and too few for the
+    no-care risk alone (0.15 a patient) or any windowed rule."""
+    return [
+        ev(
+            user,
+            f"X{i}",
+            at=f"{day}T{8 + (40 * i) // 60:02d}:{(40 * i) % 60:02d}:00",
+            event_id=f"su{i}",
+        )
+        for i in range(n)
+    ]
+
+
+RULES_ONLY = DetectionConfig(model_registry="none")
+
+
+def test_unexplained_surge_against_the_users_own_days(ctx):
+    # three fully explained days: a history of 0 unexplained patients a day (days with none
+    # count; without them there would be no history and no finding)
+    history = _worked_days("n-orth", "P2", 3)
+    _, alerts = run(ctx, history + _surge_day("n-orth", 6), RULES_ONLY)
+    assert len(alerts) == 1
+    a = alerts[0]
+    assert "unexplained-surge" in a.detector
+    assert a.event_ids == [f"su{i}" for i in range(6)]
+    assert a.reason.startswith(
+        "6 patients with no care relationship today, against 0 on a usual day of their own; "
+    )
+    # five is below the rule's floor, and no other rule adds up to a case
+    _, alerts = run(ctx, history + _surge_day("n-orth", 5), RULES_ONLY)
+    assert alerts == []
+
+
+def test_unexplained_surge_is_relative_to_the_users_habit(ctx):
+    # someone with 2 unexplained look-ups on a usual day needs 4 x 2 = 8
+    history = _worked_days("n-orth", "P2", 3, unexplained_per_day=2)
+    eng, alerts = run(ctx, history + _surge_day("n-orth", 7), RULES_ONLY)
+    assert not any("unexplained-surge" in a.detector for a in alerts)
+    assert list(eng.users["n-orth"].days["unexplained-surge"].history) == [2, 2, 2]
+    eng, alerts = run(ctx, history + _surge_day("n-orth", 8), RULES_ONLY)
+    assert any("unexplained-surge" in a.detector for a in alerts)
+
+
+def test_documentation_takes_back_an_unexplained_surge(ctx):
+    # the sixth chart was a consult: a note on it within the grace period explains it, today's
+    # count falls back to five and the surge no longer holds
+    note = ev(
+        "n-orth", "X5", action="create", resource="DocumentReference", at="2026-03-05T12:30:00"
+    )
+    events = _worked_days("n-orth", "P2", 3) + _surge_day("n-orth", 6) + [note]
+    eng = Engine(ctx, RULES_ONLY)
+    emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
+    assert emitted[0].detector[0] == "unexplained-surge"
+    assert emitted[-1].status == "retracted"
+    assert collapse(emitted) == []
+    dc = eng.users["n-orth"].days["unexplained-surge"]
+    assert dc.unexplained_patients == {f"X{i}" for i in range(5)}
+    # tomorrow's history counts the day as five unexplained patients, not six
+    eng.process(AccessEvent.from_dict(ev("n-orth", "P2", at="2026-03-06T09:00:00")))
+    assert list(dc.history) == [0, 0, 0, 5]
+
+
+def test_unexplained_surge_counts_survive_a_restore(ctx):
+    history = _worked_days("n-orth", "P2", 3)
+    eng = Engine(ctx, RULES_ONLY)
+    for d in history:
+        eng.process(AccessEvent.from_dict(d))
+    restored = Engine.restore(ctx, RULES_ONLY, eng.snapshot())
+    assert restored.users["n-orth"].days["unexplained-surge"].unexplained_only
+    # five unexplained and one explained patient: six in all, but five of the kind counted
+    day = _surge_day("n-orth", 5) + [ev("n-orth", "P2", at="2026-03-05T12:00:00")]
+    out = []
+    for d in day:
+        out += restored.process(AccessEvent.from_dict(d))
+    out += restored.flush()
+    assert out == []
+
+
 def test_exceptions_suppress_and_are_counted(ctx):
     cfg = DetectionConfig(exceptions=[Exception_(id="ex-1", rule="bulk-export", user_id="n-card")])
     events = [

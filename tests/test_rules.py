@@ -92,6 +92,21 @@ def _doc(**kw):
         ({"aggregate": {"count": "distinct patient_id", "timespan": "soon", "gte": 3}}, "timespan"),
         ({"aggregate": {"count": "distinct patient_id", "timespan": "1h"}}, "gte"),
         ({"aggregate": {"count": "median", "timespan": "1h", "gte": 2}}, "aggregate count"),
+        (
+            {"aggregate": {"count": "distinct patient_id", "timespan": "day", "gte": 2, "of": "x"}},
+            "'of' must be all or unexplained",
+        ),
+        (
+            {
+                "aggregate": {
+                    "count": "distinct patient_id",
+                    "timespan": "1h",
+                    "gte": 2,
+                    "of": "unexplained",
+                }
+            },
+            "'of' needs timespan 'day'",
+        ),
     ],
 )
 def test_bad_rule_documents_are_rejected_with_a_reason(change, message):
