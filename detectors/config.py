@@ -140,6 +140,15 @@ class DetectionConfig:
         data = data.get("detection", data)
         return cls.from_dict(data, source=str(path))
 
+    @staticmethod
+    def file_sets(path: str | Path | None, key: str) -> bool:
+        """Whether the config file at ``path`` sets ``key`` itself (rather than leaving the
+        default)."""
+        if path is None:
+            return False
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return isinstance(data, dict) and key in data.get("detection", data)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> DetectionConfig:
         names = {f.name for f in fields(cls)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, time, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 DEFAULT_TIMEZONE = "Asia/Shanghai"
@@ -21,6 +23,29 @@ def zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown zone {name!r}") from None
+
+
+def recorded_timezone(directory: str | Path) -> str | None:
+    """The hospital timezone a data directory records in its ``manifest.json``
+    (``emrwatch simulate`` writes ``parameters.timezone``; a top-level ``timezone`` is read
+    too), or None when it records none. A zone the manifest names but this machine does not
+    know is a ``ValueError``: guessing another would misplace every shift."""
+    path = Path(directory) / "manifest.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    params = doc.get("parameters")
+    name = doc.get("timezone") or (params.get("timezone") if isinstance(params, dict) else None)
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        zone(name)
+    except ValueError:
+        raise ValueError(f"{path}: unknown zone {name!r}") from None
+    return name
 
 
 class LocalClock:

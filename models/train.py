@@ -37,6 +37,7 @@ import orjson
 from detectors.config import DetectionConfig
 from detectors.engine import Engine
 from emrwatch.context import Context
+from emrwatch.timeutil import recorded_timezone
 from models.batch import CASE_FEATURE_NAMES, VERDICTS_C, fit_isolation, fit_verdicts
 from models.community import learn_communities, learn_priors
 from models.features import FEATURE_NAMES, FEATURES
@@ -455,6 +456,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DATE",
         help="only verdicts decided at or after this (YYYY-MM-DD or ISO timestamp)",
     )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="detection configuration (YAML): the margins and timezone the engine replays with",
+    )
+    p.add_argument(
+        "--timezone",
+        default=None,
+        help="hospital timezone for shifts and local days (default: the config's, else the "
+        "one the directories' manifest.json records, else Asia/Shanghai)",
+    )
     p.add_argument("--registry", default=None, help="default: the registry shipped in models/")
     p.add_argument("--no-promote", action="store_true")
     p.add_argument(
@@ -482,13 +494,47 @@ def main(argv: list[str] | None = None) -> int:
         missing = [str(d) for d in dirs if not (d / "labels.csv").is_file()]
         if missing:
             p.error(f"no labels.csv in {', '.join(missing)}: give one, or --verdicts STORE_URL")
+    config = _config(p, a.config, a.timezone, dirs)
     try:
-        out = _run(a, p, reg, dirs, verdicts)
+        out = _run(a, p, reg, dirs, verdicts, config)
     except TrainingError as exc:
         print(f"python -m models.train: {exc}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(out).decode() + "\n")
     return 0
+
+
+def _config(
+    p: argparse.ArgumentParser, path: str | None, timezone: str | None, dirs: list[Path]
+) -> DetectionConfig:
+    """The config to replay the history with. Shift and local-day features are only right in
+    the hospital's own timezone: ``--timezone``, else the config file's, else the one the
+    directories record (they must agree), else the default."""
+    try:
+        cfg = DetectionConfig.load(path)
+    except (OSError, ValueError) as exc:
+        p.error(f"--config: {exc}")
+    if timezone:
+        return replace(cfg, timezone=timezone)
+    if DetectionConfig.file_sets(path, "timezone"):
+        return cfg
+    try:
+        recorded = {str(d): recorded_timezone(d) for d in dirs}
+    except ValueError as exc:
+        p.error(f"{exc}; give --timezone")
+    zones = {z for z in recorded.values() if z is not None}
+    if len(zones) > 1:
+        p.error(
+            "the directories record different timezones "
+            f"({', '.join(f'{d}: {z}' for d, z in recorded.items() if z)}): "
+            "train one hospital at a time, or give --timezone"
+        )
+    if zones:
+        (zone,) = zones
+        if zone != cfg.timezone:
+            _log(f"timezone {zone}, as the directories' manifest.json records")
+            return replace(cfg, timezone=zone)
+    return cfg
 
 
 def _log(msg: str) -> None:
@@ -502,6 +548,7 @@ def _run(
     reg: ModelRegistry,
     dirs: list[Path],
     verdicts: Verdicts | None,
+    config: DetectionConfig | None = None,
 ) -> dict[str, str]:
     from models.runtime import load_bundle
 
@@ -515,11 +562,12 @@ def _run(
             bundle,
             bundle.versions["visits"],
             not a.no_promote,
+            config,
             log=_log,
             verdicts=verdicts,
         )
     else:
-        out = train(dirs, reg, promote=not a.no_promote, log=_log, verdicts=verdicts)
+        out = train(dirs, reg, promote=not a.no_promote, config=config, log=_log, verdicts=verdicts)
     return out
 
 

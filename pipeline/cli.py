@@ -7,23 +7,37 @@ import json
 import sys
 from pathlib import Path
 
-from emrwatch.timeutil import DEFAULT_TIMEZONE
+from emrwatch.timeutil import DEFAULT_TIMEZONE, recorded_timezone
 from pipeline.replay import default_workers
 
 
-def _config(path: str | None, timezone: str | None):  # type: ignore[no-untyped-def]
+def _config(path: str | None, timezone: str | None, data: str | None = None):  # type: ignore[no-untyped-def]
+    """The detection config at ``path``; ``timezone`` (``--timezone``) wins, then the file's
+    own, then the one the data directory ``data`` records (a simulated hospital's manifest)."""
     from detectors.config import DetectionConfig
 
     cfg = DetectionConfig.load(path)
     if timezone:
         cfg.timezone = timezone
+    elif data is not None and not DetectionConfig.file_sets(path, "timezone"):
+        try:
+            recorded = recorded_timezone(data)
+        except ValueError as exc:
+            raise SystemExit(f"emrwatch: {exc}; give --timezone") from None
+        if recorded is not None and recorded != cfg.timezone:
+            print(
+                f"emrwatch: timezone {recorded}, as {Path(data) / 'manifest.json'} records "
+                "(--timezone overrides)",
+                file=sys.stderr,
+            )
+            cfg.timezone = recorded
     return cfg
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.replay import preview_exceptions, replay_file, write_alerts
 
-    cfg = _config(args.config, args.timezone)
+    cfg = _config(args.config, args.timezone, args.context)
     if args.stream:
         from pipeline.streaming import replay_stream
 
@@ -77,7 +91,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate, format_report
 
-    cfg = _config(args.config, args.timezone)
+    cfg = _config(args.config, args.timezone, args.data)
     report = evaluate(args.data, cfg, cfg.timezone, workers=args.workers)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -127,6 +141,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_rules_simulate(args: argparse.Namespace) -> int:
     """``emrwatch rules simulate``: the report of :mod:`pipeline.whatif`."""
+    from detectors.config import DetectionConfig
     from detectors.rules import RuleError
     from pipeline.whatif import CandidateError, format_change, simulate_change
 
@@ -140,10 +155,14 @@ def cmd_rules_simulate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    current = _config(args.config, args.timezone)
+    current = _config(args.config, args.timezone, args.context)
     if args.rules_dir:
         current.rules_dir = args.rules_dir
-    candidate = _config(args.candidate_config, args.timezone) if args.candidate_config else None
+    candidate = None
+    if args.candidate_config:
+        candidate = _config(args.candidate_config, args.timezone)
+        if not args.timezone and not DetectionConfig.file_sets(args.candidate_config, "timezone"):
+            candidate.timezone = current.timezone  # the same hospital unless it says otherwise
     try:
         report = simulate_change(
             args.context,

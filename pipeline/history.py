@@ -133,10 +133,12 @@ def export_history(
     client_config: dict[str, Any] | None = None,
     timeout: float = 300.0,
     pseudonymizer: Pseudonymizer | None = None,
+    timezone: str | None = None,
 ) -> dict[str, Any]:
     """Write the access and context topics of ``layout`` to ``out``; returns the manifest.
     With ``pseudonymizer``, patient identifiers, names and addresses are replaced by keyed
-    tokens (see :class:`Pseudonymizer`)."""
+    tokens (see :class:`Pseudonymizer`). ``timezone``, the hospital's, goes into the
+    manifest, where replay, evaluate and training take it as their default."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
@@ -243,6 +245,8 @@ def export_history(
         },
         "pseudonymized": pseudonymizer.describe() if pseudonymizer is not None else None,
     }
+    if timezone:
+        manifest["timezone"] = timezone
     with _private(out / "manifest.json", "wb") as fh:
         fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
@@ -387,6 +391,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     start = _when(args.start, "--from", parser)
     end = _when(args.end, "--to", parser)
     client: dict[str, Any] = {}
+    timezone = None
     if args.config:
         from pipeline.stream_config import StreamConfigError, load_settings
 
@@ -398,6 +403,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         bootstrap = settings.kafka.bootstrap_servers
         layout = settings.topics
         client = settings.kafka.kafka_python()
+        timezone = settings.timezone
     else:
         bootstrap, layout = args.bootstrap, TopicLayout()
     if args.prefix:
@@ -415,7 +421,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             parser.error(f"--pseudonymize-key-env: {exc}")
     try:
         m = export_history(
-            bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer
+            bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer, timezone
         )
     except HistoryError as exc:
         print(f"emrwatch history: {exc}", file=sys.stderr)

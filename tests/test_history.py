@@ -17,6 +17,7 @@ import pytest
 
 from connectors.readers import read_events
 from emrwatch.events import AccessEvent
+from emrwatch.timeutil import recorded_timezone
 from pipeline.evaluate import find_events_file
 from pipeline.replay import replay_file
 from pipeline.simulate import simulate
@@ -115,6 +116,7 @@ def test_exported_history_replays_to_the_same_alerts(
     assert ts == sorted(ts)
 
     manifest = json.loads((out / "manifest.json").read_text())
+    assert "timezone" not in manifest  # no configuration: the zone is not known here
     s = manifest["summary"]
     assert s["events"] == len(events) and s["records"]["unreadable"] == 1
     assert s["records"]["markers"] >= harness.layout.partitions
@@ -153,10 +155,14 @@ def test_a_window_of_event_time(harness: Any, hospital: Path, tmp_path: Path) ->
     ts = sorted(AccessEvent.from_dict(e).ts for e in events)
     lo, hi = ts[len(ts) // 4], ts[len(ts) // 2]
     out = tmp_path / "window"
-    p = _history(
-        "--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix,
-        "--out", str(out), "--from", lo, "--to", hi,
-    )  # fmt: skip
+    # the workers' own configuration names the broker, the topics and the hospital's zone
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"kafka: {{bootstrap_servers: '{harness.bootstrap}'}}\n"
+        f"topics: {{prefix: '{harness.layout.prefix}'}}\n"
+        "context: {timezone: America/Chicago}\n"
+    )
+    p = _history("--config", str(cfg), "--out", str(out), "--from", lo, "--to", hi)
     assert p.returncode == 0, p.stderr
     lo_t, hi_t = (
         AccessEvent.from_dict({**events[0], "ts": lo}).t,
@@ -167,6 +173,9 @@ def test_a_window_of_event_time(harness: Any, hospital: Path, tmp_path: Path) ->
     assert sorted(got) == want and 0 < len(got) < len(events)
     m = json.loads((out / "manifest.json").read_text())
     assert m["summary"]["records"]["outside_window"] == len(events) - len(want)
+    # replay, evaluate and training of the export take the hospital's zone from here
+    assert m["timezone"] == "America/Chicago"
+    assert recorded_timezone(out) == "America/Chicago"
 
 
 def test_each_user_keeps_the_order_the_stream_received(harness: Any, tmp_path: Path) -> None:

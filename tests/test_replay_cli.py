@@ -172,3 +172,75 @@ def test_rules_test_command_catches_a_broken_threshold(tmp_path):
     )
     assert bad.returncode == 1
     assert "FAIL denied-probing" in bad.stdout and "positive example 1 did not fire" in bad.stdout
+
+
+def _detectors(path: Path) -> set[str]:
+    return {d for line in path.read_bytes().splitlines() for d in orjson.loads(line)["detector"]}
+
+
+def test_the_timezone_a_hospital_directory_records_is_the_default(hospital, tmp_path):
+    # 12 unrelated charts at 10:00 in New York: on the nurse's 07:00-15:00 shift there, but
+    # 23:00 in Shanghai, where the same burst is off-hours bulk viewing
+    events = tmp_path / "e.jsonl"
+    events.write_bytes(
+        b"".join(
+            orjson.dumps(ev("n-orth", f"X{i}", ts=f"2026-03-02T10:{2 * i:02d}:00-05:00")) + b"\n"
+            for i in range(12)
+        )
+    )
+    (hospital / "manifest.json").write_text('{"parameters": {"timezone": "America/New_York"}}')
+
+    def replay(*extra: str) -> tuple[set[str], str]:
+        out = tmp_path / "a.jsonl"
+        proc = subprocess.run(
+            [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
+            + ["--alerts", str(out), *extra],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return _detectors(out), proc.stderr
+
+    found, err = replay()
+    assert "off-hours-bulk" not in found and "no-care-relationship" in found
+    assert "timezone America/New_York" in err and "manifest.json" in err
+    found, _ = replay("--timezone", "Asia/Shanghai")  # the flag wins
+    assert "off-hours-bulk" in found
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("timezone: Asia/Shanghai\n")
+    found, err = replay("--config", str(cfg))  # so does a config that names a zone
+    assert "off-hours-bulk" in found and "manifest.json" not in err
+    # a zone this machine does not know is refused, not replaced by a guess
+    (hospital / "manifest.json").write_text('{"timezone": "Mars/Olympus"}')
+    proc = subprocess.run(
+        [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
+        + ["--alerts", str(tmp_path / "b.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "unknown zone 'Mars/Olympus'" in proc.stderr
+
+
+def test_training_takes_the_timezone_its_directories_record(tmp_path):
+    import argparse
+
+    from models.train import _config
+
+    p = argparse.ArgumentParser()
+    ny, chi, bare = tmp_path / "ny", tmp_path / "chi", tmp_path / "bare"
+    for d, doc in (
+        (ny, '{"parameters": {"timezone": "America/New_York"}}'),
+        (chi, '{"timezone": "America/Chicago"}'),
+        (bare, None),
+    ):
+        d.mkdir()
+        if doc:
+            (d / "manifest.json").write_text(doc)
+    assert _config(p, None, None, [ny, bare]).timezone == "America/New_York"
+    assert _config(p, None, None, [bare]).timezone == "Asia/Shanghai"
+    assert _config(p, None, "Europe/Oslo", [ny, chi]).timezone == "Europe/Oslo"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("detection:\n  timezone: Europe/Oslo\n")
+    assert _config(p, str(cfg), None, [ny]).timezone == "Europe/Oslo"
+    with pytest.raises(SystemExit):  # two hospitals, two zones: which one is not guessed
+        _config(p, None, None, [ny, chi])
