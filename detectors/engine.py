@@ -211,6 +211,19 @@ REL_CACHE_SIZE = 64
 _INF = float("inf")
 
 
+def work_day_start(shift: bool, start_min: int, end_min: int) -> int:
+    """Where a user's working day begins, in seconds after local midnight: at midnight,
+    unless their shift runs across it (23:00–07:00); then in the middle of their hours off
+    (15:00), so that one night's work is one day for the day counts (``timespan: day``).
+
+    >>> work_day_start(True, 23 * 60, 7 * 60) // 3600, work_day_start(True, 7 * 60, 15 * 60)
+    (15, 0)
+    """
+    if shift and start_min > end_min:
+        return (start_min + end_min) * 30
+    return 0
+
+
 class _UserInfo:
     """What the context says about one user, valid for one context version."""
 
@@ -226,6 +239,7 @@ class _UserInfo:
         "shift",
         "shift_start",
         "shift_end",
+        "day_start",
         "clearance",
         "grants",
     )
@@ -259,6 +273,7 @@ class _UserInfo:
             self.valid_from, self.valid_until = _INF, -_INF
             self.clearance = 0
             self.shift, self.shift_start, self.shift_end = False, 0, 0
+        self.day_start = work_day_start(self.shift, self.shift_start, self.shift_end)
 
 
 class _Rel:
@@ -681,7 +696,8 @@ class Engine:
                 dc = st.days.get(rule.id)
                 if dc is None:
                     dc = st.days[rule.id] = DayCounter(agg.of == "unexplained")
-                day = int(lt // 86400)
+                # the user's working day: one night shift is one day
+                day = int((lt - self._user_cache[user_id].day_start) // 86400)
                 if day != dc.day:
                     dc.roll(day, cfg.volume_history_days)
                 dc.patients.add(patient_id)

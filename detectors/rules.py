@@ -21,7 +21,8 @@ selection names with ``and``, ``or``, ``not`` and parentheses.
 
 An optional ``aggregate`` block turns the rule into a correlation over an event-time window
 per user (``count: events | distinct <field> | switches <field>``, ``timespan``, ``gte``),
-or per local day against the user's own history (``timespan: day``, ``baseline_ratio``;
+or per working day (local; a night shift is one day) against the user's own history
+(``timespan: day``, ``baseline_ratio``;
 ``of: unexplained`` counts only today's patients no reason explains, against the user's
 own days of them).
 """

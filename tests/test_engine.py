@@ -6,7 +6,7 @@ import pytest
 
 from detectors.config import DetectionConfig, Exception_
 from detectors.engine import Engine, UserState
-from emrwatch.context import Context
+from emrwatch.context import Context, write_context_csv
 from emrwatch.events import AccessEvent
 from pipeline.replay import collapse
 from tests.hospital import ev, write_hospital
@@ -295,6 +295,29 @@ def test_documentation_takes_back_an_unexplained_surge(ctx):
     # tomorrow's history counts the day as five unexplained patients, not six
     eng.process(AccessEvent.from_dict(ev("n-orth", "P2", at="2026-03-06T09:00:00")))
     assert list(dc.history) == [0, 0, 0, 5]
+
+
+def test_a_night_shift_is_one_working_day(tmp_path):
+    # a night nurse (23:00-07:00): six unexplained charts in one night, three before midnight
+    # and three after, are one day's six, not two calendar days' three
+    from tests.hospital import STAFF, _staff
+
+    directory = write_hospital(tmp_path / "h")
+    night = _staff("n-night", "nurse", "ORTH", shift=("23:00", "07:00"), family="Lu")
+    write_context_csv(directory / "staff.csv", "staff", [*STAFF, night])
+    nctx = Context.load(directory)
+    events = []
+    for d in (2, 3, 4):  # three nights of explained work
+        events.append(ev("n-night", "P2", at=f"2026-03-{d:02d}T23:30:00"))
+        events.append(ev("n-night", "P2", at=f"2026-03-{d + 1:02d}T05:00:00"))
+    times = ["05T23:10", "05T23:30", "05T23:50", "06T00:20", "06T00:40", "06T01:00"]
+    events += [
+        ev("n-night", f"X{i}", at=f"2026-03-{t}:00", event_id=f"nn{i}") for i, t in enumerate(times)
+    ]
+    eng, alerts = run(nctx, events, RULES_ONLY)
+    assert [a.detector[0] for a in alerts] == ["unexplained-surge"]
+    assert alerts[0].event_ids == [f"nn{i}" for i in range(6)]
+    assert list(eng.users["n-night"].days["unexplained-surge"].history) == [0, 0, 0]
 
 
 def test_unexplained_surge_counts_survive_a_restore(ctx):
