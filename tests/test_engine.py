@@ -261,7 +261,8 @@ def test_unexplained_surge_against_the_users_own_days(ctx):
     assert "unexplained-surge" in a.detector
     assert a.event_ids == [f"su{i}" for i in range(6)]
     assert a.reason.startswith(
-        "6 patients with no care relationship today, against 0 on a usual day of their own; "
+        "6 patients with no care relationship in one working day, "
+        "against 0 on a usual day of their own; "
     )
     # five is below the rule's floor, and no other rule adds up to a case
     _, alerts = run(ctx, history + _surge_day("n-orth", 5), RULES_ONLY)
