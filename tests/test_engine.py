@@ -234,7 +234,7 @@ def _worked_days(user, patient, days, unexplained_per_day=0):
     return out
 
 
-def _surge_day(user, n, day="2026-03-05"):
+def _surge_day(user, n, day="2026-03-07"):
     """``n`` reads of distinct unrelated patients 40 minutes apart: too slow and too few for the
     no-care risk alone (0.15 a patient) or any windowed rule."""
     return [
@@ -252,9 +252,9 @@ RULES_ONLY = DetectionConfig(model_registry="none")
 
 
 def test_unexplained_surge_against_the_users_own_days(ctx):
-    # three fully explained days: a history of 0 unexplained patients a day (days with none
+    # five fully explained days: a history of 0 unexplained patients a day (days with none
     # count; without them there would be no history and no finding)
-    history = _worked_days("n-orth", "P2", 3)
+    history = _worked_days("n-orth", "P2", 5)
     _, alerts = run(ctx, history + _surge_day("n-orth", 6), RULES_ONLY)
     assert len(alerts) == 1
     a = alerts[0]
@@ -267,14 +267,18 @@ def test_unexplained_surge_against_the_users_own_days(ctx):
     # five is below the rule's floor, and no other rule adds up to a case
     _, alerts = run(ctx, history + _surge_day("n-orth", 5), RULES_ONLY)
     assert alerts == []
+    # four days are too short a history to call a day unusual (a working week is needed)
+    short = _worked_days("n-orth", "P2", 4)
+    _, alerts = run(ctx, short + _surge_day("n-orth", 6, day="2026-03-06"), RULES_ONLY)
+    assert alerts == []
 
 
 def test_unexplained_surge_is_relative_to_the_users_habit(ctx):
     # someone with 2 unexplained look-ups on a usual day needs 4 x 2 = 8
-    history = _worked_days("n-orth", "P2", 3, unexplained_per_day=2)
+    history = _worked_days("n-orth", "P2", 5, unexplained_per_day=2)
     eng, alerts = run(ctx, history + _surge_day("n-orth", 7), RULES_ONLY)
     assert not any("unexplained-surge" in a.detector for a in alerts)
-    assert list(eng.users["n-orth"].days["unexplained-surge"].history) == [2, 2, 2]
+    assert list(eng.users["n-orth"].days["unexplained-surge"].history) == [2] * 5
     eng, alerts = run(ctx, history + _surge_day("n-orth", 8), RULES_ONLY)
     assert any("unexplained-surge" in a.detector for a in alerts)
 
@@ -283,9 +287,9 @@ def test_documentation_takes_back_an_unexplained_surge(ctx):
     # the sixth chart was a consult: a note on it within the grace period explains it, today's
     # count falls back to five and the surge no longer holds
     note = ev(
-        "n-orth", "X5", action="create", resource="DocumentReference", at="2026-03-05T12:30:00"
+        "n-orth", "X5", action="create", resource="DocumentReference", at="2026-03-07T12:30:00"
     )
-    events = _worked_days("n-orth", "P2", 3) + _surge_day("n-orth", 6) + [note]
+    events = _worked_days("n-orth", "P2", 5) + _surge_day("n-orth", 6) + [note]
     eng = Engine(ctx, RULES_ONLY)
     emitted = [a for d in events for a in eng.process(AccessEvent.from_dict(d))]
     assert emitted[0].detector[0] == "unexplained-surge"
@@ -294,8 +298,8 @@ def test_documentation_takes_back_an_unexplained_surge(ctx):
     dc = eng.users["n-orth"].days["unexplained-surge"]
     assert dc.unexplained_patients == {f"X{i}" for i in range(5)}
     # tomorrow's history counts the day as five unexplained patients, not six
-    eng.process(AccessEvent.from_dict(ev("n-orth", "P2", at="2026-03-06T09:00:00")))
-    assert list(dc.history) == [0, 0, 0, 5]
+    eng.process(AccessEvent.from_dict(ev("n-orth", "P2", at="2026-03-08T09:00:00")))
+    assert list(dc.history) == [0] * 5 + [5]
 
 
 def test_a_night_shift_is_one_working_day(tmp_path):
@@ -308,28 +312,28 @@ def test_a_night_shift_is_one_working_day(tmp_path):
     write_context_csv(directory / "staff.csv", "staff", [*STAFF, night])
     nctx = Context.load(directory)
     events = []
-    for d in (2, 3, 4):  # three nights of explained work
+    for d in range(2, 7):  # five nights of explained work
         events.append(ev("n-night", "P2", at=f"2026-03-{d:02d}T23:30:00"))
         events.append(ev("n-night", "P2", at=f"2026-03-{d + 1:02d}T05:00:00"))
-    times = ["05T23:10", "05T23:30", "05T23:50", "06T00:20", "06T00:40", "06T01:00"]
+    times = ["07T23:10", "07T23:30", "07T23:50", "08T00:20", "08T00:40", "08T01:00"]
     events += [
         ev("n-night", f"X{i}", at=f"2026-03-{t}:00", event_id=f"nn{i}") for i, t in enumerate(times)
     ]
     eng, alerts = run(nctx, events, RULES_ONLY)
     assert [a.detector[0] for a in alerts] == ["unexplained-surge"]
     assert alerts[0].event_ids == [f"nn{i}" for i in range(6)]
-    assert list(eng.users["n-night"].days["unexplained-surge"].history) == [0, 0, 0]
+    assert list(eng.users["n-night"].days["unexplained-surge"].history) == [0] * 5
 
 
 def test_unexplained_surge_counts_survive_a_restore(ctx):
-    history = _worked_days("n-orth", "P2", 3)
+    history = _worked_days("n-orth", "P2", 5)
     eng = Engine(ctx, RULES_ONLY)
     for d in history:
         eng.process(AccessEvent.from_dict(d))
     restored = Engine.restore(ctx, RULES_ONLY, eng.snapshot())
     assert restored.users["n-orth"].days["unexplained-surge"].unexplained_only
     # five unexplained and one explained patient: six in all, but five of the kind counted
-    day = _surge_day("n-orth", 5) + [ev("n-orth", "P2", at="2026-03-05T12:00:00")]
+    day = _surge_day("n-orth", 5) + [ev("n-orth", "P2", at="2026-03-07T12:00:00")]
     out = []
     for d in day:
         out += restored.process(AccessEvent.from_dict(d))
