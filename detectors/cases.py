@@ -393,6 +393,7 @@ class AlertBuilder:
         findings: list[dict[str, Any]] = []
         all_ev: dict[str, Evidence] = {}
         flagged_by: dict[str, list[str]] = {}  # event id → the rules it is evidence for
+        why_said = False  # the alert's reason says once why the user has no care relationship
         for rid in order:
             rule = rules[rid]
             evs = sorted(case.evidence[rid].values(), key=lambda ev: (ev[1], ev[0]))
@@ -411,7 +412,13 @@ class AlertBuilder:
                 text = rule.reason.format(**values)
             except (KeyError, IndexError, ValueError):
                 text = rule.title
-            parts.append(text)
+            part = text
+            if "{unexplained_why}" in rule.reason:
+                if why_said:
+                    # the same words (they depend on the user only) once is enough
+                    part = part.replace(values["unexplained_why"], "").strip().rstrip(";,").strip()
+                why_said = True
+            parts.append(part)
             findings.append(
                 {
                     "rule": rid,

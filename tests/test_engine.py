@@ -142,6 +142,14 @@ def test_coworker_vip_family_self(ctx):
     assert "family-snooping" in by_first["fam1"].detector
     assert "self-access" in by_first["self1"].detector
     assert by_first["self1"].severity == "medium"
+    # the coworker and no-care findings share a patient and a why: the alert says it once,
+    # each finding keeps its own whole reason
+    cw = by_first["cw1"]
+    assert cw.detector == ["coworker-snooping", "no-care-relationship"]
+    why = "not attending, not under care of CARD"
+    assert cw.reason.count(why) == 1 and not cw.reason.endswith(";")
+    assert "opened 1 patient record(s) with no care relationship" in cw.reason
+    assert all(why in f["reason"] for f in cw.findings)
 
 
 def test_bulk_export_evidence_is_the_whole_burst(ctx):
