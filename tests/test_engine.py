@@ -185,6 +185,15 @@ def test_credential_sharing_and_denied_probing(ctx):
     assert "denied-probing" in dets["n-orth"]
 
 
+def test_sensitivity_above_clearance_says_both(ctx):
+    _, alerts = run(ctx, [ev("c-bill", "P-PSY", at="2026-03-02T10:00:00", event_id="psy1")])
+    (a,) = alerts
+    assert a.detector[0] == "sensitivity-above-clearance" and a.event_ids == ["psy1"]
+    assert a.reason.startswith(
+        "Opened 1 record(s) of sensitivity 4, above the user's clearance of 1, 1 time(s) "
+    )
+
+
 def test_vendor_out_of_grant_and_clerk_reading_notes(ctx):
     events = [ev("v-it", "P1", action="export", at="2026-03-02T10:00:00")]
     events += [
