@@ -94,12 +94,31 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
     in_alert: set[str] = set()
     user_alerted_events: dict[str, set[str]] = defaultdict(set)
     true_alerts = 0
+    by_rule: dict[str, dict[str, int]] = defaultdict(lambda: {"alerts": 0, "false": 0})
+    false_list: list[dict[str, Any]] = []
     for a in alerts:
         ids = set(a.event_ids)
         in_alert |= ids
         user_alerted_events[a.user_id] |= ids
-        if any(i in labels for i in ids):
+        true = any(i in labels for i in ids)
+        if true:
             true_alerts += 1
+        else:
+            false_list.append(
+                {
+                    "alert_id": a.alert_id,
+                    "user_id": a.user_id,
+                    "role": a.role,
+                    "department_id": a.department_id,
+                    "detector": list(a.detector),
+                    "severity": a.severity,
+                    "first_seen": a.first_seen,
+                    "events": len(a.event_ids),
+                }
+            )
+        for rid in a.detector:
+            by_rule[rid]["alerts"] += 1
+            by_rule[rid]["false"] += 0 if true else 1
     by_scn_events: dict[str, list[str]] = defaultdict(list)
     by_scn_users: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for eid, (scn, uid) in labels.items():
@@ -144,6 +163,10 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         else 0.0,
         "replay_events_per_s": round(res.events_per_s),
         "scenarios": scenarios,
+        # where to look when tuning: each rule's alerts (an alert counts for every rule in
+        # it) and the false ones, and every false alert
+        "by_rule": {rid: by_rule[rid] for rid in sorted(by_rule)},
+        "false_alert_list": sorted(false_list, key=lambda f: (f["first_seen"], f["alert_id"])),
     }
 
 
@@ -165,6 +188,17 @@ def format_report(r: dict[str, Any]) -> str:
             f"{scn:32} {s['events']:7d} {s['event_recall']:9.3f} {s['users']:5d} {s['user_recall']:9.3f}  "
             + ",".join(s["missed_users"][:6])
         )
+    if r.get("by_rule"):
+        lines += ["", f"{'rule (in alerts)':32} {'alerts':>7} {'false':>6}"]
+        for rid, n in r["by_rule"].items():
+            lines.append(f"{rid:32} {n['alerts']:7d} {n['false']:6d}")
+    if r.get("false_alert_list"):
+        lines += ["", "false alerts"]
+        for f in r["false_alert_list"]:
+            lines.append(
+                f"  {f['first_seen'][:16]}  {f['user_id']} ({f['role']}, {f['department_id']})  "
+                f"{'+'.join(f['detector'])}  {f['severity']}, {f['events']} events  {f['alert_id']}"
+            )
     return "\n".join(lines)
 
 
