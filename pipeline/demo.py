@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from emrwatch.timeutil import DEFAULT_TIMEZONE, recorded_timezone
 from pipeline.stream_config import KafkaSettings, StreamSettings
 from pipeline.topics import TopicLayout, ensure_topics
 
@@ -263,6 +264,10 @@ def run_demo(args: argparse.Namespace) -> int:
         if isinstance(e, AccessEvent)
     ]
     patients = _patient_ids(data)
+    try:  # a hospital directory of another zone (simulate --timezone) is judged in its own
+        zone_name = recorded_timezone(data) or DEFAULT_TIMEZONE
+    except ValueError as exc:
+        raise SystemExit(f"emrwatch demo: {exc}") from None
 
     stop = threading.Event()
     if args.duration:
@@ -274,6 +279,7 @@ def run_demo(args: argparse.Namespace) -> int:
         settings = StreamSettings(
             kafka=KafkaSettings(bootstrap_servers=broker.bootstrap),
             topics=TopicLayout(prefix="emrwatch", partitions=args.partitions),
+            timezone=zone_name,
         )
         settings = replace(settings, worker=replace(settings.worker, group_id=group))
         ensure_topics(broker.bootstrap, settings.topics, groups=[group])
