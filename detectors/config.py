@@ -7,11 +7,14 @@ unknown keys are an error, so a typo does not silently leave a default in place.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from emrwatch.timeutil import recorded_timezone
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -41,6 +44,20 @@ NON_CLINICAL_RESOURCES = (
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used."""
+
+
+class TimezoneError(ConfigError):
+    """The hospital's timezone cannot be told from its data directories."""
+
+
+def _read(path: str | Path | None) -> dict[str, Any]:
+    """A detection config file's settings (top level or under ``detection:``); {} for none."""
+    if path is None:
+        return {}
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data.get("detection", data)  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -132,22 +149,48 @@ class DetectionConfig:
 
     @classmethod
     def load(cls, path: str | Path | None) -> DetectionConfig:
-        if path is None:
-            return cls()
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = data.get("detection", data)
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(_read(path), source=str(path)) if path is not None else cls()
 
-    @staticmethod
-    def file_sets(path: str | Path | None, key: str) -> bool:
-        """Whether the config file at ``path`` sets ``key`` itself (rather than leaving the
-        default)."""
-        if path is None:
-            return False
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        return isinstance(data, dict) and key in data.get("detection", data)
+    @classmethod
+    def load_for(
+        cls,
+        path: str | Path | None,
+        timezone: str | None = None,
+        data_dirs: Iterable[str | Path] = (),
+        fallback: str | None = None,
+    ) -> tuple[DetectionConfig, str | None]:
+        """The config at ``path`` for a hospital's data, its timezone resolved: ``timezone``
+        (a command's ``--timezone``) if given, else the file's own, else the zone the
+        ``data_dirs`` record in their ``manifest.json`` (they must agree), else
+        ``fallback``, else the default. Returns the config and the recorded zone when it
+        was taken from there and differs from the default (the caller says so). A zone a
+        manifest names that is unknown, or directories that disagree: ``TimezoneError``."""
+        data = _read(path)
+        cfg = cls.from_dict(data, source=str(path)) if path is not None else cls()
+        if timezone:
+            cfg.timezone = timezone
+            return cfg, None
+        if "timezone" in data:
+            return cfg, None
+        try:
+            recorded = {str(d): z for d in data_dirs if (z := recorded_timezone(d))}
+        except ValueError as exc:
+            raise TimezoneError(str(exc)) from None
+        if len(set(recorded.values())) > 1:
+            raise TimezoneError(
+                "the directories record different timezones ("
+                + ", ".join(f"{d}: {z}" for d, z in recorded.items())
+                + "): one hospital at a time"
+            )
+        if recorded:
+            (zone,) = set(recorded.values())
+            if zone != cfg.timezone:
+                cfg.timezone = zone
+                return cfg, zone
+            return cfg, None
+        if fallback:
+            cfg.timezone = fallback
+        return cfg, None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> DetectionConfig:

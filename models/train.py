@@ -34,10 +34,9 @@ from typing import Any
 
 import orjson
 
-from detectors.config import DetectionConfig
+from detectors.config import DetectionConfig, TimezoneError
 from detectors.engine import Engine
 from emrwatch.context import Context
-from emrwatch.timeutil import recorded_timezone
 from models.batch import CASE_FEATURE_NAMES, VERDICTS_C, fit_isolation, fit_verdicts
 from models.community import learn_communities, learn_priors
 from models.features import FEATURE_NAMES, FEATURES
@@ -511,29 +510,13 @@ def _config(
     the hospital's own timezone: ``--timezone``, else the config file's, else the one the
     directories record (they must agree), else the default."""
     try:
-        cfg = DetectionConfig.load(path)
+        cfg, recorded = DetectionConfig.load_for(path, timezone, dirs)
+    except TimezoneError as exc:
+        p.error(f"{exc}; give --timezone")
     except (OSError, ValueError) as exc:
         p.error(f"--config: {exc}")
-    if timezone:
-        return replace(cfg, timezone=timezone)
-    if DetectionConfig.file_sets(path, "timezone"):
-        return cfg
-    try:
-        recorded = {str(d): recorded_timezone(d) for d in dirs}
-    except ValueError as exc:
-        p.error(f"{exc}; give --timezone")
-    zones = {z for z in recorded.values() if z is not None}
-    if len(zones) > 1:
-        p.error(
-            "the directories record different timezones "
-            f"({', '.join(f'{d}: {z}' for d, z in recorded.items() if z)}): "
-            "train one hospital at a time, or give --timezone"
-        )
-    if zones:
-        (zone,) = zones
-        if zone != cfg.timezone:
-            _log(f"timezone {zone}, as the directories' manifest.json records")
-            return replace(cfg, timezone=zone)
+    if recorded is not None:
+        _log(f"timezone {recorded}, as the directories' manifest.json records")
     return cfg
 
 

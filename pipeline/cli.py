@@ -7,30 +7,32 @@ import json
 import sys
 from pathlib import Path
 
-from emrwatch.timeutil import DEFAULT_TIMEZONE, recorded_timezone
+from emrwatch.timeutil import DEFAULT_TIMEZONE
 from pipeline.replay import default_workers
 
 
-def _config(path: str | None, timezone: str | None, data: str | None = None):  # type: ignore[no-untyped-def]
-    """The detection config at ``path``; ``timezone`` (``--timezone``) wins, then the file's
-    own, then the one the data directory ``data`` records (a simulated hospital's manifest)."""
-    from detectors.config import DetectionConfig
+def _config(  # type: ignore[no-untyped-def]
+    path: str | None,
+    timezone: str | None,
+    data: str | None = None,
+    fallback: str | None = None,
+):
+    """The detection config at ``path``, its timezone from ``--timezone``, the file, the data
+    directory ``data``'s manifest or ``fallback`` (:meth:`DetectionConfig.load_for`)."""
+    from detectors.config import DetectionConfig, TimezoneError
 
-    cfg = DetectionConfig.load(path)
-    if timezone:
-        cfg.timezone = timezone
-    elif data is not None and not DetectionConfig.file_sets(path, "timezone"):
-        try:
-            recorded = recorded_timezone(data)
-        except ValueError as exc:
-            raise SystemExit(f"emrwatch: {exc}; give --timezone") from None
-        if recorded is not None and recorded != cfg.timezone:
-            print(
-                f"emrwatch: timezone {recorded}, as {Path(data) / 'manifest.json'} records "
-                "(--timezone overrides)",
-                file=sys.stderr,
-            )
-            cfg.timezone = recorded
+    try:
+        cfg, recorded = DetectionConfig.load_for(
+            path, timezone, [data] if data is not None else (), fallback
+        )
+    except TimezoneError as exc:
+        raise SystemExit(f"emrwatch: {exc}; give --timezone") from None
+    if recorded is not None:
+        print(
+            f"emrwatch: timezone {recorded}, as {Path(data or '.') / 'manifest.json'} records "
+            "(--timezone overrides)",
+            file=sys.stderr,
+        )
     return cfg
 
 
@@ -141,7 +143,6 @@ def cmd_rules(args: argparse.Namespace) -> int:
 
 def cmd_rules_simulate(args: argparse.Namespace) -> int:
     """``emrwatch rules simulate``: the report of :mod:`pipeline.whatif`."""
-    from detectors.config import DetectionConfig
     from detectors.rules import RuleError
     from pipeline.whatif import CandidateError, format_change, simulate_change
 
@@ -158,11 +159,12 @@ def cmd_rules_simulate(args: argparse.Namespace) -> int:
     current = _config(args.config, args.timezone, args.context)
     if args.rules_dir:
         current.rules_dir = args.rules_dir
-    candidate = None
-    if args.candidate_config:
-        candidate = _config(args.candidate_config, args.timezone)
-        if not args.timezone and not DetectionConfig.file_sets(args.candidate_config, "timezone"):
-            candidate.timezone = current.timezone  # the same hospital unless it says otherwise
+    # the candidate judges the same hospital unless it names another zone
+    candidate = (
+        _config(args.candidate_config, args.timezone, fallback=current.timezone)
+        if args.candidate_config
+        else None
+    )
     try:
         report = simulate_change(
             args.context,
