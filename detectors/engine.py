@@ -156,6 +156,11 @@ class DayCounter:
         self.history: deque[int] = deque(maxlen=14)
         self.unexplained_only = unexplained_only
 
+    @classmethod
+    def for_aggregate(cls, agg: Aggregate) -> DayCounter:
+        """A counter for a day rule: of unexplained patients only with ``of: unexplained``."""
+        return cls(agg.of == "unexplained")
+
     def count(self) -> int:
         """Today's count: distinct patients, or distinct unexplained ones."""
         return len(self.unexplained_patients if self.unexplained_only else self.patients)
@@ -695,7 +700,7 @@ class Engine:
                 # today's distinct count, inlined up to the thresholds: it runs for most events
                 dc = st.days.get(rule.id)
                 if dc is None:
-                    dc = st.days[rule.id] = DayCounter(agg.of == "unexplained")
+                    dc = st.days[rule.id] = DayCounter.for_aggregate(agg)
                 # the user's working day: one night shift is one day
                 day = int((lt - self._user_cache[user_id].day_start) // 86400)
                 if day != dc.day:
@@ -836,13 +841,14 @@ class Engine:
     def _day_fires(
         self, rule: Rule, st: UserState, dc: DayCounter, explained: bool, ev: Evidence
     ) -> tuple[list[Evidence], dict[str, Any] | None]:
-        """Today's count passed the rule's thresholds: against the user's own history?"""
+        """Today's count passed the cheap thresholds :meth:`ingest` checks inlined: does it
+        hold (:meth:`DayCounter.holds`), and with what evidence?"""
         agg = rule.aggregate
         assert agg is not None
+        if not dc.holds(agg):  # the thresholds are the ones the rule's examples are run on
+            return [], None
         n = dc.count()
         base = statistics.median(dc.history)
-        if n < agg.baseline_ratio * base:
-            return [], None
         extras = {
             "day_patients": n,
             "baseline": round(base, 1),
@@ -959,7 +965,7 @@ class Engine:
                 rule = self.rule_by_id.get(rid)
                 if rule is None or rule.aggregate is None:
                     continue
-                dc = st.days[rid] = DayCounter(rule.aggregate.of == "unexplained")
+                dc = st.days[rid] = DayCounter.for_aggregate(rule.aggregate)
                 dc.day = day
                 dc.fired = fired
                 dc.patients = set(patients)

@@ -28,7 +28,7 @@ def fires(rule: Rule, example: Any) -> bool:
     if agg is None:
         return bool(rule.predicate(_facts(example)))
     if agg.count == "day_distinct":
-        dc = DayCounter(agg.of == "unexplained")
+        dc = DayCounter.for_aggregate(agg)
         dc.history.extend(example.get("history", []))
         for i, group in enumerate(example.get("day", [])):
             for j in range(int(group.get("count", 1))):
