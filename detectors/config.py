@@ -108,6 +108,9 @@ class DetectionConfig:
     service_margin_s: float = 24 * HOUR  # service departments after an encounter ends
     admin_after_discharge_s: float = 45 * DAY  # records/billing on discharged patients
     emergency_margin_s: float = 2 * HOUR  # ED registration lag
+    #: on duty this long before a shift starts and after it ends (handover, late charting):
+    #: only accesses further out are "outside the user's shift"
+    shift_grace_s: float = 30 * 60
     grant_only_roles: tuple[str, ...] = ("vendor", "researcher")
     clerk_roles: tuple[str, ...] = ("clerk",)
     non_clinical_resources: tuple[str, ...] = NON_CLINICAL_RESOURCES
@@ -211,6 +214,11 @@ class DetectionConfig:
         missing = {"low", "medium", "high", "critical"} - set(cfg.level_weights)
         if missing:
             raise ConfigError(f"{source}: level_weights lacks {sorted(missing)}")
+        if not 0 <= cfg.shift_grace_s <= 12 * HOUR:
+            raise ConfigError(
+                f"{source}: shift_grace_s must be between 0 and {12 * HOUR:.0f} seconds, "
+                f"not {cfg.shift_grace_s!r}"
+            )
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ engine: the stream is keyed by user), and can be snapshotted for crash recovery.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
@@ -212,6 +213,7 @@ class UserState:
 
 
 #: a user's relationship cache is cleared when it holds more patients than this
+log = logging.getLogger(__name__)
 REL_CACHE_SIZE = 64
 _INF = float("inf")
 
@@ -229,6 +231,47 @@ def work_day_start(shift: bool, start_min: int, end_min: int) -> int:
     return 0
 
 
+_WARNED: set[tuple[str, float, float]] = set()
+
+
+def _warn_trained_otherwise(
+    cfg: DetectionConfig, trained: dict[str, Any], versions: dict[str, str]
+) -> None:
+    """Say once per model version when the config's shift grace is not the one the visit
+    models were trained with: their ``off_shift`` then means something else live."""
+    grace = trained.get("shift_grace_s")
+    if grace is None or float(grace) == cfg.shift_grace_s:
+        return
+    key = (versions.get("visits", ""), float(grace), cfg.shift_grace_s)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(
+            "shift_grace_s is %g s but visit models %s were trained with %g s: their "
+            "off-shift feature means something else here; retrain with this config",
+            cfg.shift_grace_s,
+            key[0],
+            float(grace),
+        )
+
+
+def duty_window(shift: bool, start_min: int, end_min: int, grace_min: int) -> tuple[int, int]:
+    """The minutes of the day a user is on duty, as (start, end) with end exclusive and
+    wrapping midnight when start > end: their shift widened by ``grace_min`` either side.
+    (0, 0) means always on duty: no shift set, or hours off no longer than twice the grace.
+
+    >>> duty_window(True, 7 * 60, 19 * 60, 30), duty_window(True, 23 * 60, 7 * 60, 30)
+    ((390, 1170), (1350, 450))
+    >>> duty_window(True, 8 * 60, 20 * 60, 6 * 60), duty_window(False, 0, 0, 30)
+    ((0, 0), (0, 0))
+    """
+    if not shift:
+        return 0, 0
+    length = (end_min - start_min) % 1440
+    if length + 2 * grace_min >= 1440:
+        return 0, 0
+    return (start_min - grace_min) % 1440, (end_min + grace_min) % 1440
+
+
 class _UserInfo:
     """What the context says about one user, valid for one context version."""
 
@@ -244,6 +287,8 @@ class _UserInfo:
         "shift",
         "shift_start",
         "shift_end",
+        "duty_start",
+        "duty_end",
         "day_start",
         "clearance",
         "grants",
@@ -257,6 +302,7 @@ class _UserInfo:
         in_ed: bool,
         static: dict[str, Any],
         grants: list[Grant] | None,
+        grace_min: int = 0,
     ) -> None:
         self.version = version
         self.staff = staff
@@ -279,6 +325,11 @@ class _UserInfo:
             self.clearance = 0
             self.shift, self.shift_start, self.shift_end = False, 0, 0
         self.day_start = work_day_start(self.shift, self.shift_start, self.shift_end)
+        #: the minutes of the day the user counts as on duty: the shift widened by the grace;
+        #: duty_start == duty_end means always on duty (no shift, or the grace closes the gap)
+        self.duty_start, self.duty_end = duty_window(
+            self.shift, self.shift_start, self.shift_end, grace_min
+        )
 
 
 class _Rel:
@@ -350,6 +401,7 @@ class Engine:
         self.builder.feature_words = FEATURES
         if self.models is not None:
             self.builder.model_versions = self.models.versions
+            _warn_trained_otherwise(self.cfg, self.models.bundle.detection, self.models.versions)
         self.users: dict[str, UserState] = {}
         self.grant_only = frozenset(self.cfg.grant_only_roles)
         self.clerks = frozenset(self.cfg.clerk_roles)
@@ -365,6 +417,7 @@ class Engine:
         self.unexplained_ids: set[str] | None = None
         self._user_cache: dict[str, _UserInfo] = {}
         self._documented_window = self.cfg.documented_window_s
+        self._grace_min = int(self.cfg.shift_grace_s // 60)
         self._reason_tuples: dict[tuple[str, ...], int] = {}  # reason codes → events
         self._reason_order: list[str] = []
         self._hour0 = self._hour1 = 0.0  # the hour whose UTC offset is cached
@@ -417,7 +470,15 @@ class Engine:
             "grant_only_role": role in self.grant_only,
             "clerk_role": role in self.clerks,
         }
-        info = _UserInfo(ctx.version, staff, dept_kind, in_ed, static, ctx.grants.get(user_id))
+        info = _UserInfo(
+            ctx.version,
+            staff,
+            dept_kind,
+            in_ed,
+            static,
+            ctx.grants.get(user_id),
+            self._grace_min,
+        )
         self._user_cache[user_id] = info
         return info
 
@@ -491,9 +552,9 @@ class Engine:
         staff = info.staff
         if staff is not None:
             active = info.valid_from <= t < info.valid_until
-            if info.shift:
+            s0, s1 = info.duty_start, info.duty_end
+            if s0 != s1:
                 m = int((lt % 86400) // 60)  # LocalClock.minute_of_day
-                s0, s1 = info.shift_start, info.shift_end
                 off_shift = not (s0 <= m < s1) if s0 < s1 else not (m >= s0 or m < s1)
             else:
                 off_shift = False

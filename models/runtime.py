@@ -95,6 +95,9 @@ class ModelBundle:
     hst_calibration: TailCalibration | None = None
     case_model: CaseScorer | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    #: the detection settings the visit models were trained with (their metadata's
+    #: ``detection``): features such as ``off_shift`` mean what these made them mean
+    detection: dict[str, Any] = field(default_factory=dict)
 
 
 def visits_artifact(bundle: ModelBundle) -> dict[str, Any]:
@@ -142,6 +145,7 @@ def load_bundle(registry: ModelRegistry) -> ModelBundle | None:
     v = promoted["visits"]
     bundle = bundle_from_artifact(registry.load_json("visits", v, "visits.json"))
     bundle.versions = {"visits": v}
+    bundle.detection = dict(registry.metadata("visits", v).get("detection") or {})
     c = promoted.get("cases")
     if c is not None:
         meta = registry.metadata("cases", c)

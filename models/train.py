@@ -239,7 +239,7 @@ def train(
     import pandas as pd
 
     params = behaviour or BehaviourParams()
-    meta_common = _provenance(data_dirs, verdicts)
+    meta_common = _provenance(data_dirs, verdicts, config)
     # 1. priors
     visits: list[dict[str, Any]] = []
     accesses: list[dict[str, Any]] = []
@@ -296,7 +296,9 @@ def train(
     return {"visits": v_version, **out}
 
 
-def _provenance(data_dirs: list[Path], verdicts: Verdicts | None = None) -> dict[str, Any]:
+def _provenance(
+    data_dirs: list[Path], verdicts: Verdicts | None = None, config: DetectionConfig | None = None
+) -> dict[str, Any]:
     hashes = []
     windows = []
     seeds: list[Any] = []
@@ -313,6 +315,8 @@ def _provenance(data_dirs: list[Path], verdicts: Verdicts | None = None) -> dict
     out: dict[str, Any] = {
         "training_data": windows,
         "data_hash": data_hash(*hashes),
+        # the settings that shape the features: a run with others gets a warning
+        "detection": {"shift_grace_s": (config or DetectionConfig()).shift_grace_s},
         "labels": verdicts.describe()
         if verdicts is not None
         else {"source": "labels.csv of each training directory"},
@@ -346,7 +350,7 @@ def train_cases(
     With analysts' ``verdicts``, a case that shares an access with an alert nobody has
     decided is left out of the classifier (the unsupervised IsolationForest still sees it)."""
     meta = {
-        **(meta_common or _provenance(data_dirs, verdicts)),
+        **(meta_common or _provenance(data_dirs, verdicts, config)),
         "visits_version": visits_version,
     }
     cases: list[dict[str, Any]] = []

@@ -383,3 +383,45 @@ def test_mid_stream_seal_takes_effect_at_once(tmp_path):
     )
     alerts = eng.process(AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:45:00")))
     assert alerts and alerts[0].detector == ["sealed-record-touch"]
+
+
+@pytest.mark.parametrize(
+    ("at", "grace_s", "off"),
+    [
+        ("2026-03-02T06:50:00", 30 * 60, False),  # ten minutes early for a 07:00 shift
+        ("2026-03-02T06:20:00", 30 * 60, True),  # forty minutes early
+        ("2026-03-02T15:25:00", 30 * 60, False),  # charting after a 15:00 end
+        ("2026-03-02T15:35:00", 30 * 60, True),
+        ("2026-03-02T06:50:00", 0, True),  # no grace: the shift's own hours only
+        ("2026-03-02T14:59:00", 0, False),
+    ],
+)
+def test_off_shift_allows_a_grace_either_side_of_the_shift(ctx, at, grace_s, off):
+    eng = Engine(ctx, DetectionConfig(shift_grace_s=grace_s))
+    assert (
+        eng.facts(AccessEvent.from_dict(ev("n-card", "P1", at=at)), UserState())["off_shift"] is off
+    )
+
+
+def test_a_grace_longer_than_the_hours_off_means_always_on_duty(tmp_path):
+    from tests.hospital import STAFF, _staff
+
+    directory = write_hospital(tmp_path / "h")
+    long = _staff("n-long", "nurse", "ORTH", shift=("20:00", "18:00"), family="Ma")
+    write_context_csv(directory / "staff.csv", "staff", [*STAFF, long])
+    lctx = Context.load(directory)
+    at = ev("n-long", "P1", at="2026-03-02T19:00:00")
+    assert Engine(lctx, DetectionConfig(shift_grace_s=1800)).facts(
+        AccessEvent.from_dict(at), UserState()
+    )["off_shift"]
+    assert not Engine(lctx, DetectionConfig(shift_grace_s=3600)).facts(
+        AccessEvent.from_dict(at), UserState()
+    )["off_shift"]
+
+
+@pytest.mark.parametrize("value", [-60, 13 * 3600])
+def test_shift_grace_out_of_range_is_a_config_error(value):
+    from detectors.config import ConfigError
+
+    with pytest.raises(ConfigError, match="shift_grace_s"):
+        DetectionConfig.from_dict({"shift_grace_s": value})

@@ -252,6 +252,8 @@ def test_full_training_on_verdicts_keeps_undecided_visits_out_of_the_baselines(
     assert registry.promoted() == {"visits": out["visits"], "cases": out["cases"]}
     meta = registry.metadata("visits", out["visits"])
     assert meta["labels"]["confirmed_alerts"] == len(triaged.confirmed)
+    # the settings that shape the features, so a run with other ones can say so
+    assert meta["detection"] == {"shift_grace_s": DetectionConfig().shift_grace_s}
     m = meta["metrics"]
     assert m["misuse_visits"] > 0 and m["undecided_visits"] > 0
     assert m["ordinary_visits"] == m["visits"] - m["misuse_visits"] - m["undecided_visits"]

@@ -6,6 +6,7 @@ Small simulated hospitals keep this fast; the held-out quality of the models is 
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import shutil
@@ -170,6 +171,31 @@ def test_shipped_registry_has_metadata_and_loads_safely() -> None:
     assert bundle.case_model.kind == "verdicts"
     assert bundle.versions == promoted
     assert bundle.behaviour.height <= 8
+    # trained before shift_grace_s existed: no record, so no warning for any grace
+    assert bundle.detection == {}
+
+
+def test_a_shift_grace_other_than_the_models_was_trained_with_is_warned_once(
+    ctx: Context, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    import detectors.engine
+
+    root = tmp_path / "registry"
+    shutil.copytree(DEFAULT_REGISTRY, root)
+    visits = ModelRegistry(root).promoted()["visits"]
+    meta_path = root / "visits" / visits / "metadata.json"
+    meta = orjson.loads(meta_path.read_bytes())
+    meta["detection"] = {"shift_grace_s": 1800.0}  # what models.train records
+    meta_path.write_bytes(orjson.dumps(meta))
+    detectors.engine._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="detectors.engine"):
+        Engine(ctx, DetectionConfig(model_registry=str(root)))
+        assert caplog.records == []
+        Engine(ctx, DetectionConfig(model_registry=str(root), shift_grace_s=0))
+        Engine(ctx, DetectionConfig(model_registry=str(root), shift_grace_s=0))
+    (record,) = caplog.records
+    assert "trained with 1800 s" in record.getMessage()
+    assert "shift_grace_s is 0 s" in record.getMessage()
 
 
 # ------------------------------------------------------------------ engine integration
