@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from detectors.alerts import Alert
+from detectors.alerts import SEVERITIES, Alert
 from detectors.cases import (
     LEARNED_RULE,
     LEARNED_RULE_ID,
@@ -95,8 +95,13 @@ class Window:
         self.switches = 0
         self._track = distinct
 
-    def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> None:
+    def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> bool:
+        """Add an access at event time ``t``. One that arrives late (behind the newest) is put
+        in its place in time; one older than the window's span behind the newest is too
+        late to correlate and is left out: returns False."""
         entries = self.entries
+        if entries and t < entries[-1][0]:
+            return self._insert_late(t, key, explained, ev, span)
         switched = bool(entries) and entries[-1][1] != key
         entries.append((t, key, switched, explained, ev))
         track = self._track
@@ -107,7 +112,7 @@ class Window:
             self.switches += 1
         horizon = t - span
         if entries[0][0] >= horizon:
-            return
+            return True
         while entries and entries[0][0] < horizon:
             _, k, sw, _, _ = entries.popleft()
             if sw:
@@ -123,6 +128,28 @@ class Window:
                 head = entries[0]
                 entries[0] = (head[0], head[1], False, head[3], head[4])
                 self.switches -= 1
+        return True
+
+    def _insert_late(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> bool:
+        """A late access, in its place in time among the entries (after those of the same
+        time), with the switches around it recounted. Nothing leaves the window: its
+        newest time has not moved."""
+        entries = self.entries
+        if t < entries[-1][0] - span:
+            return False
+        i = len(entries) - 1  # goes before entries[i], the first one later than t
+        while i > 0 and entries[i - 1][0] > t:
+            i -= 1
+        # the new head's predecessor is outside the window: no switch
+        switched = i > 0 and entries[i - 1][1] != key
+        after = entries[i]
+        after_switched = after[1] != key
+        self.switches += switched + after_switched - after[2]
+        entries[i] = (after[0], after[1], after_switched, after[3], after[4])
+        entries.insert(i, (t, key, switched, explained, ev))
+        if self._track:
+            self.distinct[key] = self.distinct.get(key, 0) + 1
+        return True
 
     def count(self, kind: str) -> int:
         if kind == "events":
@@ -252,6 +279,10 @@ def _warn_trained_otherwise(
             key[0],
             float(grace),
         )
+
+
+def _level_rank(rule: Rule) -> int:
+    return SEVERITIES.index(rule.level)
 
 
 def duty_window(shift: bool, start_min: int, end_min: int, grace_min: int) -> tuple[int, int]:
@@ -681,7 +712,8 @@ class Engine:
         st = self.users.get(user_id)
         if st is None:
             st = self.users[user_id] = UserState()
-        if t > st.last_t:
+        late = t < st.last_t  # behind the user's newest access: delivered late
+        if not late:
             st.last_t = t
         if not (self._hour0 <= t < self._hour1):  # self._local(t), inlined
             h = int(t // 3600)
@@ -738,22 +770,35 @@ class Engine:
             um = st.models
             if um is None:
                 um = st.models = models.new_user()
-            visits = models.observe(e, f, um, ev)
-            self._open[user_id] = st  # the user has an open visit: the sweep looks at it
-            if visits:
-                for vs in visits:
-                    case = self._learned(st, user_id, vs, case, t)
+            bh = um.behaviour
+            if (
+                late
+                and patient_id not in bh.open
+                and t <= bh.patients.get(patient_id, -_INF) + VISIT_GAP_S
+            ):
+                # the visit this access belongs to is scored already (or it would have
+                # extended it): it is not scored again as a visit of its own
+                pass
+            else:
+                visits = models.observe(e, f, um, ev)
+                self._open[user_id] = st  # the user has an open visit: the sweep looks at it
+                if visits:
+                    for vs in visits:
+                        case = self._learned(st, user_id, vs, case, t)
         matched = self._match_event(f)
         if matched:
             event_rules = self.event_rules
-            for i in matched:
-                rule = event_rules[i]
-                if self.exceptions and self._suppressed(rule, e, f):
-                    continue
-                if case is None:
+            hits = [
+                event_rules[i]
+                for i in matched
+                if not (self.exceptions and self._suppressed(event_rules[i], e, f))
+            ]
+            if hits:
+                if case is None or case.quiet_for(max(hits, key=_level_rank), t, cfg):
                     case = st.case = new_case(user_id, e.event_id, t)
-                case.add(rule, ev)
-                self.finding_counts[rule.id] += 1
+                for rule in hits:
+                    case.add(rule, ev)
+                    self.finding_counts[rule.id] += 1
         agg_rules = self._agg_plan
         for i in self._match_agg(f):
             rule, agg, kind, fld, span, gte = agg_rules[i]
@@ -765,6 +810,8 @@ class Engine:
                 # the user's working day: one night shift is one day
                 day = int((lt - self._user_cache[user_id].day_start) // 86400)
                 if day != dc.day:
+                    if day < dc.day:
+                        continue  # a late access to a day already closed into the history
                     dc.roll(day, cfg.volume_history_days)
                 dc.patients.add(patient_id)
                 if not explained:
@@ -782,7 +829,10 @@ class Engine:
                 w = st.windows.get(rule.id)
                 if w is None:
                     w = st.windows[rule.id] = Window(kind == "distinct")
-                w.push(t, e.event_id if kind == "events" else getattr(e, fld), explained, ev, span)
+                if not w.push(
+                    t, e.event_id if kind == "events" else getattr(e, fld), explained, ev, span
+                ):
+                    continue  # too late to correlate
                 n = (
                     len(w.entries)
                     if kind == "events"
@@ -797,7 +847,7 @@ class Engine:
                 extras = None
             if not fired or (self.exceptions and self._suppressed(rule, e, f)):
                 continue
-            if case is None:
+            if case is None or case.quiet_for(rule, t, cfg):
                 # the id comes from the event that opened the case, which no other case can
                 # share (a window's first event may already belong to a closed case)
                 case = st.case = new_case(user_id, e.event_id, t)

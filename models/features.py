@@ -207,7 +207,8 @@ class Visit:
         ev: tuple[Any, ...],
     ) -> None:
         self.n += 1
-        self.last_t = ev[1]
+        if ev[1] > self.last_t:  # a late access does not move the visit's end back
+            self.last_t = ev[1]
         if not explained:
             self.unexplained += 1
         if write:
@@ -372,6 +373,9 @@ class UserBehaviour:
     def roll(self, t: float, community: str) -> None:
         """A visit starts at ``t``: keep the last hour of visits and the hourly rate."""
         rec = self.recent
+        if rec and t < rec[-1][0]:
+            self._roll_late(t, community)
+            return
         rec.append((t, community))
         comms = self.recent_comms
         comms[community] = comms.get(community, 0) + 1
@@ -391,6 +395,21 @@ class UserBehaviour:
             self.hour = h
             self.hour_count = 0
         self.hour_count += 1
+
+    def _roll_late(self, t: float, community: str) -> None:
+        """A visit that starts behind the newest one (its access arrived late): it counts
+        in the last hour if it falls in it, in its place in time, and in the hourly rate if
+        its hour is the current one; an earlier hour's rate is already settled."""
+        rec = self.recent
+        if t >= rec[-1][0] - HOUR:
+            i = len(rec) - 1
+            while i > 0 and rec[i - 1][0] > t:
+                i -= 1
+            rec.insert(i, (t, community))
+            comms = self.recent_comms
+            comms[community] = comms.get(community, 0) + 1
+        if int(t // HOUR) == self.hour:
+            self.hour_count += 1
 
     # ----------------------------------------------------------------- persistence
     def to_obj(self) -> dict[str, Any]:

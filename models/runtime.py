@@ -388,7 +388,8 @@ class ModelScorer:
                 bh.oldest = t
         # Visit.add, inlined: it runs for every access
         v.n += 1
-        v.last_t = ev[1]
+        if ev[1] > v.last_t:  # a late access does not move the visit's end back
+            v.last_t = ev[1]
         if not f["explained"]:
             v.unexplained += 1
         if f["write"]:

@@ -425,3 +425,96 @@ def test_shift_grace_out_of_range_is_a_config_error(value):
 
     with pytest.raises(ConfigError, match="shift_grace_s"):
         DetectionConfig.from_dict({"shift_grace_s": value})
+
+
+# ------------------------------------------------------------------ accesses that arrive late
+def _window_in_order(kept, span):
+    """What a window holds when the accesses it took come in time order."""
+    if not kept:
+        return [], 0, 0
+    kept = sorted(kept, key=lambda x: x[0])  # stable: equal times stay in arrival order
+    inside = [x for x in kept if x[0] >= kept[-1][0] - span]
+    switches = sum(1 for a, b in zip(inside, inside[1:], strict=False) if a[1] != b[1])
+    return [x[0] for x in inside], switches, len({x[1] for x in inside})
+
+
+def test_a_window_fed_late_accesses_equals_one_fed_in_time_order():
+    import random
+
+    from detectors.engine import Window
+
+    rng = random.Random(20261127)
+    late_seen = dropped = 0
+    for _ in range(2000):
+        span = rng.choice([60, 300, 600])
+        accesses, t = [], 0
+        for k in range(rng.randint(1, 30)):
+            t += rng.choice([0, 5, 20, 60, 200])
+            accesses.append((t, rng.choice("ABC"), f"e{k}"))
+        # a third arrive up to 1.5 spans late: some in the window, some too late for it
+        arrival = sorted(
+            accesses, key=lambda a: a[0] + (rng.uniform(0, 1.5 * span) if rng.random() < 0.3 else 0)
+        )
+        late_seen += arrival != accesses
+        w, kept = Window(True), []
+        for a in arrival:
+            if w.push(a[0], a[1], True, (a[2], a[0]), span):
+                kept.append(a)
+        dropped += len(arrival) - len(kept)
+        times, switches, distinct = _window_in_order(kept, span)
+        assert [x[0] for x in w.entries] == times
+        assert (w.switches, len(w.distinct)) == (switches, distinct)
+        assert not w.entries[0][2]  # the head's predecessor is outside: never a switch
+    assert late_seen > 500 and dropped > 0  # the late paths ran
+
+
+def test_a_late_access_at_another_workstation_is_not_a_switch_back_and_forth(ctx):
+    # the user moves from ws-a to ws-b once; three ws-a accesses made before the move reach
+    # the monitor late, among the ws-b ones: in arrival order that is switching four times
+    at = [("09:00", "ws-a"), ("09:01", "ws-a"), ("09:02", "ws-b"), ("09:03", "ws-b")]
+    late = [("09:01:30", "ws-a"), ("09:01:40", "ws-a"), ("09:01:50", "ws-a")]
+    events = [ev("n-card", "P1", at=f"2026-03-02T{h}:00", workstation=w) for h, w in at[:3]]
+    events += [ev("n-card", "P1", at=f"2026-03-02T{h}", workstation=w) for h, w in late]
+    events += [ev("n-card", "P1", at=f"2026-03-02T{h}:00", workstation=w) for h, w in at[3:]]
+    for i, d in enumerate(events):
+        d["event_id"] = f"late{i}"
+    eng, alerts = run(ctx, events, RULES_ONLY)
+    assert alerts == []
+    assert eng.users["n-card"].windows["credential-sharing"].switches == 1
+
+
+def test_a_late_access_from_a_closed_day_leaves_the_day_history_alone(ctx):
+    eng = Engine(ctx, RULES_ONLY)
+    for d in _worked_days("n-orth", "P2", 5, unexplained_per_day=1):
+        eng.process(AccessEvent.from_dict(d))
+    dc = eng.users["n-orth"].days["unexplained-surge"]
+    history, today = list(dc.history), dc.day
+    late = ev("n-orth", "X39", at="2026-03-05T11:00:00", event_id="late-day")  # day 4, after day 5
+    eng.process(AccessEvent.from_dict(late))
+    assert (list(dc.history), dc.day) == (history, today)
+    assert dc.unexplained_patients == {"X30"}
+
+
+def test_a_named_misuse_days_after_a_quiet_learned_case_opens_its_own(ctx):
+    from detectors.cases import new_case
+
+    eng = Engine(ctx, RULES_ONLY)
+    st = eng.users["n-card"] = UserState()
+    t0 = AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:00:00")).t
+    learned = st.case = new_case("n-card", "learned:v1", t0)
+    learned.add_learned([("v1", t0, "P1", "view", "Observation", "ws-1", 1)], "P1", 3.5, {}, 3.0)
+    # a day later (past case_gap_s, within model_case_gap_s): a relative's chart
+    fam = [
+        a
+        for m in ("00", "01")
+        for a in eng.process(
+            AccessEvent.from_dict(ev("n-card", "P-REL", at=f"2026-03-03T09:{m}:00"))
+        )
+    ]
+    assert st.case is not learned and learned.learned_only()
+    assert {a.alert_id for a in fam} == {st.case.alert_id}
+    assert fam[-1].detector == ["family-snooping", "no-care-relationship"]
+    # a no-care access alone is weak evidence: it joins the learned case it finds
+    st.case = learned
+    eng.process(AccessEvent.from_dict(ev("n-card", "P2", at="2026-03-03T10:00:00")))
+    assert st.case is learned and not learned.learned_only()

@@ -433,3 +433,37 @@ def test_peer_fade_spares_a_first_day_burst_and_survives_a_snapshot() -> None:
     old = um.to_obj()
     del old["fade"]
     assert scorer.restore_user(old).fade_k == 0
+
+
+def test_a_late_visit_takes_its_place_in_the_users_last_hour() -> None:
+    from models.features import HOUR, UserBehaviour
+
+    def fed(starts: list[float]) -> UserBehaviour:
+        b = UserBehaviour()
+        for t in starts:
+            b.roll(t, f"c{int(t) % 3}")
+        return b
+
+    h = 10 * HOUR  # visits at 08:00, then 10:05 … 10:50
+    in_order = [h - 2 * HOUR, h + 300, h + 900, h + 1800, h + 2400, h + 3000]
+    late = fed([h - 2 * HOUR, h + 300, h + 1800, h + 3000, h + 900, h + 2400])
+    ordered = fed(in_order)
+    assert list(late.recent) == list(ordered.recent)
+    assert late.recent_comms == ordered.recent_comms
+    assert (late.hour, late.hour_count, late.hourly) == (
+        ordered.hour,
+        ordered.hour_count,
+        ordered.hourly,
+    )
+    # a visit of an hour already settled (09:55) counts in the last hour's visits, not in the
+    # hourly rate; one older than the last hour (09:30) counts nowhere
+    late.roll(h - 300, "c9")
+    assert late.recent[0] == (h - 300, "c9") and late.recent_comms["c9"] == 1
+    assert (late.hour, late.hour_count, late.hourly) == (
+        ordered.hour,
+        ordered.hour_count,
+        ordered.hourly,
+    )
+    before = (list(late.recent), dict(late.recent_comms))
+    late.roll(h - 1800, "c8")
+    assert (list(late.recent), dict(late.recent_comms)) == before
