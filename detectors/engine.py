@@ -84,7 +84,8 @@ class Window:
     """One correlation rule's event-time window for one user.
 
     ``distinct`` False skips the per-key counts, for windows that never count distinct keys
-    (the engine's ``events`` and ``switches`` windows): :meth:`count` then knows only those."""
+    (the engine's ``switches`` windows). An ``events`` window's keys are event ids, so an
+    access delivered twice counts once."""
 
     __slots__ = ("entries", "distinct", "switches", "_track")
 
@@ -94,6 +95,13 @@ class Window:
         self.distinct: dict[str, int] = {}
         self.switches = 0
         self._track = distinct
+
+    @classmethod
+    def counting(cls, kind: str) -> Window:
+        """A window for an aggregate's ``count`` kind. An ``events`` window counts distinct
+        event ids: a record delivered twice (a connector re-sending after a crash) is one
+        access."""
+        return cls(kind != "switches")
 
     def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> bool:
         """Add an access at event time ``t``. One that arrives late (behind the newest) is put
@@ -152,11 +160,9 @@ class Window:
         return True
 
     def count(self, kind: str) -> int:
-        if kind == "events":
-            return len(self.entries)
-        if kind == "distinct":
-            return len(self.distinct)
-        return self.switches
+        if kind == "switches":
+            return self.switches
+        return len(self.distinct)
 
 
 class DayCounter:
@@ -828,16 +834,12 @@ class Engine:
                 # windowed correlation, inlined: it runs for most events
                 w = st.windows.get(rule.id)
                 if w is None:
-                    w = st.windows[rule.id] = Window(kind == "distinct")
+                    w = st.windows[rule.id] = Window.counting(kind)
                 if not w.push(
                     t, e.event_id if kind == "events" else getattr(e, fld), explained, ev, span
                 ):
                     continue  # too late to correlate
-                n = (
-                    len(w.entries)
-                    if kind == "events"
-                    else (len(w.distinct) if kind == "distinct" else w.switches)
-                )
+                n = w.switches if kind == "switches" else len(w.distinct)
                 if n < gte:
                     continue
                 if agg.evidence == "unexplained":
@@ -1069,7 +1071,7 @@ class Engine:
                 rule = self.rule_by_id.get(rid)
                 if rule is None or rule.aggregate is None:
                     continue
-                w = st.windows[rid] = Window(rule.aggregate.count == "distinct")
+                w = st.windows[rid] = Window.counting(rule.aggregate.count)
                 for t, key, _sw, explained, ev in entries:
                     w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
             for rid, (day, patients, unexplained, history, fired) in o["days"].items():

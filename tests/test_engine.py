@@ -518,3 +518,22 @@ def test_a_named_misuse_days_after_a_quiet_learned_case_opens_its_own(ctx):
     st.case = learned
     eng.process(AccessEvent.from_dict(ev("n-card", "P2", at="2026-03-03T10:00:00")))
     assert st.case is learned and not learned.learned_only()
+
+
+def test_a_record_delivered_twice_is_one_access_for_the_counting_rules(ctx):
+    # ten exports (under bulk-export's 15 an hour), which a connector re-sends after a crash
+    exports = [
+        ev("n-card", "P1", action="export", at=f"2026-03-02T10:{i:02d}:00", event_id=f"x{i}")
+        for i in range(10)
+    ]
+    eng, alerts = run(ctx, exports + exports, RULES_ONLY)
+    assert not any("bulk-export" in a.detector for a in alerts)
+    assert eng.users["n-card"].windows["bulk-export"].count("events") == 10
+    # five more, new ones, make fifteen accesses: now it is bulk
+    more = [
+        ev("n-card", "P1", action="export", at=f"2026-03-02T10:{20 + i:02d}:00", event_id=f"y{i}")
+        for i in range(5)
+    ]
+    _, alerts = run(ctx, exports + exports + more, RULES_ONLY)
+    (bulk,) = [a for a in alerts if "bulk-export" in a.detector]
+    assert len(bulk.event_ids) == 15
