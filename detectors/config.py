@@ -140,6 +140,9 @@ class DetectionConfig:
     #: this much further on, without waiting for the user's next access; an access arriving
     #: later than this behind the newest one starts a new visit
     model_visit_lateness_s: float = 10 * 60
+    #: a streamed access stamped more than this after its record was produced comes from a
+    #: wrong clock: it is judged at the record's time
+    max_clock_ahead_s: float = 300.0
     #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
     model_fusion: bool = True
     #: look for a newly promoted model at most this often (seconds of wall time)

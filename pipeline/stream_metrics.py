@@ -50,6 +50,12 @@ class StreamMetrics:
         self.deadletters = Counter(
             "emrwatch_deadletters", "Records sent to the dead-letter topic", registry=r
         )
+        self.clock_ahead = Counter(
+            "emrwatch_events_clock_ahead",
+            "Accesses stamped after their record was produced (a wrong clock at the source), "
+            "judged at the record's time",
+            registry=r,
+        )
         self.alerts = Counter(
             "emrwatch_alerts_emitted", "Alert versions written to the alert topic", registry=r
         )
@@ -107,6 +113,8 @@ class StreamMetrics:
             self.skipped.inc(res.skipped)
         if res.deadletters:
             self.deadletters.inc(res.deadletters)
+        if getattr(res, "clock_ahead", 0):
+            self.clock_ahead.inc(res.clock_ahead)
         self.on_alerts(alerts, now)
 
     def on_sources(self, counts: dict[Any, int]) -> None:

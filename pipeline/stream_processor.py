@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, is_dataclass
+from dataclasses import replace as dataclass_replace
 from typing import Any, NamedTuple
 
 import orjson
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 H_SRC_TS = "emrwatch-src-ts"  # on alerts: ms timestamp of the access record that changed it
 H_EMIT_TS = "emrwatch-emit-ts"  # on alerts: ms wall time of emission
+
+
+#: a producer timestamp before this (2001-09-09) is no timestamp (Kafka's -1, tests' 1.0)
+MIN_PRODUCER_TS = 1e9
 
 
 class Record(NamedTuple):
@@ -145,6 +150,8 @@ class BatchResult:
     # processed events per raw ``emrwatch-source`` header value (None: no header); the
     # metrics turn these into bounded labels once per batch
     by_source: dict[Any, int] = field(default_factory=dict)
+    # accesses stamped after their record was produced (a wrong clock at the source)
+    clock_ahead: int = 0
 
 
 class AccessProcessor:
@@ -187,6 +194,9 @@ class AccessProcessor:
         self.total_events = 0
         self.total_alerts = 0
         self.total_deadletters = 0
+        self.total_clock_ahead = 0
+        self.max_clock_ahead_s = float(getattr(detection_config, "max_clock_ahead_s", 300.0))
+        self._clock_warned: set[Any] = set()  # sources already warned about
 
     # ----------------------------------------------------------------- engines
     def new_engine(self) -> Any:
@@ -271,6 +281,7 @@ class AccessProcessor:
         from_dict = AccessEvent.from_dict
         loads = orjson.loads
         now = time.time()
+        ahead = self.max_clock_ahead_s
         for rec in records:
             p = rec.partition
             st = parts.get(p)
@@ -308,6 +319,8 @@ class AccessProcessor:
                     continue
             try:
                 e = from_dict(loads(rec.value))  # type: ignore[arg-type]
+                if e.t > rec.timestamp + ahead and rec.timestamp > MIN_PRODUCER_TS:
+                    e = self._from_wrong_clock(e, rec, src, res)
                 st.engine.ingest(e)
             except Exception as exc:  # noqa: BLE001 - every per-event error is routed, never raised
                 st.deadletters += 1
@@ -334,6 +347,7 @@ class AccessProcessor:
         self._drain(touched, res)
         self.total_events += res.processed
         self.total_deadletters += res.deadletters
+        self.total_clock_ahead += res.clock_ahead
         if self.metrics is not None:
             self.metrics.on_batch(res, (), now)
         if res.acks:
@@ -406,6 +420,27 @@ class AccessProcessor:
             "writer": self.snapshots.writer_id if self.snapshots is not None else "",
             "group": self.group,
         }
+
+    def _from_wrong_clock(
+        self, e: AccessEvent, rec: Record, src: Any, res: BatchResult
+    ) -> AccessEvent:
+        """An access stamped after its record was produced: its source's clock is wrong
+        (ahead), and its time would move the user's and the partition's event time on with
+        it, splitting every visit and window around it. It is judged at the record's time
+        (the record keeps its own stamp). Warned once per source, counted always."""
+        res.clock_ahead += 1
+        if src not in self._clock_warned and len(self._clock_warned) < 64:
+            self._clock_warned.add(src)
+            name = src.decode(errors="replace") if isinstance(src, bytes) else src
+            log.warning(
+                "source %s: access %s stamped %.1f h after its record was produced (a wrong "
+                "clock at the source?): judged at the record's time, as are any more "
+                "(emrwatch_events_clock_ahead counts them)",
+                name or "unknown",
+                e.event_id,  # not a person's identifier: where to find the record
+                (e.t - rec.timestamp) / 3600,
+            )
+        return dataclass_replace(e, t=rec.timestamp)
 
     # ----------------------------------------------------------------- state
     def housekeeping(self, force_snapshot: bool = False) -> None:

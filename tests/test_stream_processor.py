@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from emrwatch.context import Context
 from pipeline.stream_processor import AccessProcessor, Record
 from pipeline.stream_state import Snapshot
-from pipeline.topics import CONTROL_HEADER, TopicLayout
+from pipeline.topics import CONTROL_HEADER, H_SOURCE, TopicLayout
 from tests.conftest import synthetic_hospital
 
 
@@ -167,3 +168,35 @@ def test_layout_names() -> None:
     lay = TopicLayout(prefix="h1")
     assert lay.access == "h1.access" and lay.context("sealed") == "h1.context.sealed"
     assert lay.raw("fhir") == "h1.raw.fhir" and lay.snapshots("g") == "h1.snapshots.g"
+
+
+def test_an_access_stamped_after_its_record_was_produced_is_judged_at_the_records_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source whose clock runs a day ahead: its access would move the user's and the
+    partition's event time a day on and split every visit and window around it."""
+    from emrwatch.events import parse_ts
+
+    proc, _out, _snaps, events = _processor(tmp_path, 40)
+    proc.adopt(0, None)
+
+    def record(i: int, d: dict[str, Any], produced: float) -> Record:
+        return Record(0, i, d["user_id"].encode(), orjson.dumps(d), [(H_SOURCE, b"pacs")], produced)
+
+    recs = [record(i, d, parse_ts(d["ts"]) + 2.0) for i, d in enumerate(events[:30])]
+    produced = parse_ts(events[30]["ts"]) + 2.0
+    wrong = dict(events[30], ts="2026-03-03T09:00:00+08:00", event_id="wrong-clock")
+    late_ok = dict(events[31], event_id="a-minute-ahead")  # within max_clock_ahead_s
+    recs.append(record(30, wrong, produced))
+    recs.append(record(31, late_ok, parse_ts(late_ok["ts"]) - 60.0))
+    with caplog.at_level("WARNING", logger="pipeline.stream_processor"):
+        res = proc.process(recs)
+    assert res.processed == 32 and res.clock_ahead == 1 and proc.total_clock_ahead == 1
+    assert "source pacs: access wrong-clock stamped 26.0 h after" in caplog.text
+    engine = proc.parts[0].engine
+    # neither the partition's nor the user's event time jumped a day
+    assert engine.watermark < parse_ts("2026-03-02T12:00:00+08:00")
+    assert engine.users[wrong["user_id"]].last_t <= produced
+    # records without a producer timestamp (tests' 1.0, Kafka's -1) are taken as stamped
+    res = proc.process(_records([dict(events[32], ts="2026-03-04T09:00:00+08:00")], start=32))
+    assert res.clock_ahead == 0 and engine.watermark == parse_ts("2026-03-04T09:00:00+08:00")
