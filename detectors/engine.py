@@ -58,6 +58,9 @@ class EngineStats:
     findings: dict[str, int] = field(default_factory=dict)
     suppressed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     unexplained_ids: set[str] = field(default_factory=set)
+    #: accesses more than :data:`FAR_BEHIND_S` behind a newer one of the same user: a source
+    #: far behind the others, or a wrong clock that stamped that newer one ahead
+    far_behind: int = 0
 
     @property
     def explained_share(self) -> float:
@@ -77,6 +80,7 @@ class EngineStats:
             add(self.findings, other.findings),
             sup,
             self.unexplained_ids | other.unexplained_ids,
+            self.far_behind + other.far_behind,
         )
 
 
@@ -248,6 +252,8 @@ class UserState:
 #: a user's relationship cache is cleared when it holds more patients than this
 log = logging.getLogger(__name__)
 REL_CACHE_SIZE = 64
+#: an access this far behind a newer one of the same user is counted (EngineStats.far_behind)
+FAR_BEHIND_S = 6 * 3600.0
 _INF = float("inf")
 
 
@@ -452,6 +458,7 @@ class Engine:
         self._clock = context.clock
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
+        self.far_behind = 0  # see EngineStats.far_behind
         self._user_cache: dict[str, _UserInfo] = {}
         self._documented_window = self.cfg.documented_window_s
         self._grace_min = int(self.cfg.shift_grace_s // 60)
@@ -721,6 +728,8 @@ class Engine:
         late = t < st.last_t  # behind the user's newest access: delivered late
         if not late:
             st.last_t = t
+        elif st.last_t - t > FAR_BEHIND_S:
+            self.far_behind += 1
         if not (self._hour0 <= t < self._hour1):  # self._local(t), inlined
             h = int(t // 3600)
             self._hour0, self._hour1 = h * 3600.0, (h + 1) * 3600.0
@@ -1037,6 +1046,7 @@ class Engine:
             findings=dict(self.finding_counts),
             suppressed={k: list(v) for k, v in self.suppressed.items()},
             unexplained_ids=set(self.unexplained_ids or ()),
+            far_behind=self.far_behind,
         )
 
     # ------------------------------------------------------------------ snapshots

@@ -37,6 +37,7 @@ def _config(  # type: ignore[no-untyped-def]
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from detectors.engine import FAR_BEHIND_S
     from pipeline.replay import preview_exceptions, replay_file, write_alerts
 
     cfg = _config(args.config, args.timezone, args.context)
@@ -67,6 +68,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{res.stats.explained_share:.1%} explained; {n} alerts → {args.alerts}",
         file=sys.stderr,
     )
+    if res.stats.far_behind:
+        print(
+            f"replay: warning: {res.stats.far_behind} access(es) came more than "
+            f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user: a source far "
+            "behind the others, or a wrong clock stamping accesses ahead; the user's windows "
+            "and visits around them may be split (README: Input)",
+            file=sys.stderr,
+        )
     if args.preview_exceptions:
         report = preview_exceptions(
             args.context, args.events, args.format, cfg.timezone, cfg, workers=args.workers

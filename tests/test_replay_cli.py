@@ -244,3 +244,27 @@ def test_training_takes_the_timezone_its_directories_record(tmp_path):
     assert _config(p, str(cfg), None, [ny]).timezone == "Europe/Oslo"
     with pytest.raises(SystemExit):  # two hospitals, two zones: which one is not guessed
         _config(p, None, None, [ny, chi])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_replay_warns_of_accesses_far_behind_a_newer_one(hospital, tmp_path, workers):
+    # n-card's second access is stamped a day ahead (a wrong clock); the next three are then
+    # a day behind the newest access replay has seen of the user
+    stamps = ["02T09:00", "03T09:05", "02T09:10", "02T09:15", "02T09:20"]
+    lines = [
+        _fhir(ev("n-card", "P1", at=f"2026-03-{s}:00", event_id=f"e{i}"))
+        for i, s in enumerate(stamps)
+    ]
+    lines.append(_fhir(ev("n-orth", "P2", at="2026-03-02T09:30:00", event_id="o1")))
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    run = [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
+    run += ["--alerts", str(tmp_path / "alerts.jsonl"), "--workers", str(workers)]
+    proc = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 3 access(es) came more than 6 h behind a newer one" in proc.stderr
+    in_order = tmp_path / "in-order.ndjson"
+    in_order.write_bytes(b"\n".join([lines[0], *lines[2:]]) + b"\n")
+    run[run.index(str(events))] = str(in_order)
+    proc = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
