@@ -21,6 +21,7 @@ threshold even when its learned evidence alone would pass it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from detectors.alerts import SEVERITIES, Alert, alert_id_for
@@ -226,14 +227,18 @@ class Case:
     def learned_only(self) -> bool:
         return len(self.evidence) == 1 and LEARNED_RULE_ID in self.evidence
 
-    def quiet_for(self, rule: Rule, t: float, cfg: DetectionConfig) -> bool:
-        """Does ``rule``'s finding at ``t`` open a case of its own instead of joining this
-        one? A case of learned evidence only stays open longer (``model_case_gap_s``) to add
-        up slow browsing, and a low-level finding (no care relationship) still joins it:
-        weak evidence is weighed together. A named misuse (any higher level) after the
+    def quiet_for(self, rules: Iterable[Rule], t: float, cfg: DetectionConfig) -> bool:
+        """Do the findings of ``rules`` at ``t`` open a case of their own instead of joining
+        this one? A case of learned evidence only stays open longer (``model_case_gap_s``)
+        to add up slow browsing, and low-level findings (no care relationship) still join
+        it: weak evidence is weighed together. A named misuse (any higher level) after the
         rules' own gap (``case_gap_s``) is another incident: weighed together with days-old
         visits, the case model could rate it down."""
-        return rule.level != "low" and t - self.touched_t > cfg.case_gap_s and self.learned_only()
+        return (
+            t - self.touched_t > cfg.case_gap_s
+            and self.learned_only()
+            and any(r.level != "low" for r in rules)
+        )
 
     def lapsed(self, t: float, cfg: DetectionConfig) -> bool:
         """Whether a finding at ``t`` comes too late for this case: past its gap since the

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import orjson
 
-from detectors.alerts import SEVERITIES, Alert
+from detectors.alerts import Alert
 from detectors.cases import (
     LEARNED_RULE,
     LEARNED_RULE_ID,
@@ -82,6 +84,9 @@ class EngineStats:
             self.unexplained_ids | other.unexplained_ids,
             self.far_behind + other.far_behind,
         )
+
+
+_time = itemgetter(0)  # an entry's event time
 
 
 class Window:
@@ -149,9 +154,7 @@ class Window:
         entries = self.entries
         if t < entries[-1][0] - span:
             return False
-        i = len(entries) - 1  # goes before entries[i], the first one later than t
-        while i > 0 and entries[i - 1][0] > t:
-            i -= 1
+        i = bisect_right(entries, t, key=_time)  # before the first one later than t
         # the new head's predecessor is outside the window: no switch
         switched = i > 0 and entries[i - 1][1] != key
         after = entries[i]
@@ -291,10 +294,6 @@ def _warn_trained_otherwise(
             key[0],
             float(grace),
         )
-
-
-def _level_rank(rule: Rule) -> int:
-    return SEVERITIES.index(rule.level)
 
 
 def duty_window(shift: bool, start_min: int, end_min: int, grace_min: int) -> tuple[int, int]:
@@ -809,7 +808,7 @@ class Engine:
                 if not (self.exceptions and self._suppressed(event_rules[i], e, f))
             ]
             if hits:
-                if case is None or case.quiet_for(max(hits, key=_level_rank), t, cfg):
+                if case is None or case.quiet_for(hits, t, cfg):
                     case = st.case = new_case(user_id, e.event_id, t)
                 for rule in hits:
                     case.add(rule, ev)
@@ -858,7 +857,7 @@ class Engine:
                 extras = None
             if not fired or (self.exceptions and self._suppressed(rule, e, f)):
                 continue
-            if case is None or case.quiet_for(rule, t, cfg):
+            if case is None or case.quiet_for((rule,), t, cfg):
                 # the id comes from the event that opened the case, which no other case can
                 # share (a window's first event may already belong to a closed case)
                 case = st.case = new_case(user_id, e.event_id, t)

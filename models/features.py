@@ -27,8 +27,10 @@ plain-words description used when an alert explains a model's score.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from emrwatch.context import Context
@@ -402,10 +404,7 @@ class UserBehaviour:
         its hour is the current one; an earlier hour's rate is already settled."""
         rec = self.recent
         if t >= rec[-1][0] - HOUR:
-            i = len(rec) - 1
-            while i > 0 and rec[i - 1][0] > t:
-                i -= 1
-            rec.insert(i, (t, community))
+            rec.insert(bisect_right(rec, t, key=itemgetter(0)), (t, community))
             comms = self.recent_comms
             comms[community] = comms.get(community, 0) + 1
         if int(t // HOUR) == self.hour:

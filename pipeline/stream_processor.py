@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from detectors.config import DetectionConfig
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.stream_state import Snapshot, SnapshotStore
@@ -195,7 +196,9 @@ class AccessProcessor:
         self.total_alerts = 0
         self.total_deadletters = 0
         self.total_clock_ahead = 0
-        self.max_clock_ahead_s = float(getattr(detection_config, "max_clock_ahead_s", 300.0))
+        self.max_clock_ahead_s = float(
+            getattr(detection_config, "max_clock_ahead_s", DetectionConfig.max_clock_ahead_s)
+        )
         self._clock_warned: set[Any] = set()  # sources already warned about
 
     # ----------------------------------------------------------------- engines
@@ -435,7 +438,7 @@ class AccessProcessor:
             log.warning(
                 "source %s: access %s stamped %.1f h after its record was produced (a wrong "
                 "clock at the source?): judged at the record's time, as are any more "
-                "(emrwatch_events_clock_ahead counts them)",
+                "(emrwatch_events_clock_ahead_total counts them)",
                 name or "unknown",
                 e.event_id,  # not a person's identifier: where to find the record
                 (e.t - rec.timestamp) / 3600,
