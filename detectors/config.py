@@ -143,6 +143,10 @@ class DetectionConfig:
     #: a streamed access stamped more than this after its record was produced comes from a
     #: wrong clock: it is judged at the record's time
     max_clock_ahead_s: float = 300.0
+    #: in a replay of a file (no record times): an access stamped more than this ahead of
+    #: everything before it and of the lines after it is judged at the file's time there
+    #: (pipeline.file_clock); 0 takes every stamp as it is
+    replay_clock_ahead_s: float = 3600.0
     #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
     model_fusion: bool = True
     #: look for a newly promoted model at most this often (seconds of wall time)
@@ -222,6 +226,9 @@ class DetectionConfig:
                 f"{source}: shift_grace_s must be between 0 and {12 * HOUR:.0f} seconds, "
                 f"not {cfg.shift_grace_s!r}"
             )
+        for key in ("max_clock_ahead_s", "replay_clock_ahead_s"):
+            if getattr(cfg, key) < 0:
+                raise ConfigError(f"{source}: {key} must be 0 or more, not {getattr(cfg, key)!r}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

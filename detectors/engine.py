@@ -63,6 +63,10 @@ class EngineStats:
     #: accesses more than :data:`FAR_BEHIND_S` behind a newer one of the same user: a source
     #: far behind the others, or a wrong clock that stamped that newer one ahead
     far_behind: int = 0
+    #: accesses a replay judged at the file's time, stamped far ahead of it
+    #: (:mod:`pipeline.file_clock`), and the first few of their event ids
+    clock_ahead: int = 0
+    clock_ahead_ids: list[str] = field(default_factory=list)
 
     @property
     def explained_share(self) -> float:
@@ -83,8 +87,13 @@ class EngineStats:
             sup,
             self.unexplained_ids | other.unexplained_ids,
             self.far_behind + other.far_behind,
+            self.clock_ahead + other.clock_ahead,
+            (self.clock_ahead_ids + other.clock_ahead_ids)[:CLOCK_AHEAD_IDS],
         )
 
+
+#: how many event ids of accesses judged at the file's time EngineStats keeps
+CLOCK_AHEAD_IDS = 5
 
 _time = itemgetter(0)  # an entry's event time
 
@@ -458,6 +467,8 @@ class Engine:
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
         self.far_behind = 0  # see EngineStats.far_behind
+        self.clock_ahead = 0  # see EngineStats.clock_ahead
+        self.clock_ahead_ids: list[str] = []
         self._user_cache: dict[str, _UserInfo] = {}
         self._documented_window = self.cfg.documented_window_s
         self._grace_min = int(self.cfg.shift_grace_s // 60)
@@ -1037,6 +1048,12 @@ class Engine:
     def explained_share(self) -> float:
         return self.explained / self.events if self.events else 0.0
 
+    def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None:
+        """Counts an access a replay judges at the file's time (pipeline.file_clock)."""
+        self.clock_ahead += 1
+        if len(self.clock_ahead_ids) < CLOCK_AHEAD_IDS:
+            self.clock_ahead_ids.append(e.event_id)
+
     def stats(self) -> EngineStats:
         return EngineStats(
             events=self.events,
@@ -1046,6 +1063,8 @@ class Engine:
             suppressed={k: list(v) for k, v in self.suppressed.items()},
             unexplained_ids=set(self.unexplained_ids or ()),
             far_behind=self.far_behind,
+            clock_ahead=self.clock_ahead,
+            clock_ahead_ids=list(self.clock_ahead_ids),
         )
 
     # ------------------------------------------------------------------ snapshots

@@ -68,6 +68,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{res.stats.explained_share:.1%} explained; {n} alerts → {args.alerts}",
         file=sys.stderr,
     )
+    if res.stats.clock_ahead:
+        print(
+            f"replay: warning: {res.stats.clock_ahead} access(es) stamped more than "
+            f"{cfg.replay_clock_ahead_s / 3600:g} h ahead of the lines around them (a wrong "
+            "clock at their source?) were judged at the file's time there; among them: "
+            f"{', '.join(res.stats.clock_ahead_ids)} (README: Input)",
+            file=sys.stderr,
+        )
     if res.stats.far_behind:
         print(
             f"replay: warning: {res.stats.far_behind} access(es) came more than "

@@ -33,6 +33,7 @@ from detectors.config import DetectionConfig
 from detectors.engine import Engine, EngineStats
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent, EventError
+from pipeline.file_clock import file_clock
 
 MAX_REPORTED_BAD = 50
 #: replay builds alerts once per this many events, like the stream once per batch
@@ -93,11 +94,13 @@ def run_engine(
 ) -> dict[str, Alert]:
     """Feed events in order, draining once per ``DRAIN_EVERY``; the last version of each alert.
 
+    An access stamped far ahead of the input around it (a wrong clock) is judged at the
+    input's time there (:func:`pipeline.file_clock.file_clock`, ``replay_clock_ahead_s``).
     At the end the engine's watermark goes to ``end_t``, the input's last event time (a
     partition's engine has not seen the others' events), or else to its own last event."""
     out: dict[str, Alert] = {}
     ingest, drain = eng.ingest, eng.drain
-    for i, e in enumerate(events, 1):
+    for i, e in enumerate(file_clock(events, eng.cfg.replay_clock_ahead_s, eng), 1):
         ingest(e)
         if i % DRAIN_EVERY == 0:
             for a in drain():

@@ -1,12 +1,15 @@
 """Accesses that reach the monitor late, behind newer ones of the same user: a log source that
 lags another, a connector catching up after an outage, an EMR writing its audit trail in
 batches. The rules' windows and day counts and the learned visits take each in its place in
-event time, so late delivery must not turn one person's ordinary work into alerts."""
+event time, so late delivery must not turn one person's ordinary work into alerts. A source
+whose clock runs ahead is the other side of it: replay judges its accesses at the file's
+time (pipeline.file_clock)."""
 
 from __future__ import annotations
 
 import random
-from datetime import datetime
+from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -14,6 +17,7 @@ import pytest
 
 from detectors.config import DetectionConfig
 from pipeline.evaluate import evaluate
+from pipeline.replay import replay_file
 from pipeline.simulate import simulate
 
 #: share of the accesses delivered late, and by how much (seconds)
@@ -64,3 +68,40 @@ def test_late_delivery_raises_no_false_alerts_and_loses_no_misuser(
     assert b["mean_user_recall"] >= a["mean_user_recall"]
     assert b["min_user_recall"] >= a["min_user_recall"]
     assert b["event_recall"] >= a["event_recall"] - 0.01
+
+
+def clock_ahead(src: Path, dst: Path, hours: float) -> int:
+    """``src``'s hospital in ``dst`` with every access of its busiest workstation stamped
+    ``hours`` ahead (a source writing local time as UTC); returns how many."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "events.ndjson":
+            (dst / f.name).write_bytes(f.read_bytes())
+    docs = [orjson.loads(line) for line in (src / "events.ndjson").read_bytes().splitlines()]
+    at = Counter(d["agent"][0]["network"]["address"] for d in docs)
+    busiest = at.most_common(1)[0][0]
+    for d in docs:
+        if d["agent"][0]["network"]["address"] == busiest:
+            t = datetime.fromisoformat(d["recorded"]) + timedelta(hours=hours)
+            d["recorded"] = t.isoformat()
+    (dst / "events.ndjson").write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
+    return at[busiest]
+
+
+def test_a_source_whose_clock_runs_ahead_raises_no_false_alerts(
+    hospitals: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    ordered = hospitals[0]
+    skewed = tmp_path / "skewed"
+    n = clock_ahead(ordered, skewed, hours=8)
+    assert n > 1000
+    stats = replay_file(skewed, skewed / "events.ndjson", workers=2).stats
+    assert n * 0.99 <= stats.clock_ahead <= n  # judged at the file's time
+    a = evaluate(ordered, DetectionConfig(), workers=2)
+    b = evaluate(skewed, DetectionConfig(), workers=2)
+    assert b["false_alerts"] <= a["false_alerts"]
+    assert b["mean_user_recall"] >= a["mean_user_recall"]
+    assert b["event_recall"] >= a["event_recall"] - 0.005
+    # what it guards against: the stamps taken as they are
+    c = evaluate(skewed, DetectionConfig(replay_clock_ahead_s=0), workers=2)
+    assert c["false_alerts"] > a["false_alerts"]

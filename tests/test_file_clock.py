@@ -1,0 +1,148 @@
+"""A file's own clock (pipeline.file_clock): an access stamped far ahead of the lines around
+it is judged at the file's time there; jumps, backlogs and files in other orders are not."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from emrwatch.events import AccessEvent
+from pipeline.file_clock import MIN_FOLLOWING, WINDOW, file_clock
+
+HOUR = 3600.0
+DAY = 86400.0
+T0 = 1_772_409_600.0  # 2026-03-02 08:00 +08:00
+
+
+def access(user: str, t: float, n: int) -> AccessEvent:
+    return AccessEvent.from_dict(
+        {
+            "event_id": f"e{n:06d}",
+            "ts": datetime.fromtimestamp(t, UTC).isoformat(),
+            "user_id": user,
+            "patient_id": f"P{n % 50}",
+            "action": "view",
+            "resource_type": "Observation",
+            "workstation": "ws-1",
+            "outcome": "success",
+        },
+        t=t,
+    )
+
+
+def busy(n: int, start: float = T0, step: float = 6.0, users: int = 20) -> list[AccessEvent]:
+    """``n`` accesses of ``users`` users, one every ``step`` seconds, in time order."""
+    return [access(f"u{i % users:02d}", start + i * step, i) for i in range(n)]
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None:
+        self.seen.append((e.event_id, judged_at))
+
+
+def run(events: list[AccessEvent], ahead_s: float = HOUR) -> tuple[list[AccessEvent], Sink]:
+    sink = Sink()
+    out = list(file_clock(events, ahead_s, sink))
+    assert [e.event_id for e in out] == [e.event_id for e in events]  # order and count kept
+    return out, sink
+
+
+def moved(before: list[AccessEvent], after: list[AccessEvent]) -> dict[str, float]:
+    return {a.event_id: b.t for a, b in zip(before, after, strict=True) if a.t != b.t}
+
+
+@pytest.mark.parametrize("at", [0, 300, 999])  # the file's first line, its middle, its end
+def test_an_access_a_day_ahead_is_judged_at_the_files_time(at: int) -> None:
+    events = busy(1000)
+    wrong = events[at]
+    events[at] = access(wrong.user_id, wrong.t + DAY, at)
+    out, sink = run(events)
+    if at == 999:  # nothing after it to tell the time by: taken as it is
+        assert not moved(events, out) and not sink.seen
+        return
+    got = moved(events, out)
+    assert list(got) == [wrong.event_id]
+    assert abs(got[wrong.event_id] - wrong.t) < 10 * 60  # about when the file was there
+    assert sink.seen == [(wrong.event_id, got[wrong.event_id])]
+
+
+def test_a_wrong_clock_on_one_source_among_many() -> None:
+    # every seventh access comes from a workstation writing local time as UTC (+8 h)
+    events = busy(3000)
+    events = [access(e.user_id, e.t + 8 * HOUR, i) if i % 7 == 3 else e for i, e in enumerate(events)]
+    out, sink = run(events)
+    got = moved(events, out)
+    assert set(got) == {e.event_id for i, e in enumerate(events) if i % 7 == 3 and i < 3000 - 16}
+    assert all(abs(got[e.event_id] - (e.t - 8 * HOUR)) < 15 * 60 for e in events if e.event_id in got)
+
+
+def test_the_file_jumping_on_is_not_a_wrong_clock() -> None:
+    # a quiet night: the morning's first access is hours after the last one, and so are
+    # the accesses after it
+    events = busy(400) + busy(400, start=T0 + 10 * HOUR)
+    events = [access(e.user_id, e.t, i) for i, e in enumerate(events)]
+    out, sink = run(events)
+    assert not moved(events, out) and not sink.seen
+
+
+def test_live_accesses_among_a_sources_backlog_are_not_ahead() -> None:
+    # a source six hours behind delivers its backlog; the live accesses of the others come
+    # in among it, hours after the lines around them but not after the file's time
+    live = busy(300)
+    now = live[-1].t
+    backlog = [access(f"b{i % 10}", now - 6 * HOUR + i * 20, 1000 + i) for i in range(600)]
+    mixed: list[AccessEvent] = []
+    for i, b in enumerate(backlog):
+        mixed.append(b)
+        if i % 4 == 0:
+            mixed.append(access("live", now + i * 2, 5000 + i))
+    events = live + mixed
+    out, sink = run(events)
+    assert not moved(events, out) and not sink.seen
+
+
+def test_a_file_sorted_by_user_is_taken_as_it_is() -> None:
+    rng = random.Random(3)
+    events = [
+        access(f"u{u:02d}", T0 + d * DAY + rng.uniform(0, 8 * HOUR), u * 1000 + k)
+        for u in range(12)
+        for d in range(rng.randrange(1, 7), 7)
+        for k in range(rng.randrange(1, 30))
+    ]
+    events.sort(key=lambda e: (e.user_id, e.t))
+    out, sink = run(events)
+    assert not moved(events, out) and not sink.seen
+
+
+def test_a_run_of_accesses_stamped_alike_moves_the_files_time() -> None:
+    # more than half the window all a day on: without another clock, the file's time is
+    # theirs (majority rules), and they pass as they are
+    events = busy(1000)
+    events[500 : 500 + WINDOW] = [
+        access(e.user_id, e.t + DAY, 500 + i) for i, e in enumerate(events[500 : 500 + WINDOW])
+    ]
+    out, sink = run(events)
+    assert not moved(events, out) and not sink.seen
+
+
+def test_too_few_lines_or_users_after_it_cannot_tell_the_time() -> None:
+    two_users = busy(200, users=2)
+    two_users[50] = access(two_users[50].user_id, two_users[50].t + DAY, 50)
+    out, sink = run(two_users)
+    assert not moved(two_users, out) and not sink.seen
+    short = busy(MIN_FOLLOWING)
+    short[0] = access(short[0].user_id, short[0].t + DAY, 0)
+    out, sink = run(short)
+    assert not moved(short, out) and not sink.seen
+
+
+def test_zero_takes_every_stamp_as_it_is() -> None:
+    events = busy(300)
+    events[100] = access(events[100].user_id, events[100].t + DAY, 100)
+    out, sink = run(events, ahead_s=0)
+    assert out == events and not sink.seen
