@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from detectors.config import ConfigError, DetectionConfig
 from emrwatch.events import AccessEvent
 from pipeline.file_clock import MIN_FOLLOWING, WINDOW, file_clock
 
@@ -74,11 +75,15 @@ def test_an_access_a_day_ahead_is_judged_at_the_files_time(at: int) -> None:
 def test_a_wrong_clock_on_one_source_among_many() -> None:
     # every seventh access comes from a workstation writing local time as UTC (+8 h)
     events = busy(3000)
-    events = [access(e.user_id, e.t + 8 * HOUR, i) if i % 7 == 3 else e for i, e in enumerate(events)]
+    events = [
+        access(e.user_id, e.t + 8 * HOUR, i) if i % 7 == 3 else e for i, e in enumerate(events)
+    ]
     out, sink = run(events)
     got = moved(events, out)
     assert set(got) == {e.event_id for i, e in enumerate(events) if i % 7 == 3 and i < 3000 - 16}
-    assert all(abs(got[e.event_id] - (e.t - 8 * HOUR)) < 15 * 60 for e in events if e.event_id in got)
+    assert all(
+        abs(got[e.event_id] - (e.t - 8 * HOUR)) < 15 * 60 for e in events if e.event_id in got
+    )
 
 
 def test_the_file_jumping_on_is_not_a_wrong_clock() -> None:
@@ -146,3 +151,10 @@ def test_zero_takes_every_stamp_as_it_is() -> None:
     events[100] = access(events[100].user_id, events[100].t + DAY, 100)
     out, sink = run(events, ahead_s=0)
     assert out == events and not sink.seen
+
+
+@pytest.mark.parametrize("key", ["replay_clock_ahead_s", "max_clock_ahead_s"])
+def test_a_negative_clock_tolerance_is_a_config_error(key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        DetectionConfig.from_dict({key: -60})
+    assert getattr(DetectionConfig.from_dict({key: 0}), key) == 0

@@ -273,8 +273,7 @@ def test_replay_warns_of_accesses_far_behind_a_newer_one(hospital, tmp_path, wor
 def test_replay_judges_an_access_stamped_a_day_ahead_at_the_files_time(hospital, tmp_path):
     users = ["n-card", "n-orth", "p-card", "p-orth", "t-rad", "n-ed"]
     docs = [
-        ev(users[i % 6], "P1", at=f"2026-03-02T09:{i:02d}:00", event_id=f"e{i}")
-        for i in range(40)
+        ev(users[i % 6], "P1", at=f"2026-03-02T09:{i:02d}:00", event_id=f"e{i}") for i in range(40)
     ]
     docs[10]["ts"] = "2026-03-03T09:10:00+08:00"  # a wrong clock, a day ahead
     events = tmp_path / "events.ndjson"
