@@ -21,7 +21,7 @@ threshold even when its learned evidence alone would pass it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from detectors.alerts import SEVERITIES, Alert, alert_id_for
@@ -240,11 +240,20 @@ class Case:
             and any(r.level != "low" for r in rules)
         )
 
-    def lapsed(self, t: float, cfg: DetectionConfig) -> bool:
+    def lapsed(self, t: float, cfg: DetectionConfig, browsing: bool = False) -> bool:
         """Whether a finding at ``t`` comes too late for this case: past its gap since the
-        last finding (longer for a case of learned evidence only) or its longest span."""
-        gap = cfg.model_case_gap_s if self.learned_only() else cfg.case_gap_s
+        last finding (longer, ``model_case_gap_s``, for a case of learned evidence only, or
+        for learned evidence joining a ``browsing`` case) or its longest span."""
+        slow = browsing or self.learned_only()
+        gap = cfg.model_case_gap_s if slow else cfg.case_gap_s
         return t - self.touched_t > gap or t - self.opened_t > cfg.case_max_s
+
+    def browsing(self, low: Collection[str]) -> bool:
+        """Learned evidence, and besides it only findings of ``low`` rules (no care
+        relationship): slow browsing, which goes on for days. When the rules' gap closes
+        such a case to findings of the rules, later learned evidence still joins it."""
+        ev = self.evidence
+        return LEARNED_RULE_ID in ev and all(r == LEARNED_RULE_ID or r in low for r in ev)
 
     def rule_risk(self, rules: dict[str, Rule], cfg: DetectionConfig) -> float:
         total = 0.0

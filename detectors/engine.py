@@ -248,13 +248,16 @@ class DayCounter:
 
 
 class UserState:
-    __slots__ = ("writes", "windows", "days", "case", "last_t", "models", "rel")
+    __slots__ = ("writes", "windows", "days", "case", "browse", "last_t", "models", "rel")
 
     def __init__(self) -> None:
         self.writes: dict[str, float] = {}
         self.windows: dict[str, Window] = {}
         self.days: dict[str, DayCounter] = {}
         self.case: Case | None = None
+        #: a browsing case (Case.browsing) the rules' gap took out of ``case``: the user's
+        #: learned evidence still joins it, for ``model_case_gap_s`` after its last finding
+        self.browse: Case | None = None
         self.last_t = 0.0
         self.models: UserModels | None = None
         #: cache, not state: patient → what the context says about this user and patient
@@ -433,6 +436,8 @@ class Engine:
         self._match_event = compile_matcher(self.event_rules)
         self._match_agg = compile_matcher(self.agg_rules)
         self.retractable = {r.id for r in self.rules if r.retract_on_documentation}
+        #: rules of level low: with learned evidence, a case of only these is browsing
+        self.low_rules = frozenset(r.id for r in self.rules if r.level == "low")
         #: day counters whose unexplained patients documentation takes back
         self._retract_days = tuple(
             r.id
@@ -766,10 +771,8 @@ class Engine:
         if um is not None and t - um.behaviour.oldest > VISIT_GAP_S:
             # visits this access finds idle close first, each at its own time
             self._close_idle(st, user_id, t - VISIT_GAP_S)
-        case = st.case
+        case = self._lapse_for_rules(st, t) if st.case is not None else None
         cfg = self.cfg
-        if case is not None and case.lapsed(t, cfg):
-            st.case = case = None
         opened = case
         version0 = case.version if case is not None else -1
         fired0 = len(case.fired) if case is not None else -1
@@ -931,10 +934,61 @@ class Engine:
         assert self.models is not None and st.models is not None
         for vs in self.models.expire(user_id, st.models, horizon):
             tc = vs.visit.last_t + VISIT_GAP_S
-            case = st.case
-            if case is not None and case.lapsed(tc, self.cfg):
-                st.case = case = None
-            self._learned(st, user_id, vs, case, tc)
+            self._learned(st, user_id, vs, self._case_for_learned(st, tc), tc)
+
+    def _case_for_learned(self, st: UserState, t: float) -> Case | None:
+        """The case learned evidence at ``t`` joins: the user's browsing case while it is
+        open to it (``model_case_gap_s``), else their current case unless it has lapsed."""
+        cfg = self.cfg
+        case = st.browse
+        if case is not None:
+            if not case.lapsed(t, cfg, browsing=True):
+                return case
+            st.browse = None
+        case = st.case
+        if case is None or not case.lapsed(t, cfg):
+            return case
+        st.case = None
+        if self._follows_up(case, t):
+            st.browse = case
+            return case
+        return None
+
+    def _follows_up(self, case: Case, t: float) -> bool:
+        """Whether learned evidence at ``t`` still joins ``case`` once the rules' gap has
+        closed it: a browsing case that raises an alert, within ``model_case_gap_s`` of its
+        last finding (the next day's browsing belongs to the alert the first day raised)."""
+        return (
+            case.browsing(self.low_rules)
+            and not case.lapsed(t, self.cfg, browsing=True)
+            and self._raises_alert(case)
+        )
+
+    def _raises_alert(self, case: Case) -> bool:
+        """Whether ``case`` as it stands raises an alert: what :meth:`drain` decides, decided
+        now (not the flag the last drain set, which depends on how input is batched)."""
+        cfg = self.cfg
+        if case.immediate:
+            return True
+        models = self.models
+        if models is not None and models.case_model is not None:
+            rules = self.rule_by_id
+            case.model_p = (
+                round(models.case_model.score([case.features(rules, cfg)])[0], 4)
+                if case.undecided(rules, cfg)
+                else None
+            )
+        return case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
+
+    def _lapse_for_rules(self, st: UserState, t: float) -> Case | None:
+        """The user's current case for the rules' findings at ``t``: None once it has
+        lapsed; a browsing case then stays open to learned evidence (``st.browse``)."""
+        case = st.case
+        if case is not None and case.lapsed(t, self.cfg):
+            if self._follows_up(case, t):
+                st.browse = case
+            st.case = case = None
+        return case
 
     def _learned(
         self, st: UserState, user_id: str, vs: VisitScore, case: Case | None, t: float
@@ -1083,6 +1137,7 @@ class Engine:
                     for r, d in st.days.items()
                 },
                 "case": st.case.to_obj() if st.case is not None else None,
+                "browse": st.browse.to_obj() if st.browse is not None else None,
                 "models": st.models.to_obj() if st.models is not None else None,
             }
         return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out})
@@ -1114,6 +1169,7 @@ class Engine:
                 dc.unexplained_patients = {x[2] for x in unexplained}
                 dc.history = deque(history, maxlen=self.cfg.volume_history_days)
             st.case = Case.from_obj(o["case"]) if o["case"] else None
+            st.browse = Case.from_obj(o["browse"]) if o.get("browse") else None
             if o.get("models") and self.models is not None:
                 st.models = self.models.restore_user(o["models"])
                 if st.models.behaviour.open:

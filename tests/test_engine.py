@@ -520,6 +520,51 @@ def test_a_named_misuse_days_after_a_quiet_learned_case_opens_its_own(ctx):
     assert st.case is learned and not learned.learned_only()
 
 
+def test_learned_evidence_joins_the_browsing_case_the_rules_gap_closed(ctx):
+    from detectors.cases import new_case
+
+    eng = Engine(ctx, RULES_ONLY)
+    cfg = eng.cfg
+    st = eng.users["n-card"] = UserState()
+
+    def at(stamp: str) -> float:
+        return AccessEvent.from_dict(ev("n-card", "P1", at=stamp)).t
+
+    t0 = at("2026-03-02T09:00:00")
+    browsing = st.case = new_case("n-card", "learned:v1", t0)
+    browsing.add_learned([("v1", t0, "P1", "view", "Observation", "ws-1", 1)], "P1", 3.5, {}, 3.0)
+    eng.process(AccessEvent.from_dict(ev("n-card", "P2", at="2026-03-02T10:00:00")))
+    assert st.case is browsing and "no-care-relationship" in browsing.evidence
+    assert browsing.browsing(eng.low_rules)
+    # under the alert threshold it is followed up by nothing: it closes after the rules' gap
+    assert not eng._raises_alert(browsing)
+    quiet = st.case
+    after_gap = browsing.touched_t + cfg.case_gap_s + 60
+    assert eng._case_for_learned(st, after_gap) is None and st.browse is None
+    st.case = quiet
+    # an alert: more unusual visits of the first day make it one
+    for k, p in enumerate(("P3", "P4")):
+        visit = [(f"v{k + 2}", t0 + 600 * (k + 1), p, "view", "Note", "ws-1", 1)]
+        browsing.add_learned(visit, p, 4.5, {}, 3.0)
+    assert eng._raises_alert(browsing)
+    # the next morning, past case_gap_s: the rules' findings open a case of their own...
+    eng.process(AccessEvent.from_dict(ev("n-card", "P2", at="2026-03-03T09:00:00")))
+    assert st.case is not None and st.case is not browsing and st.browse is browsing
+    kept = Engine.restore(ctx, RULES_ONLY, eng.snapshot()).users["n-card"].browse
+    assert kept is not None and kept.alert_id == browsing.alert_id  # in the snapshot
+    # ...and the user's learned evidence still joins the browsing case (a day's more
+    # browsing belongs to the alert the first day raised), until model_case_gap_s of quiet
+    assert eng._case_for_learned(st, at("2026-03-03T10:00:00")) is browsing
+    later = browsing.touched_t + cfg.model_case_gap_s + 60
+    assert eng._case_for_learned(st, later) is not browsing and st.browse is None
+    # a case with a named misuse is no browsing case: closed to everything after its gap
+    named = st.case = new_case("n-card", "sealed", t0)
+    named.add(eng.rule_by_id["sealed-record-touch"], ("s1", t0, "P-SEAL", "view", "Note", "", 5))
+    named.add_learned([("v2", t0, "P1", "view", "Observation", "ws-1", 1)], "P1", 3.5, {}, 3.0)
+    assert not named.browsing(eng.low_rules)
+    assert eng._case_for_learned(st, t0 + cfg.case_gap_s + 60) is None and st.browse is None
+
+
 def test_a_record_delivered_twice_is_one_access_for_the_counting_rules(ctx):
     # ten exports (under bulk-export's 15 an hour), which a connector re-sends after a crash
     exports = [
