@@ -63,13 +63,16 @@ def _labels(data: Path) -> dict[str, tuple[str, str]]:
         return {r["event_id"]: (r["scenario"], r["user_id"]) for r in csv.DictReader(fh)}
 
 
-def _events(data: Path) -> Iterable[Any]:
+def _events(data: Path, eng: Engine) -> Iterable[Any]:
+    """``data``'s accesses in file order, as replay gives them to ``eng``: an access stamped
+    far ahead of the file around it is judged at the file's time (pipeline.file_clock)."""
     from connectors.readers import read_events
     from pipeline.evaluate import find_events_file
+    from pipeline.file_clock import file_clock
 
-    for _, item, _ in read_events(find_events_file(data), "auto"):
-        if not isinstance(item, Exception):
-            yield item
+    items = read_events(find_events_file(data), "auto")
+    events = (item for _, item, _ in items if not isinstance(item, Exception))
+    return file_clock(events, eng.cfg.replay_clock_ahead_s, eng)
 
 
 def _labels_of(data: Path, verdicts: Verdicts | None) -> dict[str, tuple[str, str]]:
@@ -122,7 +125,7 @@ def replay_visits(
     cfg = replace(config or DetectionConfig(), model_registry="none")
     eng = Engine(ctx, cfg, models=scorer)
     kinds: dict[tuple[str, str, str], int] = {}
-    for e in _events(data):
+    for e in _events(data, eng):
         eng.ingest(e)
         um = eng.users[e.user_id].models
         if um is not None:
@@ -172,7 +175,7 @@ def replay_cases(
             if case.undecided(eng.rule_by_id, live):
                 reviewed.add(case.alert_id)
 
-    for i, e in enumerate(_events(data), 1):
+    for i, e in enumerate(_events(data, eng), 1):
         eng.ingest(e)
         if i % 500 == 0:
             capture()
