@@ -162,6 +162,10 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         if labelled_total
         else 0.0,
         "replay_events_per_s": round(res.events_per_s),
+        # the input's clocks: accesses judged at the file's time (stamped far ahead of it)
+        # and accesses more than 6 h behind a newer one of the same user
+        "clock_ahead": res.stats.clock_ahead,
+        "far_behind": res.stats.far_behind,
         "scenarios": scenarios,
         # where to look when tuning: each rule's alerts (an alert counts for every rule in
         # it) and the false ones, and every false alert
@@ -180,6 +184,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"benign accesses explained  {r['benign_explained']:.3%}",
         f"event recall (all misuse)  {r['event_recall']:.3f}",
         f"user recall mean / min     {r['mean_user_recall']:.3f} / {r['min_user_recall']:.3f}",
+    ]
+    if r.get("clock_ahead") or r.get("far_behind"):
+        lines.append(
+            f"input clocks               {r.get('clock_ahead', 0)} access(es) judged at the "
+            f"file's time (stamped far ahead), {r.get('far_behind', 0)} more than 6 h behind "
+            "a newer one of the same user"
+        )
+    lines += [
         "",
         f"{'scenario':32} {'events':>7} {'ev.recall':>9} {'users':>5} {'us.recall':>9}  missed users",
     ]

@@ -55,3 +55,13 @@ def test_scores_and_where_the_false_alerts_come_from() -> None:
     text = format_report({"data": "d", **r})
     assert "no-care-relationship                   2      1" in text
     assert "2026-03-02T07:58  u3 (nurse, ORTH)  learned-behaviour  medium, 1 events  a3" in text
+    assert "input clocks" not in text  # nothing to say of clocks in order
+
+
+def test_the_report_says_what_the_inputs_clocks_did() -> None:
+    stats = EngineStats(events=100, clock_ahead=3, far_behind=7)
+    r = score(ReplayResult(alerts=[], stats=stats, events=100), {})
+    assert (r["clock_ahead"], r["far_behind"]) == (3, 7)
+    text = format_report({"data": "d", **r})
+    assert "input clocks               3 access(es) judged at the file's time" in text
+    assert "7 more than 6 h behind a newer one of the same user" in text
