@@ -67,6 +67,8 @@ class EngineStats:
     #: (:mod:`pipeline.file_clock`), and the first few of their event ids
     clock_ahead: int = 0
     clock_ahead_ids: list[str] = field(default_factory=list)
+    #: where they came from: workstation (or source, when the access names none) → count
+    clock_ahead_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def explained_share(self) -> float:
@@ -89,6 +91,7 @@ class EngineStats:
             self.far_behind + other.far_behind,
             self.clock_ahead + other.clock_ahead,
             (self.clock_ahead_ids + other.clock_ahead_ids)[:CLOCK_AHEAD_IDS],
+            add(self.clock_ahead_from, other.clock_ahead_from),
         )
 
 
@@ -474,6 +477,7 @@ class Engine:
         self.far_behind = 0  # see EngineStats.far_behind
         self.clock_ahead = 0  # see EngineStats.clock_ahead
         self.clock_ahead_ids: list[str] = []
+        self.clock_ahead_from: dict[str, int] = {}
         self._user_cache: dict[str, _UserInfo] = {}
         self._documented_window = self.cfg.documented_window_s
         self._grace_min = int(self.cfg.shift_grace_s // 60)
@@ -1107,6 +1111,8 @@ class Engine:
         self.clock_ahead += 1
         if len(self.clock_ahead_ids) < CLOCK_AHEAD_IDS:
             self.clock_ahead_ids.append(e.event_id)
+        where = e.workstation or e.source or "unknown"
+        self.clock_ahead_from[where] = self.clock_ahead_from.get(where, 0) + 1
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -1119,6 +1125,7 @@ class Engine:
             far_behind=self.far_behind,
             clock_ahead=self.clock_ahead,
             clock_ahead_ids=list(self.clock_ahead_ids),
+            clock_ahead_from=dict(self.clock_ahead_from),
         )
 
     # ------------------------------------------------------------------ snapshots

@@ -69,11 +69,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if res.stats.clock_ahead:
+        top = sorted(res.stats.clock_ahead_from.items(), key=lambda kv: (-kv[1], kv[0]))
+        where = ", ".join(f"{w} ({n:,})" for w, n in top[:5]) + (", …" if len(top) > 5 else "")
         print(
-            f"replay: warning: {res.stats.clock_ahead} access(es) stamped more than "
+            f"replay: warning: {res.stats.clock_ahead:,} access(es) stamped more than "
             f"{cfg.replay_clock_ahead_s / 3600:g} h ahead of the lines around them (a wrong "
-            "clock at their source?) were judged at the file's time there; among them: "
-            f"{', '.join(res.stats.clock_ahead_ids)} (README: Input)",
+            "clock at their source?) were judged at the file's time there; from "
+            f"{where}; among them: {', '.join(res.stats.clock_ahead_ids)} (README: Input)",
             file=sys.stderr,
         )
     if res.stats.far_behind:

@@ -158,3 +158,14 @@ def test_a_negative_clock_tolerance_is_a_config_error(key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         DetectionConfig.from_dict({key: -60})
     assert getattr(DetectionConfig.from_dict({key: 0}), key) == 0
+
+
+def test_partitions_add_up_what_they_judged_and_where_from() -> None:
+    from detectors.engine import CLOCK_AHEAD_IDS, EngineStats
+
+    a = EngineStats(clock_ahead=2, clock_ahead_ids=["e1", "e2"], clock_ahead_from={"ws-a": 2})
+    ids = [f"f{i}" for i in range(CLOCK_AHEAD_IDS)]
+    b = EngineStats(clock_ahead=6, clock_ahead_ids=ids, clock_ahead_from={"ws-a": 1, "ws-b": 5})
+    both = a + b
+    assert both.clock_ahead == 8 and both.clock_ahead_from == {"ws-a": 3, "ws-b": 5}
+    assert both.clock_ahead_ids == ["e1", "e2", *ids][:CLOCK_AHEAD_IDS]

@@ -283,7 +283,7 @@ def test_replay_judges_an_access_stamped_a_day_ahead_at_the_files_time(hospital,
     proc = subprocess.run(run, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "warning: 1 access(es) stamped more than 1 h ahead of the lines around" in proc.stderr
-    assert "among them: e10 " in proc.stderr
+    assert "there; from ws-1 (1); among them: e10 " in proc.stderr  # where to look
     assert "behind a newer one" not in proc.stderr  # n-card's later accesses are not behind
     # taken as it is, it puts the accesses after it a day behind
     config = tmp_path / "as-stamped.yaml"
