@@ -694,25 +694,13 @@ class Engine:
         if models is not None:
             if models.maybe_reload(cfg.model_reload_s):
                 self.builder.model_versions = models.versions
-            if models.case_model is not None and self._dirty:
-                rules = self.rule_by_id
-                todo = []
-                for _, c in self._dirty.values():
-                    if not c.dirty:
-                        continue
-                    if c.undecided(rules, cfg):
-                        todo.append(c)
-                    else:
-                        c.model_p = None
-                if todo:
-                    rows = [c.features(rules, cfg) for c in todo]
-                    for c, p in zip(todo, models.case_model.score(rows), strict=True):
-                        c.model_p = round(p, 4)
+            if self._dirty:
+                self._rate(c for _, c in self._dirty.values() if c.dirty)
         for user_id, case in self._dirty.values():
             if not case.dirty:
                 continue
             case.dirty = False
-            above = case.immediate or case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
+            above = self._above(case)
             if not case.alerted:
                 if not above:
                     continue
@@ -723,6 +711,28 @@ class Engine:
             out.append(self.builder.build(user_id, case))
         self._dirty.clear()
         return out
+
+    def _rate(self, cases: Iterable[Case]) -> None:
+        """Set each case's ``model_p``: the case model's P(misuse) where it can change the
+        case's fate (:meth:`Case.undecided`), else None. Scored in one batch."""
+        models = self.models
+        if models is None or models.case_model is None:
+            return
+        rules, cfg = self.rule_by_id, self.cfg
+        todo = []
+        for c in cases:
+            if c.undecided(rules, cfg):
+                todo.append(c)
+            else:
+                c.model_p = None
+        if todo:
+            rows = [c.features(rules, cfg) for c in todo]
+            for c, p in zip(todo, models.case_model.score(rows), strict=True):
+                c.model_p = round(p, 4)
+
+    def _above(self, case: Case) -> bool:
+        """Whether ``case``, with its ``model_p`` as rated, is at or above the threshold."""
+        return case.immediate or case.risk(self.rule_by_id, self.cfg) >= self.cfg.alert_threshold
 
     def _local(self, t: float) -> float:
         """``t`` shifted to local time (the clock's per-hour UTC offset, cached for the hour
@@ -943,20 +953,13 @@ class Engine:
     def _case_for_learned(self, st: UserState, t: float) -> Case | None:
         """The case learned evidence at ``t`` joins: the user's browsing case while it is
         open to it (``model_case_gap_s``), else their current case unless it has lapsed."""
-        cfg = self.cfg
         case = st.browse
         if case is not None:
-            if not case.lapsed(t, cfg, browsing=True):
+            if not case.lapsed(t, self.cfg, browsing=True):
                 return case
             st.browse = None
-        case = st.case
-        if case is None or not case.lapsed(t, cfg):
-            return case
-        st.case = None
-        if self._follows_up(case, t):
-            st.browse = case
-            return case
-        return None
+        case = self._lapse_for_rules(st, t)
+        return case if case is not None else st.browse  # the case it just put aside, if any
 
     def _follows_up(self, case: Case, t: float) -> bool:
         """Whether learned evidence at ``t`` still joins ``case`` once the rules' gap has
@@ -971,18 +974,10 @@ class Engine:
     def _raises_alert(self, case: Case) -> bool:
         """Whether ``case`` as it stands raises an alert: what :meth:`drain` decides, decided
         now (not the flag the last drain set, which depends on how input is batched)."""
-        cfg = self.cfg
         if case.immediate:
             return True
-        models = self.models
-        if models is not None and models.case_model is not None:
-            rules = self.rule_by_id
-            case.model_p = (
-                round(models.case_model.score([case.features(rules, cfg)])[0], 4)
-                if case.undecided(rules, cfg)
-                else None
-            )
-        return case.risk(self.rule_by_id, cfg) >= cfg.alert_threshold
+        self._rate((case,))
+        return self._above(case)
 
     def _lapse_for_rules(self, st: UserState, t: float) -> Case | None:
         """The user's current case for the rules' findings at ``t``: None once it has

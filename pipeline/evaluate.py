@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from detectors.config import DetectionConfig
+from detectors.engine import FAR_BEHIND_S
 from pipeline.replay import ReplayResult, replay_file
 
 #: the simulator seed nobody tunes on; tests and the closing numbers use it.
@@ -163,7 +164,7 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         else 0.0,
         "replay_events_per_s": round(res.events_per_s),
         # the input's clocks: accesses judged at the file's time (stamped far ahead of it)
-        # and accesses more than 6 h behind a newer one of the same user
+        # and accesses more than FAR_BEHIND_S behind a newer one of the same user
         "clock_ahead": res.stats.clock_ahead,
         "far_behind": res.stats.far_behind,
         "scenarios": scenarios,
@@ -188,8 +189,8 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("clock_ahead") or r.get("far_behind"):
         lines.append(
             f"input clocks               {r.get('clock_ahead', 0)} access(es) judged at the "
-            f"file's time (stamped far ahead), {r.get('far_behind', 0)} more than 6 h behind "
-            "a newer one of the same user"
+            f"file's time (stamped far ahead), {r.get('far_behind', 0)} more than "
+            f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user"
         )
     lines += [
         "",
