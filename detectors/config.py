@@ -140,6 +140,10 @@ class DetectionConfig:
     #: this much further on, without waiting for the user's next access; an access arriving
     #: later than this behind the newest one starts a new visit
     model_visit_lateness_s: float = 10 * 60
+    #: ... widened, up to this, while the input's accesses arrive further behind the newest
+    #: one (a log delivered in batches): see detectors.lateness. Equal to
+    #: ``model_visit_lateness_s``: fixed
+    late_allowance_max_s: float = 2 * HOUR
     #: a streamed access stamped more than this after its record was produced comes from a
     #: wrong clock: it is judged at the record's time
     max_clock_ahead_s: float = 300.0
@@ -226,7 +230,12 @@ class DetectionConfig:
                 f"{source}: shift_grace_s must be between 0 and {12 * HOUR:.0f} seconds, "
                 f"not {cfg.shift_grace_s!r}"
             )
-        for key in ("max_clock_ahead_s", "replay_clock_ahead_s"):
+        for key in (
+            "max_clock_ahead_s",
+            "replay_clock_ahead_s",
+            "model_visit_lateness_s",
+            "late_allowance_max_s",
+        ):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{source}: {key} must be 0 or more, not {getattr(cfg, key)!r}")
         return cfg

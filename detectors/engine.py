@@ -36,6 +36,7 @@ from detectors.cases import (
 )
 from detectors.config import DetectionConfig
 from detectors.explain import DOCUMENTED, EMERGENCY, GRANT, EncounterState, Explainer
+from detectors.lateness import LateAllowance
 from detectors.rules import FACT_FIELDS, Aggregate, Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context, Grant, Staff
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
@@ -69,6 +70,13 @@ class EngineStats:
     clock_ahead_ids: list[str] = field(default_factory=list)
     #: where they came from: workstation (or source, when the access names none) → count
     clock_ahead_from: dict[str, int] = field(default_factory=dict)
+    #: the widest the learned models' visit lateness grew past ``model_visit_lateness_s``
+    #: to fit the input's delays (:mod:`detectors.lateness`; 0: it never did), the largest
+    #: delay behind the newest access seen, and the accesses that came later than the
+    #: lateness then in force (their visit may have been scored without them)
+    late_allowance: float = 0.0
+    latest_lag: float = 0.0
+    too_late: int = 0
 
     @property
     def explained_share(self) -> float:
@@ -92,6 +100,9 @@ class EngineStats:
             self.clock_ahead + other.clock_ahead,
             (self.clock_ahead_ids + other.clock_ahead_ids)[:CLOCK_AHEAD_IDS],
             add(self.clock_ahead_from, other.clock_ahead_from),
+            max(self.late_allowance, other.late_allowance),
+            max(self.latest_lag, other.latest_lag),
+            self.too_late + other.too_late,
         )
 
 
@@ -108,11 +119,14 @@ class Window:
     (the engine's ``switches`` windows). An ``events`` window's keys are event ids, so an
     access delivered twice counts once."""
 
-    __slots__ = ("entries", "distinct", "switches", "_track")
+    __slots__ = ("entries", "distinct", "switches", "_track", "old")
 
     def __init__(self, distinct: bool = True) -> None:
         # (t, key, switched, explained, evidence)
         self.entries: deque[tuple[float, str, bool, bool, Evidence]] = deque()
+        #: accesses older than the span, kept ``grace`` longer while the input's accesses
+        #: arrive that late (detectors.lateness), for late ones to correlate with
+        self.old: deque[tuple[float, str, bool, bool, Evidence]] = deque()
         self.distinct: dict[str, int] = {}
         self.switches = 0
         self._track = distinct
@@ -124,12 +138,26 @@ class Window:
         access."""
         return cls(kind != "switches")
 
-    def push(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> bool:
-        """Add an access at event time ``t``. One that arrives late (behind the newest) is put
-        in its place in time; one older than the window's span behind the newest is too
-        late to correlate and is left out: returns False."""
+    def push(
+        self,
+        t: float,
+        key: str,
+        explained: bool,
+        ev: Evidence,
+        span: float,
+        grace: float = 0.0,
+        gte: int = 0,
+    ) -> bool | list[tuple[float, str, bool, bool, Evidence]]:
+        """Add an access at event time ``t``: True, and the window is the span up to its
+        newest access. One that arrives late (behind the newest) is put in its place in
+        time. One older than the span behind the newest is too late for the window: False;
+        unless ``grace`` (the input's measured delay) keeps older accesses, then it is
+        correlated with those around it: the accesses of the span around it that count at
+        least ``gte``, or False."""
         entries = self.entries
         if entries and t < entries[-1][0]:
+            if t < entries[-1][0] - span:
+                return self._correlate_old(t, key, explained, ev, span, grace, gte)
             return self._insert_late(t, key, explained, ev, span)
         switched = bool(entries) and entries[-1][1] != key
         entries.append((t, key, switched, explained, ev))
@@ -142,8 +170,12 @@ class Window:
         horizon = t - span
         if entries[0][0] >= horizon:
             return True
+        old = self.old
         while entries and entries[0][0] < horizon:
-            _, k, sw, _, _ = entries.popleft()
+            x = entries.popleft()
+            if grace:
+                old.append(x)
+            _, k, sw, _, _ = x
             if sw:
                 self.switches -= 1
             if track:
@@ -157,7 +189,59 @@ class Window:
                 head = entries[0]
                 entries[0] = (head[0], head[1], False, head[3], head[4])
                 self.switches -= 1
+        if old:
+            horizon -= grace
+            while old and old[0][0] < horizon:
+                old.popleft()
         return True
+
+    def _correlate_old(
+        self, t: float, key: str, explained: bool, ev: Evidence, span: float, grace: float, gte: int
+    ) -> bool | list[tuple[float, str, bool, bool, Evidence]]:
+        """A late access older than the span: kept with the older accesses, and the window of
+        the span around it that counts most, if it counts at least ``gte``."""
+        entries, old = self.entries, self.old
+        if not grace or t < entries[-1][0] - span - grace:
+            return False
+        old.insert(bisect_right(old, t, key=_time), (t, key, False, explained, ev))
+        # the accesses within the span on either side, in time order (``old`` comes first)
+        seq = [x for x in old if x[0] >= t - span]
+        for x in entries:
+            if x[0] > t + span:
+                break
+            seq.append(x)
+        best, best_n = (0, -1), 0
+        last = 0  # the window's last access
+        n = len(seq)
+        if not self._track:  # switches between consecutive accesses
+            sums = [0] * n
+            for i in range(1, n):
+                sums[i] = sums[i - 1] + (seq[i][1] != seq[i - 1][1])
+            for first in range(n):
+                if seq[first][0] > t:
+                    break
+                while last + 1 < n and seq[last + 1][0] <= seq[first][0] + span:
+                    last += 1
+                if sums[last] - sums[first] > best_n:
+                    best, best_n = (first, last), sums[last] - sums[first]
+        else:  # distinct keys
+            counts: dict[str, int] = {}
+            last = -1
+            for first in range(n):
+                if seq[first][0] > t:
+                    break
+                while last + 1 < n and seq[last + 1][0] <= seq[first][0] + span:
+                    last += 1
+                    counts[seq[last][1]] = counts.get(seq[last][1], 0) + 1
+                if len(counts) > best_n:
+                    best, best_n = (first, last), len(counts)
+                k = seq[first][1]
+                counts[k] -= 1
+                if not counts[k]:
+                    del counts[k]
+        if best_n < gte or best_n == 0:
+            return False
+        return seq[best[0] : best[1] + 1]
 
     def _insert_late(self, t: float, key: str, explained: bool, ev: Evidence, span: float) -> bool:
         """A late access, in its place in time among the entries (after those of the same
@@ -506,6 +590,15 @@ class Engine:
         self._sweep_at = -math.inf
         #: users who may have open visits (the sweep looks at these only)
         self._open: dict[str, UserState] = {}
+        #: how long an idle visit waits for late accesses, and how much longer than their
+        #: span the correlation windows keep accesses for them (detectors.lateness)
+        self._allowance = self.cfg.model_visit_lateness_s
+        self._grace = 0.0
+        self._late = (
+            LateAllowance(self.cfg.model_visit_lateness_s, self.cfg.late_allowance_max_s)
+            if self.cfg.late_allowance_max_s > self.cfg.model_visit_lateness_s
+            else None
+        )
 
     # ------------------------------------------------------------------ facts
     def _user_info(self, user_id: str) -> _UserInfo:
@@ -749,8 +842,10 @@ class Engine:
         t = e.t
         if t > self._wm:
             self._wm = t
-            if t >= self._sweep_at and self.models is not None:
+            if t >= self._sweep_at:
                 self._sweep(t)
+        elif self._late is not None and self._wm - t > self._late.floor:
+            self._late.late(self._wm - t)
         st = self.users.get(user_id)
         if st is None:
             st = self.users[user_id] = UserState()
@@ -871,17 +966,26 @@ class Engine:
                 w = st.windows.get(rule.id)
                 if w is None:
                     w = st.windows[rule.id] = Window.counting(kind)
-                if not w.push(
-                    t, e.event_id if kind == "events" else getattr(e, fld), explained, ev, span
-                ):
-                    continue  # too late to correlate
-                n = w.switches if kind == "switches" else len(w.distinct)
-                if n < gte:
-                    continue
+                got = w.push(
+                    t,
+                    e.event_id if kind == "events" else getattr(e, fld),
+                    explained,
+                    ev,
+                    span,
+                    self._grace,
+                    gte,
+                )
+                if got is True:
+                    n = w.switches if kind == "switches" else len(w.distinct)
+                    if n < gte:
+                        continue
+                    got = w.entries
+                elif not got:
+                    continue  # too late to correlate, or no window around it holds enough
                 if agg.evidence == "unexplained":
-                    fired = [x[4] for x in w.entries if not x[3]]
+                    fired = [x[4] for x in got if not x[3]]
                 else:
-                    fired = [x[4] for x in w.entries]
+                    fired = [x[4] for x in got]
                 extras = None
             if not fired or (self.exceptions and self._suppressed(rule, e, f)):
                 continue
@@ -912,6 +1016,12 @@ class Engine:
         """The latest event time this engine has seen."""
         return self._wm
 
+    @property
+    def late_allowance(self) -> float:
+        """How long (event time) an idle visit now waits for late accesses before it is
+        scored: ``model_visit_lateness_s``, widened to the input's delays."""
+        return self._allowance
+
     def sweep_to(self, t: float) -> None:
         """End of input (or of a partition's input) up to event time ``t``: close the visits
         that ``t`` leaves idle, as the watermark would. Replay's partitions and the stream's
@@ -923,14 +1033,19 @@ class Engine:
             self._sweep(self._wm)
 
     def _sweep(self, wm: float) -> None:
-        """Close the visits the watermark ``wm`` has left idle (by ``model_visit_lateness_s``
-        more than the visit gap), so learned evidence does not wait for the user's next
+        """Close the visits the watermark ``wm`` has left idle (by the late allowance, at
+        least ``model_visit_lateness_s``, more than the visit gap), so learned evidence does not wait for the user's next
         access: a user who browses and logs off is scored minutes later, not at their next
         shift. Each visit closes at its own time (:meth:`_close_idle`), so the outcome is
         the same whichever events trigger it: replay with any number of workers and the
         stream's partitions agree, unless an access arrives later than the lateness."""
         self._sweep_at = wm + SWEEP_EVERY_S
-        horizon = wm - self.cfg.model_visit_lateness_s - VISIT_GAP_S
+        if self._late is not None:
+            self._allowance = self._late.update(wm, self.events)
+            self._grace = self._late.widened
+        if self.models is None:
+            return
+        horizon = wm - self._allowance - VISIT_GAP_S
         done = []
         for user_id, st in self._open.items():
             um = st.models
@@ -1121,6 +1236,11 @@ class Engine:
             clock_ahead=self.clock_ahead,
             clock_ahead_ids=list(self.clock_ahead_ids),
             clock_ahead_from=dict(self.clock_ahead_from),
+            late_allowance=(
+                self._late.widest if self._late and self._late.widest > self._late.floor else 0.0
+            ),
+            latest_lag=self._late.latest_lag if self._late else 0.0,
+            too_late=self._late.too_late if self._late else 0,
         )
 
     # ------------------------------------------------------------------ snapshots

@@ -86,6 +86,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "and visits around them may be split (README: Input)",
             file=sys.stderr,
         )
+    st = res.stats
+    if st.late_allowance:
+        print(
+            f"replay: accesses arrived up to {st.latest_lag / 60:,.0f} min behind the newest "
+            "(a source delivering late or in batches): the learned models waited up to "
+            f"{st.late_allowance / 60:,.0f} min before scoring an idle visit "
+            f"(model_visit_lateness_s {cfg.model_visit_lateness_s:g} … "
+            f"late_allowance_max_s {cfg.late_allowance_max_s:g}); "
+            f"{st.too_late:,} access(es) came later than the wait then in force (README: Input)",
+            file=sys.stderr,
+        )
     if args.preview_exceptions:
         report = preview_exceptions(
             args.context, args.events, args.format, cfg.timezone, cfg, workers=args.workers

@@ -167,6 +167,10 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         # and accesses more than FAR_BEHIND_S behind a newer one of the same user
         "clock_ahead": res.stats.clock_ahead,
         "far_behind": res.stats.far_behind,
+        # the input's delays: how far the late allowance widened (0: not past
+        # model_visit_lateness_s; detectors.lateness) and the accesses that came later
+        "late_allowance_s": res.stats.late_allowance,
+        "too_late": res.stats.too_late,
         "scenarios": scenarios,
         # where to look when tuning: each rule's alerts (an alert counts for every rule in
         # it) and the false ones, and every false alert
@@ -191,6 +195,11 @@ def format_report(r: dict[str, Any]) -> str:
             f"input clocks               {r.get('clock_ahead', 0)} access(es) judged at the "
             f"file's time (stamped far ahead), {r.get('far_behind', 0)} more than "
             f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user"
+        )
+    if r.get("late_allowance_s") or r.get("too_late"):
+        lines.append(
+            f"input delays               waited up to {r.get('late_allowance_s', 0) / 60:.0f} min "
+            f"for late accesses; {r.get('too_late', 0)} came later than that"
         )
     lines += [
         "",

@@ -85,6 +85,13 @@ class StreamMetrics:
             ["partition"],
             registry=r,
         )
+        self.late_allowance = Gauge(
+            "emrwatch_late_allowance_seconds",
+            "How long an idle visit waits for late accesses before the learned models score "
+            "it (model_visit_lateness_s, widened to the input's delays), per access partition",
+            ["partition"],
+            registry=r,
+        )
         self.context_updates = Counter(
             "emrwatch_context_updates", "Context records applied", registry=r
         )
@@ -115,6 +122,8 @@ class StreamMetrics:
             self.deadletters.inc(res.deadletters)
         if getattr(res, "clock_ahead", 0):
             self.clock_ahead.inc(res.clock_ahead)
+        for p, s in getattr(res, "late_allowance", {}).items():
+            self.late_allowance.labels(partition=str(p)).set(s)
         self.on_alerts(alerts, now)
 
     def on_sources(self, counts: dict[Any, int]) -> None:

@@ -153,6 +153,8 @@ class BatchResult:
     by_source: dict[Any, int] = field(default_factory=dict)
     # accesses stamped after their record was produced (a wrong clock at the source)
     clock_ahead: int = 0
+    # partition → how long its engine's idle visits wait for late accesses (seconds)
+    late_allowance: dict[int, float] = field(default_factory=dict)
 
 
 class AccessProcessor:
@@ -348,6 +350,10 @@ class AccessProcessor:
             if e.user_id not in users:
                 users[e.user_id] = rec.timestamp
         self._drain(touched, res)
+        for p in touched:
+            lateness = getattr(parts[p].engine, "late_allowance", None)  # a custom engine: none
+            if lateness is not None:
+                res.late_allowance[p] = lateness
         self.total_events += res.processed
         self.total_deadletters += res.deadletters
         self.total_clock_ahead += res.clock_ahead

@@ -468,6 +468,77 @@ def test_a_window_fed_late_accesses_equals_one_fed_in_time_order():
     assert late_seen > 500 and dropped > 0  # the late paths ran
 
 
+def _best_window(seen: list, t: float, span: float, switches: bool) -> tuple[int, list]:
+    """Brute force: of every span-long window holding time ``t``, the one that counts most
+    (switches between consecutive accesses, or distinct keys) over ``seen`` in time order."""
+    seen = sorted(seen, key=lambda x: x[0])  # stable: equal times stay in arrival order
+    best: tuple[int, list] = (0, [])
+    for start in sorted({x[0] for x in seen if t - span <= x[0] <= t}):
+        inside = [x for x in seen if start <= x[0] <= start + span]
+        if switches:
+            n = sum(1 for a, b in zip(inside, inside[1:], strict=False) if a[1] != b[1])
+        else:
+            n = len({x[1] for x in inside})
+        if n > best[0]:
+            best = (n, inside)
+    return best
+
+
+@pytest.mark.parametrize("switches", [True, False], ids=["switches", "distinct"])
+def test_a_window_with_grace_correlates_an_access_older_than_its_span(switches: bool):
+    """While the input arrives late (a log written in batches), a window keeps its accesses
+    ``grace`` longer than its span: an access older than the span behind the newest one is
+    correlated with those around it, as the best span-long window holding it."""
+    import random
+
+    from detectors.engine import Window
+
+    rng = random.Random(7 + switches)
+    old_paths = fired = 0
+    for _ in range(600):
+        span, grace, gte = rng.choice([60, 300, 600]), 3600.0, rng.randint(1, 4)
+        accesses, t = [], 0
+        for k in range(rng.randint(2, 40)):
+            t += rng.choice([0, 5, 20, 60, 200, 900])
+            accesses.append((t, rng.choice("ABC"), f"e{k}"))
+        arrival = sorted(
+            accesses, key=lambda a: a[0] + (rng.uniform(0, 3000) if rng.random() < 0.4 else 0)
+        )
+        w, seen = Window(not switches), []
+        for a in arrival:
+            newest = w.entries[-1][0] if w.entries else a[0]
+            got = w.push(a[0], a[1], True, (a[2], a[0]), span, grace, gte)
+            if a[0] >= newest - span:
+                assert got is True
+                seen.append(a)
+                continue
+            if a[0] < newest - span - grace:
+                assert got is False
+                continue
+            old_paths += 1
+            seen.append(a)
+            keep = [x for x in seen if x[0] >= w.entries[-1][0] - span - grace]
+            n, inside = _best_window(keep, a[0], span, switches)
+            if n >= gte:
+                fired += 1
+                assert isinstance(got, list)
+                assert [x[0] for x in got][0] == inside[0][0] and got[-1][0] == inside[-1][0]
+                assert a[2] in {x[4][0] for x in got}  # the late access is in its window
+            else:
+                assert got is False
+    assert old_paths > 500 and fired > 100  # the path ran, both ways
+
+
+def test_no_grace_leaves_an_access_older_than_the_span_out():
+    from detectors.engine import Window
+
+    w = Window(False)
+    for i, k in enumerate("ABABAB"):
+        assert w.push(3000.0 + i, k, True, (f"e{i}", 3000.0 + i), 600.0) is True
+    assert w.push(100.0, "B", True, ("late", 100.0), 600.0, 0.0, 1) is False
+    assert not w.old
+
+
 def test_a_late_access_at_another_workstation_is_not_a_switch_back_and_forth(ctx):
     # the user moves from ws-a to ws-b once; three ws-a accesses made before the move reach
     # the monitor late, among the ws-b ones: in arrival order that is switching four times

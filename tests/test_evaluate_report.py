@@ -65,3 +65,12 @@ def test_the_report_says_what_the_inputs_clocks_did() -> None:
     text = format_report({"data": "d", **r})
     assert "input clocks               3 access(es) judged at the file's time" in text
     assert "7 more than 6 h behind a newer one of the same user" in text
+    assert "input delays" not in text  # the allowance never widened
+
+
+def test_the_report_says_how_long_the_engine_waited_for_late_accesses() -> None:
+    stats = EngineStats(events=100, late_allowance=3600.0, latest_lag=3590.0, too_late=4)
+    r = score(ReplayResult(alerts=[], stats=stats, events=100), {})
+    assert (r["late_allowance_s"], r["too_late"]) == (3600.0, 4)
+    text = format_report({"data": "d", **r})
+    assert "input delays               waited up to 60 min for late accesses; 4 came later" in text

@@ -31,6 +31,7 @@ def _exported() -> set[str]:
     m = StreamMetrics()
     m.new_alerts.labels(detector="x", severity="low").inc()
     m.lag.labels(partition="0").set(0)
+    m.late_allowance.labels(partition="0").set(600)
     text = generate_latest(m.registry).decode()
     c = ConnectorMetrics()  # `emrwatch connectors run --metrics-port`
     c.record("src", "accepted", 10)

@@ -292,3 +292,27 @@ def test_replay_judges_an_access_stamped_a_day_ahead_at_the_files_time(hospital,
     assert proc.returncode == 0, proc.stderr
     assert "stamped more than" not in proc.stderr
     assert "warning: 4 access(es) came more than 6 h behind a newer one" in proc.stderr
+
+
+def test_replay_says_how_long_it_waited_for_a_log_written_in_hourly_batches(hospital, tmp_path):
+    """Each workstation's hour written at once: ws-1's accesses come up to an hour behind
+    ws-0's. Replay measures it, waits the hour, and says so; in time order it says nothing."""
+    users = ["n-card", "n-orth", "p-card", "p-orth", "t-rad", "n-ed"]
+    docs = []
+    for m in range(180):  # 09:00-11:59, a minute apart, the workstations taking turns
+        d = ev(users[m % 6], "P1", at=f"2026-03-02T{9 + m // 60:02d}:{m % 60:02d}:00")
+        d["event_id"], d["workstation"] = f"e{m}", f"ws-{m % 2}"
+        docs.append(d)
+    batched = sorted(docs, key=lambda d: (d["ts"][:13], d["workstation"]))
+    run = [*EMRWATCH, "replay", "--context", str(hospital), "--workers", "1"]
+    run += ["--alerts", str(tmp_path / "alerts.jsonl")]
+    for name, order in (("in-order", docs), ("batched", batched)):
+        events = tmp_path / f"{name}.ndjson"
+        events.write_bytes(b"\n".join(_fhir(d) for d in order) + b"\n")
+        proc = subprocess.run([*run, "--events", str(events)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        if name == "in-order":
+            assert "waited" not in proc.stderr
+            continue
+        assert "replay: accesses arrived up to 57 min behind the newest" in proc.stderr
+        assert "waited up to 60 min before scoring an idle visit" in proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,31 @@ def test_an_access_stamped_after_its_record_was_produced_is_judged_at_the_record
     # records without a producer timestamp (tests' 1.0, Kafka's -1) are taken as stamped
     res = proc.process(_records([dict(events[32], ts="2026-03-04T09:00:00+08:00")], start=32))
     assert res.clock_ahead == 0 and engine.watermark == parse_ts("2026-03-04T09:00:00+08:00")
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["in-order", "hourly-batches"])
+def test_each_partition_exports_how_long_it_waits_for_late_accesses(
+    tmp_path: Path, batched: bool
+) -> None:
+    """A log written one workstation's hour at a time: the partition's engine measures the
+    delay and waits the hour for late accesses; emrwatch_late_allowance_seconds says so."""
+    from prometheus_client import generate_latest
+
+    from pipeline.stream_metrics import StreamMetrics
+
+    events = synthetic_hospital(tmp_path / "ctx", 6000, step_s=3.0)  # 5 hours
+    if batched:
+        hour = lambda d: int(datetime.fromisoformat(d["ts"]).timestamp() // 3600)  # noqa: E731
+        events = [
+            d
+            for _, _, d in sorted(((hour(d), d["workstation"]), i, d) for i, d in enumerate(events))
+        ]
+    metrics = StreamMetrics()
+    proc = AccessProcessor(Context.load(tmp_path / "ctx"), None, FakeOutput(), metrics=metrics)  # type: ignore[arg-type]
+    proc.adopt(0, None)
+    for i in range(0, len(events), 500):
+        res = proc.process(_records(events[i : i + 500], start=i))
+    assert res.late_allowance == {0: 3600.0 if batched else 600.0}
+    text = generate_latest(metrics.registry).decode()
+    want = "3600.0" if batched else "600.0"
+    assert f'emrwatch_late_allowance_seconds{{partition="0"}} {want}' in text

@@ -1,0 +1,121 @@
+"""How long the engine waits for accesses that arrive late: as long as the input needs.
+
+Two parts of the engine wait for late accesses. A learned-model visit (a user's accesses to
+one chart) is scored once the event time has moved the visit gap plus an *allowance* past
+its last access; an access later than that starts a visit of its own, and a visit cut in
+two is judged on half its accesses and half its hour. A correlation window (e.g. one
+account at two workstations within 10 minutes) takes a late access in its place in time,
+but only within the window's span of its newest access. On a log delivered in batches
+(each workstation's or server's hour written at once) the event time runs up to an hour
+ahead of a user's next accesses: with a fixed 10 minutes the models rated hundreds of cut
+visits unusual, and an account used at two workstations, whose accesses arrive in
+different batches, never correlated.
+
+:class:`LateAllowance` measures how far behind the newest access the input's accesses
+arrive, over the last :data:`MEMORY_S` of event time, and widens the allowance so that all
+but :data:`SHARE` of them arrive within it: from ``model_visit_lateness_s`` (the floor) up
+to ``late_allowance_max_s`` (the cap), in steps of :data:`STEP_S`. While it is wider than
+the floor, the windows keep their accesses that much longer, so a late one still finds its
+neighbours. A log in time order never widens it. The price is time: learned evidence
+reaches a case that much later in event time (rule findings on accesses in order do not
+wait).
+
+Cost per access: one subtraction and one comparison, and a count for an access that
+arrives more than the floor behind; the rest runs at the engine's sweeps (every 5 min of
+event time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+#: how far back (event time) arrival delays are remembered
+MEMORY_S = 24 * 3600.0
+#: the share of accesses allowed to arrive later than the allowance
+SHARE = 0.001
+#: the allowance moves in steps of this many seconds
+STEP_S = 300.0
+_HOUR = 3600.0
+
+
+class LateAllowance:
+    """The allowance in force for one engine (one partition), and what it has seen."""
+
+    __slots__ = (
+        "floor",
+        "cap",
+        "allowance",
+        "widest",
+        "too_late",
+        "latest_lag",
+        "_bins",
+        "_hours",
+        "_hour",
+        "_events_at",
+    )
+
+    def __init__(self, floor: float, cap: float) -> None:
+        self.floor = floor
+        self.cap = max(floor, cap)
+        #: the allowance in force now, and the widest it has been
+        self.allowance = floor
+        self.widest = floor
+        #: accesses that came later than the allowance then in force (their visit may have
+        #: been scored already), and the largest delay seen
+        self.too_late = 0
+        self.latest_lag = 0.0
+        n = max(1, math.ceil((self.cap - floor) / STEP_S))
+        #: this hour's accesses more than the floor behind, by delay: bin k holds delays in
+        #: [floor + k·STEP_S, floor + (k+1)·STEP_S), the last one everything beyond the cap
+        self._bins = [0] * n
+        #: earlier hours: (hour, accesses in it, its bins)
+        self._hours: deque[tuple[int, int, list[int]]] = deque()
+        self._hour = -1
+        self._events_at = 0  # the engine's access count when this hour began
+
+    def late(self, lag: float) -> None:
+        """An access arrived ``lag`` seconds (more than the floor) behind the newest one."""
+        k = int((lag - self.floor) // STEP_S)
+        bins = self._bins
+        bins[k if k < len(bins) else -1] += 1
+        if lag > self.allowance:
+            self.too_late += 1
+        if lag > self.latest_lag:
+            self.latest_lag = lag
+
+    @property
+    def widened(self) -> float:
+        """The allowance when it is wider than the floor, else 0 (how much longer the
+        correlation windows keep their accesses)."""
+        return self.allowance if self.allowance > self.floor else 0.0
+
+    def update(self, wm: float, events: int) -> float:
+        """At a sweep: the event time is ``wm`` and the engine has taken ``events`` accesses.
+        Closes the hour when a new one has begun and returns the allowance now in force."""
+        h = int(wm // _HOUR)
+        if h != self._hour:
+            if self._hour >= 0:
+                self._hours.append((self._hour, events - self._events_at, self._bins))
+                self._bins = [0] * len(self._bins)
+            self._hour, self._events_at = h, events
+            oldest = h - int(MEMORY_S // _HOUR)
+            while self._hours and self._hours[0][0] < oldest:
+                self._hours.popleft()
+        total = events - self._events_at
+        bins = list(self._bins)
+        for _, n, b in self._hours:
+            total += n
+            for k, c in enumerate(b):
+                if c:
+                    bins[k] += c
+        allowed = SHARE * total
+        above = 0
+        k = len(bins)
+        while k > 0 and above + bins[k - 1] <= allowed:
+            k -= 1
+            above += bins[k]
+        self.allowance = min(self.cap, self.floor + k * STEP_S)
+        if self.allowance > self.widest:
+            self.widest = self.allowance
+        return self.allowance

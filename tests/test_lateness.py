@@ -1,0 +1,80 @@
+"""The learned models' visit lateness follows the input's delays (detectors.lateness)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from detectors.config import ConfigError, DetectionConfig
+from detectors.lateness import MEMORY_S, SHARE, STEP_S, LateAllowance
+
+FLOOR, CAP = 600.0, 7200.0
+H = 1_000 * 3600.0  # the start of some hour
+
+
+def feed(lt: LateAllowance, hours: float, per_hour: int, lag: object, start: float = H) -> int:
+    """``per_hour`` accesses an hour for ``hours`` hours of event time, each arriving
+    ``lag()`` seconds behind the newest (0: in order), with a sweep every 5 minutes as the
+    engine makes them. Returns the accesses fed."""
+    n = int(hours * per_hour)
+    step = 3600.0 / per_hour
+    next_sweep = start
+    for i in range(n):
+        wm = start + i * step
+        if wm >= next_sweep:
+            lt.update(wm, i)
+            next_sweep = wm + 300.0
+        d = lag()  # type: ignore[operator]
+        if d > lt.floor:
+            lt.late(d)
+    lt.update(start + n * step, n)
+    return n
+
+
+def test_a_log_in_time_order_keeps_the_floor() -> None:
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 30, 2000, lambda: 0.0)
+    assert lt.allowance == lt.widest == FLOOR and lt.too_late == 0
+
+
+def test_a_log_in_hourly_batches_widens_it_to_the_hour() -> None:
+    """Half the accesses arrive up to an hour behind (each workstation's hour written at
+    once): the lateness takes them all, rounded up to its step, and no more."""
+    rng = random.Random(3)
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 6, 2000, lambda: rng.uniform(0, 3590) if rng.random() < 0.5 else 0.0)
+    assert lt.allowance == 3600.0
+    assert 3500 < lt.latest_lag <= 3590
+    # only those of the first minutes, before the first sweep saw them, came too late
+    assert 0 < lt.too_late < 0.01 * 6 * 2000
+
+
+def test_a_few_stragglers_do_not_widen_it() -> None:
+    """Fewer than SHARE of the accesses far behind: the rest are not held up for them."""
+    rng = random.Random(4)
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 10, 2000, lambda: 5000.0 if rng.random() < SHARE / 3 else 0.0)
+    assert lt.allowance == FLOOR
+    assert lt.too_late > 0  # they are counted as too late all the same
+
+
+def test_it_stops_at_the_cap_and_forgets_after_a_day() -> None:
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 3, 2000, lambda: 6 * 3600.0)  # a backlog six hours behind
+    assert lt.allowance == CAP
+    feed(lt, MEMORY_S / 3600 + 2, 2000, lambda: 0.0, start=H + 3 * 3600)
+    assert lt.allowance == FLOOR and lt.widest == CAP
+
+
+def test_the_steps_fit_the_delays() -> None:
+    """Delays of at most 25 min beyond the floor need 30 min beyond it (steps of 5)."""
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 2, 2000, lambda: FLOOR + 25 * 60 - 1)
+    assert lt.allowance == FLOOR + 5 * STEP_S
+
+
+@pytest.mark.parametrize("key", ["model_visit_lateness_s", "late_allowance_max_s"])
+def test_negative_lateness_is_a_config_error(key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        DetectionConfig.from_dict({key: -1})
