@@ -149,7 +149,8 @@ class DetectionConfig:
     max_clock_ahead_s: float = 300.0
     #: in a replay of a file (no record times): an access stamped more than this ahead of
     #: everything before it and of the lines after it is judged at the file's time there
-    #: (pipeline.file_clock); 0 takes every stamp as it is
+    #: (pipeline.file_clock), and a source's accesses steadily more than this behind it
+    #: are judged that much later; 0 takes every stamp as it is
     replay_clock_ahead_s: float = 3600.0
     #: scale soft rule risk by the case model (0.5 + P(misuse)); False: rules as they are
     model_fusion: bool = True

@@ -70,6 +70,10 @@ class EngineStats:
     clock_ahead_ids: list[str] = field(default_factory=list)
     #: where they came from: workstation (or source, when the access names none) → count
     clock_ahead_from: dict[str, int] = field(default_factory=dict)
+    #: accesses a replay judged later, from a source whose clock is steadily behind the
+    #: file's: source → count, and source → by how much (seconds)
+    clock_behind_from: dict[str, int] = field(default_factory=dict)
+    clock_behind_by: dict[str, float] = field(default_factory=dict)
     #: the widest the learned models' visit lateness grew past ``model_visit_lateness_s``
     #: to fit the input's delays (:mod:`detectors.lateness`; 0: it never did), the largest
     #: delay behind the newest access seen, and the accesses that came later than the
@@ -81,6 +85,10 @@ class EngineStats:
     @property
     def explained_share(self) -> float:
         return self.explained / self.events if self.events else 0.0
+
+    @property
+    def clock_behind(self) -> int:
+        return sum(self.clock_behind_from.values())
 
     def __add__(self, other: EngineStats) -> EngineStats:
         def add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
@@ -100,6 +108,8 @@ class EngineStats:
             self.clock_ahead + other.clock_ahead,
             (self.clock_ahead_ids + other.clock_ahead_ids)[:CLOCK_AHEAD_IDS],
             add(self.clock_ahead_from, other.clock_ahead_from),
+            add(self.clock_behind_from, other.clock_behind_from),
+            {**self.clock_behind_by, **other.clock_behind_by},
             max(self.late_allowance, other.late_allowance),
             max(self.latest_lag, other.latest_lag),
             self.too_late + other.too_late,
@@ -562,6 +572,8 @@ class Engine:
         self.clock_ahead = 0  # see EngineStats.clock_ahead
         self.clock_ahead_ids: list[str] = []
         self.clock_ahead_from: dict[str, int] = {}
+        self.clock_behind_from: dict[str, int] = {}
+        self.clock_behind_by: dict[str, float] = {}
         self._user_cache: dict[str, _UserInfo] = {}
         self._documented_window = self.cfg.documented_window_s
         self._grace_min = int(self.cfg.shift_grace_s // 60)
@@ -1224,6 +1236,13 @@ class Engine:
         where = e.workstation or e.source or "unknown"
         self.clock_ahead_from[where] = self.clock_ahead_from.get(where, 0) + 1
 
+    def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None:
+        """Counts an access a replay judges later: its source's clock is steadily behind
+        the file's (pipeline.file_clock)."""
+        where = e.workstation or e.source or "unknown"
+        self.clock_behind_from[where] = self.clock_behind_from.get(where, 0) + 1
+        self.clock_behind_by[where] = judged_at - e.t
+
     def stats(self) -> EngineStats:
         return EngineStats(
             events=self.events,
@@ -1236,6 +1255,8 @@ class Engine:
             clock_ahead=self.clock_ahead,
             clock_ahead_ids=list(self.clock_ahead_ids),
             clock_ahead_from=dict(self.clock_ahead_from),
+            clock_behind_from=dict(self.clock_behind_from),
+            clock_behind_by=dict(self.clock_behind_by),
             late_allowance=(
                 self._late.widest if self._late and self._late.widest > self._late.floor else 0.0
             ),
@@ -1245,7 +1266,8 @@ class Engine:
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, users: Iterable[str] | None = None) -> bytes:
-        """Per-user state as JSON (not pickle: a snapshot is data, never code)."""
+        """Per-user state and the partition's clock (event time, late allowance) as JSON
+        (not pickle: a snapshot is data, never code)."""
         keys = self.users.keys() if users is None else [u for u in users if u in self.users]
         out: dict[str, Any] = {}
         for u in keys:
@@ -1253,7 +1275,9 @@ class Engine:
             out[u] = {
                 "writes": st.writes,
                 "last_t": st.last_t,
-                "windows": {r: [list(x) for x in w.entries] for r, w in st.windows.items()},
+                "windows": {
+                    r: [list(x) for x in (*w.old, *w.entries)] for r, w in st.windows.items()
+                },
                 "days": {
                     r: [d.day, sorted(d.patients), d.unexplained, list(d.history), d.fired]
                     for r, d in st.days.items()
@@ -1262,12 +1286,26 @@ class Engine:
                 "browse": st.browse.to_obj() if st.browse is not None else None,
                 "models": st.models.to_obj() if st.models is not None else None,
             }
-        return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out})
+        finite = math.isfinite
+        clock = {
+            "wm": self._wm if finite(self._wm) else None,
+            "sweep_at": self._sweep_at if finite(self._sweep_at) else None,
+            "late": self._late.to_obj(self.events) if self._late is not None else None,
+        }
+        return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out, "clock": clock})
 
     def restore_state(self, data: bytes) -> None:
         doc = orjson.loads(data)
         if doc.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"snapshot version {doc.get('version')} is not {SNAPSHOT_VERSION}")
+        # the partition's event time and late allowance (snapshots before them have none)
+        clock = doc.get("clock") or {}
+        if clock.get("wm") is not None and clock["wm"] > self._wm:
+            self._wm = clock["wm"]
+            self._sweep_at = clock.get("sweep_at") or self._sweep_at
+        if self._late is not None and clock.get("late"):
+            self._late.restore(clock["late"], self.events)
+            self._allowance, self._grace = self._late.allowance, self._late.widened
         for u, o in doc["users"].items():
             st = UserState()
             st.writes = o["writes"]
@@ -1278,7 +1316,7 @@ class Engine:
                     continue
                 w = st.windows[rid] = Window.counting(rule.aggregate.count)
                 for t, key, _sw, explained, ev in entries:
-                    w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s)  # type: ignore[arg-type]
+                    w.push(t, key, explained, tuple(ev), rule.aggregate.timespan_s, self._grace)  # type: ignore[arg-type]
             for rid, (day, patients, unexplained, history, fired) in o["days"].items():
                 rule = self.rule_by_id.get(rid)
                 if rule is None or rule.aggregate is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Any
 
 #: how far back (event time) arrival delays are remembered
 MEMORY_S = 24 * 3600.0
@@ -83,6 +84,36 @@ class LateAllowance:
             self.too_late += 1
         if lag > self.latest_lag:
             self.latest_lag = lag
+
+    # ----------------------------------------------------------------- snapshots
+    def to_obj(self, events: int) -> dict[str, object]:
+        """The state as JSON-able data; ``events`` is the engine's access count now."""
+        return {
+            "allowance": self.allowance,
+            "widest": self.widest,
+            "too_late": self.too_late,
+            "latest_lag": self.latest_lag,
+            "bins": list(self._bins),
+            "hours": [[h, n, list(b)] for h, n, b in self._hours],
+            "hour": self._hour,
+            "in_hour": events - self._events_at,
+        }
+
+    def restore(self, o: dict[str, Any], events: int) -> None:
+        """Take the state of :meth:`to_obj` (``events``: the restored engine's access
+        count). One measured in other steps (floor or cap changed since) is left out."""
+        if len(o["bins"]) != len(self._bins) or any(
+            len(b) != len(self._bins) for *_, b in o["hours"]
+        ):
+            return
+        self.allowance = min(self.cap, max(self.floor, float(o["allowance"])))
+        self.widest = max(self.allowance, float(o["widest"]))
+        self.too_late = int(o["too_late"])
+        self.latest_lag = float(o["latest_lag"])
+        self._bins = [int(c) for c in o["bins"]]
+        self._hours = deque((int(h), int(n), [int(c) for c in b]) for h, n, b in o["hours"])
+        self._hour = int(o["hour"])
+        self._events_at = events - int(o["in_hour"])
 
     @property
     def widened(self) -> float:

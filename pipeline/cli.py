@@ -78,6 +78,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{where}; among them: {', '.join(res.stats.clock_ahead_ids)} (README: Input)",
             file=sys.stderr,
         )
+    if res.stats.clock_behind:
+        top = sorted(res.stats.clock_behind_from.items(), key=lambda kv: (-kv[1], kv[0]))
+        where = ", ".join(
+            f"{w} ({n:,}, {res.stats.clock_behind_by.get(w, 0) / 3600:.1f} h)" for w, n in top[:5]
+        ) + (", …" if len(top) > 5 else "")
+        print(
+            f"replay: warning: {res.stats.clock_behind:,} access(es) from a source whose clock "
+            "runs steadily behind the file's (a timezone or clock wrong there?) were judged "
+            f"that much later: {where}; a source that really lags by that much, to the minute: "
+            "replay_clock_ahead_s: 0 takes stamps as they are (README: Input)",
+            file=sys.stderr,
+        )
     if res.stats.far_behind:
         print(
             f"replay: warning: {res.stats.far_behind} access(es) came more than "

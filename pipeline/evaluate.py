@@ -166,6 +166,8 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         # the input's clocks: accesses judged at the file's time (stamped far ahead of it)
         # and accesses more than FAR_BEHIND_S behind a newer one of the same user
         "clock_ahead": res.stats.clock_ahead,
+        # and accesses judged later, from a source whose clock runs steadily behind
+        "clock_behind": res.stats.clock_behind,
         "far_behind": res.stats.far_behind,
         # the input's delays: how far the late allowance widened (0: not past
         # model_visit_lateness_s; detectors.lateness) and the accesses that came later
@@ -190,10 +192,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"event recall (all misuse)  {r['event_recall']:.3f}",
         f"user recall mean / min     {r['mean_user_recall']:.3f} / {r['min_user_recall']:.3f}",
     ]
-    if r.get("clock_ahead") or r.get("far_behind"):
+    if r.get("clock_ahead") or r.get("far_behind") or r.get("clock_behind"):
         lines.append(
             f"input clocks               {r.get('clock_ahead', 0)} access(es) judged at the "
-            f"file's time (stamped far ahead), {r.get('far_behind', 0)} more than "
+            f"file's time (stamped far ahead), {r.get('clock_behind', 0)} judged later (a "
+            f"clock steadily behind), {r.get('far_behind', 0)} more than "
             f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user"
         )
     if r.get("late_allowance_s") or r.get("too_late"):

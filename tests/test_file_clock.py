@@ -10,14 +10,21 @@ import pytest
 
 from detectors.config import ConfigError, DetectionConfig
 from emrwatch.events import AccessEvent
-from pipeline.file_clock import MIN_FOLLOWING, WINDOW, file_clock
+from pipeline.file_clock import (
+    MIN_FOLLOWING,
+    STEADY_N,
+    STEADY_SPAN_S,
+    STEADY_TOL_S,
+    WINDOW,
+    file_clock,
+)
 
 HOUR = 3600.0
 DAY = 86400.0
 T0 = 1_772_409_600.0  # 2026-03-02 08:00 +08:00
 
 
-def access(user: str, t: float, n: int) -> AccessEvent:
+def access(user: str, t: float, n: int, ws: str = "ws-1") -> AccessEvent:
     return AccessEvent.from_dict(
         {
             "event_id": f"e{n:06d}",
@@ -26,7 +33,7 @@ def access(user: str, t: float, n: int) -> AccessEvent:
             "patient_id": f"P{n % 50}",
             "action": "view",
             "resource_type": "Observation",
-            "workstation": "ws-1",
+            "workstation": ws,
             "outcome": "success",
         },
         t=t,
@@ -41,9 +48,13 @@ def busy(n: int, start: float = T0, step: float = 6.0, users: int = 20) -> list[
 class Sink:
     def __init__(self) -> None:
         self.seen: list[tuple[str, float]] = []
+        self.behind: list[tuple[str, float]] = []
 
     def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None:
         self.seen.append((e.event_id, judged_at))
+
+    def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None:
+        self.behind.append((e.event_id, judged_at))
 
 
 def run(events: list[AccessEvent], ahead_s: float = HOUR) -> tuple[list[AccessEvent], Sink]:
@@ -169,3 +180,82 @@ def test_partitions_add_up_what_they_judged_and_where_from() -> None:
     both = a + b
     assert both.clock_ahead == 8 and both.clock_ahead_from == {"ws-a": 3, "ws-b": 5}
     assert both.clock_ahead_ids == ["e1", "e2", *ids][:CLOCK_AHEAD_IDS]
+    c = EngineStats(clock_behind_from={"ws-tz": 3}, clock_behind_by={"ws-tz": 8 * HOUR})
+    d = EngineStats(clock_behind_from={"ws-tz": 4, "ws-b": 1}, clock_behind_by={"ws-b": HOUR})
+    assert (c + d).clock_behind == 8 and (c + d).clock_behind_from == {"ws-tz": 7, "ws-b": 1}
+    assert (c + d).clock_behind_by == {"ws-tz": 8 * HOUR, "ws-b": HOUR}
+
+
+def with_source(events: list[AccessEvent], every: int, ws: str, shift: object) -> list[AccessEvent]:
+    """Every ``every``-th access from ``ws``, stamped ``shift(i, t)`` seconds off."""
+    return [
+        access(e.user_id, e.t + shift(i, e.t), i, ws) if i % every == 3 else e  # type: ignore[operator]
+        for i, e in enumerate(events)
+    ]
+
+
+@pytest.mark.parametrize("hours", [8, 5, 1.5])  # UTC as +08:00; New York local as UTC
+def test_a_clock_steadily_behind_is_judged_that_much_later(hours: float) -> None:
+    """A workstation whose accesses all come ``hours`` behind the file, steadily: from its
+    STEADY_N-th on (once the file has moved on STEADY_SPAN_S), each is judged that much
+    later; the first ones pass as stamped."""
+    events = with_source(busy(6000), 7, "ws-tz", lambda i, t: -hours * HOUR)
+    out, sink = run(events)
+    got = moved(events, out)
+    at = [i for i, e in enumerate(events) if e.workstation == "ws-tz"]
+    wrong = [events[i] for i in at]
+    # the file's time at each: the line before it (in time)
+    first = next(
+        k
+        for k in range(STEADY_N - 1, len(at))
+        if events[at[k] - 1].t - events[at[0] - 1].t >= STEADY_SPAN_S
+    )
+    assert set(got) == {e.event_id for e in wrong[first:]}
+    assert all(abs(got[e.event_id] - (e.t + hours * HOUR)) < 60 for e in wrong[first:])
+    assert sink.behind == [(e.event_id, got[e.event_id]) for e in wrong[first:]]
+    assert not sink.seen
+
+
+def test_a_source_writing_its_hours_in_batches_is_not_a_wrong_clock() -> None:
+    """Each hour of ws-b's accesses comes after the hour's others: offsets from an hour
+    down to nothing, never steady."""
+    events = with_source(busy(6000, step=3.0), 5, "ws-b", lambda i, t: 0.0)
+    batched = sorted(events, key=lambda e: (int(e.t // HOUR), e.workstation == "ws-b", e.t))
+    batched = [access(e.user_id, e.t, i, e.workstation) for i, e in enumerate(batched)]
+    # two-hour batches: offsets up to two hours, beyond ahead_s
+    two = sorted(events, key=lambda e: (int(e.t // (2 * HOUR)), e.workstation == "ws-b", e.t))
+    two = [access(e.user_id, e.t, i, e.workstation) for i, e in enumerate(two)]
+    for order in (batched, two):
+        out, sink = run(order)
+        assert not moved(order, out) and not sink.behind and not sink.seen
+
+
+def test_a_backlog_or_a_wandering_lag_is_not_a_wrong_clock() -> None:
+    # six hours of ws-b delivered at once: the file's time stands still meanwhile
+    live = busy(1000)
+    now = live[-1].t
+    backlog = [access(f"b{i % 10}", now - 6 * HOUR + i * 20, 1000 + i, "ws-b") for i in range(900)]
+    events = live + backlog + busy(500, start=now + 10)
+    out, sink = run(events)
+    assert not moved(events, out) and not sink.behind
+    # ws-b catching up: six hours behind, then less and less, among the live accesses
+    catching = with_source(busy(6000), 4, "ws-b", lambda i, t: -6 * HOUR * (1 - i / 6000))
+    out, sink = run(catching)
+    assert not moved(catching, out) and not sink.behind
+    # a lag that wanders between two and three hours
+    rng = random.Random(5)
+    wandering = with_source(busy(6000), 4, "ws-b", lambda i, t: -rng.uniform(2, 3) * HOUR)
+    out, sink = run(wandering)
+    assert not moved(wandering, out) and not sink.behind
+    assert 2 * STEADY_TOL_S < HOUR  # "wandering" is wider than the tolerance
+
+
+def test_an_access_in_time_from_the_source_ends_the_wrong_clock() -> None:
+    # ws-tz runs 8 h behind, then its clock is fixed: from the first access in time on,
+    # nothing more is moved
+    fixed_at = 4000
+    events = with_source(busy(6000), 7, "ws-tz", lambda i, t: -8 * HOUR if i < fixed_at else 0.0)
+    out, sink = run(events)
+    got = moved(events, out)
+    assert got and all(int(e[1:]) < fixed_at for e in got)
+    assert sink.behind

@@ -255,6 +255,16 @@ def test_partitioned_engines_equal_one_engine(
         assert any(LEARNED_RULE_ID in a["detector"] for a in one)
 
 
+def _hourly_batches(events: list) -> list:
+    """``events`` as a log written one workstation's hour at a time."""
+    return [
+        e
+        for _, _, e in sorted(
+            ((int(e.t // 3600), e.workstation), i, e) for i, e in enumerate(events)
+        )
+    ]
+
+
 def test_a_log_in_hourly_batches_keeps_its_visits_whole(ctx: Context, events: list) -> None:
     """Each workstation's hour written at once: the event time runs up to an hour ahead of a
     user's next accesses. With the lateness fixed at 10 min the models cut hundreds of
@@ -263,12 +273,7 @@ def test_a_log_in_hourly_batches_keeps_its_visits_whole(ctx: Context, events: li
     from collections import Counter
 
     bundle = load_bundle(ModelRegistry(DEFAULT_REGISTRY))
-    batched = [
-        e
-        for _, _, e in sorted(
-            ((int(e.t // 3600), e.workstation), i, e) for i, e in enumerate(events)
-        )
-    ]
+    batched = _hourly_batches(events)
     assert batched != events
 
     def visits(evs: list, cfg: DetectionConfig) -> tuple[Counter, float]:
@@ -350,9 +355,14 @@ def test_a_visit_is_scored_when_the_watermark_passes_it(ctx: Context, events: li
     )
 
 
-def test_snapshot_restore_keeps_model_state(ctx: Context, events: list) -> None:
-    """Crash half-way, restore from the JSON snapshot, go on: same alerts as no crash."""
+@pytest.mark.parametrize("batched", [False, True], ids=["in-order", "hourly-batches"])
+def test_snapshot_restore_keeps_model_state(ctx: Context, events: list, batched: bool) -> None:
+    """Crash half-way, restore from the JSON snapshot, go on: same alerts as no crash. In
+    hourly batches that takes the partition's clock and late allowance with it (a restored
+    engine waiting 10 min again would cut visits) and the windows' older accesses."""
     cfg = DetectionConfig(model_min_level=1.5, model_weight=1.0)
+    if batched:
+        events = _hourly_batches(events)
     half = len(events) // 2
     whole = Engine(ctx, cfg)
     want = run_engine(whole, events)
@@ -366,7 +376,9 @@ def test_snapshot_restore_keeps_model_state(ctx: Context, events: list) -> None:
     snap = first.snapshot()
     doc = orjson.loads(snap)  # JSON, not pickle
     assert any(u.get("models") for u in doc["users"].values())
+    assert (doc["clock"]["late"]["allowance"] == 3600.0) is batched
     second = Engine.restore(ctx, cfg, snap)
+    assert second.late_allowance == first.late_allowance and second.watermark == first.watermark
     got.update(run_engine(second, events[half:]))
     assert [a.to_dict() for a in collapse(got.values())] == [
         a.to_dict() for a in collapse(want.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -316,3 +317,29 @@ def test_replay_says_how_long_it_waited_for_a_log_written_in_hourly_batches(hosp
             continue
         assert "replay: accesses arrived up to 57 min behind the newest" in proc.stderr
         assert "waited up to 60 min before scoring an idle visit" in proc.stderr
+
+
+def test_replay_judges_a_workstation_whose_clock_runs_steadily_behind_later(hospital, tmp_path):
+    """ws-tz writes UTC with the local offset: its accesses come 8 h behind the file's time,
+    steadily. Once that is plain (32 accesses, 30 minutes of the file), replay judges them
+    8 h later and names the workstation with its offset."""
+    users = ["n-card", "n-orth", "p-card", "p-orth", "n-ed"]
+    docs = []
+    for i in range(600):  # 08:00-09:40, ten seconds apart; every fifth access from ws-tz
+        t = f"2026-03-02T{8 + i // 360:02d}:{i // 6 % 60:02d}:{i % 6 * 10:02d}"
+        d = ev(users[i % 5] if i % 5 else "t-rad", "P1", at=t, event_id=f"e{i}")
+        if i % 5 == 0:
+            d["workstation"] = "ws-tz"
+            d["ts"] = d["ts"].replace("T08:", "T00:").replace("T09:", "T01:")  # 8 h behind
+        docs.append(d)
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"\n".join(_fhir(d) for d in docs) + b"\n")
+    run = [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
+    run += ["--alerts", str(tmp_path / "alerts.jsonl"), "--workers", "1"]
+    proc = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    judged = re.search(
+        r"warning: (\d+) access\(es\) from a source whose clock runs steadily", proc.stderr
+    )
+    assert judged and 120 - 40 <= int(judged.group(1)) < 120, proc.stderr
+    assert "were judged that much later: ws-tz (" in proc.stderr and ", 8.0 h)" in proc.stderr
