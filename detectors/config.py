@@ -147,6 +147,10 @@ class DetectionConfig:
     #: a streamed access stamped more than this after its record was produced comes from a
     #: wrong clock: it is judged at the record's time
     max_clock_ahead_s: float = 300.0
+    #: a streamed access stamped more than this before its record was produced, steadily
+    #: (a source's clock runs behind: pipeline.file_clock.SteadyOffset), is judged that
+    #: much later; 0 takes such stamps as they are
+    max_clock_behind_s: float = 3600.0
     #: in a replay of a file (no record times): an access stamped more than this ahead of
     #: everything before it and of the lines after it is judged at the file's time there
     #: (pipeline.file_clock), and a source's accesses steadily more than this behind it
@@ -233,6 +237,7 @@ class DetectionConfig:
             )
         for key in (
             "max_clock_ahead_s",
+            "max_clock_behind_s",
             "replay_clock_ahead_s",
             "model_visit_lateness_s",
             "late_allowance_max_s",

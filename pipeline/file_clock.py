@@ -73,9 +73,10 @@ class ClockSink(Protocol):
     def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None: ...
 
 
-class _Behind:
-    """One source's run of accesses stamped more than ``ahead_s`` behind the file, by
-    offsets within :data:`STEADY_TOL_S` of each other."""
+class SteadyOffset:
+    """One source's run of accesses stamped far behind the time they reached us (the file's
+    time; in the stream, their records' producer time), by offsets within
+    :data:`STEADY_TOL_S` of each other: a clock that far behind, once steady."""
 
     __slots__ = ("lo", "hi", "n", "since", "offsets", "steady")
 
@@ -87,8 +88,8 @@ class _Behind:
         self.steady = 0.0  # the offset once steady, else 0
 
     def add(self, offset: float, high: float) -> float:
-        """Record one, the file's time being ``high``; returns the steady offset (0: not
-        steady)."""
+        """Record one, the time it reached us being ``high``; returns the steady offset
+        (0: not steady)."""
         if self.steady and self.steady - QUIET_S <= offset <= self.steady + STEADY_TOL_S:
             # a quiet file's time lags the hour, so a steady clock's offsets look smaller
             self.n += 1
@@ -120,7 +121,7 @@ def file_clock(
     # ahead_s of it, or a jump the lines after it followed); an access that could not be
     # judged passes as it is but moves it no further
     high = float("-inf")
-    behind: dict[str, _Behind] = {}  # source → its accesses far behind the file's time
+    behind: dict[str, SteadyOffset] = {}  # source → its accesses far behind the file's time
 
     def judged(x: AccessEvent) -> AccessEvent:
         nonlocal high
@@ -135,7 +136,7 @@ def file_clock(
             src = x.workstation or x.source
             b = behind.get(src)
             if b is None:
-                b = behind[src] = _Behind()
+                b = behind[src] = SteadyOffset()
             off = b.add(high - t, high)
             if off:
                 if sink is not None:

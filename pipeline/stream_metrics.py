@@ -56,6 +56,12 @@ class StreamMetrics:
             "judged at the record's time",
             registry=r,
         )
+        self.clock_behind = Counter(
+            "emrwatch_events_clock_behind",
+            "Accesses stamped steadily long before their record was produced (a source's "
+            "clock runs behind), judged that much later",
+            registry=r,
+        )
         self.alerts = Counter(
             "emrwatch_alerts_emitted", "Alert versions written to the alert topic", registry=r
         )
@@ -122,6 +128,8 @@ class StreamMetrics:
             self.deadletters.inc(res.deadletters)
         if getattr(res, "clock_ahead", 0):
             self.clock_ahead.inc(res.clock_ahead)
+        if getattr(res, "clock_behind", 0):
+            self.clock_behind.inc(res.clock_behind)
         for p, s in getattr(res, "late_allowance", {}).items():
             self.late_allowance.labels(partition=str(p)).set(s)
         self.on_alerts(alerts, now)

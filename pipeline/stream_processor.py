@@ -26,6 +26,7 @@ import orjson
 from detectors.config import DetectionConfig
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
+from pipeline.file_clock import SteadyOffset
 from pipeline.stream_state import Snapshot, SnapshotStore
 from pipeline.topics import (
     CONTROL_HEADER,
@@ -44,6 +45,8 @@ H_EMIT_TS = "emrwatch-emit-ts"  # on alerts: ms wall time of emission
 
 #: a producer timestamp before this (2001-09-09) is no timestamp (Kafka's -1, tests' 1.0)
 MIN_PRODUCER_TS = 1e9
+#: sources whose runs of accesses stamped long before their records are followed at most
+MAX_BEHIND_SOURCES = 4096
 
 
 class Record(NamedTuple):
@@ -151,8 +154,10 @@ class BatchResult:
     # processed events per raw ``emrwatch-source`` header value (None: no header); the
     # metrics turn these into bounded labels once per batch
     by_source: dict[Any, int] = field(default_factory=dict)
-    # accesses stamped after their record was produced (a wrong clock at the source)
+    # accesses stamped after their record was produced (a wrong clock at the source), and
+    # steadily long before it (a clock behind)
     clock_ahead: int = 0
+    clock_behind: int = 0
     # partition → how long its engine's idle visits wait for late accesses (seconds)
     late_allowance: dict[int, float] = field(default_factory=dict)
 
@@ -202,6 +207,13 @@ class AccessProcessor:
             getattr(detection_config, "max_clock_ahead_s", DetectionConfig.max_clock_ahead_s)
         )
         self._clock_warned: set[Any] = set()  # sources already warned about
+        self.max_clock_behind_s = float(
+            getattr(detection_config, "max_clock_behind_s", DetectionConfig.max_clock_behind_s)
+        )
+        self.total_clock_behind = 0
+        #: workstation (or source) → its run of accesses stamped far before their records
+        self._behind: dict[Any, SteadyOffset] = {}
+        self._behind_warned: set[Any] = set()
 
     # ----------------------------------------------------------------- engines
     def new_engine(self) -> Any:
@@ -287,6 +299,7 @@ class AccessProcessor:
         loads = orjson.loads
         now = time.time()
         ahead = self.max_clock_ahead_s
+        behind_s = self.max_clock_behind_s
         for rec in records:
             p = rec.partition
             st = parts.get(p)
@@ -326,6 +339,12 @@ class AccessProcessor:
                 e = from_dict(loads(rec.value))  # type: ignore[arg-type]
                 if e.t > rec.timestamp + ahead and rec.timestamp > MIN_PRODUCER_TS:
                     e = self._from_wrong_clock(e, rec, src, res)
+                elif (
+                    behind_s and rec.timestamp - e.t > behind_s and rec.timestamp > MIN_PRODUCER_TS
+                ):
+                    e = self._from_slow_clock(e, rec, src, res)
+                elif self._behind:
+                    self._behind.pop(e.workstation or src, None)  # in time: no wrong clock
                 st.engine.ingest(e)
             except Exception as exc:  # noqa: BLE001 - every per-event error is routed, never raised
                 st.deadletters += 1
@@ -357,6 +376,7 @@ class AccessProcessor:
         self.total_events += res.processed
         self.total_deadletters += res.deadletters
         self.total_clock_ahead += res.clock_ahead
+        self.total_clock_behind += res.clock_behind
         if self.metrics is not None:
             self.metrics.on_batch(res, (), now)
         if res.acks:
@@ -450,6 +470,36 @@ class AccessProcessor:
                 (e.t - rec.timestamp) / 3600,
             )
         return dataclass_replace(e, t=rec.timestamp)
+
+    def _from_slow_clock(
+        self, e: AccessEvent, rec: Record, src: Any, res: BatchResult
+    ) -> AccessEvent:
+        """An access stamped long before its record was produced: a late delivery (a
+        backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
+        a clock's offset is steady (pipeline.file_clock.SteadyOffset), and from then on
+        its accesses are judged that much later. Warned once per source, counted always."""
+        where = e.workstation or src
+        run = self._behind.get(where)
+        if run is None:
+            if len(self._behind) >= MAX_BEHIND_SOURCES:
+                return e
+            run = self._behind[where] = SteadyOffset()
+        off = run.add(rec.timestamp - e.t, rec.timestamp)
+        if not off:
+            return e
+        res.clock_behind += 1
+        if where not in self._behind_warned and len(self._behind_warned) < 64:
+            self._behind_warned.add(where)
+            name = where.decode(errors="replace") if isinstance(where, bytes) else where
+            log.warning(
+                "workstation or source %s: accesses stamped steadily %.1f h before their "
+                "records were produced (a timezone or clock wrong there?): judged that much "
+                "later from access %s on (emrwatch_events_clock_behind_total counts them)",
+                name or "unknown",
+                off / 3600,
+                e.event_id,  # not a person's identifier: where to find the record
+            )
+        return dataclass_replace(e, t=e.t + off)
 
     # ----------------------------------------------------------------- state
     def housekeeping(self, force_snapshot: bool = False) -> None:

@@ -164,7 +164,7 @@ def test_zero_takes_every_stamp_as_it_is() -> None:
     assert out == events and not sink.seen
 
 
-@pytest.mark.parametrize("key", ["replay_clock_ahead_s", "max_clock_ahead_s"])
+@pytest.mark.parametrize("key", ["replay_clock_ahead_s", "max_clock_ahead_s", "max_clock_behind_s"])
 def test_a_negative_clock_tolerance_is_a_config_error(key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         DetectionConfig.from_dict({key: -60})

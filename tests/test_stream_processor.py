@@ -229,3 +229,44 @@ def test_each_partition_exports_how_long_it_waits_for_late_accesses(
     text = generate_latest(metrics.registry).decode()
     want = "3600.0" if batched else "600.0"
     assert f'emrwatch_late_allowance_seconds{{partition="0"}} {want}' in text
+
+
+def test_a_workstation_whose_clock_runs_behind_is_judged_at_its_steady_offset(
+    tmp_path: Path,
+) -> None:
+    """ws-7 stamps its accesses 8 h before their records are produced, steadily: once that
+    is plain (pipeline.file_clock.SteadyOffset) they are judged 8 h later, counted and
+    warned of once. A source merely lagging (offsets that wander) is left as it is."""
+    from datetime import timedelta
+
+    from prometheus_client import generate_latest
+
+    from pipeline.file_clock import STEADY_N
+    from pipeline.stream_metrics import StreamMetrics
+
+    events = synthetic_hospital(tmp_path / "ctx", 6000, step_s=3.0)  # 5 hours
+    produced = [datetime.fromisoformat(d["ts"]).timestamp() for d in events]
+    for d in events:
+        if d["workstation"] == "ws-7":
+            d["ts"] = (datetime.fromisoformat(d["ts"]) - timedelta(hours=8)).isoformat()
+        elif d["workstation"] == "ws-8":  # lags 2-3 h, not steadily
+            lag = 2 + int(d["event_id"][-3:]) / 1000
+            d["ts"] = (datetime.fromisoformat(d["ts"]) - timedelta(hours=lag)).isoformat()
+    recs = [
+        Record(0, i, d["user_id"].encode(), orjson.dumps(d), None, produced[i])
+        for i, d in enumerate(events)
+    ]
+    metrics = StreamMetrics()
+    proc = AccessProcessor(Context.load(tmp_path / "ctx"), None, FakeOutput(), metrics=metrics)  # type: ignore[arg-type]
+    proc.adopt(0, None)
+    behind = sum(proc.process(recs[i : i + 500]).clock_behind for i in range(0, len(recs), 500))
+    n7 = sum(d["workstation"] == "ws-7" for d in events)
+    assert n7 - 60 < behind <= n7 - (STEADY_N - 1)  # all of ws-7's but its first half hour
+    assert proc.total_clock_behind == behind
+    assert (
+        f"emrwatch_events_clock_behind_total {float(behind)}"
+        in generate_latest(metrics.registry).decode()
+    )
+    # the engine saw ws-7's accesses at their producer time: the partition's event time
+    # never went back 8 h, and ws-8's stayed as stamped (2-3 h behind, far behind no one)
+    assert proc.parts[0].engine.watermark == max(produced)
