@@ -47,6 +47,17 @@ H_EMIT_TS = "emrwatch-emit-ts"  # on alerts: ms wall time of emission
 MIN_PRODUCER_TS = 1e9
 #: sources whose runs of accesses stamped long before their records are followed at most
 MAX_BEHIND_SOURCES = 4096
+#: sources warned of at most, per kind of wrong clock
+MAX_WARNED_SOURCES = 64
+
+
+def _warn_once(warned: set[Any], where: Any, msg: str, *args: Any) -> None:
+    """Log ``msg`` (its first ``%s`` the source's name) the first time ``where`` is seen."""
+    if where in warned or len(warned) >= MAX_WARNED_SOURCES:
+        return
+    warned.add(where)
+    name = where.decode(errors="replace") if isinstance(where, bytes) else where
+    log.warning(msg, name or "unknown", *args)
 
 
 class Record(NamedTuple):
@@ -458,17 +469,15 @@ class AccessProcessor:
         it, splitting every visit and window around it. It is judged at the record's time
         (the record keeps its own stamp). Warned once per source, counted always."""
         res.clock_ahead += 1
-        if src not in self._clock_warned and len(self._clock_warned) < 64:
-            self._clock_warned.add(src)
-            name = src.decode(errors="replace") if isinstance(src, bytes) else src
-            log.warning(
-                "source %s: access %s stamped %.1f h after its record was produced (a wrong "
-                "clock at the source?): judged at the record's time, as are any more "
-                "(emrwatch_events_clock_ahead_total counts them)",
-                name or "unknown",
-                e.event_id,  # not a person's identifier: where to find the record
-                (e.t - rec.timestamp) / 3600,
-            )
+        _warn_once(
+            self._clock_warned,
+            src,
+            "source %s: access %s stamped %.1f h after its record was produced (a wrong "
+            "clock at the source?): judged at the record's time, as are any more "
+            "(emrwatch_events_clock_ahead_total counts them)",
+            e.event_id,  # not a person's identifier: where to find the record
+            (e.t - rec.timestamp) / 3600,
+        )
         return dataclass_replace(e, t=rec.timestamp)
 
     def _from_slow_clock(
@@ -488,17 +497,15 @@ class AccessProcessor:
         if not off:
             return e
         res.clock_behind += 1
-        if where not in self._behind_warned and len(self._behind_warned) < 64:
-            self._behind_warned.add(where)
-            name = where.decode(errors="replace") if isinstance(where, bytes) else where
-            log.warning(
-                "workstation or source %s: accesses stamped steadily %.1f h before their "
-                "records were produced (a timezone or clock wrong there?): judged that much "
-                "later from access %s on (emrwatch_events_clock_behind_total counts them)",
-                name or "unknown",
-                off / 3600,
-                e.event_id,  # not a person's identifier: where to find the record
-            )
+        _warn_once(
+            self._behind_warned,
+            where,
+            "workstation or source %s: from access %s on, accesses stamped steadily %.1f h "
+            "before their records were produced (a timezone or clock wrong there?) are "
+            "judged that much later (emrwatch_events_clock_behind_total counts them)",
+            e.event_id,  # not a person's identifier: where to find the record
+            off / 3600,
+        )
         return dataclass_replace(e, t=e.t + off)
 
     # ----------------------------------------------------------------- state

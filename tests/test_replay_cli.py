@@ -271,26 +271,31 @@ def test_replay_warns_of_accesses_far_behind_a_newer_one(hospital, tmp_path, wor
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
+def _replay_docs(hospital, tmp_path, docs, *args: str) -> subprocess.CompletedProcess:
+    """Replay canonical event dicts ``docs`` (as FHIR) with one worker; must exit 0."""
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"\n".join(_fhir(d) for d in docs) + b"\n")
+    run = [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
+    run += ["--alerts", str(tmp_path / "alerts.jsonl"), "--workers", "1", *args]
+    proc = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_replay_judges_an_access_stamped_a_day_ahead_at_the_files_time(hospital, tmp_path):
     users = ["n-card", "n-orth", "p-card", "p-orth", "t-rad", "n-ed"]
     docs = [
         ev(users[i % 6], "P1", at=f"2026-03-02T09:{i:02d}:00", event_id=f"e{i}") for i in range(40)
     ]
     docs[10]["ts"] = "2026-03-03T09:10:00+08:00"  # a wrong clock, a day ahead
-    events = tmp_path / "events.ndjson"
-    events.write_bytes(b"\n".join(_fhir(d) for d in docs) + b"\n")
-    run = [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
-    run += ["--alerts", str(tmp_path / "alerts.jsonl"), "--workers", "1"]
-    proc = subprocess.run(run, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
+    proc = _replay_docs(hospital, tmp_path, docs)
     assert "warning: 1 access(es) stamped more than 1 h ahead of the lines around" in proc.stderr
     assert "there; from ws-1 (1); among them: e10 " in proc.stderr  # where to look
     assert "behind a newer one" not in proc.stderr  # n-card's later accesses are not behind
     # taken as it is, it puts the accesses after it a day behind
     config = tmp_path / "as-stamped.yaml"
     config.write_text("replay_clock_ahead_s: 0\n")
-    proc = subprocess.run([*run, "--config", str(config)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = _replay_docs(hospital, tmp_path, docs, "--config", str(config))
     assert "stamped more than" not in proc.stderr
     assert "warning: 4 access(es) came more than 6 h behind a newer one" in proc.stderr
 
@@ -305,18 +310,10 @@ def test_replay_says_how_long_it_waited_for_a_log_written_in_hourly_batches(hosp
         d["event_id"], d["workstation"] = f"e{m}", f"ws-{m % 2}"
         docs.append(d)
     batched = sorted(docs, key=lambda d: (d["ts"][:13], d["workstation"]))
-    run = [*EMRWATCH, "replay", "--context", str(hospital), "--workers", "1"]
-    run += ["--alerts", str(tmp_path / "alerts.jsonl")]
-    for name, order in (("in-order", docs), ("batched", batched)):
-        events = tmp_path / f"{name}.ndjson"
-        events.write_bytes(b"\n".join(_fhir(d) for d in order) + b"\n")
-        proc = subprocess.run([*run, "--events", str(events)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        if name == "in-order":
-            assert "waited" not in proc.stderr
-            continue
-        assert "replay: accesses arrived up to 57 min behind the newest" in proc.stderr
-        assert "waited up to 60 min before scoring an idle visit" in proc.stderr
+    assert "waited" not in _replay_docs(hospital, tmp_path, docs).stderr
+    proc = _replay_docs(hospital, tmp_path, batched)
+    assert "replay: accesses arrived up to 57 min behind the newest" in proc.stderr
+    assert "waited up to 60 min before scoring an idle visit" in proc.stderr
 
 
 def test_replay_judges_a_workstation_whose_clock_runs_steadily_behind_later(hospital, tmp_path):
@@ -332,12 +329,7 @@ def test_replay_judges_a_workstation_whose_clock_runs_steadily_behind_later(hosp
             d["workstation"] = "ws-tz"
             d["ts"] = d["ts"].replace("T08:", "T00:").replace("T09:", "T01:")  # 8 h behind
         docs.append(d)
-    events = tmp_path / "events.ndjson"
-    events.write_bytes(b"\n".join(_fhir(d) for d in docs) + b"\n")
-    run = [*EMRWATCH, "replay", "--context", str(hospital), "--events", str(events)]
-    run += ["--alerts", str(tmp_path / "alerts.jsonl"), "--workers", "1"]
-    proc = subprocess.run(run, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr
+    proc = _replay_docs(hospital, tmp_path, docs)
     judged = re.search(
         r"warning: (\d+) access\(es\) from a source whose clock runs steadily", proc.stderr
     )
