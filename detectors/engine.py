@@ -36,7 +36,7 @@ from detectors.cases import (
 )
 from detectors.config import DetectionConfig
 from detectors.explain import DOCUMENTED, EMERGENCY, GRANT, EncounterState, Explainer
-from detectors.lateness import LateAllowance
+from detectors.lateness import LateAllowance, SteadyOffset
 from detectors.rules import FACT_FIELDS, Aggregate, Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context, Grant, Staff
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
@@ -606,6 +606,10 @@ class Engine:
         #: span the correlation windows keep accesses for them (detectors.lateness)
         self._allowance = self.cfg.model_visit_lateness_s
         self._grace = 0.0
+        #: in the stream: workstation (or source) → its run of accesses stamped long before
+        #: their records were produced (a clock behind, once steady); the worker keeps it
+        #: here so that it goes with the partition's snapshot
+        self.clock_runs: dict[str, SteadyOffset] = {}
         self._late = (
             LateAllowance(self.cfg.model_visit_lateness_s, self.cfg.late_allowance_max_s)
             if self.cfg.late_allowance_max_s > self.cfg.model_visit_lateness_s
@@ -1291,6 +1295,7 @@ class Engine:
             "wm": self._wm if finite(self._wm) else None,
             "sweep_at": self._sweep_at if finite(self._sweep_at) else None,
             "late": self._late.to_obj(self.events) if self._late is not None else None,
+            "behind": {k: run.to_obj() for k, run in self.clock_runs.items()},
         }
         return orjson.dumps({"version": SNAPSHOT_VERSION, "users": out, "clock": clock})
 
@@ -1303,6 +1308,9 @@ class Engine:
         if clock.get("wm") is not None and clock["wm"] > self._wm:
             self._wm = clock["wm"]
             self._sweep_at = clock.get("sweep_at") or self._sweep_at
+        self.clock_runs.update(
+            (k, SteadyOffset.from_obj(o)) for k, o in (clock.get("behind") or {}).items()
+        )
         if self._late is not None and clock.get("late"):
             self._late.restore(clock["late"], self.events)
             self._allowance, self._grace = self._late.allowance, self._late.widened

@@ -20,6 +20,11 @@ neighbours. A log in time order never widens it. The price is time: learned evid
 reaches a case that much later in event time (rule findings on accesses in order do not
 wait).
 
+:class:`SteadyOffset` tells a late delivery from a clock that runs behind: a source whose
+accesses come hours behind the time they reach us *steadily* (to the minute, for half an
+hour and more) has a wrong clock, and replay (:mod:`pipeline.file_clock`) and the stream
+judge its accesses at that offset.
+
 Cost per access: one subtraction and one comparison, and a count for an access that
 arrives more than the floor behind; the rest runs at the engine's sweeps (every 5 min of
 event time).
@@ -38,6 +43,15 @@ SHARE = 0.001
 #: the allowance moves in steps of this many seconds
 STEP_S = 300.0
 _HOUR = 3600.0
+
+#: a source's clock is steadily behind after this many accesses far behind the time they
+#: reached us (a file's time; a record's producer time), by offsets this close together,
+#: over this much of that time
+STEADY_N = 32
+STEADY_TOL_S = 300.0
+STEADY_SPAN_S = 1800.0
+#: once steady, an offset this much smaller still fits (a file's time lags at night)
+QUIET_S = 900.0
 
 
 class LateAllowance:
@@ -150,3 +164,47 @@ class LateAllowance:
         if self.allowance > self.widest:
             self.widest = self.allowance
         return self.allowance
+
+
+class SteadyOffset:
+    """One source's run of accesses stamped far behind the time they reached us (the file's
+    time; in the stream, their records' producer time), by offsets within
+    :data:`STEADY_TOL_S` of each other: a clock that far behind, once steady."""
+
+    __slots__ = ("lo", "hi", "n", "since", "offsets", "steady")
+
+    def __init__(self) -> None:
+        self.lo = self.hi = 0.0  # the run's least and greatest offset
+        self.n = 0
+        self.since = 0.0  # the file's time at the run's first access
+        self.offsets: list[float] = []  # the run's first STEADY_N offsets
+        self.steady = 0.0  # the offset once steady, else 0
+
+    def add(self, offset: float, high: float) -> float:
+        """Record one, the time it reached us being ``high``; returns the steady offset
+        (0: not steady)."""
+        if self.steady and self.steady - QUIET_S <= offset <= self.steady + STEADY_TOL_S:
+            # a quiet file's time lags the hour, so a steady clock's offsets look smaller
+            self.n += 1
+            return self.steady
+        if self.n and min(self.lo, offset) >= max(self.hi, offset) - STEADY_TOL_S:
+            self.lo, self.hi = min(self.lo, offset), max(self.hi, offset)
+            self.n += 1
+        else:  # the first, or it moved: a wrong clock does not, a lag does
+            self.lo = self.hi = offset
+            self.n, self.since, self.offsets, self.steady = 1, high, [], 0.0
+        if len(self.offsets) < STEADY_N:
+            self.offsets.append(offset)
+        if not self.steady and self.n >= STEADY_N and high - self.since >= STEADY_SPAN_S:
+            self.steady = sorted(self.offsets)[len(self.offsets) // 2]
+        return self.steady
+
+    def to_obj(self) -> list[Any]:
+        return [self.lo, self.hi, self.n, self.since, list(self.offsets), self.steady]
+
+    @classmethod
+    def from_obj(cls, o: list[Any]) -> SteadyOffset:
+        run = cls()
+        run.lo, run.hi, run.n, run.since = float(o[0]), float(o[1]), int(o[2]), float(o[3])
+        run.offsets, run.steady = [float(x) for x in o[4]], float(o[5])
+        return run

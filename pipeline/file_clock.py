@@ -24,16 +24,16 @@ What is *not* taken for a wrong clock:
 A clock that runs *behind* (a source writing UTC with the local offset, or local time as
 UTC west of Greenwich) cannot be told from a late delivery by one access: a source lagging
 or delivering in batches stamps its accesses hours behind the file too. What tells them
-apart is that a wrong clock is steady. A source (workstation, else source name) whose
-last :data:`STEADY_N` accesses were all more than ``ahead_s`` behind the file's time, by
-offsets within :data:`STEADY_TOL_S` of each other, while the file's time moved on at least
-:data:`STEADY_SPAN_S`, has a clock that far behind: its accesses from then on are judged
-that much later (the median offset), until one of them comes in time. A batch (offsets
-from the batch's length down to 0), a backlog delivered at once (the file's time does
-not move) or catching up (offsets shrink), and a source whose lag wanders are left as
-they are; a source lagging steadily by hours, to the minute, would be taken for a wrong
-clock (replay warns with its offset; ``replay_clock_ahead_s: 0`` takes stamps as they
-are). Its first accesses, until the offset is steady, are taken as stamped.
+apart is that a wrong clock is steady (:class:`detectors.lateness.SteadyOffset`): a source
+(workstation, else source name) whose accesses have come more than ``ahead_s`` behind the
+file's time, by offsets that stay within minutes of each other, for long enough, has a
+clock that far behind; its accesses from then on are judged that much later, until one of
+them comes in time. A batch (offsets from the batch's length down to 0), a backlog
+delivered at once (the file's time does not move) or catching up (offsets shrink), and a
+source whose lag wanders are left as they are; a source lagging steadily by hours, to the
+minute, would be taken for a wrong clock (replay warns with its offset;
+``replay_clock_ahead_s: 0`` takes stamps as they are). Its first accesses, until the
+offset is steady, are taken as stamped.
 
 The check looks :data:`WINDOW` events ahead, so events come out that many later; their
 order is untouched. It is per input stream: replay's partitions judge each on their own
@@ -49,6 +49,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
+from detectors.lateness import SteadyOffset
 from emrwatch.events import AccessEvent
 
 #: events looked at after an access (its confirmation) and the fewest needed to judge it
@@ -56,13 +57,6 @@ WINDOW = 128
 MIN_FOLLOWING = 16
 #: other users the lines that follow must have for the file to tell the time
 MIN_OTHER_USERS = 3
-#: a source's clock is steadily behind after this many accesses behind the file's time,
-#: by offsets this close together, over this much of the file's time
-STEADY_N = 32
-STEADY_TOL_S = 300.0
-STEADY_SPAN_S = 1800.0
-#: once steady, an offset this much smaller still fits (the file's time lags at night)
-QUIET_S = 900.0
 
 
 class ClockSink(Protocol):
@@ -71,40 +65,6 @@ class ClockSink(Protocol):
     def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None: ...
 
     def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None: ...
-
-
-class SteadyOffset:
-    """One source's run of accesses stamped far behind the time they reached us (the file's
-    time; in the stream, their records' producer time), by offsets within
-    :data:`STEADY_TOL_S` of each other: a clock that far behind, once steady."""
-
-    __slots__ = ("lo", "hi", "n", "since", "offsets", "steady")
-
-    def __init__(self) -> None:
-        self.lo = self.hi = 0.0  # the run's least and greatest offset
-        self.n = 0
-        self.since = 0.0  # the file's time at the run's first access
-        self.offsets: list[float] = []  # the run's first STEADY_N offsets
-        self.steady = 0.0  # the offset once steady, else 0
-
-    def add(self, offset: float, high: float) -> float:
-        """Record one, the time it reached us being ``high``; returns the steady offset
-        (0: not steady)."""
-        if self.steady and self.steady - QUIET_S <= offset <= self.steady + STEADY_TOL_S:
-            # a quiet file's time lags the hour, so a steady clock's offsets look smaller
-            self.n += 1
-            return self.steady
-        if self.n and min(self.lo, offset) >= max(self.hi, offset) - STEADY_TOL_S:
-            self.lo, self.hi = min(self.lo, offset), max(self.hi, offset)
-            self.n += 1
-        else:  # the first, or it moved: a wrong clock does not, a lag does
-            self.lo = self.hi = offset
-            self.n, self.since, self.offsets, self.steady = 1, high, [], 0.0
-        if len(self.offsets) < STEADY_N:
-            self.offsets.append(offset)
-        if not self.steady and self.n >= STEADY_N and high - self.since >= STEADY_SPAN_S:
-            self.steady = sorted(self.offsets)[len(self.offsets) // 2]
-        return self.steady
 
 
 def file_clock(

@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import orjson
 
 from detectors.config import DetectionConfig
+from detectors.lateness import SteadyOffset
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
-from pipeline.file_clock import SteadyOffset
 from pipeline.stream_state import Snapshot, SnapshotStore
 from pipeline.topics import (
     CONTROL_HEADER,
@@ -49,6 +49,13 @@ MIN_PRODUCER_TS = 1e9
 MAX_BEHIND_SOURCES = 4096
 #: sources warned of at most, per kind of wrong clock
 MAX_WARNED_SOURCES = 64
+
+
+def _source_name(src: Any) -> str:
+    """An ``emrwatch-source`` header value as text."""
+    if src is None:
+        return ""
+    return src.decode(errors="replace") if isinstance(src, bytes) else str(src)
 
 
 def _warn_once(warned: set[Any], where: Any, msg: str, *args: Any) -> None:
@@ -153,6 +160,14 @@ class PartitionState:
     gaps: int = 0
     first_batch_at: float = 0.0
     restored_snap: str = ""
+    #: workstation (or source) → its run of accesses stamped long before their records:
+    #: the engine's, so that it goes with the partition's snapshot (a custom engine: here)
+    clocks: dict[str, SteadyOffset] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        runs = getattr(self.engine, "clock_runs", None)
+        if isinstance(runs, dict):
+            self.clocks = runs
 
 
 @dataclass
@@ -222,8 +237,6 @@ class AccessProcessor:
             getattr(detection_config, "max_clock_behind_s", DetectionConfig.max_clock_behind_s)
         )
         self.total_clock_behind = 0
-        #: workstation (or source) → its run of accesses stamped far before their records
-        self._behind: dict[Any, SteadyOffset] = {}
         self._behind_warned: set[Any] = set()
 
     # ----------------------------------------------------------------- engines
@@ -353,9 +366,9 @@ class AccessProcessor:
                 elif (
                     behind_s and rec.timestamp - e.t > behind_s and rec.timestamp > MIN_PRODUCER_TS
                 ):
-                    e = self._from_slow_clock(e, rec, src, res)
-                elif self._behind:
-                    self._behind.pop(e.workstation or src, None)  # in time: no wrong clock
+                    e = self._from_slow_clock(e, rec, src, res, st.clocks)
+                elif st.clocks:  # in time: no wrong clock there
+                    st.clocks.pop(e.workstation or _source_name(src), None)
                 st.engine.ingest(e)
             except Exception as exc:  # noqa: BLE001 - every per-event error is routed, never raised
                 st.deadletters += 1
@@ -481,18 +494,23 @@ class AccessProcessor:
         return dataclass_replace(e, t=rec.timestamp)
 
     def _from_slow_clock(
-        self, e: AccessEvent, rec: Record, src: Any, res: BatchResult
+        self,
+        e: AccessEvent,
+        rec: Record,
+        src: Any,
+        res: BatchResult,
+        runs: dict[str, SteadyOffset],
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
         a clock's offset is steady (pipeline.file_clock.SteadyOffset), and from then on
         its accesses are judged that much later. Warned once per source, counted always."""
-        where = e.workstation or src
-        run = self._behind.get(where)
+        where = e.workstation or _source_name(src)
+        run = runs.get(where)
         if run is None:
-            if len(self._behind) >= MAX_BEHIND_SOURCES:
+            if len(runs) >= MAX_BEHIND_SOURCES:
                 return e
-            run = self._behind[where] = SteadyOffset()
+            run = runs[where] = SteadyOffset()
         off = run.add(rec.timestamp - e.t, rec.timestamp)
         if not off:
             return e

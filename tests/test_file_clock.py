@@ -9,15 +9,9 @@ from datetime import UTC, datetime
 import pytest
 
 from detectors.config import ConfigError, DetectionConfig
+from detectors.lateness import STEADY_N, STEADY_SPAN_S, STEADY_TOL_S
 from emrwatch.events import AccessEvent
-from pipeline.file_clock import (
-    MIN_FOLLOWING,
-    STEADY_N,
-    STEADY_SPAN_S,
-    STEADY_TOL_S,
-    WINDOW,
-    file_clock,
-)
+from pipeline.file_clock import MIN_FOLLOWING, WINDOW, file_clock
 
 HOUR = 3600.0
 DAY = 86400.0

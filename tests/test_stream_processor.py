@@ -241,7 +241,7 @@ def test_a_workstation_whose_clock_runs_behind_is_judged_at_its_steady_offset(
 
     from prometheus_client import generate_latest
 
-    from pipeline.file_clock import STEADY_N
+    from detectors.lateness import STEADY_N
     from pipeline.stream_metrics import StreamMetrics
 
     events = synthetic_hospital(tmp_path / "ctx", 6000, step_s=3.0)  # 5 hours
@@ -270,3 +270,17 @@ def test_a_workstation_whose_clock_runs_behind_is_judged_at_its_steady_offset(
     # the engine saw ws-7's accesses at their producer time: the partition's event time
     # never went back 8 h, and ws-8's stayed as stamped (2-3 h behind, far behind no one)
     assert proc.parts[0].engine.watermark == max(produced)
+    # a worker that takes the partition over from a snapshot two hours in knows the clock
+    # already: it judges every ws-7 access after the snapshot
+    snaps = FakeSnapshots()
+    first = AccessProcessor(Context.load(tmp_path / "ctx"), None, FakeOutput(), snapshots=snaps)  # type: ignore[arg-type]
+    first.adopt(0, None)
+    half = 2400
+    before = sum(first.process(recs[i : i + 400]).clock_behind for i in range(0, half, 400))
+    first.snapshot_all()
+    offset, data = snaps.written[0]
+    second = AccessProcessor(Context.load(tmp_path / "ctx"), None, FakeOutput())  # type: ignore[arg-type]
+    second.adopt(0, Snapshot(0, offset, data, "s", "other", half))
+    after = sum(second.process(recs[i : i + 400]).clock_behind for i in range(half, 6000, 400))
+    assert after == sum(d["workstation"] == "ws-7" for d in events[half:])
+    assert before + after == behind
