@@ -148,7 +148,7 @@ class DetectionConfig:
     #: wrong clock: it is judged at the record's time
     max_clock_ahead_s: float = 300.0
     #: a streamed access stamped more than this before its record was produced, steadily
-    #: (a source's clock runs behind: pipeline.file_clock.SteadyOffset), is judged that
+    #: (a source's clock runs behind: detectors.lateness.SteadyOffset), is judged that
     #: much later; 0 takes such stamps as they are
     max_clock_behind_s: float = 3600.0
     #: in a replay of a file (no record times): an access stamped more than this ahead of

@@ -74,10 +74,10 @@ class EngineStats:
     #: file's: source → count, and source → by how much (seconds)
     clock_behind_from: dict[str, int] = field(default_factory=dict)
     clock_behind_by: dict[str, float] = field(default_factory=dict)
-    #: the widest the learned models' visit lateness grew past ``model_visit_lateness_s``
-    #: to fit the input's delays (:mod:`detectors.lateness`; 0: it never did), the largest
-    #: delay behind the newest access seen, and the accesses that came later than the
-    #: lateness then in force (their visit may have been scored without them)
+    #: the widest the late allowance grew past ``model_visit_lateness_s`` to fit the
+    #: input's delays (:mod:`detectors.lateness`; 0: it never did), the largest delay
+    #: behind the newest access seen, and the accesses that came later than the allowance
+    #: then in force (their visit may have been scored without them)
     late_allowance: float = 0.0
     latest_lag: float = 0.0
     too_late: int = 0
@@ -221,9 +221,9 @@ class Window:
                 break
             seq.append(x)
         best, best_n = (0, -1), 0
-        last = 0  # the window's last access
         n = len(seq)
         if not self._track:  # switches between consecutive accesses
+            last = 0  # the window's last access
             sums = [0] * n
             for i in range(1, n):
                 sums[i] = sums[i - 1] + (seq[i][1] != seq[i - 1][1])
@@ -236,7 +236,7 @@ class Window:
                     best, best_n = (first, last), sums[last] - sums[first]
         else:  # distinct keys
             counts: dict[str, int] = {}
-            last = -1
+            last = -1  # the window's last access, counted in ``counts``
             for first in range(n):
                 if seq[first][0] > t:
                     break
@@ -1050,9 +1050,9 @@ class Engine:
 
     def _sweep(self, wm: float) -> None:
         """Close the visits the watermark ``wm`` has left idle (by the late allowance, at
-        least ``model_visit_lateness_s``, more than the visit gap), so learned evidence does not wait for the user's next
-        access: a user who browses and logs off is scored minutes later, not at their next
-        shift. Each visit closes at its own time (:meth:`_close_idle`), so the outcome is
+        least ``model_visit_lateness_s``, more than the visit gap), so learned evidence does
+        not wait for the user's next access: a user who browses and logs off is scored
+        minutes later, not at their next shift. Each visit closes at its own time (:meth:`_close_idle`), so the outcome is
         the same whichever events trigger it: replay with any number of workers and the
         stream's partitions agree, unless an access arrives later than the lateness."""
         self._sweep_at = wm + SWEEP_EVERY_S

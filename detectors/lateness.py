@@ -208,3 +208,22 @@ class SteadyOffset:
         run.lo, run.hi, run.n, run.since = float(o[0]), float(o[1]), int(o[2]), float(o[3])
         run.offsets, run.steady = [float(x) for x in o[4]], float(o[5])
         return run
+
+
+def steady_offset(
+    runs: dict[str, SteadyOffset],
+    where: str,
+    offset: float,
+    at: float,
+    limit: int | None = None,
+) -> float:
+    """An access of ``where`` (workstation, else source) stamped ``offset`` seconds before
+    the time ``at`` it reached us: added to the source's run in ``runs``, and that run's
+    steady offset returned (0: not steady, so far a late delivery). With ``limit``, no
+    more sources than that are followed. Replay's file clock and the stream share it."""
+    run = runs.get(where)
+    if run is None:
+        if limit is not None and len(runs) >= limit:
+            return 0.0
+        run = runs[where] = SteadyOffset()
+    return run.add(offset, at)

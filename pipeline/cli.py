@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from emrwatch.timeutil import DEFAULT_TIMEZONE
@@ -34,6 +35,13 @@ def _config(  # type: ignore[no-untyped-def]
             file=sys.stderr,
         )
     return cfg
+
+
+def _busiest(counts: dict[str, int], label: Callable[[str, int], str]) -> str:
+    """The five sources with the most accesses in ``counts``, most first, each as
+    ``label(source, count)``, and "…" when there are more."""
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(label(w, n) for w, n in top[:5]) + (", …" if len(top) > 5 else "")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -68,37 +76,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{res.stats.explained_share:.1%} explained; {n} alerts → {args.alerts}",
         file=sys.stderr,
     )
-    if res.stats.clock_ahead:
-        top = sorted(res.stats.clock_ahead_from.items(), key=lambda kv: (-kv[1], kv[0]))
-        where = ", ".join(f"{w} ({n:,})" for w, n in top[:5]) + (", …" if len(top) > 5 else "")
+    st = res.stats
+    if st.clock_ahead:
+        where = _busiest(st.clock_ahead_from, lambda w, n: f"{w} ({n:,})")
         print(
-            f"replay: warning: {res.stats.clock_ahead:,} access(es) stamped more than "
+            f"replay: warning: {st.clock_ahead:,} access(es) stamped more than "
             f"{cfg.replay_clock_ahead_s / 3600:g} h ahead of the lines around them (a wrong "
             "clock at their source?) were judged at the file's time there; from "
-            f"{where}; among them: {', '.join(res.stats.clock_ahead_ids)} (README: Input)",
+            f"{where}; among them: {', '.join(st.clock_ahead_ids)} (README: Input)",
             file=sys.stderr,
         )
-    if res.stats.clock_behind:
-        top = sorted(res.stats.clock_behind_from.items(), key=lambda kv: (-kv[1], kv[0]))
-        where = ", ".join(
-            f"{w} ({n:,}, {res.stats.clock_behind_by.get(w, 0) / 3600:.1f} h)" for w, n in top[:5]
-        ) + (", …" if len(top) > 5 else "")
+    if st.clock_behind:
+        where = _busiest(
+            st.clock_behind_from,
+            lambda w, n: f"{w} ({n:,}, {st.clock_behind_by.get(w, 0) / 3600:.1f} h)",
+        )
         print(
-            f"replay: warning: {res.stats.clock_behind:,} access(es) from a source whose clock "
+            f"replay: warning: {st.clock_behind:,} access(es) from a source whose clock "
             "runs steadily behind the file's (a timezone or clock wrong there?) were judged "
             f"that much later: {where}; a source that really lags by that much, to the minute: "
             "replay_clock_ahead_s: 0 takes stamps as they are (README: Input)",
             file=sys.stderr,
         )
-    if res.stats.far_behind:
+    if st.far_behind:
         print(
-            f"replay: warning: {res.stats.far_behind} access(es) came more than "
+            f"replay: warning: {st.far_behind} access(es) came more than "
             f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user: a source far "
             "behind the others, or a wrong clock stamping accesses ahead; the user's windows "
             "and visits around them may be split (README: Input)",
             file=sys.stderr,
         )
-    st = res.stats
     if st.late_allowance:
         print(
             f"replay: accesses arrived up to {st.latest_lag / 60:,.0f} min behind the newest "

@@ -49,7 +49,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
-from detectors.lateness import SteadyOffset
+from detectors.lateness import SteadyOffset, steady_offset
 from emrwatch.events import AccessEvent
 
 #: events looked at after an access (its confirmation) and the fewest needed to judge it
@@ -93,11 +93,7 @@ def file_clock(
                 if behind:
                     behind.pop(x.workstation or x.source, None)  # in time: no wrong clock
                 return x
-            src = x.workstation or x.source
-            b = behind.get(src)
-            if b is None:
-                b = behind[src] = SteadyOffset()
-            off = b.add(high - t, high)
+            off = steady_offset(behind, x.workstation or x.source, high - t, high)
             if off:
                 if sink is not None:
                     sink.on_clock_behind(x, t + off)

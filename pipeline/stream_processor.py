@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from detectors.config import DetectionConfig
-from detectors.lateness import SteadyOffset
+from detectors.lateness import SteadyOffset, steady_offset
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.stream_state import Snapshot, SnapshotStore
@@ -63,8 +63,7 @@ def _warn_once(warned: set[Any], where: Any, msg: str, *args: Any) -> None:
     if where in warned or len(warned) >= MAX_WARNED_SOURCES:
         return
     warned.add(where)
-    name = where.decode(errors="replace") if isinstance(where, bytes) else where
-    log.warning(msg, name or "unknown", *args)
+    log.warning(msg, _source_name(where) or "unknown", *args)
 
 
 class Record(NamedTuple):
@@ -503,15 +502,10 @@ class AccessProcessor:
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
-        a clock's offset is steady (pipeline.file_clock.SteadyOffset), and from then on
+        a clock's offset is steady (detectors.lateness.SteadyOffset), and from then on
         its accesses are judged that much later. Warned once per source, counted always."""
         where = e.workstation or _source_name(src)
-        run = runs.get(where)
-        if run is None:
-            if len(runs) >= MAX_BEHIND_SOURCES:
-                return e
-            run = runs[where] = SteadyOffset()
-        off = run.add(rec.timestamp - e.t, rec.timestamp)
+        off = steady_offset(runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES)
         if not off:
             return e
         res.clock_behind += 1
