@@ -855,9 +855,10 @@ def _action(code: Any, codes: list[str]) -> str:
     if code is None:
         base = "view"
     else:
-        base = _ACTION_CODES.get(code) if type(code) is str else None
-        if base is None:
+        found = _ACTION_CODES.get(code) if type(code) is str else None
+        if found is None:
             raise EventError(f"unknown action code {_short(code)} (expected C, R, U, D or E)")
+        base = found
     return refine_action(base, codes)
 
 

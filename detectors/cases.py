@@ -536,8 +536,8 @@ class AlertBuilder:
         seals = sorted({s.reason or "sealed" for p in patients if (s := ctx.seals.get(p))})
         dept = staff.department_id if staff else "unknown"
         if staff and staff.shift_start is not None and staff.shift_end is not None:
-            s, e = staff.shift_start, staff.shift_end
-            shift = f"{s // 60:02d}:{s % 60:02d}–{e // 60:02d}:{e % 60:02d}"
+            on, off = staff.shift_start, staff.shift_end
+            shift = f"{on // 60:02d}:{on % 60:02d}–{off // 60:02d}:{off % 60:02d}"
         else:
             shift = "not set"
         grants = ctx.grants.get(staff.user_id, []) if staff else []

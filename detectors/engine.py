@@ -615,6 +615,8 @@ class Engine:
             if self.cfg.late_allowance_max_s > self.cfg.model_visit_lateness_s
             else None
         )
+        if self._late is not None:
+            self._allowance, self._grace = self._late.allowance, self._late.widened
 
     # ------------------------------------------------------------------ facts
     def _user_info(self, user_id: str) -> _UserInfo:
@@ -995,13 +997,15 @@ class Engine:
                     n = w.switches if kind == "switches" else len(w.distinct)
                     if n < gte:
                         continue
-                    got = w.entries
+                    held: Iterable[tuple[float, str, bool, bool, Evidence]] = w.entries
                 elif not got:
                     continue  # too late to correlate, or no window around it holds enough
-                if agg.evidence == "unexplained":
-                    fired = [x[4] for x in got if not x[3]]
                 else:
-                    fired = [x[4] for x in got]
+                    held = got
+                if agg.evidence == "unexplained":
+                    fired = [x[4] for x in held if not x[3]]
+                else:
+                    fired = [x[4] for x in held]
                 extras = None
             if not fired or (self.exceptions and self._suppressed(rule, e, f)):
                 continue

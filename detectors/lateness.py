@@ -16,9 +16,11 @@ arrive, over the last :data:`MEMORY_S` of event time, and widens the allowance s
 but :data:`SHARE` of them arrive within it: from ``model_visit_lateness_s`` (the floor) up
 to ``late_allowance_max_s`` (the cap), in steps of :data:`STEP_S`. While it is wider than
 the floor, the windows keep their accesses that much longer, so a late one still finds its
-neighbours. A log in time order never widens it. The price is time: learned evidence
-reaches a case that much later in event time (rule findings on accesses in order do not
-wait).
+neighbours. A log in time order never widens it, except that for the first :data:`LEARN_S`
+of event time, before anything is measured, it waits the cap: a batched input's first hour
+is not cut up either (on a log in order the alerts are the same; learned ones of that hour
+come later). The price is time: learned evidence reaches a case that much later in event
+time (rule findings on accesses in order do not wait).
 
 :class:`SteadyOffset` tells a late delivery from a clock that runs behind: a source whose
 accesses come hours behind the time they reach us *steadily* (to the minute, for half an
@@ -42,6 +44,9 @@ MEMORY_S = 24 * 3600.0
 SHARE = 0.001
 #: the allowance moves in steps of this many seconds
 STEP_S = 300.0
+#: for this long (event time) from its first access an engine has not measured its input's
+#: delays yet, and waits the cap
+LEARN_S = 3600.0
 _HOUR = 3600.0
 
 #: a source's clock is steadily behind after this many accesses far behind the time they
@@ -68,13 +73,15 @@ class LateAllowance:
         "_hours",
         "_hour",
         "_events_at",
+        "_since",
     )
 
     def __init__(self, floor: float, cap: float) -> None:
         self.floor = floor
         self.cap = max(floor, cap)
-        #: the allowance in force now, and the widest it has been
-        self.allowance = floor
+        #: the allowance in force now (the cap while it learns), and the widest it has been
+        #: once learned
+        self.allowance = self.cap
         self.widest = floor
         #: accesses that came later than the allowance then in force (their visit may have
         #: been scored already), and the largest delay seen
@@ -88,6 +95,8 @@ class LateAllowance:
         self._hours: deque[tuple[int, int, list[int]]] = deque()
         self._hour = -1
         self._events_at = 0  # the engine's access count when this hour began
+        #: the event time of the first update; it learns until LEARN_S after it
+        self._since = math.nan
 
     def late(self, lag: float) -> None:
         """An access arrived ``lag`` seconds (more than the floor) behind the newest one."""
@@ -111,6 +120,7 @@ class LateAllowance:
             "hours": [[h, n, list(b)] for h, n, b in self._hours],
             "hour": self._hour,
             "in_hour": events - self._events_at,
+            "since": None if math.isnan(self._since) else self._since,
         }
 
     def restore(self, o: dict[str, Any], events: int) -> None:
@@ -121,13 +131,15 @@ class LateAllowance:
         ):
             return
         self.allowance = min(self.cap, max(self.floor, float(o["allowance"])))
-        self.widest = max(self.allowance, float(o["widest"]))
+        self.widest = max(self.floor, float(o["widest"]))
         self.too_late = int(o["too_late"])
         self.latest_lag = float(o["latest_lag"])
         self._bins = [int(c) for c in o["bins"]]
         self._hours = deque((int(h), int(n), [int(c) for c in b]) for h, n, b in o["hours"])
         self._hour = int(o["hour"])
         self._events_at = events - int(o["in_hour"])
+        since = o.get("since", -math.inf)  # snapshots before the learning hour had learned
+        self._since = -math.inf if since is None else float(since)
 
     @property
     def widened(self) -> float:
@@ -147,6 +159,11 @@ class LateAllowance:
             oldest = h - int(MEMORY_S // _HOUR)
             while self._hours and self._hours[0][0] < oldest:
                 self._hours.popleft()
+        if math.isnan(self._since):
+            self._since = wm
+        if wm - self._since < LEARN_S:
+            self.allowance = self.cap  # not measured yet: a batched input's first hour
+            return self.allowance
         total = events - self._events_at
         bins = list(self._bins)
         for _, n, b in self._hours:

@@ -392,8 +392,8 @@ class UserBehaviour:
         h = int(t // HOUR)
         if h != self.hour:
             if self.hour >= 0 and self.hour_count:
-                n = float(self.hour_count)
-                self.hourly = n if self.hourly < 0 else 0.9 * self.hourly + 0.1 * n
+                hn = float(self.hour_count)
+                self.hourly = hn if self.hourly < 0 else 0.9 * self.hourly + 0.1 * hn
             self.hour = h
             self.hour_count = 0
         self.hour_count += 1

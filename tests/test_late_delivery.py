@@ -102,7 +102,9 @@ def test_a_log_written_in_hourly_batches_is_judged_as_in_time_order(
     b = evaluate(batched, cfg, workers=2)
     assert a["late_allowance_s"] == 0 and a["too_late"] == 0
     assert b["late_allowance_s"] == 3600  # the hour, and no more
-    assert b["too_late"] < 0.002 * b["events"]  # the first hour's, before it was measured
+    # it waits the cap while it measures the first hour; a few come later than what that
+    # hour showed (61 of 79,297 with 2 workers; 94 when it began at the floor)
+    assert b["too_late"] < 0.001 * b["events"]
     assert b["false_alerts"] <= a["false_alerts"]
     assert b["mean_user_recall"] >= a["mean_user_recall"]
     assert b["min_user_recall"] >= a["min_user_recall"]

@@ -46,8 +46,43 @@ def test_a_log_in_hourly_batches_widens_it_to_the_hour() -> None:
     feed(lt, 6, 2000, lambda: rng.uniform(0, 3590) if rng.random() < 0.5 else 0.0)
     assert lt.allowance == 3600.0
     assert 3500 < lt.latest_lag <= 3590
-    # only those of the first minutes, before the first sweep saw them, came too late
-    assert 0 < lt.too_late < 0.01 * 6 * 2000
+    # the first hour waited the cap while it measured: none came too late
+    assert lt.too_late == 0
+
+
+def test_it_waits_the_cap_while_it_learns() -> None:
+    """For its first hour of event time it has not measured the input: it waits the cap
+    (a batched log's first hour is not cut up), then the measured delay. The wait while
+    learning is not reported as a widening."""
+    lt = LateAllowance(FLOOR, CAP)
+    assert lt.allowance == CAP and lt.widened == CAP
+    feed(lt, 0.9, 2000, lambda: 0.0)
+    assert lt.allowance == CAP and lt.widest == FLOOR
+    feed(lt, 0.2, 2000, lambda: 0.0, start=H + 0.9 * 3600)
+    assert lt.allowance == FLOOR and lt.widened == 0.0 and lt.widest == FLOOR
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_snapshot_keeps_whether_it_has_learned(learned: bool) -> None:
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 1.5 if learned else 0.5, 2000, lambda: 0.0)
+    again = LateAllowance(FLOOR, CAP)
+    again.restore(lt.to_obj(3000), 3000)
+    again.update(H + (1.6 if learned else 0.55) * 3600, 3100)
+    assert again.allowance == (FLOOR if learned else CAP)
+    assert again.widest == FLOOR
+
+
+def test_a_snapshot_from_before_the_learning_hour_counts_as_learned() -> None:
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 0.5, 2000, lambda: 0.0)
+    o = lt.to_obj(1000)
+    del o["since"]
+    o["allowance"] = FLOOR
+    again = LateAllowance(FLOOR, CAP)
+    again.restore(o, 1000)
+    again.update(H + 0.6 * 3600, 1100)
+    assert again.allowance == FLOOR
 
 
 def test_a_few_stragglers_do_not_widen_it() -> None:
