@@ -1251,6 +1251,13 @@ class Engine:
         self.clock_behind_from[where] = self.clock_behind_from.get(where, 0) + 1
         self.clock_behind_by[where] = judged_at - e.t
 
+    def forgive_late(self, n: int, lo: float, hi: float) -> None:
+        """``n`` accesses taken as stamped, about ``lo``…``hi`` behind, came from a clock
+        now known to be behind: out of the late allowance's measure
+        (:meth:`detectors.lateness.LateAllowance.forgive`)."""
+        if self._late is not None:
+            self._late.forgive(n, lo, hi)
+
     def stats(self) -> EngineStats:
         return EngineStats(
             events=self.events,

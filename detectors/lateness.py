@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 #: how far back (event time) arrival delays are remembered
@@ -107,6 +108,22 @@ class LateAllowance:
             self.too_late += 1
         if lag > self.latest_lag:
             self.latest_lag = lag
+
+    def forgive(self, n: int, lo: float, hi: float) -> None:
+        """``n`` accesses counted late by about ``lo``…``hi`` seconds came from a clock
+        behind (:class:`SteadyOffset`), now steady and judged at its offset: they say
+        nothing of the input's delays, and are taken out of the measure (the latest first),
+        so the allowance does not stay widened for a day for them."""
+        last = len(self._bins) - 1
+        k0 = min(last, max(0, int((lo - STEADY_TOL_S - self.floor) // STEP_S)))
+        k1 = min(last, max(0, int((hi + STEADY_TOL_S - self.floor) // STEP_S)))
+        for bins in (self._bins, *(b for *_, b in reversed(self._hours))):
+            for k in range(k1, k0 - 1, -1):
+                if n <= 0:
+                    return
+                take = min(n, bins[k])
+                bins[k] -= take
+                n -= take
 
     # ----------------------------------------------------------------- snapshots
     def to_obj(self, events: int) -> dict[str, object]:
@@ -188,7 +205,7 @@ class SteadyOffset:
     time; in the stream, their records' producer time), by offsets within
     :data:`STEADY_TOL_S` of each other: a clock that far behind, once steady."""
 
-    __slots__ = ("lo", "hi", "n", "since", "offsets", "steady")
+    __slots__ = ("lo", "hi", "n", "since", "offsets", "steady", "taken", "taken_lo", "taken_hi")
 
     def __init__(self) -> None:
         self.lo = self.hi = 0.0  # the run's least and greatest offset
@@ -196,6 +213,10 @@ class SteadyOffset:
         self.since = 0.0  # the file's time at the run's first access
         self.offsets: list[float] = []  # the run's first STEADY_N offsets
         self.steady = 0.0  # the offset once steady, else 0
+        #: the source's accesses taken as stamped (far behind, no steady offset for them)
+        #: since it was last steady, over every run, and their least and greatest offset
+        self.taken = 0
+        self.taken_lo = self.taken_hi = 0.0
 
     def add(self, offset: float, high: float) -> float:
         """Record one, the time it reached us being ``high``; returns the steady offset
@@ -204,6 +225,11 @@ class SteadyOffset:
             # a quiet file's time lags the hour, so a steady clock's offsets look smaller
             self.n += 1
             return self.steady
+        if self.taken:
+            self.taken_lo, self.taken_hi = min(self.taken_lo, offset), max(self.taken_hi, offset)
+        else:
+            self.taken_lo = self.taken_hi = offset
+        self.taken += 1
         if self.n and min(self.lo, offset) >= max(self.hi, offset) - STEADY_TOL_S:
             self.lo, self.hi = min(self.lo, offset), max(self.hi, offset)
             self.n += 1
@@ -216,14 +242,31 @@ class SteadyOffset:
             self.steady = sorted(self.offsets)[len(self.offsets) // 2]
         return self.steady
 
+    def forgiven(self) -> tuple[int, float, float]:
+        """Once steady: the accesses taken as stamped before (this one is judged at the
+        offset), and their least and greatest offset; they are forgotten here."""
+        out = (self.taken - 1, self.taken_lo, self.taken_hi)
+        self.taken = 0
+        return out
+
     def to_obj(self) -> list[Any]:
-        return [self.lo, self.hi, self.n, self.since, list(self.offsets), self.steady]
+        return [
+            self.lo,
+            self.hi,
+            self.n,
+            self.since,
+            list(self.offsets),
+            self.steady,
+            [self.taken, self.taken_lo, self.taken_hi],
+        ]
 
     @classmethod
     def from_obj(cls, o: list[Any]) -> SteadyOffset:
         run = cls()
         run.lo, run.hi, run.n, run.since = float(o[0]), float(o[1]), int(o[2]), float(o[3])
         run.offsets, run.steady = [float(x) for x in o[4]], float(o[5])
+        if len(o) > 6:  # snapshots before these have none
+            run.taken, run.taken_lo, run.taken_hi = int(o[6][0]), float(o[6][1]), float(o[6][2])
         return run
 
 
@@ -233,14 +276,24 @@ def steady_offset(
     offset: float,
     at: float,
     limit: int | None = None,
+    forgive: Callable[[int, float, float], None] | None = None,
 ) -> float:
     """An access of ``where`` (workstation, else source) stamped ``offset`` seconds before
     the time ``at`` it reached us: added to the source's run in ``runs``, and that run's
     steady offset returned (0: not steady, so far a late delivery). With ``limit``, no
-    more sources than that are followed. Replay's file clock and the stream share it."""
+    more sources than that are followed. When the run becomes steady, ``forgive`` is told
+    of the source's accesses taken as stamped before (so counted late): how many, and
+    their least and greatest offset (:meth:`LateAllowance.forgive`). Replay's file clock
+    and the stream share it."""
     run = runs.get(where)
     if run is None:
         if limit is not None and len(runs) >= limit:
             return 0.0
         run = runs[where] = SteadyOffset()
-    return run.add(offset, at)
+    was = run.steady
+    off = run.add(offset, at)
+    if off and not was:
+        n, lo, hi = run.forgiven()
+        if forgive is not None and n > 0:
+            forgive(n, lo, hi)
+    return off

@@ -60,11 +60,14 @@ MIN_OTHER_USERS = 3
 
 
 class ClockSink(Protocol):
-    """Told of each access judged at the file's time (the engine counts them)."""
+    """Told of each access judged at the file's time (the engine counts them), and of a
+    clock behind's earlier accesses, taken as stamped, once its offset is steady."""
 
     def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None: ...
 
     def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None: ...
+
+    def forgive_late(self, n: int, lo: float, hi: float) -> None: ...
 
 
 def file_clock(
@@ -82,6 +85,7 @@ def file_clock(
     # judged passes as it is but moves it no further
     high = float("-inf")
     behind: dict[str, SteadyOffset] = {}  # source → its accesses far behind the file's time
+    forgive = sink.forgive_late if sink is not None else None
 
     def judged(x: AccessEvent) -> AccessEvent:
         nonlocal high
@@ -93,7 +97,7 @@ def file_clock(
                 if behind:
                     behind.pop(x.workstation or x.source, None)  # in time: no wrong clock
                 return x
-            off = steady_offset(behind, x.workstation or x.source, high - t, high)
+            off = steady_offset(behind, x.workstation or x.source, high - t, high, None, forgive)
             if off:
                 if sink is not None:
                     sink.on_clock_behind(x, t + off)

@@ -365,7 +365,9 @@ class AccessProcessor:
                 elif (
                     behind_s and rec.timestamp - e.t > behind_s and rec.timestamp > MIN_PRODUCER_TS
                 ):
-                    e = self._from_slow_clock(e, rec, src, res, st.clocks)
+                    e = self._from_slow_clock(
+                        e, rec, src, res, st.clocks, getattr(st.engine, "forgive_late", None)
+                    )
                 elif st.clocks:  # in time: no wrong clock there
                     st.clocks.pop(e.workstation or _source_name(src), None)
                 st.engine.ingest(e)
@@ -499,13 +501,16 @@ class AccessProcessor:
         src: Any,
         res: BatchResult,
         runs: dict[str, SteadyOffset],
+        forgive: Callable[[int, float, float], None] | None = None,
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
         a clock's offset is steady (detectors.lateness.SteadyOffset), and from then on
         its accesses are judged that much later. Warned once per source, counted always."""
         where = e.workstation or _source_name(src)
-        off = steady_offset(runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES)
+        off = steady_offset(
+            runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES, forgive
+        )
         if not off:
             return e
         res.clock_behind += 1

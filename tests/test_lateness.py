@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
 from detectors.config import ConfigError, DetectionConfig
-from detectors.lateness import MEMORY_S, SHARE, STEP_S, LateAllowance
+from detectors.lateness import (
+    MEMORY_S,
+    SHARE,
+    STEADY_N,
+    STEP_S,
+    LateAllowance,
+    SteadyOffset,
+    steady_offset,
+)
 
 FLOOR, CAP = 600.0, 7200.0
 H = 1_000 * 3600.0  # the start of some hour
@@ -113,3 +122,43 @@ def test_the_steps_fit_the_delays() -> None:
 def test_negative_lateness_is_a_config_error(key: str) -> None:
     with pytest.raises(ConfigError, match=key):
         DetectionConfig.from_dict({key: -1})
+
+
+def test_a_clock_behind_once_steady_is_forgiven() -> None:
+    """A workstation 5 h behind: its accesses before its offset was steady were counted
+    late and widened the allowance to the cap; forgiven, they no longer hold it there,
+    while a real delay of other accesses (50 min) still counts."""
+    lt = LateAllowance(FLOOR, CAP)
+    feed(lt, 2, 2000, lambda: 0.0)  # learned: a log in order
+    assert lt.allowance == FLOOR
+    rng = random.Random(5)
+    lags = iter([5 * 3600.0 + rng.uniform(-30, 30) for _ in range(300)] + [3000.0] * 100)
+    feed(lt, 0.25, 1600, lambda: next(lags, 0.0), start=H + 2 * 3600)
+    assert lt.allowance == CAP
+    lt.forgive(300, 5 * 3600.0 - 30, 5 * 3600.0 + 30)
+    lt.update(H + 2.3 * 3600, 8000)
+    assert lt.allowance == FLOOR + 9 * STEP_S  # the 50 minutes, to the step above them
+    lt.forgive(300, 5 * 3600.0 - 30, 5 * 3600.0 + 30)  # nothing more there: no change
+    lt.update(H + 2.35 * 3600, 8100)
+    assert lt.allowance == FLOOR + 9 * STEP_S
+
+
+def test_a_steady_offset_run_goes_with_the_snapshot() -> None:
+    """What the run has taken as stamped is kept, so a worker that takes the partition
+    over forgives them when the offset is steady; a snapshot from before has none."""
+    run = SteadyOffset()
+    for i in range(10):
+        assert steady_offset({"ws": run}, "ws", 8 * 3600.0 + i, 1000.0 + 60 * i) == 0.0
+    again = SteadyOffset.from_obj(run.to_obj())
+    assert (again.taken, again.taken_lo, again.taken_hi) == (10, 8 * 3600.0, 8 * 3600.0 + 9)
+    forgiven: list[tuple[int, float, float]] = []
+    runs = {"ws": again}
+    for i in range(10, 40):
+        steady_offset(runs, "ws", 8 * 3600.0 + i % 10, 1000.0 + 60 * i, None, _append(forgiven))
+    assert forgiven == [(STEADY_N - 1, 8 * 3600.0, 8 * 3600.0 + 9)]
+    old = SteadyOffset.from_obj(run.to_obj()[:6])
+    assert old.taken == 0 and old.n == run.n
+
+
+def _append(out: list[tuple[int, float, float]]) -> Callable[[int, float, float], None]:
+    return lambda n, lo, hi: out.append((n, lo, hi))

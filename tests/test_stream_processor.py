@@ -284,3 +284,27 @@ def test_a_workstation_whose_clock_runs_behind_is_judged_at_its_steady_offset(
     after = sum(second.process(recs[i : i + 400]).clock_behind for i in range(half, 6000, 400))
     assert after == sum(d["workstation"] == "ws-7" for d in events[half:])
     assert before + after == behind
+
+
+def test_a_clock_behind_does_not_hold_the_late_allowance_wide(tmp_path: Path) -> None:
+    """ws-7's accesses before its offset was steady were taken as stamped, 8 h late, and
+    widened the partition's late allowance to its cap; once the clock is known to be
+    behind they are forgiven, and the partition waits the floor again, not for a day."""
+    from datetime import timedelta
+
+    events = synthetic_hospital(tmp_path / "ctx", 6000, step_s=3.0)  # 5 hours
+    produced = [datetime.fromisoformat(d["ts"]).timestamp() for d in events]
+    for d in events:
+        if d["workstation"] == "ws-7":
+            d["ts"] = (datetime.fromisoformat(d["ts"]) - timedelta(hours=8)).isoformat()
+    recs = [
+        Record(0, i, d["user_id"].encode(), orjson.dumps(d), None, produced[i])
+        for i, d in enumerate(events)
+    ]
+    proc = AccessProcessor(Context.load(tmp_path / "ctx"), None, FakeOutput())  # type: ignore[arg-type]
+    proc.adopt(0, None)
+    seen = [proc.process(recs[i : i + 500]).late_allowance[0] for i in range(0, len(recs), 500)]
+    cfg = proc.parts[0].engine.cfg
+    assert seen[0] == cfg.late_allowance_max_s  # the first hour, before it has measured
+    assert seen[-1] == cfg.model_visit_lateness_s
+    assert proc.parts[0].engine.stats().too_late > 0  # they did come too late, as stamped
