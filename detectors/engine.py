@@ -1039,7 +1039,8 @@ class Engine:
     @property
     def late_allowance(self) -> float:
         """How long (event time) an idle visit now waits for late accesses before it is
-        scored: ``model_visit_lateness_s``, widened to the input's delays."""
+        scored: ``model_visit_lateness_s``, widened to the input's delays (the cap,
+        ``late_allowance_max_s``, for the first hour, before they are measured)."""
         return self._allowance
 
     def sweep_to(self, t: float) -> None:
