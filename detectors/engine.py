@@ -602,10 +602,6 @@ class Engine:
         self._sweep_at = -math.inf
         #: users who may have open visits (the sweep looks at these only)
         self._open: dict[str, UserState] = {}
-        #: how long an idle visit waits for late accesses, and how much longer than their
-        #: span the correlation windows keep accesses for them (detectors.lateness)
-        self._allowance = self.cfg.model_visit_lateness_s
-        self._grace = 0.0
         #: in the stream: workstation (or source) → its run of accesses stamped long before
         #: their records were produced (a clock behind, once steady); the worker keeps it
         #: here so that it goes with the partition's snapshot
@@ -615,8 +611,10 @@ class Engine:
             if self.cfg.late_allowance_max_s > self.cfg.model_visit_lateness_s
             else None
         )
-        if self._late is not None:
-            self._allowance, self._grace = self._late.allowance, self._late.widened
+        #: how long an idle visit waits for late accesses, and how much longer than their
+        #: span the correlation windows keep accesses for them (detectors.lateness)
+        self._allowance = self._late.allowance if self._late else self.cfg.model_visit_lateness_s
+        self._grace = self._late.widened if self._late else 0.0
 
     # ------------------------------------------------------------------ facts
     def _user_info(self, user_id: str) -> _UserInfo:

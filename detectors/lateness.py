@@ -99,11 +99,13 @@ class LateAllowance:
         #: the event time of the first update; it learns until LEARN_S after it
         self._since = math.nan
 
+    def _bin(self, lag: float) -> int:
+        """The bin of a delay of ``lag`` seconds (the last: beyond the cap)."""
+        return min(len(self._bins) - 1, max(0, int((lag - self.floor) // STEP_S)))
+
     def late(self, lag: float) -> None:
         """An access arrived ``lag`` seconds (more than the floor) behind the newest one."""
-        k = int((lag - self.floor) // STEP_S)
-        bins = self._bins
-        bins[k if k < len(bins) else -1] += 1
+        self._bins[self._bin(lag)] += 1
         if lag > self.allowance:
             self.too_late += 1
         if lag > self.latest_lag:
@@ -114,9 +116,7 @@ class LateAllowance:
         behind (:class:`SteadyOffset`), now steady and judged at its offset: they say
         nothing of the input's delays, and are taken out of the measure (the latest first),
         so the allowance does not stay widened for a day for them."""
-        last = len(self._bins) - 1
-        k0 = min(last, max(0, int((lo - STEADY_TOL_S - self.floor) // STEP_S)))
-        k1 = min(last, max(0, int((hi + STEADY_TOL_S - self.floor) // STEP_S)))
+        k0, k1 = self._bin(lo - STEADY_TOL_S), self._bin(hi + STEADY_TOL_S)
         for bins in (self._bins, *(b for *_, b in reversed(self._hours))):
             for k in range(k1, k0 - 1, -1):
                 if n <= 0:
