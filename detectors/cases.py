@@ -86,6 +86,7 @@ class Case:
         "seen_levels",
         "why",
         "model_p",
+        "withdrawn",
     )
 
     def __init__(self, alert_id: str, t: float) -> None:
@@ -111,6 +112,8 @@ class Case:
         self.seen_levels: dict[str, float] = {}  # patient → highest level of any visit
         self.why: dict[str, float] = {}  # feature → weight in the learned evidence
         self.model_p: float | None = None  # the case model's P(misuse), set when drained
+        #: why correlations were withdrawn from it (a clock found behind), for the reason
+        self.withdrawn = ""
 
     def add(self, rule: Rule, ev: Evidence) -> bool:
         bucket = self.evidence.setdefault(rule.id, {})
@@ -153,6 +156,40 @@ class Case:
                     del self.evidence[rid]
                     del self.patients[rid]
         if changed:
+            self.dirty = True
+            self.version += 1
+        return changed
+
+    def withdraw(self, event_ids: Collection[str], rules: dict[str, Rule], why: str) -> bool:
+        """Drop the correlations that ``event_ids`` (accesses whose stamps were wrong) took
+        part in: each windowed rule's evidence within its span of them. Findings on single
+        accesses and day counts stay: an access judged a few hours off still happened,
+        while a correlation joined accesses that did not happen together."""
+        changed = False
+        for rid in list(self.evidence):
+            rule = rules.get(rid)
+            agg = rule.aggregate if rule is not None else None
+            if agg is None or agg.count == "day_distinct":
+                continue
+            bucket = self.evidence[rid]
+            hit = [ev[1] for k, ev in bucket.items() if k in event_ids]
+            if not hit:
+                continue
+            lo, hi = min(hit) - agg.timespan_s, max(hit) + agg.timespan_s
+            pc = self.patients[rid]
+            for k in [k for k, ev in bucket.items() if lo <= ev[1] <= hi]:
+                p = bucket.pop(k)[2]
+                if pc[p] > 1:
+                    pc[p] -= 1
+                else:
+                    del pc[p]
+            if not bucket:
+                del self.evidence[rid], self.patients[rid]
+                self.fired.discard(rid)
+                self.extras.pop(rid, None)
+            changed = True
+        if changed:
+            self.withdrawn = why
             self.dirty = True
             self.version += 1
         return changed
@@ -337,6 +374,7 @@ class Case:
             "seen_levels": self.seen_levels,
             "why": self.why,
             "model_p": self.model_p,
+            "withdrawn": self.withdrawn,
         }
 
     @classmethod
@@ -361,6 +399,7 @@ class Case:
         c.seen_levels = dict(o.get("seen_levels", {}))
         c.why = dict(o.get("why", {}))
         c.model_p = o.get("model_p")
+        c.withdrawn = o.get("withdrawn", "")
         return c
 
 
@@ -466,7 +505,7 @@ class AlertBuilder:
         status = "open"
         if not case.immediate and risk < self.cfg.alert_threshold:
             status = "retracted"
-            why = "later notes or orders by the user explained the accesses"
+            why = case.withdrawn or "later notes or orders by the user explained the accesses"
             if (
                 case.model_p is not None
                 and case.rule_risk(rules, self.cfg) >= self.cfg.alert_threshold

@@ -36,7 +36,7 @@ from detectors.cases import (
 )
 from detectors.config import DetectionConfig
 from detectors.explain import DOCUMENTED, EMERGENCY, GRANT, EncounterState, Explainer
-from detectors.lateness import LateAllowance, SteadyOffset
+from detectors.lateness import LateAllowance, Misstamped, SteadyOffset
 from detectors.rules import FACT_FIELDS, Aggregate, Rule, compile_matcher, load_rules
 from emrwatch.context import KNOWN_ROLES, Context, Grant, Staff
 from emrwatch.events import EXFIL_ACTIONS, WRITE_ACTIONS, AccessEvent
@@ -81,6 +81,9 @@ class EngineStats:
     late_allowance: float = 0.0
     latest_lag: float = 0.0
     too_late: int = 0
+    #: cases whose correlations were withdrawn: accesses of a clock behind, taken as
+    #: stamped before its offset was steady, had made them (Engine.forgive_late)
+    withdrawn: int = 0
 
     @property
     def explained_share(self) -> float:
@@ -113,6 +116,7 @@ class EngineStats:
             max(self.late_allowance, other.late_allowance),
             max(self.latest_lag, other.latest_lag),
             self.too_late + other.too_late,
+            self.withdrawn + other.withdrawn,
         )
 
 
@@ -569,6 +573,7 @@ class Engine:
         #: set it to a set() to collect the ids of unexplained events (evaluation)
         self.unexplained_ids: set[str] | None = None
         self.far_behind = 0  # see EngineStats.far_behind
+        self.withdrawn = 0  # see EngineStats.withdrawn
         self.clock_ahead = 0  # see EngineStats.clock_ahead
         self.clock_ahead_ids: list[str] = []
         self.clock_ahead_from: dict[str, int] = {}
@@ -1250,12 +1255,27 @@ class Engine:
         self.clock_behind_from[where] = self.clock_behind_from.get(where, 0) + 1
         self.clock_behind_by[where] = judged_at - e.t
 
-    def forgive_late(self, n: int, lo: float, hi: float) -> None:
-        """``n`` accesses taken as stamped, about ``lo``…``hi`` behind, came from a clock
-        now known to be behind: out of the late allowance's measure
-        (:meth:`detectors.lateness.LateAllowance.forgive`)."""
+    def forgive_late(self, m: Misstamped) -> None:
+        """A source's accesses taken as stamped (``m``) came from a clock now known to be
+        ``m.offset`` behind: their delays leave the late allowance's measure
+        (:meth:`detectors.lateness.LateAllowance.forgive`), and the correlations they
+        made with the user's other accesses are withdrawn from the open cases
+        (:meth:`detectors.cases.Case.withdraw`); an alert that then falls below the
+        threshold is retracted."""
         if self._late is not None:
-            self._late.forgive(n, lo, hi)
+            self._late.forgive(m.n, m.lo, m.hi)
+        if not m.event_ids:
+            return
+        ids = frozenset(m.event_ids)
+        why = (
+            f"{m.where}'s clock runs {m.offset / 3600:.1f} h behind, so its accesses were "
+            "placed at hours they did not happen"
+        )
+        for user_id, st in self.users.items():
+            case = st.case
+            if case is not None and case.withdraw(ids, self.rule_by_id, why):
+                self.withdrawn += 1
+                self._dirty[case.alert_id] = (user_id, case)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -1276,6 +1296,7 @@ class Engine:
             ),
             latest_lag=self._late.latest_lag if self._late else 0.0,
             too_late=self._late.too_late if self._late else 0,
+            withdrawn=self.withdrawn,
         )
 
     # ------------------------------------------------------------------ snapshots

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 #: how far back (event time) arrival delays are remembered
@@ -58,6 +59,8 @@ STEADY_TOL_S = 300.0
 STEADY_SPAN_S = 1800.0
 #: once steady, an offset this much smaller still fits (a file's time lags at night)
 QUIET_S = 900.0
+#: the ids kept of a source's accesses taken as stamped before its clock was found behind
+TAKEN_IDS = 512
 
 
 class LateAllowance:
@@ -200,12 +203,38 @@ class LateAllowance:
         return self.allowance
 
 
+@dataclass(frozen=True, slots=True)
+class Misstamped:
+    """A source's accesses taken as stamped, so counted late and judged at the wrong time,
+    before its clock was found steadily ``offset`` seconds behind: ``n`` of them, about
+    ``lo``…``hi`` behind the time they reached us, and the ids of the first
+    :data:`TAKEN_IDS` (what the engine withdraws the correlations of)."""
+
+    where: str
+    offset: float
+    n: int
+    lo: float
+    hi: float
+    event_ids: tuple[str, ...] = ()
+
+
 class SteadyOffset:
     """One source's run of accesses stamped far behind the time they reached us (the file's
     time; in the stream, their records' producer time), by offsets within
     :data:`STEADY_TOL_S` of each other: a clock that far behind, once steady."""
 
-    __slots__ = ("lo", "hi", "n", "since", "offsets", "steady", "taken", "taken_lo", "taken_hi")
+    __slots__ = (
+        "lo",
+        "hi",
+        "n",
+        "since",
+        "offsets",
+        "steady",
+        "taken",
+        "taken_lo",
+        "taken_hi",
+        "taken_ids",
+    )
 
     def __init__(self) -> None:
         self.lo = self.hi = 0.0  # the run's least and greatest offset
@@ -214,22 +243,19 @@ class SteadyOffset:
         self.offsets: list[float] = []  # the run's first STEADY_N offsets
         self.steady = 0.0  # the offset once steady, else 0
         #: the source's accesses taken as stamped (far behind, no steady offset for them)
-        #: since it was last steady, over every run, and their least and greatest offset
+        #: since it was last steady, over every run, their least and greatest offset, and
+        #: the first TAKEN_IDS of their ids
         self.taken = 0
         self.taken_lo = self.taken_hi = 0.0
+        self.taken_ids: list[str] = []
 
-    def add(self, offset: float, high: float) -> float:
+    def add(self, offset: float, high: float, event_id: str = "") -> float:
         """Record one, the time it reached us being ``high``; returns the steady offset
-        (0: not steady)."""
+        (0: not steady, so this access is taken as stamped)."""
         if self.steady and self.steady - QUIET_S <= offset <= self.steady + STEADY_TOL_S:
             # a quiet file's time lags the hour, so a steady clock's offsets look smaller
             self.n += 1
             return self.steady
-        if self.taken:
-            self.taken_lo, self.taken_hi = min(self.taken_lo, offset), max(self.taken_hi, offset)
-        else:
-            self.taken_lo = self.taken_hi = offset
-        self.taken += 1
         if self.n and min(self.lo, offset) >= max(self.hi, offset) - STEADY_TOL_S:
             self.lo, self.hi = min(self.lo, offset), max(self.hi, offset)
             self.n += 1
@@ -240,13 +266,25 @@ class SteadyOffset:
             self.offsets.append(offset)
         if not self.steady and self.n >= STEADY_N and high - self.since >= STEADY_SPAN_S:
             self.steady = sorted(self.offsets)[len(self.offsets) // 2]
-        return self.steady
+        if self.steady:
+            return self.steady  # judged at the offset: not taken as stamped
+        if self.taken:
+            self.taken_lo, self.taken_hi = min(self.taken_lo, offset), max(self.taken_hi, offset)
+        else:
+            self.taken_lo = self.taken_hi = offset
+        self.taken += 1
+        if event_id and len(self.taken_ids) < TAKEN_IDS:
+            self.taken_ids.append(event_id)
+        return 0.0
 
-    def forgiven(self) -> tuple[int, float, float]:
-        """Once steady: the accesses taken as stamped before (this one is judged at the
-        offset), and their least and greatest offset; they are forgotten here."""
-        out = (self.taken - 1, self.taken_lo, self.taken_hi)
+    def forgiven(self, where: str) -> Misstamped:
+        """Once steady: the accesses of ``where`` taken as stamped before; they are
+        forgotten here."""
+        out = Misstamped(
+            where, self.steady, self.taken, self.taken_lo, self.taken_hi, tuple(self.taken_ids)
+        )
         self.taken = 0
+        self.taken_ids = []
         return out
 
     def to_obj(self) -> list[Any]:
@@ -257,7 +295,7 @@ class SteadyOffset:
             self.since,
             list(self.offsets),
             self.steady,
-            [self.taken, self.taken_lo, self.taken_hi],
+            [self.taken, self.taken_lo, self.taken_hi, list(self.taken_ids)],
         ]
 
     @classmethod
@@ -266,7 +304,10 @@ class SteadyOffset:
         run.lo, run.hi, run.n, run.since = float(o[0]), float(o[1]), int(o[2]), float(o[3])
         run.offsets, run.steady = [float(x) for x in o[4]], float(o[5])
         if len(o) > 6:  # snapshots before these have none
-            run.taken, run.taken_lo, run.taken_hi = int(o[6][0]), float(o[6][1]), float(o[6][2])
+            taken = o[6]
+            run.taken, run.taken_lo, run.taken_hi = int(taken[0]), float(taken[1]), float(taken[2])
+            if len(taken) > 3:
+                run.taken_ids = [str(x) for x in taken[3]][:TAKEN_IDS]
         return run
 
 
@@ -276,24 +317,25 @@ def steady_offset(
     offset: float,
     at: float,
     limit: int | None = None,
-    forgive: Callable[[int, float, float], None] | None = None,
+    forgive: Callable[[Misstamped], None] | None = None,
+    event_id: str = "",
 ) -> float:
     """An access of ``where`` (workstation, else source) stamped ``offset`` seconds before
     the time ``at`` it reached us: added to the source's run in ``runs``, and that run's
     steady offset returned (0: not steady, so far a late delivery). With ``limit``, no
     more sources than that are followed. When the run becomes steady, ``forgive`` is told
-    of the source's accesses taken as stamped before (so counted late): how many, and
-    their least and greatest offset (:meth:`LateAllowance.forgive`). Replay's file clock
-    and the stream share it."""
+    of the source's accesses taken as stamped before (:class:`Misstamped`): the late
+    allowance forgets their delays (:meth:`LateAllowance.forgive`) and the engine
+    withdraws the correlations they made. Replay's file clock and the stream share it."""
     run = runs.get(where)
     if run is None:
         if limit is not None and len(runs) >= limit:
             return 0.0
         run = runs[where] = SteadyOffset()
     was = run.steady
-    off = run.add(offset, at)
+    off = run.add(offset, at, event_id)
     if off and not was:
-        n, lo, hi = run.forgiven()
-        if forgive is not None and n > 0:
-            forgive(n, lo, hi)
+        m = run.forgiven(where)
+        if forgive is not None and m.n > 0:
+            forgive(m)
     return off

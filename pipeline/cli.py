@@ -95,7 +95,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"replay: warning: {st.clock_behind:,} access(es) from a source whose clock "
             "runs steadily behind the file's (a timezone or clock wrong there?) were judged "
             f"that much later: {where}; a source that really lags by that much, to the minute: "
-            "replay_clock_ahead_s: 0 takes stamps as they are (README: Input)",
+            "replay_clock_ahead_s: 0 takes stamps as they are (README: Input)"
+            + (
+                f"; correlations its earlier accesses, taken as stamped, had made were "
+                f"withdrawn from {st.withdrawn} case(s)"
+                if st.withdrawn
+                else ""
+            ),
             file=sys.stderr,
         )
     if st.far_behind:

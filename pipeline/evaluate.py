@@ -168,6 +168,9 @@ def score(res: ReplayResult, labels: dict[str, tuple[str, str]]) -> dict[str, An
         "clock_ahead": res.stats.clock_ahead,
         # and accesses judged later, from a source whose clock runs steadily behind
         "clock_behind": res.stats.clock_behind,
+        # cases whose correlations that clock's first accesses (taken as stamped) had made
+        # were withdrawn once it was found behind
+        "withdrawn": res.stats.withdrawn,
         "far_behind": res.stats.far_behind,
         # the input's delays: how far the late allowance widened (0: not past
         # model_visit_lateness_s; detectors.lateness) and the accesses that came later
@@ -196,7 +199,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"input clocks               {r.get('clock_ahead', 0)} access(es) judged at the "
             f"file's time (stamped far ahead), {r.get('clock_behind', 0)} judged later (a "
-            f"clock steadily behind), {r.get('far_behind', 0)} more than "
+            f"clock steadily behind; correlations withdrawn from {r.get('withdrawn', 0)} "
+            f"case(s)), {r.get('far_behind', 0)} more than "
             f"{FAR_BEHIND_S / 3600:.0f} h behind a newer one of the same user"
         )
     if r.get("late_allowance_s") or r.get("too_late"):

@@ -33,7 +33,8 @@ delivered at once (the file's time does not move) or catching up (offsets shrink
 source whose lag wanders are left as they are; a source lagging steadily by hours, to the
 minute, would be taken for a wrong clock (replay warns with its offset;
 ``replay_clock_ahead_s: 0`` takes stamps as they are). Its first accesses, until the
-offset is steady, are taken as stamped.
+offset is steady, are taken as stamped; once it is, the engine withdraws the correlations
+they made (an account "at two workstations at once" with its own accesses hours apart).
 
 The check looks :data:`WINDOW` events ahead, so events come out that many later; their
 order is untouched. It is per input stream: replay's partitions judge each on their own
@@ -49,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
-from detectors.lateness import SteadyOffset, steady_offset
+from detectors.lateness import Misstamped, SteadyOffset, steady_offset
 from emrwatch.events import AccessEvent
 
 #: events looked at after an access (its confirmation) and the fewest needed to judge it
@@ -61,13 +62,14 @@ MIN_OTHER_USERS = 3
 
 class ClockSink(Protocol):
     """Told of each access judged at the file's time (the engine counts them), and of a
-    clock behind's earlier accesses, taken as stamped, once its offset is steady."""
+    clock behind's earlier accesses, taken as stamped, once its offset is steady (the
+    engine forgives their delays and withdraws the correlations they made)."""
 
     def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None: ...
 
     def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None: ...
 
-    def forgive_late(self, n: int, lo: float, hi: float) -> None: ...
+    def forgive_late(self, m: Misstamped) -> None: ...
 
 
 def file_clock(
@@ -97,7 +99,9 @@ def file_clock(
                 if behind:
                     behind.pop(x.workstation or x.source, None)  # in time: no wrong clock
                 return x
-            off = steady_offset(behind, x.workstation or x.source, high - t, high, None, forgive)
+            off = steady_offset(
+                behind, x.workstation or x.source, high - t, high, None, forgive, x.event_id
+            )
             if off:
                 if sink is not None:
                     sink.on_clock_behind(x, t + off)

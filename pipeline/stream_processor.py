@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from detectors.config import DetectionConfig
-from detectors.lateness import SteadyOffset, steady_offset
+from detectors.lateness import Misstamped, SteadyOffset, steady_offset
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.stream_state import Snapshot, SnapshotStore
@@ -501,7 +501,7 @@ class AccessProcessor:
         src: Any,
         res: BatchResult,
         runs: dict[str, SteadyOffset],
-        forgive: Callable[[int, float, float], None] | None = None,
+        forgive: Callable[[Misstamped], None] | None = None,
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
@@ -509,7 +509,7 @@ class AccessProcessor:
         its accesses are judged that much later. Warned once per source, counted always."""
         where = e.workstation or _source_name(src)
         off = steady_offset(
-            runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES, forgive
+            runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES, forgive, e.event_id
         )
         if not off:
             return e

@@ -59,12 +59,15 @@ def test_scores_and_where_the_false_alerts_come_from() -> None:
 
 
 def test_the_report_says_what_the_inputs_clocks_did() -> None:
-    stats = EngineStats(events=100, clock_ahead=3, far_behind=7, clock_behind_from={"ws": 5})
+    stats = EngineStats(
+        events=100, clock_ahead=3, far_behind=7, clock_behind_from={"ws": 5}, withdrawn=2
+    )
     r = score(ReplayResult(alerts=[], stats=stats, events=100), {})
     assert (r["clock_ahead"], r["far_behind"], r["clock_behind"]) == (3, 7, 5)
+    assert r["withdrawn"] == 2
     text = format_report({"data": "d", **r})
     assert "input clocks               3 access(es) judged at the file's time" in text
-    assert "5 judged later (a clock steadily behind)" in text
+    assert "5 judged later (a clock steadily behind; correlations withdrawn from 2 case(s))" in text
     assert "7 more than 6 h behind a newer one of the same user" in text
     assert "input delays" not in text  # the allowance never widened
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from detectors.config import ConfigError, DetectionConfig
-from detectors.lateness import STEADY_N, STEADY_SPAN_S, STEADY_TOL_S
+from detectors.lateness import STEADY_N, STEADY_SPAN_S, STEADY_TOL_S, Misstamped
 from emrwatch.events import AccessEvent
 from pipeline.file_clock import MIN_FOLLOWING, WINDOW, file_clock
 
@@ -43,7 +43,7 @@ class Sink:
     def __init__(self) -> None:
         self.seen: list[tuple[str, float]] = []
         self.behind: list[tuple[str, float]] = []
-        self.forgiven: list[tuple[int, float, float]] = []
+        self.forgiven: list[Misstamped] = []
 
     def on_clock_ahead(self, e: AccessEvent, judged_at: float) -> None:
         self.seen.append((e.event_id, judged_at))
@@ -51,8 +51,8 @@ class Sink:
     def on_clock_behind(self, e: AccessEvent, judged_at: float) -> None:
         self.behind.append((e.event_id, judged_at))
 
-    def forgive_late(self, n: int, lo: float, hi: float) -> None:
-        self.forgiven.append((n, lo, hi))
+    def forgive_late(self, m: Misstamped) -> None:
+        self.forgiven.append(m)
 
 
 def run(events: list[AccessEvent], ahead_s: float = HOUR) -> tuple[list[AccessEvent], Sink]:
@@ -212,11 +212,13 @@ def test_a_clock_steadily_behind_is_judged_that_much_later(hours: float) -> None
     assert all(abs(got[e.event_id] - (e.t + hours * HOUR)) < 60 for e in wrong[first:])
     assert sink.behind == [(e.event_id, got[e.event_id]) for e in wrong[first:]]
     assert not sink.seen
-    # the ones before, taken as stamped, are forgiven by the late allowance once: their
-    # number and offsets
+    # the ones before, taken as stamped, are reported once: their number, offsets and ids
+    # (the late allowance forgives them, the engine withdraws what they correlated)
     assert len(sink.forgiven) == 1
-    n, lo, hi = sink.forgiven[0]
-    assert n == first and abs(lo - hours * HOUR) < 60 and abs(hi - hours * HOUR) < 60
+    m = sink.forgiven[0]
+    assert m.where == "ws-tz" and abs(m.offset - hours * HOUR) < 60
+    assert m.n == first and abs(m.lo - hours * HOUR) < 60 and abs(m.hi - hours * HOUR) < 60
+    assert m.event_ids == tuple(e.event_id for e in wrong[:first])
 
 
 def test_a_source_writing_its_hours_in_batches_is_not_a_wrong_clock() -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
+import orjson
 import pytest
 
 from detectors.config import ConfigError, DetectionConfig
@@ -12,8 +12,11 @@ from detectors.lateness import (
     MEMORY_S,
     SHARE,
     STEADY_N,
+    STEADY_TOL_S,
     STEP_S,
+    TAKEN_IDS,
     LateAllowance,
+    Misstamped,
     SteadyOffset,
     steady_offset,
 )
@@ -148,17 +151,39 @@ def test_a_steady_offset_run_goes_with_the_snapshot() -> None:
     over forgives them when the offset is steady; a snapshot from before has none."""
     run = SteadyOffset()
     for i in range(10):
-        assert steady_offset({"ws": run}, "ws", 8 * 3600.0 + i, 1000.0 + 60 * i) == 0.0
-    again = SteadyOffset.from_obj(run.to_obj())
+        off = steady_offset({"ws": run}, "ws", 8 * 3600.0 + i, 1000.0 + 60 * i, event_id=f"e{i}")
+        assert off == 0.0
+    again = SteadyOffset.from_obj(orjson.loads(orjson.dumps(run.to_obj())))
     assert (again.taken, again.taken_lo, again.taken_hi) == (10, 8 * 3600.0, 8 * 3600.0 + 9)
-    forgiven: list[tuple[int, float, float]] = []
+    assert again.taken_ids == [f"e{i}" for i in range(10)]
+    forgiven: list[Misstamped] = []
     runs = {"ws": again}
     for i in range(10, 40):
-        steady_offset(runs, "ws", 8 * 3600.0 + i % 10, 1000.0 + 60 * i, None, _append(forgiven))
-    assert forgiven == [(STEADY_N - 1, 8 * 3600.0, 8 * 3600.0 + 9)]
+        steady_offset(
+            runs, "ws", 8 * 3600.0 + i % 10, 1000.0 + 60 * i, None, forgiven.append, f"e{i}"
+        )
+    # the access that made it steady is judged at the offset: not among them
+    assert forgiven == [
+        Misstamped(
+            "ws",
+            8 * 3600.0 + 4,  # the median of the run's offsets
+            STEADY_N - 1,
+            8 * 3600.0,
+            8 * 3600.0 + 9,
+            tuple(f"e{i}" for i in range(STEADY_N - 1)),
+        )
+    ]
     old = SteadyOffset.from_obj(run.to_obj()[:6])
     assert old.taken == 0 and old.n == run.n
+    no_ids = run.to_obj()
+    no_ids[6] = no_ids[6][:3]  # a snapshot before the ids were kept
+    assert SteadyOffset.from_obj(no_ids).taken_ids == []
 
 
-def _append(out: list[tuple[int, float, float]]) -> Callable[[int, float, float], None]:
-    return lambda n, lo, hi: out.append((n, lo, hi))
+def test_a_steady_offset_keeps_a_bounded_number_of_ids() -> None:
+    """A source far behind for long (a backlog that never turns steady) keeps only the
+    first TAKEN_IDS ids, while it still counts them all."""
+    run = SteadyOffset()
+    for i in range(TAKEN_IDS + 50):  # offsets that wander: never steady
+        assert run.add(3600.0 + (i % 2) * 2 * STEADY_TOL_S, 60.0 * i, f"e{i}") == 0.0
+    assert run.taken == TAKEN_IDS + 50 and len(run.taken_ids) == TAKEN_IDS
