@@ -156,6 +156,7 @@ class Case:
                     del self.evidence[rid]
                     del self.patients[rid]
         if changed:
+            self.withdrawn = ""  # the latest change says why it went
             self.dirty = True
             self.version += 1
         return changed

@@ -25,7 +25,9 @@ time (rule findings on accesses in order do not wait).
 :class:`SteadyOffset` tells a late delivery from a clock that runs behind: a source whose
 accesses come hours behind the time they reach us *steadily* (to the minute, for half an
 hour and more) has a wrong clock, and replay (:mod:`pipeline.file_clock`) and the stream
-judge its accesses at that offset.
+judge its accesses at that offset. Its accesses before then were taken as stamped; they are
+reported once (:class:`Misstamped`): the allowance forgets their delays and the engine
+withdraws the correlations they made.
 
 Cost per access: one subtraction and one comparison, and a count for an access that
 arrives more than the floor behind; the rest runs at the engine's sweeps (every 5 min of

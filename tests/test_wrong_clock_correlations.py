@@ -146,3 +146,7 @@ def test_withdraw_drops_the_burst_around_the_wrong_accesses_only() -> None:
     assert not case.withdraw({"late0"}, rules, "again")  # nothing left of it
     assert case.withdraw({"early3"}, rules, "all")
     assert share.id not in case.evidence and share.id not in case.fired
+    # documentation retracting a finding later: the case's last change says why, not the clock
+    nocare = rules["no-care-relationship"]
+    case.add(nocare, ev("n1", 2 * HOUR, "ws-1"))
+    assert case.retract({nocare.id}, "p1", HOUR) and case.withdrawn == ""
