@@ -62,7 +62,9 @@ STEADY_SPAN_S = 1800.0
 #: once steady, an offset this much smaller still fits (a file's time lags at night)
 QUIET_S = 900.0
 #: the ids kept of a source's accesses taken as stamped before its clock was found behind
-TAKEN_IDS = 512
+#: (the latest; 31–76 per source on simulated wrong clocks), in every snapshot of a
+#: source far behind: a backlog keeps this many per workstation until it catches up
+TAKEN_IDS = 128
 
 
 class LateAllowance:
@@ -209,7 +211,7 @@ class LateAllowance:
 class Misstamped:
     """A source's accesses taken as stamped, so counted late and judged at the wrong time,
     before its clock was found steadily ``offset`` seconds behind: ``n`` of them, about
-    ``lo``…``hi`` behind the time they reached us, and the ids of the first
+    ``lo``…``hi`` behind the time they reached us, and the ids of the latest
     :data:`TAKEN_IDS` (what the engine withdraws the correlations of)."""
 
     where: str
@@ -246,7 +248,7 @@ class SteadyOffset:
         self.steady = 0.0  # the offset once steady, else 0
         #: the source's accesses taken as stamped (far behind, no steady offset for them)
         #: since it was last steady, over every run, their least and greatest offset, and
-        #: the first TAKEN_IDS of their ids
+        #: the latest TAKEN_IDS of their ids
         self.taken = 0
         self.taken_lo = self.taken_hi = 0.0
         self.taken_ids: list[str] = []
@@ -275,8 +277,11 @@ class SteadyOffset:
         else:
             self.taken_lo = self.taken_hi = offset
         self.taken += 1
-        if event_id and len(self.taken_ids) < TAKEN_IDS:
-            self.taken_ids.append(event_id)
+        if event_id:
+            ids = self.taken_ids
+            ids.append(event_id)
+            if len(ids) > TAKEN_IDS:
+                del ids[0]
         return 0.0
 
     def forgiven(self, where: str) -> Misstamped:
@@ -309,7 +314,7 @@ class SteadyOffset:
             taken = o[6]
             run.taken, run.taken_lo, run.taken_hi = int(taken[0]), float(taken[1]), float(taken[2])
             if len(taken) > 3:
-                run.taken_ids = [str(x) for x in taken[3]][:TAKEN_IDS]
+                run.taken_ids = [str(x) for x in taken[3]][-TAKEN_IDS:]
         return run
 
 

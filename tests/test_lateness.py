@@ -182,8 +182,9 @@ def test_a_steady_offset_run_goes_with_the_snapshot() -> None:
 
 def test_a_steady_offset_keeps_a_bounded_number_of_ids() -> None:
     """A source far behind for long (a backlog that never turns steady) keeps only the
-    first TAKEN_IDS ids, while it still counts them all."""
+    latest TAKEN_IDS ids (those before the offset turns steady), while it counts them all."""
     run = SteadyOffset()
     for i in range(TAKEN_IDS + 50):  # offsets that wander: never steady
         assert run.add(3600.0 + (i % 2) * 2 * STEADY_TOL_S, 60.0 * i, f"e{i}") == 0.0
-    assert run.taken == TAKEN_IDS + 50 and len(run.taken_ids) == TAKEN_IDS
+    assert run.taken == TAKEN_IDS + 50
+    assert run.taken_ids == [f"e{i}" for i in range(50, TAKEN_IDS + 50)]
