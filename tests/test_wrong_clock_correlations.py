@@ -20,8 +20,9 @@ from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.replay import collapse, run_engine
 from pipeline.stream_processor import AccessProcessor, Record
+from pipeline.stream_state import Snapshot
 from tests.conftest import synthetic_hospital
-from tests.test_stream_processor import FakeOutput
+from tests.test_stream_processor import FakeOutput, FakeSnapshots
 
 HOUR = 3600.0
 START = "2026-03-02T07:00:00+08:00"
@@ -121,6 +122,35 @@ def test_the_stream_withdraws_it_too(tmp_path: Path) -> None:
     assert "ws-7's clock runs 8.0 h behind" in home[-1]["reason"]
     shared = _of(out.alerts, SHARED)
     assert shared and all(a["status"] == "open" for a in shared)
+
+
+def test_a_worker_taking_the_partition_over_withdraws_it(tmp_path: Path) -> None:
+    """The snapshot, taken after the false alert and before ws-7's offset is steady,
+    carries the ids of ws-7's accesses taken as stamped and the open case: the worker
+    that takes over retracts the alert the first worker raised."""
+    events, happened = hospital(tmp_path / "ctx")
+    recs = [
+        Record(0, i, d["user_id"].encode(), orjson.dumps(d), None, happened[i])
+        for i, d in enumerate(events)
+    ]
+    split = datetime.fromisoformat(START).timestamp() + 9.25 * HOUR  # 16:15
+    half = next(i for i, t in enumerate(happened) if t >= split)
+    snaps, out1 = FakeSnapshots(), FakeOutput()
+    first = AccessProcessor(Context.load(tmp_path / "ctx"), None, out1, snapshots=snaps)  # type: ignore[arg-type]
+    first.adopt(0, None)
+    for i in range(0, half, 500):
+        first.process(recs[i : min(i + 500, half)])
+    assert [a["status"] for a in _of(out1.alerts, HOME)] == ["open"]
+    first.snapshot_all()
+    offset, data = snaps.written[0]
+    out2 = FakeOutput()
+    second = AccessProcessor(Context.load(tmp_path / "ctx"), None, out2)  # type: ignore[arg-type]
+    second.adopt(0, Snapshot(0, offset, data, "s", "other", half))
+    for i in range(half, len(recs), 500):
+        second.process(recs[i : i + 500])
+    home = _of(out2.alerts, HOME)
+    assert home and home[-1]["status"] == "retracted"
+    assert home[-1]["alert_id"] == _of(out1.alerts, HOME)[0]["alert_id"]
 
 
 def test_withdraw_drops_the_burst_around_the_wrong_accesses_only() -> None:
