@@ -7,6 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEVERITIES = ("low", "medium", "high", "critical")
+#: what a retracted alert's reason ends with, before why it was retracted
+RETRACTED_MARK = "retracted: "
+#: why, when a reason does not say
+RETRACTED_WHY = "later documentation or the case model explained the accesses"
+
+
+def retraction_why(reason: str) -> str:
+    """Why a retracted alert was retracted, from its reason (the detectors append it)."""
+    _, mark, why = reason.rpartition(RETRACTED_MARK)
+    return why.strip() if mark and why.strip() else RETRACTED_WHY
 
 
 def alert_id_for(user_id: str, first_event_id: str) -> str:
@@ -33,7 +43,9 @@ class Alert:
     role: str = ""
     risk: float = 0.0
     version: int = 1
-    status: str = "open"  # "retracted" when documentation later explained the evidence
+    #: "retracted" when documentation, the case model or a clock found wrong took back
+    #: enough of the evidence (the reason ends with why: retraction_why)
+    status: str = "open"
     findings: list[dict[str, Any]] = field(default_factory=list)
     explanations_checked: list[str] = field(default_factory=list)
     model_versions: dict[str, str] = field(default_factory=dict)

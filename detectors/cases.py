@@ -24,7 +24,7 @@ import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from detectors.alerts import SEVERITIES, Alert, alert_id_for
+from detectors.alerts import RETRACTED_MARK, SEVERITIES, Alert, alert_id_for
 from detectors.config import DetectionConfig
 from detectors.explain import REASONS
 from detectors.rules import Rule
@@ -512,7 +512,7 @@ class AlertBuilder:
                 and case.rule_risk(rules, self.cfg) >= self.cfg.alert_threshold
             ):
                 why = f"the case model rates it unlikely misuse (P={case.model_p:.2f})"
-            reason = (reason + "; " if reason else "") + f"retracted: {why}"
+            reason = (reason + "; " if reason else "") + RETRACTED_MARK + why
         return Alert(
             alert_id=case.alert_id,
             detector=[f["rule"] for f in findings],

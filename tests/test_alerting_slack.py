@@ -148,10 +148,14 @@ def test_notifies_on_first_sight_and_escalation_not_on_evidence_updates(
         ("#privacy-alerts", "Escalated to CRITICAL from MEDIUM"),  # the channel that knew it
         ("#privacy-critical", "Escalated to CRITICAL from MEDIUM"),  # routed by severity
     ]
-    router.handle([{**a, "version": 5, "status": "retracted"}])
-    router.handle([{**a, "version": 6, "status": "retracted"}])
+    why = "WS-7's clock runs 8.0 h behind, so its accesses were placed at hours they did not happen"
+    gone = {**a, "version": 5, "status": "retracted", "reason": f"{a['reason']}; retracted: {why}"}
+    router.handle([gone])
+    router.handle([{**gone, "version": 6}])
     router.deliver()
     assert [m["text"].split(":")[0] for m in slack.messages[3:]] == ["Retracted"] * 2
+    head = f"Retracted: privacy alert on u0001 (nurse, ORTH): {why}."
+    assert all(m["text"].startswith(head) for m in slack.messages[3:])  # says why
     assert {m["channel"] for m in slack.messages[3:]} == {"#privacy-alerts", "#privacy-critical"}
     # an alert first seen retracted notifies no one
     router.handle([sample_alert("ew-quiet", status="retracted")])

@@ -590,6 +590,19 @@ def test_case_page_for_an_alert_without_evidence_details(feed: Feed) -> None:
     assert "p00012" not in page and "p•••12" in page
 
 
+def test_a_retracted_case_says_why_the_detectors_retracted_it(feed: Feed) -> None:
+    why = "WS-SURG-04's clock runs 5.0 h behind, so its accesses were placed at hours they did not happen"
+    a = sample_alert(
+        alert_id="ew-clock", status="retracted", reason=f"Shared account; retracted: {why}"
+    )
+    b = sample_alert(alert_id="ew-doc", status="retracted", reason="No care relationship")
+    feed.store.upsert([a, b])
+    page = feed.client("aud").get("/cases/ew-clock").text
+    assert f"Retracted by the detectors: {why}." in page.replace("&#39;", "'")
+    page = feed.client("aud").get("/cases/ew-doc").text
+    assert "Retracted by the detectors: later documentation or the case model" in page
+
+
 def test_demo_settings_make_one_user_per_role() -> None:
     settings, passwords = FeedSettings.for_demo(port=0)
     assert sorted(passwords) == ["analyst", "auditor", "supervisor"]

@@ -180,3 +180,12 @@ def test_withdraw_drops_the_burst_around_the_wrong_accesses_only() -> None:
     nocare = rules["no-care-relationship"]
     case.add(nocare, ev("n1", 2 * HOUR, "ws-1"))
     assert case.retract({nocare.id}, "p1", HOUR) and case.withdrawn == ""
+
+
+def test_a_retraction_says_why_or_the_usual_reasons() -> None:
+    from detectors.alerts import RETRACTED_WHY, retraction_why
+
+    assert retraction_why("Shared; retracted: a clock behind") == "a clock behind"
+    assert retraction_why("retracted: later notes") == "later notes"
+    assert retraction_why("No care relationship") == RETRACTED_WHY
+    assert retraction_why("x; retracted: ") == RETRACTED_WHY

@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from detectors.alerts import retraction_why
+
 SEVERITY_ORDER = ("low", "medium", "high", "critical")
 SEVERITY_EMOJI = {
     "low": ":large_blue_circle:",
@@ -85,7 +87,7 @@ def headline(view: dict[str, Any], event: str, previous: str = "") -> str:
     sev = view["severity"].upper()
     who = f"{view['user_id']} ({view['role']}, {view['department_id']})"
     if event == "retracted":
-        return f"Retracted: privacy alert on {who} was explained by later documentation"
+        return f"Retracted: privacy alert on {who}: {retraction_why(view.get('reason', ''))}"
     if event == "overdue":
         waited = float(view.get("waited_h", 0.0))
         return f"Still untriaged after {waited:.0f} h: {sev} privacy alert on {who}"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from detectors.alerts import retraction_why
 from detectors.explain import REASONS
 from pipeline.alerting.records import (
     RESPONSE_TARGET_H,
@@ -211,6 +212,7 @@ def case(
         "detectors": list(al.get("detector") or []),
         "status": al.get("status", "open"),
         "reason": m.text(str(al.get("reason") or "")),
+        "retracted_why": m.text(retraction_why(str(al.get("reason") or ""))),
         "when": time_range(str(al.get("first_seen") or ""), str(al.get("last_seen") or "")),
         "findings": findings,
         "explanations": explanations,
