@@ -62,6 +62,13 @@ class StreamMetrics:
             "clock runs behind), judged that much later",
             registry=r,
         )
+        self.withdrawn = Counter(
+            "emrwatch_cases_withdrawn",
+            "Cases whose correlations were withdrawn once a source's clock was found behind: "
+            "its earlier accesses, taken as stamped, had made them (an alert that fell below "
+            "the threshold is retracted)",
+            registry=r,
+        )
         self.alerts = Counter(
             "emrwatch_alerts_emitted", "Alert versions written to the alert topic", registry=r
         )
@@ -130,6 +137,8 @@ class StreamMetrics:
             self.clock_ahead.inc(res.clock_ahead)
         if getattr(res, "clock_behind", 0):
             self.clock_behind.inc(res.clock_behind)
+        if getattr(res, "withdrawn", 0):
+            self.withdrawn.inc(res.withdrawn)
         for p, s in getattr(res, "late_allowance", {}).items():
             self.late_allowance.labels(partition=str(p)).set(s)
         self.on_alerts(alerts, now)

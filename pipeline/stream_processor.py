@@ -183,6 +183,8 @@ class BatchResult:
     # steadily long before it (a clock behind)
     clock_ahead: int = 0
     clock_behind: int = 0
+    # cases whose correlations a clock behind's first accesses had made were withdrawn
+    withdrawn: int = 0
     # partition → how long its engine's idle visits wait for late accesses (seconds)
     late_allowance: dict[int, float] = field(default_factory=dict)
 
@@ -365,9 +367,7 @@ class AccessProcessor:
                 elif (
                     behind_s and rec.timestamp - e.t > behind_s and rec.timestamp > MIN_PRODUCER_TS
                 ):
-                    e = self._from_slow_clock(
-                        e, rec, src, res, st.clocks, getattr(st.engine, "forgive_late", None)
-                    )
+                    e = self._from_slow_clock(e, rec, src, res, st.clocks, st.engine)
                 elif st.clocks:  # in time: no wrong clock there
                     st.clocks.pop(e.workstation or _source_name(src), None)
                 st.engine.ingest(e)
@@ -501,13 +501,25 @@ class AccessProcessor:
         src: Any,
         res: BatchResult,
         runs: dict[str, SteadyOffset],
-        forgive: Callable[[Misstamped], None] | None = None,
+        engine: Any = None,
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
         a clock's offset is steady (detectors.lateness.SteadyOffset), and from then on
-        its accesses are judged that much later. Warned once per source, counted always."""
+        its accesses are judged that much later; when it turns steady, ``engine`` forgives
+        the accesses taken as stamped before and withdraws the correlations they made
+        (Engine.forgive_late, counted in ``res.withdrawn``). Warned once per source,
+        counted always."""
         where = e.workstation or _source_name(src)
+        forgive: Callable[[Misstamped], None] | None = None
+        engine_forgive = getattr(engine, "forgive_late", None)
+        if engine_forgive is not None:
+
+            def forgive(m: Misstamped) -> None:
+                was = engine.withdrawn
+                engine_forgive(m)
+                res.withdrawn += engine.withdrawn - was
+
         off = steady_offset(
             runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES, forgive, e.event_id
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from detectors.alerts import Alert
 from detectors.cases import Case
@@ -20,6 +21,7 @@ from detectors.rules import load_rules
 from emrwatch.context import Context
 from emrwatch.events import AccessEvent
 from pipeline.replay import collapse, run_engine
+from pipeline.stream_metrics import StreamMetrics
 from pipeline.stream_processor import AccessProcessor, Record
 from pipeline.stream_state import Snapshot
 from tests.conftest import synthetic_hospital
@@ -115,11 +117,12 @@ def test_the_stream_withdraws_it_too(tmp_path: Path) -> None:
         Record(0, i, d["user_id"].encode(), orjson.dumps(d), None, happened[i])
         for i, d in enumerate(events)
     ]
-    out = FakeOutput()
-    proc = AccessProcessor(Context.load(tmp_path / "ctx"), None, out)  # type: ignore[arg-type]
+    out, metrics = FakeOutput(), StreamMetrics()
+    proc = AccessProcessor(Context.load(tmp_path / "ctx"), None, out, metrics=metrics)  # type: ignore[arg-type]
     proc.adopt(0, None)
-    for i in range(0, len(recs), 500):
-        proc.process(recs[i : i + 500])
+    withdrawn = sum(proc.process(recs[i : i + 500]).withdrawn for i in range(0, len(recs), 500))
+    assert withdrawn == 1
+    assert "emrwatch_cases_withdrawn_total 1.0" in generate_latest(metrics.registry).decode()
     home = _of(out.alerts, HOME)
     assert [a["status"] for a in home][-1] == "retracted"
     assert home[0]["status"] == "open" and "credential-sharing" in home[0]["detector"]
