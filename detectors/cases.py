@@ -143,23 +143,29 @@ class Case:
             if patient_id not in pc:
                 continue
             gone = [k for k, ev in bucket.items() if ev[2] == patient_id and ev[1] >= since]
-            for k in gone:
-                del bucket[k]
             if gone:
                 changed = True
-                left = pc[patient_id] - len(gone)
-                if left:
-                    pc[patient_id] = left
-                else:
-                    del pc[patient_id]
-                if not bucket:
-                    del self.evidence[rid]
-                    del self.patients[rid]
+                self._drop(rid, gone)
         if changed:
             self.withdrawn = ""  # the latest change says why it went
             self.dirty = True
             self.version += 1
         return changed
+
+    def _drop(self, rid: str, keys: Iterable[str]) -> bool:
+        """Remove the evidence ``keys`` of rule ``rid``, its patient counts in step; True
+        (and the rule gone from the case) when none of its evidence is left."""
+        bucket, pc = self.evidence[rid], self.patients[rid]
+        for k in keys:
+            p = bucket.pop(k)[2]
+            if pc[p] > 1:
+                pc[p] -= 1
+            else:
+                del pc[p]
+        if bucket:
+            return False
+        del self.evidence[rid], self.patients[rid]
+        return True
 
     def withdraw(self, event_ids: Collection[str], rules: dict[str, Rule], why: str) -> bool:
         """Drop the correlations that ``event_ids`` (accesses whose stamps were wrong) took
@@ -177,16 +183,8 @@ class Case:
             if not hit:
                 continue
             lo, hi = min(hit) - agg.timespan_s, max(hit) + agg.timespan_s
-            pc = self.patients[rid]
-            for k in [k for k, ev in bucket.items() if lo <= ev[1] <= hi]:
-                p = bucket.pop(k)[2]
-                if pc[p] > 1:
-                    pc[p] -= 1
-                else:
-                    del pc[p]
-            if not bucket:
-                del self.evidence[rid], self.patients[rid]
-                self.fired.discard(rid)
+            if self._drop(rid, [k for k, ev in bucket.items() if lo <= ev[1] <= hi]):
+                self.fired.discard(rid)  # nothing left of the correlation
                 self.extras.pop(rid, None)
             changed = True
         if changed:

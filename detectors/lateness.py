@@ -251,7 +251,7 @@ class SteadyOffset:
         #: the latest TAKEN_IDS of their ids
         self.taken = 0
         self.taken_lo = self.taken_hi = 0.0
-        self.taken_ids: list[str] = []
+        self.taken_ids: deque[str] = deque(maxlen=TAKEN_IDS)
 
     def add(self, offset: float, high: float, event_id: str = "") -> float:
         """Record one, the time it reached us being ``high``; returns the steady offset
@@ -278,10 +278,7 @@ class SteadyOffset:
             self.taken_lo = self.taken_hi = offset
         self.taken += 1
         if event_id:
-            ids = self.taken_ids
-            ids.append(event_id)
-            if len(ids) > TAKEN_IDS:
-                del ids[0]
+            self.taken_ids.append(event_id)
         return 0.0
 
     def forgiven(self, where: str) -> Misstamped:
@@ -291,7 +288,7 @@ class SteadyOffset:
             where, self.steady, self.taken, self.taken_lo, self.taken_hi, tuple(self.taken_ids)
         )
         self.taken = 0
-        self.taken_ids = []
+        self.taken_ids.clear()
         return out
 
     def to_obj(self) -> list[Any]:
@@ -314,7 +311,7 @@ class SteadyOffset:
             taken = o[6]
             run.taken, run.taken_lo, run.taken_hi = int(taken[0]), float(taken[1]), float(taken[2])
             if len(taken) > 3:
-                run.taken_ids = [str(x) for x in taken[3]][-TAKEN_IDS:]
+                run.taken_ids.extend(str(x) for x in taken[3])
         return run
 
 

@@ -162,6 +162,8 @@ class PartitionState:
     #: workstation (or source) → its run of accesses stamped long before their records:
     #: the engine's, so that it goes with the partition's snapshot (a custom engine: here)
     clocks: dict[str, SteadyOffset] = field(default_factory=dict)
+    #: the engine's count of cases withdrawn (Engine.forgive_late) already in a BatchResult
+    withdrawn: int = 0
 
     def __post_init__(self) -> None:
         runs = getattr(self.engine, "clock_runs", None)
@@ -184,6 +186,7 @@ class BatchResult:
     clock_ahead: int = 0
     clock_behind: int = 0
     # cases whose correlations a clock behind's first accesses had made were withdrawn
+    # (Engine.forgive_late), in the partitions the batch touched
     withdrawn: int = 0
     # partition → how long its engine's idle visits wait for late accesses (seconds)
     late_allowance: dict[int, float] = field(default_factory=dict)
@@ -367,7 +370,9 @@ class AccessProcessor:
                 elif (
                     behind_s and rec.timestamp - e.t > behind_s and rec.timestamp > MIN_PRODUCER_TS
                 ):
-                    e = self._from_slow_clock(e, rec, src, res, st.clocks, st.engine)
+                    e = self._from_slow_clock(
+                        e, rec, src, res, st.clocks, getattr(st.engine, "forgive_late", None)
+                    )
                 elif st.clocks:  # in time: no wrong clock there
                     st.clocks.pop(e.workstation or _source_name(src), None)
                 st.engine.ingest(e)
@@ -395,9 +400,14 @@ class AccessProcessor:
                 users[e.user_id] = rec.timestamp
         self._drain(touched, res)
         for p in touched:
-            lateness = getattr(parts[p].engine, "late_allowance", None)  # a custom engine: none
+            st = parts[p]
+            lateness = getattr(st.engine, "late_allowance", None)  # a custom engine: none
             if lateness is not None:
                 res.late_allowance[p] = lateness
+            withdrawn = getattr(st.engine, "withdrawn", 0)  # the engine counts since adopted
+            if withdrawn != st.withdrawn:
+                res.withdrawn += withdrawn - st.withdrawn
+                st.withdrawn = withdrawn
         self.total_events += res.processed
         self.total_deadletters += res.deadletters
         self.total_clock_ahead += res.clock_ahead
@@ -501,25 +511,15 @@ class AccessProcessor:
         src: Any,
         res: BatchResult,
         runs: dict[str, SteadyOffset],
-        engine: Any = None,
+        forgive: Callable[[Misstamped], None] | None = None,
     ) -> AccessEvent:
         """An access stamped long before its record was produced: a late delivery (a
         backlog, a batch) or a clock behind. Its source's run of such accesses tells which:
         a clock's offset is steady (detectors.lateness.SteadyOffset), and from then on
-        its accesses are judged that much later; when it turns steady, ``engine`` forgives
-        the accesses taken as stamped before and withdraws the correlations they made
-        (Engine.forgive_late, counted in ``res.withdrawn``). Warned once per source,
-        counted always."""
+        its accesses are judged that much later; when it turns steady, ``forgive`` (the
+        engine's) forgives the accesses taken as stamped before and withdraws the
+        correlations they made. Warned once per source, counted always."""
         where = e.workstation or _source_name(src)
-        forgive: Callable[[Misstamped], None] | None = None
-        engine_forgive = getattr(engine, "forgive_late", None)
-        if engine_forgive is not None:
-
-            def forgive(m: Misstamped) -> None:
-                was = engine.withdrawn
-                engine_forgive(m)
-                res.withdrawn += engine.withdrawn - was
-
         off = steady_offset(
             runs, where, rec.timestamp - e.t, rec.timestamp, MAX_BEHIND_SOURCES, forgive, e.event_id
         )

@@ -155,7 +155,7 @@ def test_a_steady_offset_run_goes_with_the_snapshot() -> None:
         assert off == 0.0
     again = SteadyOffset.from_obj(orjson.loads(orjson.dumps(run.to_obj())))
     assert (again.taken, again.taken_lo, again.taken_hi) == (10, 8 * 3600.0, 8 * 3600.0 + 9)
-    assert again.taken_ids == [f"e{i}" for i in range(10)]
+    assert list(again.taken_ids) == [f"e{i}" for i in range(10)]
     forgiven: list[Misstamped] = []
     runs = {"ws": again}
     for i in range(10, 40):
@@ -177,7 +177,7 @@ def test_a_steady_offset_run_goes_with_the_snapshot() -> None:
     assert old.taken == 0 and old.n == run.n
     no_ids = run.to_obj()
     no_ids[6] = no_ids[6][:3]  # a snapshot before the ids were kept
-    assert SteadyOffset.from_obj(no_ids).taken_ids == []
+    assert not SteadyOffset.from_obj(no_ids).taken_ids
 
 
 def test_a_steady_offset_keeps_a_bounded_number_of_ids() -> None:
@@ -187,4 +187,4 @@ def test_a_steady_offset_keeps_a_bounded_number_of_ids() -> None:
     for i in range(TAKEN_IDS + 50):  # offsets that wander: never steady
         assert run.add(3600.0 + (i % 2) * 2 * STEADY_TOL_S, 60.0 * i, f"e{i}") == 0.0
     assert run.taken == TAKEN_IDS + 50
-    assert run.taken_ids == [f"e{i}" for i in range(50, TAKEN_IDS + 50)]
+    assert list(run.taken_ids) == [f"e{i}" for i in range(50, TAKEN_IDS + 50)]
