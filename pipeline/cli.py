@@ -359,12 +359,18 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "pipeline.connect",
             "list, check and run connectors; read the receipt ledger",
         ),
+        (
+            "access-report",
+            "pipeline.access_report",
+            "who opened a patient's chart (or what a user opened), when, and why",
+        ),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:
             mod = importlib.import_module(module)
-            getattr(mod, f"add_{name}_arguments")(sp)
-            sp.set_defaults(func=getattr(mod, f"cmd_{name}"))
+            attr = name.replace("-", "_")
+            getattr(mod, f"add_{attr}_arguments")(sp)
+            sp.set_defaults(func=getattr(mod, f"cmd_{attr}"))
 
 
 def main(argv: list[str] | None = None) -> int:

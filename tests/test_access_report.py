@@ -1,0 +1,226 @@
+"""``emrwatch access-report``: every access of a patient (or by a user), explained as the
+detectors explained it, with the alerts that hold it; the patient's copy; the command."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import orjson
+import pytest
+
+from detectors.config import DetectionConfig
+from detectors.engine import Engine
+from emrwatch.context import Context
+from pipeline.access_report import CSV_COLUMNS, ReportError, access_report, parse_bound
+from pipeline.replay import run_engine
+from pipeline.simulate import simulate
+from tests.hospital import ev, write_hospital
+
+EMRWATCH = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _write(path: Path, events: list[dict]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
+    return path
+
+
+EVENTS = [
+    # day 1: n-orth writes a note on a discharged ORTH patient (the write explains itself)
+    ev("n-orth", "P-DIS", at="2026-03-02T09:00:00", action="create", event_id="dis-note"),
+    # day 3, in the period
+    ev("p-card", "P1", at="2026-03-04T10:00:00", event_id="att"),  # attending, CARD care
+    ev("t-rad", "P1", at="2026-03-04T11:00:00", event_id="rad", workstation="ws-rad"),
+    ev("n-card", "P-SEAL", at="2026-03-04T13:00:00", event_id="seal"),  # not authorised
+    ev("n-orth", "P1", at="2026-03-04T14:00:00", event_id="orth-look"),  # CARD's patient
+    ev("n-orth", "P1", at="2026-03-04T14:20:00", action="update", event_id="orth-note"),
+    ev("n-orth", "P-VIP", at="2026-03-04T15:00:00", outcome="failure", event_id="vip-denied"),
+    ev("n-orth", "P-DIS", at="2026-03-05T09:00:00", event_id="dis-read"),  # the note explains it
+    # after the period
+    ev("p-card", "P1", at="2026-03-06T10:00:00", event_id="after"),
+]
+
+
+@pytest.fixture
+def hospital(tmp_path: Path) -> tuple[Context, Path]:
+    ctx_dir = write_hospital(tmp_path / "ctx")
+    events = _write(tmp_path / "events.jsonl", EVENTS)
+    return Context.load(ctx_dir), events
+
+
+def _period(ctx: Context) -> tuple[float | None, float | None]:
+    return parse_bound("2026-03-04", ctx), parse_bound("2026-03-06", ctx)
+
+
+def test_a_patients_accesses_with_what_explained_each(hospital):
+    ctx, events = hospital
+    rep = access_report(ctx, events, patients=["P1"], start=_period(ctx)[0], end=_period(ctx)[1])
+    rows = {a.event_id: a for a in rep.accesses}
+    assert list(rows) == ["att", "rad", "orth-look", "orth-note"]  # not "after", not others'
+    assert rows["att"].reasons == ["attending", "care_department"]
+    assert "encounter E1 in Cardiology (CARD)" in rows["att"].because[0]
+    assert rows["rad"].reasons == ["service_department"]
+    assert rows["rad"].because[0].startswith("Radiology (RAD) serving encounter E1")
+    look = rows["orth-look"]
+    assert look.reasons == [] and not look.explained
+    assert "is not on the patient's care team" in look.not_because[0]
+    assert "encounter E1 in Cardiology (CARD)" in look.not_because[0]
+    # the note 20 minutes later: the detectors take the read's findings back for it
+    assert "20 min later" in look.documented_after
+    assert rows["orth-note"].reasons == ["documented"]
+    # the least explained user first
+    assert [u.user_id for u in rep.summary] == ["n-orth", "p-card", "t-rad"]
+    assert (rep.summary[0].accesses, rep.summary[0].explained) == (2, 1)
+
+
+def test_a_users_accesses_take_history_before_the_period_into_account(hospital):
+    ctx, events = hospital
+    start, end = _period(ctx)
+    rep = access_report(ctx, events, users=["n-orth"], start=start, end=end)
+    rows = {a.event_id: a for a in rep.accesses}
+    assert list(rows) == ["orth-look", "orth-note", "vip-denied", "dis-read"]
+    # the note of 2 March (before the period) explains the read of 5 March
+    assert rows["dis-read"].reasons == ["documented"]
+    assert rows["dis-read"].because == [
+        "the user charted or ordered for the patient on 2026-03-02 09:00"
+    ]
+    assert "the system denied it" in rows["vip-denied"].flags
+    assert "VIP record" in rows["vip-denied"].flags
+    text = rep.to_text()
+    assert "User n-orth" in text and "nurse in Orthopedics (ORTH)" in text
+    assert "NOT EXPLAINED" in text
+
+
+def test_flags_and_alerts_are_the_detectors(hospital):
+    """An explained access can still be forbidden: the sealed record's care-team nurse who is
+    not on its authorised list. The report lists the alert replay raises for it."""
+    ctx, events = hospital
+    rep = access_report(ctx, events, patients=["P-SEAL"])
+    (row,) = rep.accesses
+    assert row.explained and row.reasons == ["care_department"]
+    assert "sealed record (medical dispute); the user is not on its authorised list" in row.flags
+    alerts = run_engine(Engine(ctx, DetectionConfig()), replay_events_of(events))
+    holding = [a.alert_id for a in alerts.values() if "seal" in a.event_ids]
+    assert holding and row.alerts == holding
+    (listed,) = rep.alerts
+    assert listed["alert_id"] == holding[0] and listed["severity"] == "critical"
+
+
+def replay_events_of(path: Path):
+    from connectors.readers import read_events
+
+    return [item for _n, item, _raw in read_events(path, "auto")]
+
+
+def test_the_patients_copy_says_when_who_and_what_only(hospital):
+    ctx, events = hospital
+    start, end = _period(ctx)
+    rep = access_report(ctx, events, patients=["P1", "P-VIP"], start=start, end=end)
+    rows = rep.patient_copy_rows()
+    # one line per person's run of accesses; the refused attempt on P-VIP is left out
+    assert [(r["name"], r["what they did"]) for r in rows] == [
+        ("Chen p-card", "viewed test results and measurements"),
+        ("Hu t-rad", "viewed test results and measurements"),
+        (
+            "Zhou n-orth",
+            "viewed test results and measurements; updated test results and measurements",
+        ),
+    ]
+    for fmt in ("text", "html", "csv", "json"):
+        out = rep.patient_copy(fmt)
+        assert "Zhou n-orth" in out
+        for internal in ("ws-rad", "care_department", "attending", "NOT EXPLAINED", "ew-"):
+            assert internal not in out, (fmt, internal)
+    got = list(csv.DictReader(io.StringIO(rep.patient_copy("csv"))))
+    assert [r["from"] for r in got] == ["2026-03-04 10:00", "2026-03-04 11:00", "2026-03-04 14:00"]
+    assert got[2]["to"] == "2026-03-04 14:20"
+
+
+def test_no_subject_or_no_file_is_a_clear_error(hospital, tmp_path):
+    ctx, events = hospital
+    with pytest.raises(ReportError, match="at least one patient or one user"):
+        access_report(ctx, events)
+    with pytest.raises(ReportError, match="not standard input"):
+        access_report(ctx, "-", patients=["P1"])
+    with pytest.raises(ReportError, match="no such events file"):
+        access_report(ctx, tmp_path / "missing.jsonl", patients=["P1"])
+    with pytest.raises(ReportError, match="not a date"):
+        parse_bound("4 March", ctx)
+
+
+def test_the_command_writes_a_private_file_and_counts_bad_lines(hospital, tmp_path):
+    ctx, events = hospital
+    with open(events, "ab") as fh:
+        fh.write(b"{not json\n")
+    out = tmp_path / "report.csv"
+    ctx_dir = tmp_path / "ctx"
+    base = [*EMRWATCH, "access-report", "--context", str(ctx_dir), "--events", str(events)]
+    proc = subprocess.run(
+        [*base, "--patient", "P1", "--from", "2026-03-04", "--output", "csv", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{events}:10: skipped:" in proc.stderr
+    assert "5 access(es) by 3 user(s), 1 not explained" in proc.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    got = list(csv.DictReader(out.open()))
+    assert list(got[0]) == list(CSV_COLUMNS)
+    assert [r["event_id"] for r in got] == ["att", "rad", "orth-look", "orth-note", "after"]
+    assert got[2]["explained"] == "no" and got[0]["reasons"] == "attending care_department"
+
+    proc = subprocess.run([*base, "--patient-copy"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "--patient-copy needs --patient" in proc.stderr
+    proc = subprocess.run(
+        [*base, "--user", "n-orth", "--output", "json"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["title"] == "Access report: user n-orth" and rep["bad_lines"] == 1
+    proc = subprocess.run(
+        [*base, "--user", "n-orth", "--to", "March"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and "not a date" in proc.stderr
+
+
+def test_matches_replay_on_a_simulated_hospital(tmp_path):
+    """For patients with labelled misuse on a simulated hospital (a tuning seed): every
+    labelled access is listed, each access is explained exactly when the detectors explained
+    it, and each lists exactly the alerts of a whole-log replay that hold it."""
+    simulate(tmp_path, days=2, seed=5, scale=0.3)
+    labels = list(csv.DictReader((tmp_path / "labels.csv").open()))
+    by_event = {r["event_id"]: r for r in labels}
+    ctx = Context.load(tmp_path)
+    events = replay_events_of(tmp_path / "events.ndjson")
+    patients_of: dict[str, set[str]] = defaultdict(set)
+    for e in events:
+        if e.event_id in by_event:
+            patients_of[by_event[e.event_id]["scenario"]].add(e.patient_id)
+    chosen = sorted({sorted(ps)[0] for ps in patients_of.values() if ps - {""}} - {""})[:8]
+    assert len(chosen) >= 5
+    eng = Engine(ctx, DetectionConfig())
+    eng.unexplained_ids = set()
+    alerts = run_engine(eng, events, end_t=max(e.t for e in events))
+    unexplained = eng.unexplained_ids
+    holding: dict[str, list[str]] = defaultdict(list)
+    for a in sorted(alerts.values(), key=lambda a: (a.first_seen, a.alert_id)):
+        for i in a.event_ids:
+            holding[i].append(a.alert_id)
+    rep = access_report(ctx, tmp_path / "events.ndjson", patients=chosen)
+    want = [e.event_id for e in events if e.patient_id in set(chosen)]
+    assert [a.event_id for a in rep.accesses] == want
+    assert {a.event_id for a in rep.accesses if a.event_id in by_event}
+    for a in rep.accesses:
+        assert a.explained == (a.event_id not in unexplained), a.event_id
+        assert a.alerts == holding.get(a.event_id, []), a.event_id
+    alerted = {x for a in rep.accesses for x in a.alerts}
+    assert alerted and {al["alert_id"] for al in rep.alerts} == alerted
+    assert any(not a.explained for a in rep.accesses) and any(a.explained for a in rep.accesses)
