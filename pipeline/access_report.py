@@ -1092,6 +1092,19 @@ def add_access_report_arguments(p: Any) -> None:
         action="store_true",
         help="the version for the patient: when, who, what; no explanations, alerts or workstations",
     )
+    p.add_argument(
+        "--audit-store",
+        metavar="URL",
+        default=None,
+        help="the alert store (sqlite:///… or postgresql://…) whose audit log records the "
+        "report (who, whom, why) before it is written",
+    )
+    p.add_argument(
+        "--requested-by",
+        default=None,
+        help="who runs the report, for the audit log (default: the login name)",
+    )
+    p.add_argument("--purpose", default="", help="why, for the audit log: 'patient request 118'")
 
 
 def write_private(path: str, text: str) -> None:
@@ -1100,6 +1113,35 @@ def write_private(path: str, text: str) -> None:
     os.fchmod(fd, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+def audit(
+    rep: AccessReport, store_url: str, actor: str | None, purpose: str, patient_copy: bool
+) -> None:
+    """Write the report to the alert store's audit log (``access_report``): who ran it, on
+    which patients or users, for which period and why; the privacy report and the feed's
+    audit page list it with the case views and unmasks."""
+    import getpass
+
+    from pipeline.alerting.store import AlertStore
+
+    store = AlertStore(store_url, migrate=False)
+    try:
+        store.record_access(
+            actor or getpass.getuser(),
+            "access_report",
+            None,
+            {
+                "patients": rep.patients,
+                "users": rep.users,
+                "period": list(rep.period),
+                "purpose": purpose,
+                "patient_copy": patient_copy,
+                "accesses": len(rep.accesses),
+            },
+        )
+    finally:
+        store.close()
 
 
 def cmd_access_report(args: Any) -> int:
@@ -1126,6 +1168,16 @@ def cmd_access_report(args: Any) -> int:
         print(f"emrwatch access-report: {exc}", file=sys.stderr)
         return 2
     text = rep.render(args.output, args.patient_copy)
+    if args.audit_store:
+        try:
+            audit(rep, args.audit_store, args.requested_by, args.purpose, args.patient_copy)
+        except Exception as exc:  # noqa: BLE001 - no audit entry, no report
+            print(
+                f"emrwatch access-report: cannot write the audit log at {args.audit_store}, so "
+                f"the report is not written: {exc}",
+                file=sys.stderr,
+            )
+            return 2
     if args.out == "-":
         sys.stdout.write(text)
     else:

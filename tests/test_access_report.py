@@ -224,3 +224,58 @@ def test_matches_replay_on_a_simulated_hospital(tmp_path):
     alerted = {x for a in rep.accesses for x in a.alerts}
     assert alerted and {al["alert_id"] for al in rep.alerts} == alerted
     assert any(not a.explained for a in rep.accesses) and any(a.explained for a in rep.accesses)
+
+
+def test_the_audit_log_records_who_ran_it_on_whom_and_why(hospital, tmp_path):
+    """With --audit-store the report is written to the alert store's audit log before it is
+    written out, and the privacy report counts it; without a usable store, no report."""
+    from datetime import date, timedelta
+
+    from pipeline.alerting.report import privacy_report
+    from pipeline.alerting.store import AlertStore
+
+    _ctx, events = hospital
+    url = f"sqlite:///{tmp_path}/alerts.sqlite3"
+    AlertStore(url).close()  # a migrated store, as the alert service leaves it
+    out = tmp_path / "copy.txt"
+    cmd = [
+        *EMRWATCH,
+        "access-report",
+        "--context",
+        str(tmp_path / "ctx"),
+        "--events",
+        str(events),
+        "--patient",
+        "P1",
+        "--patient-copy",
+        "--audit-store",
+        url,
+        "--requested-by",
+        "privacy-office:lin",
+        "--purpose",
+        "patient request 118",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Record of access to the medical record of Zhao A" in out.read_text()
+    store = AlertStore(url, migrate=False)
+    try:
+        (entry,) = store.audit_log(actor="privacy-office:lin")
+        assert entry.action == "access_report"
+        detail = json.loads(entry.detail)
+        assert detail["patients"] == ["P1"] and detail["purpose"] == "patient request 118"
+        assert detail["patient_copy"] is True and detail["accesses"] == 5
+        today = date.today()
+        rep = privacy_report(store, today - timedelta(days=2), today + timedelta(days=2), "UTC")
+        assert rep.access_reports_by_actor == {"privacy-office:lin": 1}
+        assert "1 access reports (privacy-office:lin 1)" in rep.to_text()
+    finally:
+        store.close()
+
+    out.unlink()
+    bad = [*cmd[: cmd.index("--audit-store") + 1], f"sqlite:///{tmp_path}/none/x.db", *cmd[-6:]]
+    proc = subprocess.run(bad, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "cannot write the audit log" in proc.stderr
+    assert not out.exists()

@@ -10,7 +10,8 @@ store answers:
   severity (``RESPONSE_TARGET_H``: critical 4 h, high 24 h, medium 72 h, low 7 days).
 * **Backlog** at the period's end: open cases by age and severity.
 * **Repeat users**: staff with two or more confirmed cases up to the period's end.
-* **Oversight of the monitor itself**: case views, unmasks by whom, suppressions created.
+* **Oversight of the monitor itself**: case views, unmasks and access reports
+  (``emrwatch access-report``) by whom, suppressions created.
 
 It names staff (user and department ids), never patients: a report is read by more people
 than a case is. Run it with ``emrwatch report`` (text, JSON or HTML) or open ``/reports`` in
@@ -88,6 +89,8 @@ class PrivacyReport:
     case_views: int = 0
     unmasks: int = 0
     unmasks_by_actor: dict[str, int] = field(default_factory=dict)
+    #: ``emrwatch access-report`` runs recorded in the audit log, by whom
+    access_reports_by_actor: dict[str, int] = field(default_factory=dict)
     suppressions_created: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -142,6 +145,8 @@ class PrivacyReport:
             "",
             f"Oversight: {self.case_views} case views, {self.unmasks} unmasks"
             + (f" ({_pairs(self.unmasks_by_actor)})" if self.unmasks_by_actor else "")
+            + f", {sum(self.access_reports_by_actor.values())} access reports"
+            + (f" ({_pairs(self.access_reports_by_actor)})" if self.access_reports_by_actor else "")
             + f", {len(self.suppressions_created)} suppressions created",
         ]
         for s in self.suppressions_created:
@@ -195,6 +200,10 @@ class PrivacyReport:
                     "case views": self.case_views,
                     "unmasks": self.unmasks,
                     **{f"unmasks by {k}": v for k, v in self.unmasks_by_actor.items()},
+                    "access reports": sum(self.access_reports_by_actor.values()),
+                    **{
+                        f"access reports by {k}": v for k, v in self.access_reports_by_actor.items()
+                    },
                     "suppressions created": len(self.suppressions_created),
                 },
             ),
@@ -305,7 +314,9 @@ def privacy_report(
         ).all()
         audit = conn.execute(
             select(lg.c.actor, lg.c.action).where(
-                lg.c.at >= t0, lg.c.at < t1, lg.c.action.in_(("case.view", "unmask"))
+                lg.c.at >= t0,
+                lg.c.at < t1,
+                lg.c.action.in_(("case.view", "unmask", "access_report")),
             )
         ).all()
         created = conn.execute(
@@ -358,6 +369,9 @@ def privacy_report(
     rep.case_views = sum(1 for r in audit if r.action == "case.view")
     rep.unmasks_by_actor = _ranked(Counter(r.actor for r in audit if r.action == "unmask"))
     rep.unmasks = sum(rep.unmasks_by_actor.values())
+    rep.access_reports_by_actor = _ranked(
+        Counter(r.actor for r in audit if r.action == "access_report")
+    )
     rep.suppressions_created = [
         {
             "id": s.id,
