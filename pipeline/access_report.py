@@ -590,6 +590,15 @@ class _Describer:
     def day(self, t: float) -> str:
         return "ongoing" if math.isinf(t) else self.ctx.clock.local_iso(t)[:16].replace("T", " ")
 
+    def dates(self, lo: float, hi: float) -> str:
+        """A validity window ``[lo, hi)`` in local dates: "2026-03-01 to 2026-03-31",
+        "from 2026-03-01", "until 2026-03-31" or "with no start or end date"."""
+        a = "" if math.isinf(lo) else self.day(lo)[:10]
+        b = "" if math.isinf(hi) else self.day(hi - 1)[:10]
+        if a and b:
+            return f"{a} to {b}"
+        return f"from {a}" if a else (f"until {b}" if b else "with no start or end date")
+
     def dept(self, dept_id: str) -> str:
         d = self.ctx.departments.get(dept_id)
         return f"{d.name} ({dept_id})" if d is not None and d.name else dept_id or "no department"
@@ -660,7 +669,7 @@ class _Describer:
                     + "; ".join(
                         f"{g.purpose or 'grant'} ("
                         f"{'all departments' if g.departments is None else ', '.join(sorted(g.departments))}, "
-                        f"{self.day(g.valid_from)[:10]} to {self.day(g.valid_until - 1)[:10]})"
+                        f"{self.dates(g.valid_from, g.valid_until)})"
                         for g in grants
                         if g.valid_from <= e.t < g.valid_until
                     )
@@ -712,7 +721,7 @@ class _Describer:
                 + "; ".join(
                     f"{g.purpose or 'grant'} ({'all departments' if g.departments is None else ', '.join(sorted(g.departments))}"
                     f"; {'all actions' if g.actions is None else ', '.join(sorted(g.actions))}; "
-                    f"{self.day(g.valid_from)[:10]} to {self.day(g.valid_until - 1)[:10]})"
+                    f"{self.dates(g.valid_from, g.valid_until)})"
                     for g in grants
                 )
             )
@@ -744,8 +753,7 @@ class _Describer:
             out.append("account not on the staff roster")
         elif not f["account_active"]:
             out.append(
-                f"account used outside its validity ({self.day(staff.valid_from)[:10]} to "
-                f"{self.day(staff.valid_until - 1)[:10]})"
+                f"account used outside its validity ({self.dates(staff.valid_from, staff.valid_until)})"
             )
         if f["off_shift"]:
             s0, s1 = staff.shift_start if staff else None, staff.shift_end if staff else None
@@ -992,8 +1000,8 @@ def access_report(
         alerts=alert_rows,
         events_read=counts["events"],
         bad_lines=counts["bad"],
-        log_first=say.when(first_t) if first_t < math.inf else "",
-        log_last=say.when(last_t) if last_t > -math.inf else "",
+        log_first=say.day(first_t) if first_t < math.inf else "",
+        log_last=say.day(last_t) if last_t > -math.inf else "",
         notes=notes,
         names=names,
     )
@@ -1059,12 +1067,11 @@ def _user_subject(ctx: Context, say: _Describer, uid: str) -> dict[str, Any]:
     if s.shift_start is not None and s.shift_end is not None:
         a, b = s.shift_start, s.shift_end
         lines.append(f"shift {a // 60:02d}:{a % 60:02d}–{b // 60:02d}:{b % 60:02d}")
-    lines.append(f"account valid {say.day(s.valid_from)[:10]} to {say.day(s.valid_until - 1)[:10]}")
+    lines.append(f"account valid {say.dates(s.valid_from, s.valid_until)}")
     for g in ctx.grants.get(uid) or []:
         depts = "all departments" if g.departments is None else ", ".join(sorted(g.departments))
         lines.append(
-            f"grant: {g.purpose or 'grant'} ({depts}; {say.day(g.valid_from)[:10]} to "
-            f"{say.day(g.valid_until - 1)[:10]})"
+            f"grant: {g.purpose or 'grant'} ({depts}; {say.dates(g.valid_from, g.valid_until)})"
         )
     return {"heading": f"User {uid} {s.display_name}", "lines": lines}
 

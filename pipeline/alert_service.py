@@ -76,7 +76,11 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
         from pipeline.web.server import serve_feed
 
         url, server = serve_feed(
-            router.store, feed_settings, host=feed_settings.host, port=feed_settings.port
+            router.store,
+            feed_settings,
+            host=feed_settings.host,
+            port=feed_settings.port,
+            detection=settings.detection_config(),
         )
         print(f"alert feed  {url}", flush=True)
     k = settings.kafka

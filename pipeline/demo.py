@@ -213,7 +213,8 @@ def _start_feed(tmp: Path, data: Path, args: argparse.Namespace) -> _Feed | None
     except ImportError as exc:  # the feed is optional for the streaming demo
         print(f"(alert feed not available: {exc})")
         return None
-    settings, passwords = FeedSettings.for_demo()
+    # the access report page reads the simulated hospital (its whole log) as its history
+    settings, passwords = FeedSettings.for_demo(history_dir=str(data))
     router = AlertRouter(
         AlertingConfig(store_url=f"sqlite:///{tmp / 'alerts.sqlite3'}"), context=Context.load(data)
     )

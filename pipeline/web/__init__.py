@@ -26,12 +26,14 @@ session, 403 without the right):
 ``GET /cases/{id}/export``         the whole case as JSON (``case.export``)    supervisor, auditor
 ``GET /cases/{id}/report``         the same as a printable page (PDF)          supervisor, auditor
 ``GET /audit``                     the audit log                               auditor
+``GET|POST /access-report``        who opened a patient's chart, and why       supervisor
+                                   (audited first: ``access_report``)
 ``GET|POST /login``, ``POST /logout``
 =================================  ==========================================  ============
 
 Roles (:data:`pipeline.web.users.PERMISSIONS`): **analyst** triages, sees patient ids
 masked and may unmask one case at a time, stating why; **supervisor** can do everything an
-analyst can, sees patient ids, and creates suppressions; **auditor** reads everything
+analyst can, sees patient ids, creates suppressions and runs access reports; **auditor** reads everything
 masked, changes nothing, and reads the audit log. Every POST needs the session's CSRF
 token (form field ``csrf_token`` or header ``X-CSRF-Token``).
 
@@ -55,6 +57,7 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       login_max_failures: 5           # wrong passwords for one username before ...
       login_lockout_s: 60             # ... it is refused this long
       title: emrwatch                 # shown in the page header
+      history_dir: /secure/history    # an emrwatch history export the access report reads
       host: 127.0.0.1                 # where ``emrwatch run`` serves the feed
       port: 8080
 

@@ -447,6 +447,7 @@ async def audit_page(request: Request) -> Response:
                 "logout",
                 "suppression.create",
                 "report.view",
+                "access_report",
             ],
         },
     )
@@ -502,11 +503,12 @@ def create_app(
     settings: FeedSettings | None = None,
     *,
     metrics_registry: CollectorRegistry | None = None,
+    detection: Any = None,
 ) -> Starlette:
     """The feed as an ASGI app over ``store``; ``app.state.feed.notify()`` makes it look
     for changes at once (for writers in the same process). With ``metrics_registry``, the
     feed's own metrics are registered there and the registry is served at ``/metrics``."""
-    from pipeline.web import cases
+    from pipeline.web import access, cases
 
     settings = settings or FeedSettings()
     feed = Feed(store, settings)
@@ -535,6 +537,7 @@ def create_app(
         Route("/reports", report_page),
         Route("/healthz", healthz),
         *cases.routes(),
+        *access.routes(),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     if metrics_registry is not None:
@@ -564,6 +567,8 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.forbidden = forbidden
+    #: the detection configuration the access report judges with (None: the defaults)
+    app.state.detection = detection
     return app
 
 

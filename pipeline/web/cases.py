@@ -113,9 +113,35 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
             "can_unmask": allowed(user.role, "unmask") and not unmasked,
             "can_suppress": allowed(user.role, "suppress"),
             "can_export": allowed(user.role, "case.export"),
+            "access_link": _access_link(stored) if allowed(user.role, "access.report") else "",
             "unmask_minutes": feed.settings.unmask_ttl_s // 60,
         },
     )
+
+
+#: days before and after a case that its "access report" link asks for
+ACCESS_MARGIN_DAYS = 7
+
+
+def _access_link(stored: StoredAlert) -> str:
+    """The access report form for the case's user over its days, a week either side (the
+    alert's own local dates: its times carry the hospital's offset)."""
+    from datetime import date, timedelta
+    from urllib.parse import urlencode
+
+    a = stored.alert
+    try:
+        d0 = date.fromisoformat(str(a["first_seen"])[:10])
+        d1 = date.fromisoformat(str(a["last_seen"])[:10])
+    except (KeyError, ValueError):
+        return "/access-report?" + urlencode({"user": a.get("user_id", "")})
+    margin = timedelta(days=ACCESS_MARGIN_DAYS)
+    q = {
+        "user": a.get("user_id", ""),
+        "from": (d0 - margin).isoformat(),
+        "to": (d1 + margin + timedelta(days=1)).isoformat(),
+    }
+    return "/access-report?" + urlencode(q)
 
 
 async def _export_doc(

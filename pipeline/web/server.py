@@ -36,8 +36,11 @@ class FeedServer:
         host: str,
         port: int,
         metrics_registry: CollectorRegistry | None = None,
+        detection: Any = None,
     ) -> None:
-        self.app = create_app(store, settings, metrics_registry=metrics_registry)
+        self.app = create_app(
+            store, settings, metrics_registry=metrics_registry, detection=detection
+        )
         # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then,
         # and without it every keep-alive response waits ~40 ms for a delayed ACK
         self._sock = socket.socket(
@@ -110,13 +113,17 @@ def serve_feed(
     port: int = 0,
     *,
     metrics_registry: CollectorRegistry | None = None,
+    detection: Any = None,
 ) -> tuple[str, FeedServer]:
     """Start the feed on ``host:port`` (0: a free port) in a background thread.
 
     Returns ``(url, stop_fn)``; ``stop_fn()`` stops the server, ``stop_fn.notify()`` asks
     it to look for changes at once and ``stop_fn.app`` is the ASGI app. With
     ``metrics_registry``, ``/metrics`` serves that Prometheus registry (plus the feed's own
-    metrics) on the same port. Prints nothing.
+    metrics) on the same port. ``detection`` (a :class:`detectors.config.DetectionConfig`)
+    is what the access report page judges with. Prints nothing.
     """
-    server = FeedServer(store, settings or FeedSettings(), host, port, metrics_registry).start()
+    server = FeedServer(
+        store, settings or FeedSettings(), host, port, metrics_registry, detection
+    ).start()
     return server.url, server

@@ -51,6 +51,9 @@ class FeedSettings:
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
     timezone: str = "Asia/Shanghai"  # the hospital's: report periods are its local dates
+    #: an ``emrwatch history`` export (context CSVs and an events file) the access report
+    #: page reads (pipeline.web.access); "" leaves the page without history
+    history_dir: str = ""
     host: str = "127.0.0.1"  # where ``emrwatch run`` serves the feed
     port: int = 8080
     _generated_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
@@ -122,6 +125,8 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: port must be 0..65535")
         if not 1 <= self.page_size <= 500:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
+        if self.history_dir and not Path(self.history_dir).is_dir():
+            raise FeedConfigError(f"{source}: history_dir: no directory {self.history_dir}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise FeedConfigError(f"{source}: tls_cert_file and tls_key_file go together")
         if self.tls_cert_file:

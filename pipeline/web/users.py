@@ -42,6 +42,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
             "patients.see",
             "report.read",
             "case.export",
+            # who opened a patient's chart, and why (pipeline.web.access): names patients
+            "access.report",
         }
     ),
     # read-only and masked; reads the audit log (who looked at what) and the reports, and

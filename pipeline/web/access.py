@@ -1,0 +1,227 @@
+"""The access report in the feed (:mod:`pipeline.access_report`), for supervisors.
+
+``GET /access-report`` is the form (a patient and/or a user, a period, the purpose);
+``POST /access-report`` runs the report over ``feed.history_dir`` (an ``emrwatch history``
+export, or any directory of context CSVs and an events file) and shows it, offers its CSV,
+or prints the patient's copy. Each run is written to the audit log (``access_report``,
+with who asked, on whom, for which period and why) before anything is computed or shown:
+no audit entry, no report. One report runs at a time; the others wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from pipeline.access_report import (
+    ACTION_WORDS,
+    AccessReport,
+    ReportError,
+    access_report,
+    parse_bound,
+)
+from pipeline.web.app import _feed, db
+from pipeline.web.auth import requires
+
+PERMISSION = "access.report"
+#: events files looked for in the history directory, in this order
+EVENTS_FILES = (
+    "events.jsonl",
+    "events.ndjson",
+    "events.csv",
+    "events.jsonl.gz",
+    "events.ndjson.gz",
+    "events.csv.gz",
+)
+MIN_PURPOSE = 8  # characters the stated purpose needs at least
+MAX_ROWS = 2000  # accesses shown on the page; the CSV has them all
+_IDS = re.compile(r"[\s,;]+")
+_LOCK: dict[int, asyncio.Lock] = {}  # one report at a time, per event loop
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        Route("/access-report", form_page, methods=["GET"]),
+        Route("/access-report", run_report, methods=["POST"]),
+    ]
+
+
+def history_events(history_dir: str) -> Path | None:
+    """The events file of the history directory, or None."""
+    for name in EVENTS_FILES:
+        p = Path(history_dir) / name
+        if p.is_file():
+            return p
+    return None
+
+
+def _ids(value: str) -> list[str]:
+    return [x for x in _IDS.split(value.strip()) if x]
+
+
+def _values(src: Any) -> dict[str, str]:
+    return {
+        k: str(src.get(k) or "").strip()
+        for k in ("patient", "user", "from", "to", "purpose", "output")
+    }
+
+
+def _form(request: Request, values: dict[str, str], error: str = "", status: int = 200) -> Response:
+    feed = _feed(request)
+    hdir = feed.settings.history_dir
+    events = history_events(hdir) if hdir else None
+    return feed.page(
+        request,
+        "access_report.html",
+        {
+            "values": values,
+            "error": error,
+            "history_dir": hdir,
+            "events_file": events.name if events else "",
+            "timezone": feed.settings.timezone,
+            "min_purpose": MIN_PURPOSE,
+            "rep": None,
+        },
+        status=status,
+    )
+
+
+@requires(PERMISSION)
+async def form_page(request: Request) -> Response:
+    """The form, filled from the query (the case page links here with its user and days)."""
+    values = _values(request.query_params)
+    if not values["from"] and not values["to"]:
+        today = date.today()
+        values["from"], values["to"] = (today - timedelta(days=30)).isoformat(), ""
+    return _form(request, values)
+
+
+def _run(
+    history_dir: str,
+    events: Path,
+    timezone: str,
+    detection: Any,
+    patients: list[str],
+    users: list[str],
+    start: str,
+    end: str,
+) -> AccessReport:
+    from dataclasses import replace
+
+    from detectors.config import DetectionConfig
+    from emrwatch.context import Context
+
+    ctx = Context.load(history_dir, timezone)
+    cfg = replace(detection, timezone=timezone) if detection else DetectionConfig(timezone=timezone)
+    return access_report(
+        ctx,
+        events,
+        patients,
+        users,
+        parse_bound(start or None, ctx),
+        parse_bound(end or None, ctx),
+        cfg,
+    )
+
+
+@requires(PERMISSION, csrf=True)
+async def run_report(request: Request) -> Response:
+    feed = _feed(request)
+    user = request.state.user
+    values = _values(await request.form())
+    patients, users = _ids(values["patient"]), _ids(values["user"])
+    output = values["output"] or "page"
+    hdir = feed.settings.history_dir
+    events = history_events(hdir) if hdir else None
+    error = ""
+    if events is None:
+        error = (
+            "No history to report from: set feed.history_dir to an emrwatch history export "
+            "(README: Access reports)."
+            if not hdir
+            else f"No events file ({', '.join(EVENTS_FILES[:3])}) in {hdir}."
+        )
+    elif not patients and not users:
+        error = "Give a patient id or a user id (or both)."
+    elif output == "patient-copy" and not patients:
+        error = "The patient's copy needs a patient id."
+    elif len(values["purpose"]) < MIN_PURPOSE:
+        error = f"State the purpose (at least {MIN_PURPOSE} characters): it goes to the audit log."
+    elif output not in ("page", "csv", "patient-copy"):
+        error = f"Unknown output {output!r}."
+    if error:
+        return _form(request, values, error, status=400)
+    assert events is not None
+    detail = {
+        "patients": patients,
+        "users": users,
+        "period": [values["from"], values["to"]],
+        "purpose": values["purpose"],
+        "patient_copy": output == "patient-copy",
+        "output": output,
+        "role": user.role,
+        "via": "feed",
+    }
+    await db(feed.store.record_access, user.username, "access_report", None, detail)
+    lock = _LOCK.setdefault(id(asyncio.get_running_loop()), asyncio.Lock())
+    try:
+        async with lock:
+            rep = await run_in_threadpool(
+                _run,
+                hdir,
+                events,
+                feed.settings.timezone,
+                request.app.state.detection,
+                patients,
+                users,
+                values["from"],
+                values["to"],
+            )
+    except (ReportError, OSError, ValueError) as exc:
+        return _form(request, values, str(exc), status=400)
+    if output == "csv":
+        name = "access-report-" + "-".join(patients or users)[:60] + ".csv"
+        return Response(
+            rep.to_csv(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+    if output == "patient-copy":
+        return feed.page(
+            request,
+            "access_copy.html",
+            {
+                "names": ", ".join(rep.names.get(p, p) for p in rep.patients),
+                "rows": rep.patient_copy_rows(),
+                "period": rep.period,
+                "timezone": rep.timezone,
+            },
+        )
+    ids = [a["alert_id"] for a in rep.alerts]
+    known = await db(lambda: {i for i in ids if feed.store.get(i) is not None})
+    return feed.page(
+        request,
+        "access_report.html",
+        {
+            "values": values,
+            "error": "",
+            "history_dir": hdir,
+            "events_file": events.name,
+            "timezone": feed.settings.timezone,
+            "min_purpose": MIN_PURPOSE,
+            "rep": rep,
+            "rows": rep.accesses[:MAX_ROWS],
+            "cut": max(0, len(rep.accesses) - MAX_ROWS),
+            "unexplained": sum(1 for a in rep.accesses if not a.explained),
+            "known_alerts": known,
+            "words": ACTION_WORDS,
+        },
+    )
