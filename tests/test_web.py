@@ -20,28 +20,20 @@ import pytest
 from pipeline.alerting.store import AlertStore
 from pipeline.alerting.testing import sample_alert
 from pipeline.web import FeedConfigError, FeedSettings, serve_feed
-from pipeline.web.testing import PASSWORD, TZ, FeedClient, believable_alert, feed_settings
+from pipeline.web.testing import (
+    PASSWORD,
+    TZ,
+    FeedClient,
+    RunningFeed,
+    believable_alert,
+    feed_settings,
+)
 from pipeline.web.users import verify_password
 
 HTML = {"accept": "text/html"}
 
 
-class Feed:
-    def __init__(self, tmp_path: Path, **settings: Any) -> None:
-        self.store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
-        self.url, self.stop = serve_feed(self.store, feed_settings(**settings))
-        self.clients: list[FeedClient] = []
-
-    def client(self, username: str | None = None) -> FeedClient:
-        c = FeedClient(self.url, username)
-        self.clients.append(c)
-        return c
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.stop()
-        self.store.close()
+Feed = RunningFeed
 
 
 @pytest.fixture()

@@ -17,10 +17,9 @@ import pytest
 from detectors.config import DetectionConfig
 from detectors.engine import Engine
 from emrwatch.context import Context
-from pipeline.alerting.store import AlertStore
 from pipeline.replay import run_engine
-from pipeline.web import FeedConfigError, FeedSettings, serve_feed
-from pipeline.web.testing import PASSWORD, FeedClient, feed_settings
+from pipeline.web import FeedConfigError, FeedSettings
+from pipeline.web.testing import PASSWORD, RunningFeed
 from tests.browser import log_in, needs_chromium, open_page
 from tests.hospital import ev, write_hospital
 
@@ -44,22 +43,10 @@ class Site:
 
         evs = [item for _n, item, _raw in read_events(events, "auto")]
         self.alerts = list(run_engine(Engine(ctx, DetectionConfig()), evs).values())
-        self.store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+        self.feed = RunningFeed(tmp_path, history_dir=str(self.dir) if history else "")
+        self.store, self.url = self.feed.store, self.feed.url
         self.store.upsert([a.to_dict() for a in self.alerts])
-        settings = feed_settings(history_dir=str(self.dir) if history else "")
-        self.url, self.stop = serve_feed(self.store, settings)
-        self.clients: list[FeedClient] = []
-
-    def client(self, username: str) -> FeedClient:
-        c = FeedClient(self.url, username)
-        self.clients.append(c)
-        return c
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.stop()
-        self.store.close()
+        self.client, self.close = self.feed.client, self.feed.close
 
 
 @pytest.fixture()

@@ -221,3 +221,28 @@ class FeedClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RunningFeed:
+    """A feed over a fresh SQLite alert store in ``directory``, served on a free loopback
+    port with :func:`feed_settings` (``**settings`` over them), and the clients made for it;
+    :meth:`close` closes them all."""
+
+    def __init__(self, directory: Any, **settings: Any) -> None:
+        from pipeline.alerting.store import AlertStore
+        from pipeline.web.server import serve_feed
+
+        self.store = AlertStore(f"sqlite:///{directory}/alerts.sqlite3")
+        self.url, self.stop = serve_feed(self.store, feed_settings(**settings))
+        self.clients: list[FeedClient] = []
+
+    def client(self, username: str | None = None) -> FeedClient:
+        c = FeedClient(self.url, username)
+        self.clients.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.stop()
+        self.store.close()
