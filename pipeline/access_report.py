@@ -883,6 +883,10 @@ def access_report(
 
     ctx = context
     grace = cfg.documented_grace_s
+    answered = ", ".join(sorted(eng.retractable)) or "none"
+    for ws in writes.values():
+        ws.sort()  # a log delivered late is not in time order
+    picked.sort(key=lambda x: x[0].t)  # the report reads in time order (stable: ties as read)
     rows: list[Access] = []
     for e, f, prior in picked:
         staff = ctx.staff.get(e.user_id)
@@ -896,7 +900,8 @@ def access_report(
                 mins = (ws[i] - e.t) / 60
                 after = (
                     f"the user charted or ordered for the patient {mins:.0f} min later "
-                    f"({say.day(ws[i])}): the detectors take its findings back"
+                    f"({say.day(ws[i])}): the findings of the rules a note answers "
+                    f"({answered}) are taken back"
                 )
         st_ = sink.stamped.get(e.event_id)
         rows.append(

@@ -279,3 +279,26 @@ def test_the_audit_log_records_who_ran_it_on_whom_and_why(hospital, tmp_path):
     proc = subprocess.run(bad, capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "cannot write the audit log" in proc.stderr
     assert not out.exists()
+
+
+def test_a_log_out_of_time_order_reads_in_time_order(tmp_path):
+    """Accesses delivered late are listed at their time, and the note that answers a read
+    delivered late is found among the user's notes in time order."""
+    ctx = Context.load(write_hospital(tmp_path / "ctx"))
+    events = _write(
+        tmp_path / "events.jsonl",
+        [
+            ev("t-rad", "P1", at="2026-03-04T11:00:00", event_id="b"),
+            ev("n-orth", "P1", at="2026-03-04T10:00:00", event_id="look"),  # late
+            ev("n-orth", "P1", at="2026-03-04T10:50:00", action="update", event_id="note"),
+            ev("n-orth", "P1", at="2026-03-04T10:05:00", action="create", event_id="note0"),
+        ],
+    )
+    rep = access_report(ctx, events, patients=["P1"])
+    assert [a.event_id for a in rep.accesses] == ["look", "note0", "note", "b"]
+    look = rep.accesses[0]
+    assert not look.explained
+    assert look.documented_after.startswith(
+        "the user charted or ordered for the patient 5 min later (2026-03-04 10:05)"
+    )
+    assert "no-care-relationship" in look.documented_after
