@@ -68,16 +68,20 @@ def detect_format(path: PathLike) -> str:
     return _sniff(_name(path), head)
 
 
-def read_events(path: PathLike, fmt: str = "auto") -> Iterator[Record]:
+def read_events(
+    path: PathLike, fmt: str = "auto", prefilter: Callable[[bytes], bool] | None = None
+) -> Iterator[Record]:
     """Every non-blank line of ``path`` ("-" for stdin; gzip is detected) as a :data:`Record`.
 
     Opens the file before returning, so a missing file or a bad ``fmt`` fails at once,
     not at the first ``next()``. A truncated gzip stream ends the iteration with one
     error record for the line it cut, instead of an exception that would lose the count.
+    ``prefilter``: for a search, a JSON line (FHIR, JSONL) it says no to is skipped
+    unparsed (CSV lines are all parsed).
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected auto, {', '.join(FORMATS)}")
-    return _records(_Input(path), _name(path), fmt)
+    return _records(_Input(path), _name(path), fmt, prefilter)
 
 
 @dataclass(slots=True)
@@ -119,7 +123,9 @@ class ParseStats:
 # --------------------------------------------------------------------------- internals
 
 
-def _records(source: _Input, name: str, fmt: str) -> Iterator[Record]:
+def _records(
+    source: _Input, name: str, fmt: str, prefilter: Callable[[bytes], bool] | None = None
+) -> Iterator[Record]:
     try:
         head, broken = _prefetch(source.stream)
         if fmt == "auto":
@@ -134,13 +140,16 @@ def _records(source: _Input, name: str, fmt: str) -> Iterator[Record]:
         if fmt == "csv":
             yield from _csv_records(lines)
         else:
-            yield from _json_records(lines, parse_fhir_line if fmt == "fhir" else parse_jsonl_line)
+            parse = parse_fhir_line if fmt == "fhir" else parse_jsonl_line
+            yield from _json_records(lines, parse, prefilter)
     finally:
         source.close()
 
 
 def _json_records(
-    lines: Iterable[bytes | EventError], parse: Callable[[bytes], AccessEvent]
+    lines: Iterable[bytes | EventError],
+    parse: Callable[[bytes], AccessEvent],
+    prefilter: Callable[[bytes], bool] | None = None,
 ) -> Iterator[Record]:
     number = 0
     for line in lines:
@@ -151,7 +160,7 @@ def _json_records(
         raw = line.rstrip(b"\r\n")
         if number == 1 and raw.startswith(_BOM):
             raw = raw[3:]
-        if not raw.strip():
+        if not raw.strip() or (prefilter is not None and not prefilter(raw)):
             continue
         try:
             result: AccessEvent | EventError = parse(raw)

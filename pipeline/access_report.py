@@ -33,7 +33,7 @@ import os
 import sys
 from bisect import bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -791,11 +791,15 @@ def parse_bound(value: str | None, ctx: Context) -> float | None:
 
 
 def _events(
-    path: str, fmt: str, counts: dict[str, int], errors: IO[str] | None
+    path: str,
+    fmt: str,
+    counts: dict[str, int],
+    errors: IO[str] | None,
+    prefilter: Callable[[bytes], bool] | None = None,
 ) -> Iterator[AccessEvent]:
     from connectors.readers import read_events
 
-    for line_no, item, _raw in read_events(path, fmt):
+    for line_no, item, _raw in read_events(path, fmt, prefilter):
         if isinstance(item, EventError):
             counts["bad"] += 1
             if errors is not None:
@@ -831,7 +835,21 @@ def access_report(
         # the users to replay: whoever accessed the patients (the whole log: a note of theirs
         # before the period explains accesses in it)
         scan = {"events": 0, "bad": 0}
-        replayed = {e.user_id for e in _events(path, fmt, scan, None) if e.patient_id in want_p}
+        # only a line that holds one of the ids can be an access of theirs (JSON escapes
+        # aside: with a quote, backslash, slash or non-ASCII character, every line is parsed)
+        needles = [p.encode() for p in want_p]
+        plain = all(
+            n.isascii() and b'"' not in n and b"\\" not in n and b"/" not in n for n in needles
+        )
+
+        def holds(raw: bytes) -> bool:
+            return any(n in raw for n in needles)
+
+        replayed = {
+            e.user_id
+            for e in _events(path, fmt, scan, None, holds if plain else None)
+            if e.patient_id in want_p
+        }
     else:
         replayed = set(want_u)
 
