@@ -158,6 +158,8 @@ class Access:
     alerts: list[str] = field(default_factory=list)
     #: the time the source stamped, when a clock found wrong was corrected (README: Input)
     stamped: str = ""
+    #: that time in seconds (None: as stamped)
+    stamped_t: float | None = None
 
     @property
     def explained(self) -> bool:
@@ -330,7 +332,19 @@ class AccessReport:
                     break
             if a.flags:
                 out.append(f"      note: {'; '.join(a.flags)}")
-            out.extend(f"      {x.stamped}" for x in g if x.stamped)
+            moved = [x.t - x.stamped_t for x in g if x.stamped_t is not None]
+            if moved:
+                lo_h, hi_h = min(moved) / 3600, max(moved) / 3600
+                by = (
+                    f"{abs(lo_h):.1f} h"
+                    if round(lo_h, 1) == round(hi_h, 1)
+                    else (f"{abs(lo_h):.1f}–{abs(hi_h):.1f} h")
+                )
+                out.append(
+                    f"      {len(moved)} of these stamped {by} "
+                    f"{'earlier' if lo_h > 0 else 'later'} by a source whose clock runs "
+                    f"{'behind' if lo_h > 0 else 'ahead'}: listed at the corrected time"
+                )
             if a.alerts:
                 out.append(f"      in alert(s): {', '.join(a.alerts)}")
         if self.alerts:
@@ -701,8 +715,8 @@ class _Describer:
         encs = self.near(e.patient_id, e.t, cfg.care_margin_before_s, cfg.admin_after_discharge_s)
         if encs:
             out.append(
-                f"the user ({staff.role}, {self.dept(staff.department_id)}) is not on the "
-                f"patient's care team then: {'; '.join(map(self.enc, encs))}"
+                f"the user ({staff.role}, {self.dept(staff.department_id)}) is not on the care "
+                f"team of the patient's recent encounters: {'; '.join(map(self.enc, encs))}"
             )
         else:
             out.append("the patient had no encounter at the hospital around that time")
@@ -948,6 +962,7 @@ def access_report(
                     if st_
                     else ""
                 ),
+                stamped_t=st_[0] if st_ else None,
             )
         )
 

@@ -70,7 +70,7 @@ def test_a_patients_accesses_with_what_explained_each(hospital):
     assert rows["rad"].because[0].startswith("Radiology (RAD) serving encounter E1")
     look = rows["orth-look"]
     assert look.reasons == [] and not look.explained
-    assert "is not on the patient's care team" in look.not_because[0]
+    assert "is not on the care team of the patient's recent encounters" in look.not_because[0]
     assert "encounter E1 in Cardiology (CARD)" in look.not_because[0]
     # the note 20 minutes later: the detectors take the read's findings back for it
     assert "20 min later" in look.documented_after
@@ -302,3 +302,32 @@ def test_a_log_out_of_time_order_reads_in_time_order(tmp_path):
         "the user charted or ordered for the patient 5 min later (2026-03-04 10:05)"
     )
     assert "no-care-relationship" in look.documented_after
+
+
+def test_a_clock_behind_is_listed_at_the_corrected_time(tmp_path):
+    """A workstation writing its times 5 h behind: once replay has found its clock steady,
+    its accesses are listed at the corrected time with the time stamped; the text says so
+    once per run."""
+    from datetime import datetime, timedelta
+
+    ctx = Context.load(write_hospital(tmp_path / "ctx"))
+    t0 = datetime.fromisoformat("2026-03-04T09:00:00+08:00")
+    lines = []
+    for i in range(120):  # the file's time: p-card each minute
+        at = t0 + timedelta(minutes=i)
+        lines.append(ev("p-card", "P1", at=at.isoformat(), event_id=f"c{i}"))
+        if i % 2 == 0:  # n-orth at a workstation whose clock is 5 h behind
+            bad = at - timedelta(hours=5)
+            lines.append(
+                ev("n-orth", "P2", at=bad.isoformat(), event_id=f"o{i}", workstation="ws-bad")
+            )
+    rep = access_report(ctx, _write(tmp_path / "events.jsonl", lines), users=["n-orth"])
+    moved = [a for a in rep.accesses if a.stamped_t is not None]
+    assert 0 < len(moved) < len(rep.accesses)  # the first ones, before it is steady, as stamped
+    assert {round((a.t - a.stamped_t) / 3600, 1) for a in moved} == {5.0}
+    assert moved[0].stamped.startswith("stamped 2026-03-04 0")
+    text = rep.to_text()
+    assert (
+        f"{len(moved)} of these stamped 5.0 h earlier by a source whose clock runs behind" in text
+    )
+    assert any("came from a source whose clock was found wrong" in n for n in rep.notes)
