@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +95,9 @@ def _form(request: Request, values: dict[str, str], error: str = "", status: int
 
 @requires(PERMISSION)
 async def form_page(request: Request) -> Response:
-    """The form, filled from the query (the case page links here with its user and days)."""
-    values = _values(request.query_params)
-    if not values["from"] and not values["to"]:
-        today = date.today()
-        values["from"], values["to"] = (today - timedelta(days=30)).isoformat(), ""
-    return _form(request, values)
+    """The form, filled from the query (the case page links here with its user and days);
+    no dates: the whole history."""
+    return _form(request, _values(request.query_params))
 
 
 def _run(
