@@ -331,3 +331,32 @@ def test_a_clock_behind_is_listed_at_the_corrected_time(tmp_path):
         f"{len(moved)} of these stamped 5.0 h earlier by a source whose clock runs behind" in text
     )
     assert any("came from a source whose clock was found wrong" in n for n in rep.notes)
+
+
+def test_the_break_the_glass_review_lists_every_emergency_access(tmp_path):
+    ctx = Context.load(write_hospital(tmp_path / "ctx"))
+    path = _write(
+        tmp_path / "events.jsonl",
+        [
+            ev("n-ed", "P2", at="2026-03-04T10:00:00", event_id="ed", emergency=True),
+            ev("p-card", "P1", at="2026-03-04T10:30:00", event_id="plain"),
+            ev("n-orth", "P1", at="2026-03-04T11:00:00", event_id="btg", emergency=True),
+            ev("n-orth", "P1", at="2026-03-06T11:00:00", event_id="later", emergency=True),
+        ],
+    )
+    start, end = _period(ctx)
+    end = parse_bound("2026-03-05", ctx)
+    rep = access_report(ctx, path, start=start, end=end, break_the_glass=True)
+    assert rep.title == "Access report: break-the-glass accesses"
+    assert [a.event_id for a in rep.accesses] == ["ed", "btg"]
+    assert all("emergency (break-the-glass) access" in a.flags for a in rep.accesses)
+    btg = rep.accesses[1]
+    assert not btg.explained
+    alerts = run_engine(Engine(ctx, DetectionConfig()), replay_events_of(path))
+    held = [a for a in alerts.values() if "btg" in a.event_ids]
+    assert held and btg.alerts == [a.alert_id for a in held]
+    assert "break-the-glass-abuse" in held[0].detector
+    # with a user: only theirs
+    rep = access_report(ctx, path, users=["n-orth"], break_the_glass=True)
+    assert [a.event_id for a in rep.accesses] == ["btg", "later"]
+    assert rep.title == "Access report: break-the-glass accesses by user n-orth"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ EVENTS = [
     ev("t-rad", "P1", at="2026-03-04T11:00:00", event_id="rad", workstation="ws-rad"),
     ev("n-card", "P-SEAL", at="2026-03-04T13:00:00", event_id="seal"),
     ev("n-orth", "P1", at="2026-03-04T14:00:00", event_id="orth-look"),
+    ev("n-ed", "P2", at="2026-03-04T15:00:00", event_id="ed-btg", emergency=True),
 ]
 
 
@@ -121,6 +123,18 @@ def test_alerts_link_to_their_cases_and_csv_and_patient_copy(site: Site) -> None
         if e.action == "access_report"
     ]
     assert sorted(outputs) == ["csv", "page", "patient-copy"]
+
+
+def test_the_break_the_glass_review(site: Site) -> None:
+    sam = site.client("sam")
+    r = sam.post("/access-report", {"btg": "1", "purpose": "monthly break-the-glass review"})
+    assert r.status_code == 200, r.text
+    assert re.findall(r'data-event="([^"]+)"', r.text) == ["ed-btg"]
+    assert "Access report: break-the-glass accesses" in r.text
+    (entry,) = [e for e in site.store.audit_log(actor="sam") if e.action == "access_report"]
+    assert json.loads(entry.detail)["break_the_glass"] is True
+    r = sam.post("/access-report", {"purpose": "monthly break-the-glass review"})
+    assert r.status_code == 400 and "or ask for break-the-glass" in r.text
 
 
 def test_the_case_page_links_a_supervisor_to_the_users_accesses(site: Site) -> None:

@@ -1,7 +1,8 @@
 """The access report in the feed (:mod:`pipeline.access_report`), for supervisors.
 
 ``GET /access-report`` is the form (a patient and/or a user, a period, the purpose);
-``POST /access-report`` runs the report over ``feed.history_dir`` (an ``emrwatch history``
+``POST /access-report`` runs the report (or the break-the-glass review: every emergency
+access in the period) over ``feed.history_dir`` (an ``emrwatch history``
 export, or any directory of context CSVs and an events file) and shows it, offers its CSV,
 or prints the patient's copy. Each run is written to the audit log (``access_report``,
 with who asked, on whom, for which period and why) before anything is computed or shown:
@@ -69,7 +70,7 @@ def _ids(value: str) -> list[str]:
 def _values(src: Any) -> dict[str, str]:
     return {
         k: str(src.get(k) or "").strip()
-        for k in ("patient", "user", "from", "to", "purpose", "output")
+        for k in ("patient", "user", "from", "to", "purpose", "output", "btg")
     }
 
 
@@ -109,6 +110,7 @@ def _run(
     users: list[str],
     start: str,
     end: str,
+    break_the_glass: bool,
 ) -> AccessReport:
     from dataclasses import replace
 
@@ -125,6 +127,7 @@ def _run(
         parse_bound(start or None, ctx),
         parse_bound(end or None, ctx),
         cfg,
+        break_the_glass=break_the_glass,
     )
 
 
@@ -134,6 +137,7 @@ async def run_report(request: Request) -> Response:
     user = request.state.user
     values = _values(await request.form())
     patients, users = _ids(values["patient"]), _ids(values["user"])
+    btg = bool(values["btg"])
     output = values["output"] or "page"
     hdir = feed.settings.history_dir
     events = history_events(hdir) if hdir else None
@@ -145,8 +149,8 @@ async def run_report(request: Request) -> Response:
             if not hdir
             else f"No events file ({', '.join(EVENTS_FILES[:3])}) in {hdir}."
         )
-    elif not patients and not users:
-        error = "Give a patient id or a user id (or both)."
+    elif not patients and not users and not btg:
+        error = "Give a patient id or a user id (or both), or ask for break-the-glass accesses."
     elif output == "patient-copy" and not patients:
         error = "The patient's copy needs a patient id."
     elif len(values["purpose"]) < MIN_PURPOSE:
@@ -162,6 +166,7 @@ async def run_report(request: Request) -> Response:
         "period": [values["from"], values["to"]],
         "purpose": values["purpose"],
         "patient_copy": output == "patient-copy",
+        "break_the_glass": btg,
         "output": output,
         "role": user.role,
         "via": "feed",
@@ -180,11 +185,12 @@ async def run_report(request: Request) -> Response:
                 users,
                 values["from"],
                 values["to"],
+                btg,
             )
     except (ReportError, OSError, ValueError) as exc:
         return _form(request, values, str(exc), status=400)
     if output == "csv":
-        name = "access-report-" + "-".join(patients or users)[:60] + ".csv"
+        name = "access-report-" + "-".join(patients or users or ["break-the-glass"])[:60] + ".csv"
         return Response(
             rep.to_csv(),
             media_type="text/csv; charset=utf-8",
