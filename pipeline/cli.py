@@ -364,6 +364,11 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "pipeline.access_report",
             "who opened a patient's chart (or what a user opened), when, and why",
         ),
+        (
+            "access-review",
+            "pipeline.access_review",
+            "accounts and grants to re-check: open-ended, ending, dormant, misused, over-cleared",
+        ),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:
