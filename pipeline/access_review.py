@@ -192,6 +192,13 @@ def access_review(
     def date_of(t: float) -> str:
         return "open" if math.isinf(t) else day(t)[:10]
 
+    def window(lo: float, hi: float) -> str:
+        a = "" if math.isinf(lo) else date_of(lo)
+        b = "" if math.isinf(hi) else date_of(hi - 1)
+        if a and b:
+            return f"{a} to {b}"
+        return f"from {a}" if a else (f"until {b}" if b else "with no start or end date")
+
     def who(s: Staff) -> dict[str, str]:
         dept = ctx.departments.get(s.department_id)
         return {
@@ -247,6 +254,11 @@ def access_review(
             f"{idle_days:g} a dormant account is judged on: 'dormant' means unused for all "
             f"{covered:.0f} of them. Give it a longer history for a sounder list."
         )
+    if last_t > -math.inf and now - last_t > DAY:
+        notes.append(
+            f"The log ends {date_of(last_t)}, {(now - last_t) / DAY:.0f} days before the review "
+            "date: what happened after it is not known here."
+        )
     if idle >= 1:
         for s in sorted(valid_now, key=lambda s: (s.department_id, s.user_id)):
             u = use.get(s.user_id)
@@ -262,7 +274,7 @@ def access_review(
                     Finding(
                         "dormant",
                         **who(s),
-                        what=f"{since}; valid {date_of(s.valid_from)} to {date_of(s.valid_until - 1)}",
+                        what=f"{since}; valid {window(s.valid_from, s.valid_until)}",
                         detail={"last_used": date_of(u.last) if u else ""},
                     )
                 )

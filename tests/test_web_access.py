@@ -137,6 +137,23 @@ def test_the_break_the_glass_review(site: Site) -> None:
     assert r.status_code == 400 and "or ask for break-the-glass" in r.text
 
 
+def test_the_access_review_page(site: Site) -> None:
+    assert site.client("ana").get("/access-review").status_code == 403
+    sam = site.client("sam")
+    r = sam.get("/access-review?as_of=2026-03-20")
+    assert r.status_code == 200, r.text
+    # the vendor's account and its grant end on 31 March
+    table = r.text[r.text.index('id="review-ending_soon"') :]
+    table = table[: table.index("</table>")]
+    assert table.count("<tr><td>v-it") == 2 and "PACS maintenance" in table
+    assert "Dormant accounts: 3" in r.text and "valid with no start or end date" in r.text
+    assert "The log ends 2026-03-04, 16 days before the review date" in r.text
+    (entry,) = [e for e in site.store.audit_log(actor="sam") if e.action == "access_review"]
+    assert json.loads(entry.detail)["as_of"] == "2026-03-20"
+    r = sam.get("/access-review?as_of=March")
+    assert r.status_code == 400 and "is not a date" in r.text
+
+
 def test_the_case_page_links_a_supervisor_to_the_users_accesses(site: Site) -> None:
     (seal_alert,) = [a for a in site.alerts if "seal" in a.event_ids]
     sam = site.client("sam")

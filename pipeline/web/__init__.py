@@ -28,6 +28,7 @@ session, 403 without the right):
 ``GET /audit``                     the audit log                               auditor
 ``GET|POST /access-report``        who opened a patient's chart, and why       supervisor
                                    (audited first: ``access_report``)
+``GET /access-review``             accounts and grants to re-check (audited)   supervisor
 ``GET|POST /login``, ``POST /logout``
 =================================  ==========================================  ============
 

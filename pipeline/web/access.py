@@ -51,6 +51,7 @@ def routes() -> list[BaseRoute]:
     return [
         Route("/access-report", form_page, methods=["GET"]),
         Route("/access-report", run_report, methods=["POST"]),
+        Route("/access-review", review_page, methods=["GET"]),
     ]
 
 
@@ -226,4 +227,53 @@ async def run_report(request: Request) -> Response:
             "known_alerts": known,
             "words": ACTION_WORDS,
         },
+    )
+
+
+def _review(history_dir: str, events: Path, timezone: str, as_of: str) -> Any:
+    from datetime import date
+
+    from emrwatch.context import Context
+    from pipeline.access_review import access_review
+
+    ctx = Context.load(history_dir, timezone)
+    try:
+        end = ctx.clock.day_end(date.fromisoformat(as_of)) - 1 if as_of else None
+    except ValueError:
+        raise ReportError(f"{as_of!r} is not a date (YYYY-MM-DD)") from None
+    return access_review(ctx, events, end)
+
+
+@requires(PERMISSION)
+async def review_page(request: Request) -> Response:
+    """The access review (:mod:`pipeline.access_review`) of the history: the accounts and
+    grants to re-check. It names staff, no patient; reading it is audited (``access_review``)."""
+    from pipeline.access_review import SECTIONS
+
+    feed = _feed(request)
+    user = request.state.user
+    as_of = str(request.query_params.get("as_of") or "").strip()
+    hdir = feed.settings.history_dir
+    events = history_events(hdir) if hdir else None
+    rev, error = None, ""
+    if events is None:
+        error = "No history to review: set feed.history_dir (README: Access reports)."
+    else:
+        await db(
+            feed.store.record_access,
+            user.username,
+            "access_review",
+            None,
+            {"as_of": as_of, "role": user.role},
+        )
+        try:
+            async with _LOCK.setdefault(id(asyncio.get_running_loop()), asyncio.Lock()):
+                rev = await run_in_threadpool(_review, hdir, events, feed.settings.timezone, as_of)
+        except (ReportError, OSError, ValueError) as exc:
+            error = str(exc)
+    return feed.page(
+        request,
+        "access_review.html",
+        {"rev": rev, "error": error, "as_of": as_of, "sections": SECTIONS},
+        status=400 if error else 200,
     )

@@ -448,6 +448,7 @@ async def audit_page(request: Request) -> Response:
                 "suppression.create",
                 "report.view",
                 "access_report",
+                "access_review",
             ],
         },
     )
