@@ -46,6 +46,7 @@ from detectors.explain import REASONS
 from detectors.lateness import Misstamped
 from emrwatch.context import Context, Encounter, Staff
 from emrwatch.events import WRITE_ACTIONS, AccessEvent, EventError
+from emrwatch.timeutil import LocalClock
 from pipeline.file_clock import file_clock
 from pipeline.replay import DRAIN_EVERY, paused_gc
 
@@ -600,6 +601,16 @@ class _Sink:
         self.eng.forgive_late(m)
 
 
+def validity_words(lo: float, hi: float, clock: LocalClock) -> str:
+    """A validity window ``[lo, hi)`` in local dates: "2026-03-01 to 2026-03-31",
+    "from 2026-03-01", "until 2026-03-31" or "with no start or end date"."""
+    a = "" if math.isinf(lo) else clock.local_iso(lo)[:10]
+    b = "" if math.isinf(hi) else clock.local_iso(hi - 1)[:10]
+    if a and b:
+        return f"{a} to {b}"
+    return f"from {a}" if a else (f"until {b}" if b else "with no start or end date")
+
+
 class _Describer:
     """Turns an access's facts into the report's words, from the context and the config."""
 
@@ -613,13 +624,7 @@ class _Describer:
         return "ongoing" if math.isinf(t) else self.ctx.clock.local_iso(t)[:16].replace("T", " ")
 
     def dates(self, lo: float, hi: float) -> str:
-        """A validity window ``[lo, hi)`` in local dates: "2026-03-01 to 2026-03-31",
-        "from 2026-03-01", "until 2026-03-31" or "with no start or end date"."""
-        a = "" if math.isinf(lo) else self.day(lo)[:10]
-        b = "" if math.isinf(hi) else self.day(hi - 1)[:10]
-        if a and b:
-            return f"{a} to {b}"
-        return f"from {a}" if a else (f"until {b}" if b else "with no start or end date")
+        return validity_words(lo, hi, self.ctx.clock)
 
     def dept(self, dept_id: str) -> str:
         d = self.ctx.departments.get(dept_id)

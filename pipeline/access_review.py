@@ -36,6 +36,7 @@ from typing import Any
 
 from emrwatch.context import Context, Staff
 from emrwatch.events import EventError
+from pipeline.access_report import validity_words
 
 TIME_LIMITED_ROLES = ("trainee", "vendor", "researcher")
 SECTIONS = {
@@ -193,11 +194,7 @@ def access_review(
         return "open" if math.isinf(t) else day(t)[:10]
 
     def window(lo: float, hi: float) -> str:
-        a = "" if math.isinf(lo) else date_of(lo)
-        b = "" if math.isinf(hi) else date_of(hi - 1)
-        if a and b:
-            return f"{a} to {b}"
-        return f"from {a}" if a else (f"until {b}" if b else "with no start or end date")
+        return validity_words(lo, hi, ctx.clock)
 
     def who(s: Staff) -> dict[str, str]:
         dept = ctx.departments.get(s.department_id)
