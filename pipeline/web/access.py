@@ -191,7 +191,8 @@ async def run_report(request: Request) -> Response:
     except (ReportError, OSError, ValueError) as exc:
         return _form(request, values, str(exc), status=400)
     if output == "csv":
-        name = "access-report-" + "-".join(patients or users or ["break-the-glass"])[:60] + ".csv"
+        ids = "-".join(patients or users or ["break-the-glass"])
+        name = "access-report-" + re.sub(r"[^A-Za-z0-9._-]", "_", ids)[:60] + ".csv"
         return Response(
             rep.to_csv(),
             media_type="text/csv; charset=utf-8",
