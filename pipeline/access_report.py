@@ -181,6 +181,20 @@ class UserSummary:
 
 
 @dataclass
+class PatientSummary:
+    """One patient's accesses in the report: for a user's report, where they went."""
+
+    patient_id: str
+    name: str
+    accesses: int = 0
+    explained: int = 0
+    first: str = ""
+    last: str = ""
+    flags: list[str] = field(default_factory=list)  # every flag of any access, once
+    alerts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class AccessReport:
     """The report; ``to_text``, ``to_csv``, ``to_json`` and ``to_html`` write it."""
 
@@ -199,6 +213,8 @@ class AccessReport:
     log_last: str = ""
     notes: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # user/patient id → display name
+    #: per patient, least explained first (a user's report lists it before the accesses)
+    patient_summary: list[PatientSummary] = field(default_factory=list)
     break_the_glass: bool = False  # only emergency accesses
 
     @property
@@ -301,6 +317,15 @@ class AccessReport:
                     f"  {u.user_id} {u.name} ({u.role}, {u.department}): {u.accesses} access(es), "
                     f"{u.explained} explained, {_local(u.first)} to {_local(u.last)}"
                     + (f"; alerts {', '.join(u.alerts)}" if u.alerts else "")
+                )
+        if self.users and not self.patients and self.patient_summary:
+            out += ["", "Patients, least explained first"]
+            for ps in self.patient_summary:
+                out.append(
+                    f"  {ps.patient_id} {ps.name}: {ps.accesses} access(es), {ps.explained} "
+                    f"explained, {_local(ps.first)} to {_local(ps.last)}"
+                    + (f"; {'; '.join(ps.flags)}" if ps.flags else "")
+                    + (f"; alerts {', '.join(ps.alerts)}" if ps.alerts else "")
                 )
         if self.accesses:
             out += [
@@ -406,6 +431,21 @@ class AccessReport:
             for al in self.alerts
         )
         notes = "".join(f"<li>{e(x)}</li>" for x in self.notes)
+        patients = (
+            "<h2>Patients, least explained first</h2><table><tr><th>patient</th><th>name</th>"
+            "<th>accesses</th><th>explained</th><th>first</th><th>last</th><th>notes</th>"
+            "<th>alerts</th></tr>"
+            + "".join(
+                f"<tr><td>{e(p.patient_id)}</td><td>{e(p.name)}</td><td class='num'>{p.accesses}"
+                f"</td><td class='num'>{p.explained}</td><td>{e(_local(p.first))}</td>"
+                f"<td>{e(_local(p.last))}</td><td>{e('; '.join(p.flags))}</td>"
+                f"<td>{'<br>'.join(e(x) for x in p.alerts)}</td></tr>"
+                for p in self.patient_summary
+            )
+            + "</table>"
+            if self.users and not self.patients and self.patient_summary
+            else ""
+        )
         n = len(self.accesses)
         unexplained = sum(1 for a in self.accesses if not a.explained)
         return (
@@ -420,7 +460,7 @@ class AccessReport:
             f"{len(self.alerts)} alert(s).</p>"
             "<h2>Users</h2><table><tr><th>user</th><th>name</th><th>role</th><th>department</th>"
             "<th>accesses</th><th>explained</th><th>first</th><th>last</th><th>alerts</th></tr>"
-            f"{users}</table>"
+            f"{users}</table>{patients}"
             "<h2>Accesses</h2><table><tr><th>time</th><th>user</th><th>patient</th>"
             "<th>action</th><th>workstation</th><th>why</th><th>alerts</th></tr>"
             f"{''.join(rows)}</table>"
@@ -1070,6 +1110,7 @@ def access_report(
         notes=notes,
         names=names,
         break_the_glass=break_the_glass,
+        patient_summary=_patient_summary(rows, names),
     )
 
 
@@ -1099,6 +1140,22 @@ def _summary(
     return sorted(
         by_user.values(), key=lambda u: (u.explained / u.accesses, -u.accesses, u.user_id)
     )
+
+
+def _patient_summary(rows: list[Access], names: dict[str, str]) -> list[PatientSummary]:
+    by: dict[str, PatientSummary] = {}
+    for r in rows:
+        ps = by.get(r.patient_id)
+        if ps is None:
+            ps = by[r.patient_id] = PatientSummary(
+                r.patient_id, names.get(r.patient_id, ""), first=r.time
+            )
+        ps.accesses += 1
+        ps.explained += r.explained
+        ps.last = r.time
+        ps.flags.extend(f for f in r.flags if f not in ps.flags)
+        ps.alerts.extend(a for a in r.alerts if a not in ps.alerts)
+    return sorted(by.values(), key=lambda p: (p.explained / p.accesses, -p.accesses, p.patient_id))
 
 
 def _patient_subject(

@@ -93,6 +93,10 @@ def test_a_users_accesses_take_history_before_the_period_into_account(hospital):
     ]
     assert "the system denied it" in rows["vip-denied"].flags
     assert "VIP record" in rows["vip-denied"].flags
+    # where the user went, least explained first
+    summary = [(p.patient_id, p.accesses, p.explained) for p in rep.patient_summary]
+    assert summary == [("P-VIP", 1, 0), ("P1", 2, 1), ("P-DIS", 1, 1)]
+    assert rep.patient_summary[0].flags == ["VIP record", "the system denied it"]
     text = rep.to_text()
     assert "User n-orth" in text and "nurse in Orthopedics (ORTH)" in text
     assert "NOT EXPLAINED" in text

@@ -190,6 +190,7 @@ def test_from_a_case_to_the_users_accesses_in_chromium(browser: Any, site: Site)
     assert page.locator("#access-rows tbody tr").count() == 1
     assert "sealed record" in page.inner_text("#access-rows")
     assert page.locator(f'#access-rows a[href="/cases/{seal_alert.alert_id}"]').count() == 1
+    assert page.locator("#access-patients tbody tr").count() == 1  # the user's patients
     assert "1 access(es) by 1 user(s)" in page.inner_text("#access-summary")
     assert errors == []
     page.screenshot(path=str(site.dir.parent / "access-report.png"), full_page=True)
