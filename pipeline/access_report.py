@@ -1319,6 +1319,12 @@ def cmd_access_report(args: Any) -> int:
         sys.stdout.write(text)
     else:
         write_private(args.out, text)
+    if not args.audit_store:
+        print(
+            "access-report: not recorded in any audit log; --audit-store URL records who ran "
+            "it, on whom and why",
+            file=sys.stderr,
+        )
     unexplained = sum(1 for a in rep.accesses if not a.explained)
     print(
         f"access-report: {len(rep.accesses)} access(es) by {len(rep.summary)} user(s), "

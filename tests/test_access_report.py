@@ -175,6 +175,7 @@ def test_the_command_writes_a_private_file_and_counts_bad_lines(hospital, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert f"{events}:10: skipped:" in proc.stderr
     assert "5 access(es) by 3 user(s), 1 not explained" in proc.stderr
+    assert "not recorded in any audit log" in proc.stderr
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
     got = list(csv.DictReader(out.open()))
     assert list(got[0]) == list(CSV_COLUMNS)
