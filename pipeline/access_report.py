@@ -167,31 +167,42 @@ class Access:
         return bool(self.reasons)
 
 
+@dataclass(kw_only=True)
+class _Tally:
+    """How many accesses, how many explained, first and last (in time order)."""
+
+    accesses: int = 0
+    explained: int = 0
+    first: str = ""
+    last: str = ""
+    alerts: list[str] = field(default_factory=list)
+
+    def count(self, r: Access) -> None:
+        if not self.accesses:
+            self.first = r.time
+        self.accesses += 1
+        self.explained += r.explained
+        self.last = r.time
+
+    def least_explained_first(self) -> tuple[float, int]:
+        return (self.explained / self.accesses, -self.accesses)
+
+
 @dataclass
-class UserSummary:
+class UserSummary(_Tally):
     user_id: str
     name: str
     role: str
     department: str
-    accesses: int = 0
-    explained: int = 0
-    first: str = ""
-    last: str = ""
-    alerts: list[str] = field(default_factory=list)
 
 
 @dataclass
-class PatientSummary:
+class PatientSummary(_Tally):
     """One patient's accesses in the report: for a user's report, where they went."""
 
     patient_id: str
     name: str
-    accesses: int = 0
-    explained: int = 0
-    first: str = ""
-    last: str = ""
     flags: list[str] = field(default_factory=list)  # every flag of any access, once
-    alerts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -1127,19 +1138,14 @@ def _summary(
                 name=s.display_name if s is not None else "unknown account",
                 role=s.role if s is not None else "",
                 department=say.dept(s.department_id) if s is not None else "",
-                first=r.time,
             )
-        u.accesses += 1
-        u.explained += r.explained
-        u.last = r.time
+        u.count(r)
     for al in alert_rows:
         u = by_user.get(al["user_id"])
         if u is not None:
             u.alerts.append(al["alert_id"])
     # the least explained first: where a privacy officer looks
-    return sorted(
-        by_user.values(), key=lambda u: (u.explained / u.accesses, -u.accesses, u.user_id)
-    )
+    return sorted(by_user.values(), key=lambda u: (*u.least_explained_first(), u.user_id))
 
 
 def _patient_summary(rows: list[Access], names: dict[str, str]) -> list[PatientSummary]:
@@ -1147,15 +1153,11 @@ def _patient_summary(rows: list[Access], names: dict[str, str]) -> list[PatientS
     for r in rows:
         ps = by.get(r.patient_id)
         if ps is None:
-            ps = by[r.patient_id] = PatientSummary(
-                r.patient_id, names.get(r.patient_id, ""), first=r.time
-            )
-        ps.accesses += 1
-        ps.explained += r.explained
-        ps.last = r.time
+            ps = by[r.patient_id] = PatientSummary(r.patient_id, names.get(r.patient_id, ""))
+        ps.count(r)
         ps.flags.extend(f for f in r.flags if f not in ps.flags)
         ps.alerts.extend(a for a in r.alerts if a not in ps.alerts)
-    return sorted(by.values(), key=lambda p: (p.explained / p.accesses, -p.accesses, p.patient_id))
+    return sorted(by.values(), key=lambda p: (*p.least_explained_first(), p.patient_id))
 
 
 def _patient_subject(
