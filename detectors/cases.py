@@ -573,11 +573,7 @@ class AlertBuilder:
         workstations = sorted({ev[5] for ev in evs if ev[5]})
         seals = sorted({s.reason or "sealed" for p in patients if (s := ctx.seals.get(p))})
         dept = staff.department_id if staff else "unknown"
-        if staff and staff.shift_start is not None and staff.shift_end is not None:
-            on, off = staff.shift_start, staff.shift_end
-            shift = f"{on // 60:02d}:{on % 60:02d}–{off // 60:02d}:{off % 60:02d}"
-        else:
-            shift = "not set"
+        shift = (staff.shift_words if staff else "") or "not set"
         grants = ctx.grants.get(staff.user_id, []) if staff else []
         grant_scope = (
             "; ".join(

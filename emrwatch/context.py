@@ -137,6 +137,14 @@ class Staff:
     def display_name(self) -> str:
         return f"{self.family_name} {self.given_name}".strip()
 
+    @property
+    def shift_words(self) -> str:
+        """ "07:00–15:00", or "" when the roster gives no shift."""
+        on, off = self.shift_start, self.shift_end
+        if on is None or off is None:
+            return ""
+        return f"{on // 60:02d}:{on % 60:02d}–{off // 60:02d}:{off % 60:02d}"
+
 
 @dataclass(slots=True)
 class Patient:

@@ -39,6 +39,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from connectors.readers import ParseStats, read_events
 from detectors.alerts import Alert, retraction_why
 from detectors.config import DetectionConfig
 from detectors.engine import Engine, UserState
@@ -834,13 +835,8 @@ class _Describer:
                 f"account used outside its validity ({self.dates(staff.valid_from, staff.valid_until)})"
             )
         if f["off_shift"]:
-            s0, s1 = staff.shift_start if staff else None, staff.shift_end if staff else None
-            shift = (
-                f" ({s0 // 60:02d}:{s0 % 60:02d}–{s1 // 60:02d}:{s1 % 60:02d})"
-                if (s0 is not None and s1 is not None)
-                else ""
-            )
-            out.append(f"outside the user's shift{shift}")
+            shift = staff.shift_words if staff else ""
+            out.append(f"outside the user's shift{f' ({shift})' if shift else ''}")
         if e.emergency:
             out.append("emergency (break-the-glass) access")
         if f["exfiltration"]:
@@ -868,22 +864,20 @@ def parse_bound(value: str | None, ctx: Context) -> float | None:
     return dt.timestamp()
 
 
-def _events(
-    path: str,
+def counted_events(
+    path: str | Path,
     fmt: str,
-    counts: dict[str, int],
-    errors: IO[str] | None,
+    stats: ParseStats,
+    errors: IO[str] | None = None,
     prefilter: Callable[[bytes], bool] | None = None,
 ) -> Iterator[AccessEvent]:
-    from connectors.readers import read_events
-
-    for line_no, item, _raw in read_events(path, fmt, prefilter):
+    """The events of ``path``, each line counted in ``stats`` and each bad one also
+    reported on ``errors``."""
+    for line_no, item, _raw in stats.track(read_events(path, fmt, prefilter)):
         if isinstance(item, EventError):
-            counts["bad"] += 1
             if errors is not None:
                 errors.write(f"{path}:{line_no}: skipped: {item}\n")
         else:
-            counts["events"] += 1
             yield item
 
 
@@ -915,7 +909,7 @@ def access_report(
     if want_p and not want_u:
         # the users to replay: whoever accessed the patients (the whole log: a note of theirs
         # before the period explains accesses in it)
-        scan = {"events": 0, "bad": 0}
+        scan = ParseStats()
         # only a line that holds one of the ids can be an access of theirs (JSON escapes
         # aside: with a quote, backslash, slash or non-ASCII character, every line is parsed)
         needles = [p.encode() for p in want_p]
@@ -928,7 +922,7 @@ def access_report(
 
         replayed = {
             e.user_id
-            for e in _events(path, fmt, scan, None, holds if plain else None)
+            for e in counted_events(path, fmt, scan, None, holds if plain else None)
             if e.patient_id in want_p and (e.emergency or not break_the_glass)
         }
     elif want_u:
@@ -936,17 +930,17 @@ def access_report(
     else:
         # whoever broke the glass around the period (a day either side: a clock found wrong
         # moves an access by hours)
-        scan = {"events": 0, "bad": 0}
+        scan = ParseStats()
         s0 = -math.inf if start is None else start - 86400
         s1 = math.inf if end is None else end + 86400
         replayed = {
-            e.user_id for e in _events(path, fmt, scan, None) if e.emergency and s0 <= e.t < s1
+            e.user_id for e in counted_events(path, fmt, scan) if e.emergency and s0 <= e.t < s1
         }
 
     eng = Engine(context, cfg)
     sink = _Sink(eng)
     say = _Describer(context, cfg)
-    counts = {"events": 0, "bad": 0}
+    counts = ParseStats()
     lo = -math.inf if start is None else start
     hi = math.inf if end is None else end
     picked: list[tuple[AccessEvent, dict[str, Any], float | None]] = []
@@ -956,7 +950,9 @@ def access_report(
     users_state = eng.users
     n = 0
     with paused_gc():
-        for e in file_clock(_events(path, fmt, counts, errors), cfg.replay_clock_ahead_s, sink):
+        for e in file_clock(
+            counted_events(path, fmt, counts, errors), cfg.replay_clock_ahead_s, sink
+        ):
             t = e.t
             if t < first_t:
                 first_t = t
@@ -1114,8 +1110,8 @@ def access_report(
         accesses=rows,
         summary=summary,
         alerts=alert_rows,
-        events_read=counts["events"],
-        bad_lines=counts["bad"],
+        events_read=counts.ok,
+        bad_lines=counts.bad,
         log_first=say.day(first_t) if first_t < math.inf else "",
         log_last=say.day(last_t) if last_t > -math.inf else "",
         notes=notes,
@@ -1189,9 +1185,8 @@ def _user_subject(ctx: Context, say: _Describer, uid: str) -> dict[str, Any]:
     if s is None:
         return {"heading": f"User {uid} (not on the staff roster)", "lines": []}
     lines = [f"{s.role} in {say.dept(s.department_id)}, clearance {s.clearance}"]
-    if s.shift_start is not None and s.shift_end is not None:
-        a, b = s.shift_start, s.shift_end
-        lines.append(f"shift {a // 60:02d}:{a % 60:02d}–{b // 60:02d}:{b % 60:02d}")
+    if s.shift_words:
+        lines.append(f"shift {s.shift_words}")
     lines.append(f"account valid {say.dates(s.valid_from, s.valid_until)}")
     for g in ctx.grants.get(uid) or []:
         depts = "all departments" if g.departments is None else ", ".join(sorted(g.departments))

@@ -34,9 +34,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from connectors.readers import ParseStats
 from emrwatch.context import Context, Staff
-from emrwatch.events import EventError
-from pipeline.access_report import validity_words
+from pipeline.access_report import counted_events, validity_words
 
 TIME_LIMITED_ROLES = ("trainee", "vendor", "researcher")
 SECTIONS = {
@@ -68,8 +68,6 @@ class Finding:
 
 @dataclass
 class _Use:
-    n: int = 0
-    first: float = math.inf
     last: float = -math.inf
     days: set[int] = field(default_factory=set)
     max_sensitivity: int = 0
@@ -150,29 +148,21 @@ def access_review(
     fmt: str = "auto",
 ) -> AccessReview:
     """The review (see the module's doc) of ``context``'s roster and grants against the log."""
-    from connectors.readers import read_events
-
     if not Path(events_path).is_file():
         raise ReviewError(f"no such events file: {events_path}")
     ctx = context
     use: dict[str, _Use] = {}
-    events = bad = 0
+    stats = ParseStats()
     first_t, last_t = math.inf, -math.inf
     patients = ctx.patients
     staff = ctx.staff
-    for _n, e, _raw in read_events(events_path, fmt):
-        if isinstance(e, EventError):
-            bad += 1
-            continue
-        events += 1
+    for e in counted_events(events_path, fmt, stats):
         t = e.t
         first_t = min(first_t, t)
         last_t = max(last_t, t)
         u = use.get(e.user_id)
         if u is None:
             u = use[e.user_id] = _Use()
-        u.n += 1
-        u.first = min(u.first, t)
         u.last = max(u.last, t)
         u.days.add(ctx.clock.local_day(t))
         p = patients.get(e.patient_id)
@@ -324,8 +314,8 @@ def access_review(
         timezone=ctx.clock.name,
         log_first=day(first_t)[:16].replace("T", " ") if first_t < math.inf else "",
         log_last=day(last_t)[:16].replace("T", " ") if last_t > -math.inf else "",
-        events_read=events,
-        bad_lines=bad,
+        events_read=stats.ok,
+        bad_lines=stats.bad,
         accounts=len(staff),
         findings=findings,
         notes=notes,
