@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import csv
+import fcntl
 import hashlib
 import heapq
 import hmac
+import io
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,9 @@ from emrwatch.events import CANONICAL_FIELDS, AccessEvent, parse_ts
 from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
 
 EVENTS_FILE = "events.jsonl"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_KIND = "emrwatch history export"
+MAX_UPDATES = 100  # updates the manifest lists (the latest)
 
 
 class HistoryError(RuntimeError):
@@ -83,17 +90,38 @@ def read_topics(
     handle: Callable[[Any], None],
     client_config: dict[str, Any] | None = None,
     timeout: float = 300.0,
+    resume: dict[str, dict[str, int]] | None = None,
+    gaps: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, list[int]]]:
     """Hand every record of ``topics`` (all partitions, from the first retained offset) to
     ``handle``, up to the end each partition had when the read began. The end is learnt
     from fetches (the high-water mark), not ListOffsets, which some brokers under-report.
-    Returns topic → partition → [first offset read, end offset]."""
+    Returns topic → partition → [first offset read, end offset].
+
+    ``resume`` (topic → partition → offset) starts those partitions at that offset instead,
+    continuing an earlier read that ended there. If retention has deleted records from
+    there on, the read starts at the first retained offset and each such hole is added to
+    ``gaps`` (topic, partition, the offsets lost); an offset beyond a partition's end (the
+    topic was recreated, or this is another cluster) is a :class:`HistoryError`."""
     c = _consumer(bootstrap, client_config, "emrwatch-history")
     try:
         tps = [tp for t in topics for tp in _partitions(c, t, min(15.0, timeout))]
         c.assign(tps)
         c.seek_to_beginning(*tps)
         first: dict[Any, int] = {tp: c.position(tp) for tp in tps}
+        wanted: dict[Any, int] = {}
+        for tp in tps:
+            at = (resume or {}).get(tp.topic, {}).get(str(tp.partition))
+            if at is None:
+                continue
+            wanted[tp] = at
+            lost = resume_gap(at, first[tp])
+            if lost is not None:
+                if gaps is not None:
+                    gaps.append({"topic": tp.topic, "partition": tp.partition, "offsets": lost})
+            elif at > first[tp]:
+                c.seek(tp, at)
+                first[tp] = at
         stop: dict[Any, int] = {}
         deadline = time.monotonic() + timeout
         while True:
@@ -101,6 +129,12 @@ def read_topics(
             for tp in tps:
                 if tp not in stop and (hw := c.highwater(tp)) is not None:
                     stop[tp] = hw  # the end as of the first fetch that answered
+                    if wanted.get(tp, 0) > hw:
+                        raise HistoryError(
+                            f"{tp.topic}:{tp.partition} ends at offset {hw}, but the export "
+                            f"already holds it up to {wanted[tp]}: the topic was recreated "
+                            "or this is another cluster; export into a new directory"
+                        )
             for tp, recs in batch.items():
                 end = stop.get(tp)
                 for rec in recs:
@@ -124,6 +158,14 @@ def read_topics(
         c.close()
 
 
+def resume_gap(resume_at: int, first_retained: int) -> list[int] | None:
+    """The offsets [from, to) that retention deleted between the end of an earlier read
+    (``resume_at``) and a partition's first retained offset, or None if nothing is lost."""
+    if resume_at < first_retained:
+        return [resume_at, first_retained]
+    return None
+
+
 def export_history(
     bootstrap: str,
     layout: TopicLayout,
@@ -134,14 +176,92 @@ def export_history(
     timeout: float = 300.0,
     pseudonymizer: Pseudonymizer | None = None,
     timezone: str | None = None,
+    update: bool = False,
 ) -> dict[str, Any]:
     """Write the access and context topics of ``layout`` to ``out``; returns the manifest.
     With ``pseudonymizer``, patient identifiers, names and addresses are replaced by keyed
     tokens (see :class:`Pseudonymizer`). ``timezone``, the hospital's, goes into the
-    manifest, where replay, evaluate and training take it as their default."""
+    manifest, where replay, evaluate and training take it as their default.
+
+    With ``update``, an earlier export in ``out`` is continued: only the access records
+    after the offsets its manifest records are read and appended to the events file (the
+    context is read again whole: it is the latest row per key), under the same window and
+    pseudonymization key. Without an earlier export there, it is a full export. Every file
+    is replaced atomically, so a report reading the directory meanwhile sees the old export
+    or the new one, never half of one; two updates of one directory do not run at once."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
+    with _locked(out):
+        prev = _previous(out, layout, start, end, pseudonymizer) if update else None
+        if prev is not None:
+            w = prev.get("window") or {}
+            start = datetime.fromisoformat(w["from"]) if w.get("from") else None
+            end = datetime.fromisoformat(w["to"]) if w.get("to") else None
+            timezone = timezone or prev.get("timezone")
+        return _export(
+            bootstrap, layout, out, start, end, client_config, timeout, pseudonymizer, timezone,
+            prev,
+        )  # fmt: skip
+
+
+def _previous(
+    out: Path,
+    layout: TopicLayout,
+    start: datetime | None,
+    end: datetime | None,
+    pseudonymizer: Pseudonymizer | None,
+) -> dict[str, Any] | None:
+    """The manifest of the export in ``out`` that an update continues, checked against what
+    the update is asked to do; None when there is none (the update is a full export)."""
+    path = out / MANIFEST_FILE
+    if not path.is_file():
+        if (out / EVENTS_FILE).exists():
+            raise HistoryError(f"{out} holds {EVENTS_FILE} but no {MANIFEST_FILE}: not an export")
+        return None
+    try:
+        prev = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise HistoryError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(prev, dict) or prev.get("kind") != MANIFEST_KIND:
+        raise HistoryError(f"{path} is not the manifest of an emrwatch history export")
+    if layout.access not in (prev.get("offsets") or {}):
+        held = sorted(prev.get("offsets") or {})
+        raise HistoryError(f"{out} is an export of {held}, not of {layout.access}")
+    if not (out / EVENTS_FILE).is_file():
+        raise HistoryError(f"{out}: {EVENTS_FILE} is missing; export into a new directory")
+    had = (prev.get("pseudonymized") or {}).get("key_fingerprint")
+    now = pseudonymizer.describe()["key_fingerprint"] if pseudonymizer else None
+    if had != now:
+        if had and now:
+            why = "it was pseudonymized under another key"
+        elif had:
+            why = "it is pseudonymized: give the same --pseudonymize-key-env"
+        else:
+            why = "it holds real identifiers: it cannot continue pseudonymized"
+        raise HistoryError(f"{out} cannot be updated so: {why}")
+    w = prev.get("window") or {}
+    for flag, given, fixed in (("--from", start, w.get("from")), ("--to", end, w.get("to"))):
+        if given is not None and given.isoformat() != fixed:
+            raise HistoryError(
+                f"{flag} {given.isoformat()}: the export's window is fixed when it is first "
+                f"written ({fixed or 'open'}); export into a new directory for another"
+            )
+    return prev
+
+
+def _export(
+    bootstrap: str,
+    layout: TopicLayout,
+    out: Path,
+    start: datetime | None,
+    end: datetime | None,
+    client_config: dict[str, Any] | None,
+    timeout: float,
+    pseudonymizer: Pseudonymizer | None,
+    timezone: str | None,
+    prev: dict[str, Any] | None,
+) -> dict[str, Any]:
     t_from = start.timestamp() if start else float("-inf")
     t_to = end.timestamp() if end else float("inf")
 
@@ -168,14 +288,6 @@ def export_history(
         rows[kind][key] = {str(k): "" if v is None else str(v) for k, v in row.items()}
 
     ctx_offsets = read_topics(bootstrap, list(kinds), on_context, client_config, timeout)
-    context_counts: dict[str, int] = {}
-    for kind in CONTEXT_FILES:
-        if kind not in rows:
-            continue
-        kept_rows = list(rows[kind].values())
-        if pseudonymizer is not None:
-            kept_rows = [pseudonymizer.context_row(kind, r) for r in kept_rows]
-        context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, kept_rows)
 
     # access events: one spool file per partition, in offset order (what a worker saw),
     # then merged by event time; memory stays flat however long the history is
@@ -211,45 +323,130 @@ def export_history(
         spool[1].write(b"%r\t" % e.t + orjson.dumps(d) + b"\n")
         first_t, last_t, kept = min(first_t, e.t), max(last_t, e.t), kept + 1
 
+    resume = None
+    if prev is not None:
+        held = prev["offsets"][layout.access]
+        resume = {layout.access: {p: int(hi) for p, (_, hi) in held.items()}}
+    gaps: list[dict[str, Any]] = []
     try:
-        acc_offsets = read_topics(bootstrap, [layout.access], on_access, client_config, timeout)
+        acc_offsets = read_topics(
+            bootstrap, [layout.access], on_access, client_config, timeout, resume, gaps
+        )
         for _, fh in spools.values():
             fh.close()
-        _merge([path for path, _ in spools.values()], out / EVENTS_FILE)
+        # the context first, then the events, then the manifest: a reader in between
+        # sees newer context with older events at worst, never a torn file
+        context_counts: dict[str, int] = {}
+        for kind in CONTEXT_FILES:
+            if kind not in rows:
+                continue
+            kept_rows = list(rows[kind].values())
+            if pseudonymizer is not None:
+                kept_rows = [pseudonymizer.context_row(kind, r) for r in kept_rows]
+            context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, kept_rows)
+        with _replacing(out / EVENTS_FILE) as fh:
+            if prev is not None:
+                with (out / EVENTS_FILE).open("rb") as old:
+                    shutil.copyfileobj(old, fh, 1 << 20)
+            _merge([path for path, _ in spools.values()], fh)
     finally:
         for path, fh in spools.values():
             fh.close()
             path.unlink(missing_ok=True)
-    period = {}
-    if kept:
-        period = {
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    summary = {
+        "period": {},
+        "events": kept,
+        "records": counts,
+        "unreadable_examples": unreadable,
+        "context_rows": context_counts,
+        "context_rejected": bad_context[:20],
+    }
+    if prev is not None:
+        summary, first_t, last_t = _add_up(prev, summary, first_t, last_t)
+        for p, (lo, hi) in acc_offsets[layout.access].items():
+            was = prev["offsets"][layout.access].get(p)
+            acc_offsets[layout.access][p] = [int(was[0]) if was else lo, hi]
+        gaps = [*(prev.get("gaps") or []), *gaps]
+    if summary["events"]:
+        summary["period"] = {
             "start": datetime.fromtimestamp(first_t, UTC).isoformat(),
             "end": datetime.fromtimestamp(last_t, UTC).isoformat(),
         }
-    manifest = {
-        "kind": "emrwatch history export",
-        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    manifest: dict[str, Any] = {
+        "kind": MANIFEST_KIND,
+        "exported_at": prev["exported_at"] if prev is not None else now,
+        "updated_at": now,
         "bootstrap": bootstrap,
         "window": {
             "from": start.isoformat() if start else None,
             "to": end.isoformat() if end else None,
         },
         "offsets": {**acc_offsets, **ctx_offsets},
-        "summary": {
-            "period": period,
-            "events": kept,
-            "records": counts,
-            "unreadable_examples": unreadable,
-            "context_rows": context_counts,
-            "context_rejected": bad_context[:20],
-        },
+        "summary": summary,
         "pseudonymized": pseudonymizer.describe() if pseudonymizer is not None else None,
+        "gaps": gaps,
+        "updates": [
+            *(prev.get("updates") or [] if prev is not None else [])[-(MAX_UPDATES - 1) :],
+            {"at": now, "events": kept, "records": counts["read"]},
+        ],
     }
     if timezone:
         manifest["timezone"] = timezone
-    with _private(out / "manifest.json", "wb") as fh:
+    with _replacing(out / MANIFEST_FILE) as fh:
         fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
+
+
+def _add_up(
+    prev: dict[str, Any], new: dict[str, Any], first_t: float, last_t: float
+) -> tuple[dict[str, Any], float, float]:
+    """The summary of an export and its update together, with the events' whole period."""
+    old = prev.get("summary") or {}
+    period = old.get("period") or {}
+    if period:
+        first_t = min(first_t, parse_ts(period["start"]))
+        last_t = max(last_t, parse_ts(period["end"]))
+    records = {k: int((old.get("records") or {}).get(k, 0)) + v for k, v in new["records"].items()}
+    examples = [*(old.get("unreadable_examples") or []), *new["unreadable_examples"]][:20]
+    total = {
+        **new,
+        "events": int(old.get("events", 0)) + new["events"],
+        "records": records,
+        "unreadable_examples": examples,
+    }
+    return total, first_t, last_t
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out`` for one export or update at a time (an advisory lock on the directory)."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HistoryError(f"another export is writing {out} now") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Any]:
+    """A new ``path`` (binary, owner-only) written beside it and moved over it when
+    complete: readers see the old file or the new one, never a part of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fh = _private(tmp, "wb")
+    try:
+        with fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class Pseudonymizer:
@@ -321,16 +518,16 @@ class Pseudonymizer:
         }
 
 
-def _merge(paths: list[Path], target: Path) -> None:
-    """Interleave per-partition spools (``t<TAB>json`` lines) by event time into ``target``.
+def _merge(paths: list[Path], target: Any) -> None:
+    """Interleave per-partition spools (``t<TAB>json`` lines) by event time into the open
+    binary file ``target``.
     Each partition keeps its own order, so every user's events stay in the order the stream
     received them, exactly as a worker processed them."""
     files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below, all of them
     try:
         streams = [((float(line[: line.index(b"\t")]), line) for line in f) for f in files]
-        with _private(target, "wb") as out:
-            for _, line in heapq.merge(*streams, key=lambda x: x[0]):
-                out.write(line[line.index(b"\t") + 1 :])
+        for _, line in heapq.merge(*streams, key=lambda x: x[0]):
+            target.write(line[line.index(b"\t") + 1 :])
     finally:
         for f in files:
             f.close()
@@ -351,10 +548,13 @@ def _write_csv(path: Path, kind: str, rows: list[dict[str, str]]) -> int:
     cols = list(CONTEXT_FILES[kind])
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with _private(path, "w") as fh:
+    with _replacing(path) as raw:
+        fh = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         w = csv.DictWriter(fh, fieldnames=cols, restval="")
         w.writeheader()
         w.writerows(rows)
+        fh.flush()
+        fh.detach()  # the file stays open for _replacing to sync and move
     return len(rows)
 
 
@@ -383,6 +583,13 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="replace patient ids, encounter ids, names and addresses by keyed tokens; the "
         "key (16+ bytes) is read from this environment variable",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="continue the export already in --out: append only the access records after "
+        "the offsets its manifest.json records and refresh the context (with no export "
+        "there yet: a full export); run it from a timer to keep a history directory current",
     )
 
 
@@ -421,18 +628,33 @@ def cmd_history(args: argparse.Namespace) -> int:
             parser.error(f"--pseudonymize-key-env: {exc}")
     try:
         m = export_history(
-            bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer, timezone
-        )
+            bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer,
+            timezone, update=args.update,
+        )  # fmt: skip
     except HistoryError as exc:
         print(f"emrwatch history: {exc}", file=sys.stderr)
         return 1
+    print(describe_export(m, Path(args.out)), file=sys.stderr)
+    return 0
+
+
+def describe_export(m: dict[str, Any], out: Path) -> str:
+    """One paragraph on what an export or update wrote, and on what retention lost."""
     s = m["summary"]
     r = s["records"]
     ctx = ", ".join(f"{n} {k}" for k, n in s["context_rows"].items())
-    print(
-        f"{s['events']} events → {Path(args.out) / EVENTS_FILE} "
+    added = ""
+    if len(m.get("updates") or []) > 1:
+        added = f"{m['updates'][-1]['events']} new, "
+    text = (
+        f"{added}{s['events']} events → {out / EVENTS_FILE} "
         f"({r['unreadable']} unreadable and {r['outside_window']} outside the window skipped); "
-        f"context: {ctx}",
-        file=sys.stderr,
+        f"context: {ctx}"
     )
-    return 0
+    for g in m.get("gaps") or []:
+        lo, hi = g["offsets"]
+        text += (
+            f"\nWARNING: {g['topic']}:{g['partition']} offsets {lo}–{hi - 1} were deleted by "
+            "retention before this export read them: the history has a hole there"
+        )
+    return text

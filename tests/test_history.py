@@ -251,3 +251,123 @@ def test_clear_errors(harness: Any, tmp_path: Path) -> None:
     assert p.returncode == 1 and "topic nosuchprefix." in p.stderr and "does not exist" in p.stderr
     p = _history("--bootstrap", harness.bootstrap, "--out", str(tmp_path / "y"), "--from", "May 1")
     assert p.returncode == 2 and "--from 'May 1'" in p.stderr
+
+
+def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_path: Path) -> None:
+    """``--update`` continues an export from the offsets its manifest records: the events
+    already written stay byte for byte, the new ones follow once each, the context is the
+    latest, and the directory replays to the same alerts as one export of everything."""
+    events = _events(hospital)
+    half = len(events) // 2
+    where = ["--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix]
+    harness.publish_context(hospital)
+    harness.produce(events[:half])
+    out = tmp_path / "live"
+    p = _history(*where, "--out", str(out), "--update")  # nothing there yet: a full export
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.startswith(f"{half} events")
+    first = (out / "events.jsonl").read_bytes()
+    m1 = json.loads((out / "manifest.json").read_text())
+
+    harness.produce_raw(b"u-x", b'{"event_id": "broken"')
+    staff = _rows(hospital / "staff.csv")
+    moved = {**staff[0], "department_id": staff[1]["department_id"]}
+    harness.producer.send(
+        harness.layout.context("staff"),
+        key=context_key("staff", moved).encode(),
+        value=json.dumps(moved).encode(),
+    )
+    harness.produce(events[half:])
+    p = _history(*where, "--out", str(out), "--update")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.startswith(f"{len(events) - half} new, {len(events)} events"), p.stderr
+
+    now = (out / "events.jsonl").read_bytes()
+    assert now.startswith(first) and len(now) > len(first)
+    ids = [json.loads(line)["event_id"] for line in now.splitlines()]
+    assert sorted(ids) == sorted(e["event_id"] for e in events)  # each once
+    assert {r["user_id"]: r for r in _rows(out / "staff.csv")}[moved["user_id"]] == moved
+
+    m2 = json.loads((out / "manifest.json").read_text())
+    s = m2["summary"]
+    assert s["events"] == len(events) and s["records"]["unreadable"] == 1
+    ends = m2["offsets"][harness.layout.access]
+    assert sum(hi - lo for lo, hi in ends.values()) == s["records"]["read"]
+    assert all(lo == 0 for lo, _ in ends.values())  # still the whole topic
+    assert m2["exported_at"] == m1["exported_at"] and m2["gaps"] == []
+    assert [u["events"] for u in m2["updates"]] == [half, len(events) - half]
+    period = m2["summary"]["period"]
+    assert period["start"] == m1["summary"]["period"]["start"]
+    assert period["end"] > m1["summary"]["period"]["end"]
+
+    # the same as exporting everything at once
+    whole = tmp_path / "whole"
+    assert _history(*where, "--out", str(whole)).returncode == 0
+    assert _rows(whole / "staff.csv") == _rows(out / "staff.csv")
+    assert _alerts(out) == _alerts(whole) != {}
+
+    # nothing new: nothing appended, the update is still recorded
+    p = _history(*where, "--out", str(out), "--update")
+    assert p.returncode == 0 and p.stderr.startswith(f"0 new, {len(events)} events"), p.stderr
+    assert (out / "events.jsonl").read_bytes() == now
+    assert len(json.loads((out / "manifest.json").read_text())["updates"]) == 3
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+
+
+def test_an_update_refuses_what_would_corrupt_the_export(harness: Any, tmp_path: Path) -> None:
+    import fcntl
+
+    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
+    harness.produce([{**base, "event_id": f"e{i}", "ts": f"2026-03-02T09:0{i}:00+08:00"}
+                     for i in range(3)])  # fmt: skip
+    where = ["--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix]
+    out = tmp_path / "x"
+    assert _history(*where, "--out", str(out), "--from", "2026-03-01").returncode == 0
+    before = (out / "events.jsonl").read_bytes()
+
+    def refused(*args: str, env: dict[str, str] | None = None) -> str:
+        p = _history_env(env or {}, *where, "--out", str(out), "--update", *args)
+        assert p.returncode == 1, p.stderr
+        assert (out / "events.jsonl").read_bytes() == before
+        return p.stderr
+
+    assert "window is fixed" in refused("--from", "2026-03-02")
+    key = {"EW_KEY": "k" * 32}
+    assert "holds real identifiers" in refused("--pseudonymize-key-env", "EW_KEY", env=key)
+    fd = os.open(out, os.O_RDONLY)  # another update holds the directory
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert "another export is writing" in refused()
+    finally:
+        os.close(fd)
+    # the manifest says more was read than the topic holds: another cluster, or recreated
+    m = json.loads((out / "manifest.json").read_text())
+    m["offsets"][harness.layout.access] = {
+        p: [0, 10**6] for p in m["offsets"][harness.layout.access]
+    }
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert "was recreated or this is another cluster" in refused()
+    (out / "manifest.json").unlink()
+    assert "no manifest.json" in refused()
+    # the same window given again is fine
+    m["offsets"][harness.layout.access] = {p: [0, 0] for p in m["offsets"][harness.layout.access]}
+    (out / "manifest.json").write_text(json.dumps(m))
+    p = _history(*where, "--out", str(out), "--update", "--from", "2026-03-01")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.startswith("3 new, 6 events")  # from 0 again: the manifest said so
+
+
+def test_retention_holes_are_named() -> None:
+    from pipeline.history import describe_export, resume_gap
+
+    assert resume_gap(100, 40) is None and resume_gap(40, 40) is None
+    assert resume_gap(40, 100) == [40, 100]
+    m = {
+        "summary": {"events": 5, "records": {"unreadable": 0, "outside_window": 0},
+                    "context_rows": {}},
+        "gaps": [{"topic": "emrwatch.access", "partition": 3, "offsets": [40, 100]}],
+    }  # fmt: skip
+    text = describe_export(m, Path("/h"))
+    assert "emrwatch.access:3 offsets 40–99 were deleted by retention" in text
