@@ -7,7 +7,9 @@ redelivery after a crash changes nothing and notifies nobody twice), commits the
 only after the store has them, runs the notification outbox, and serves the alert feed when
 the config has a ``feed:`` section. It reads the same YAML file as ``emrwatch run``
 (``kafka``, ``topics``, ``context.load_dir`` for supervisors and department heads) plus
-the ``alerting:`` and ``feed:`` sections.
+the ``alerting:`` and ``feed:`` sections. With ``feed.history_refresh_s``, it also keeps
+``feed.history_dir`` current (:class:`pipeline.history.HistoryKeeper`), so access reports
+in the feed cover the accesses of minutes ago.
 """
 
 from __future__ import annotations
@@ -95,6 +97,18 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
         client_id="emrwatch-alerts",
         **k.kafka_python(),
     )
+    keeper = None
+    if feed_settings is not None and feed_settings.history_refresh_s:
+        from pipeline.history import HistoryKeeper
+
+        keeper = HistoryKeeper(
+            settings.kafka.bootstrap_servers,
+            settings.topics,
+            feed_settings.history_dir,
+            feed_settings.history_refresh_s,
+            settings.kafka.kafka_python(),
+            settings.timezone,
+        ).start()
     if ready is not None:
         ready(router)
     try:
@@ -118,6 +132,8 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
                 consumer.commit()  # only after the store has them: at least once, upserts
     finally:
         consumer.close()
+        if keeper is not None:
+            keeper.stop()
         if server is not None:
             server.stop()
         router.close()

@@ -36,6 +36,7 @@ import io
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -447,6 +448,72 @@ def _replacing(path: Path) -> Iterator[Any]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class HistoryKeeper:
+    """Keeps a history directory current while a service runs: an update
+    (:func:`export_history` with ``update``) at start and then every ``every_s`` seconds,
+    in a background thread. A failed update (broker away, disk full) is logged and tried
+    again at the next turn; the directory keeps the last complete export meanwhile, and
+    its manifest's ``updated_at`` says how fresh it is."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        layout: TopicLayout,
+        out: str | Path,
+        every_s: float,
+        client_config: dict[str, Any] | None = None,
+        timezone: str | None = None,
+        log: Callable[[str], None] | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        self.bootstrap, self.layout, self.out = bootstrap, layout, Path(out)
+        self.timeout = timeout
+        self.every_s = every_s
+        self.client_config = client_config
+        self.timezone = timezone
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.updates = 0  # completed since start
+        self.failures = 0
+        self.last_error = ""
+        self._holes_told = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="emrwatch-history", daemon=True)
+
+    def start(self) -> HistoryKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def update_once(self) -> dict[str, Any] | None:
+        """One update; None (and the error logged) if it failed."""
+        try:
+            m = export_history(
+                self.bootstrap, self.layout, self.out, client_config=self.client_config,
+                timeout=self.timeout, timezone=self.timezone, update=True,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.log(f"history: update of {self.out} failed ({self.last_error}); next try in "
+                     f"{self.every_s:g} s")  # fmt: skip
+            return None
+        self.updates += 1
+        self.last_error = ""
+        holes = describe_export(m, self.out).splitlines()[1:]  # the retention warnings
+        for line in holes[self._holes_told :]:
+            self.log(f"history: {line}")
+        self._holes_told = len(holes)
+        return m
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.update_once()
+            self._stop.wait(self.every_s)
 
 
 class Pseudonymizer:

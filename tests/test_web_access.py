@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,14 @@ def test_without_history_the_page_says_what_to_set(tmp_path: Path) -> None:
         s.close()
     with pytest.raises(FeedConfigError, match="history_dir: no directory"):
         FeedSettings.from_dict({"history_dir": str(tmp_path / "nowhere")})
+    # kept current by the service: it creates the directory, but not its parents
+    FeedSettings.from_dict({"history_dir": str(tmp_path / "new"), "history_refresh_s": 300})
+    with pytest.raises(FeedConfigError, match="history_dir: no directory"):
+        FeedSettings.from_dict({"history_dir": str(tmp_path / "a" / "b"), "history_refresh_s": 9})
+    with pytest.raises(FeedConfigError, match="history_refresh_s needs history_dir"):
+        FeedSettings.from_dict({"history_refresh_s": 300})
+    with pytest.raises(FeedConfigError, match="history_refresh_s must be 0"):
+        FeedSettings.from_dict({"history_dir": str(tmp_path), "history_refresh_s": -1})
 
 
 @needs_chromium
@@ -194,3 +203,96 @@ def test_from_a_case_to_the_users_accesses_in_chromium(browser: Any, site: Site)
     assert "1 access(es) by 1 user(s)" in page.inner_text("#access-summary")
     assert errors == []
     page.screenshot(path=str(site.dir.parent / "access-report.png"), full_page=True)
+
+
+def test_the_alert_service_keeps_the_history_current(
+    tmp_path: Path, harness: Any, broker: Any
+) -> None:
+    """``feed.history_refresh_s``: ``emrwatch alerts`` exports the topics into
+    ``history_dir`` and keeps appending, so a report in the feed covers the accesses the
+    stream received a moment ago, and the page says how fresh its history is."""
+    import time
+
+    import yaml
+
+    from pipeline.web.testing import feed_settings
+    from tests.test_e2e_feed import AlertService
+
+    layout = harness.layout
+    harness.publish_context(write_hospital(tmp_path / "context"))
+    harness.produce(EVENTS[:3])  # att, rad, seal
+    users = [
+        {"username": u.username, "role": u.role, "password_hash": u.password_hash}
+        for u in feed_settings().users
+    ]
+    history = tmp_path / "history"  # the service creates it
+    cfg = {
+        "kafka": {"bootstrap_servers": broker.bootstrap},
+        "topics": {"prefix": layout.prefix, "partitions": layout.partitions},
+        "worker": {"group_id": f"g-hist-{layout.prefix}"},
+        "alerting": {"store_url": f"sqlite:///{tmp_path / 'alerts.sqlite3'}"},
+        "feed": {"users": users, "port": 0, "history_dir": str(history),
+                 "history_refresh_s": 1},
+    }  # fmt: skip
+    path = tmp_path / "emrwatch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    svc = AlertService(path, tmp_path / "service.log")
+
+    def history_holds(n: int) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            m = history / "manifest.json"
+            if m.is_file() and json.loads(m.read_text())["summary"]["events"] == n:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"the history never held {n} events:\n{svc.log()[-3000:]}")
+
+    from pipeline.web.testing import FeedClient
+
+    try:
+        url = svc.wait_for_url()
+        history_holds(3)
+        with FeedClient(url, "sam") as sam:
+            page = sam.get("/access-report")
+            fresh = re.search(r'id="history-freshness">([^<]+)<', page.text)
+            assert fresh and fresh.group(1).startswith(
+                "3 accesses, 2026-03-04 10:00 to 2026-03-04 13:00"
+            )
+            r = sam.post("/access-report", ASK)
+            assert r.status_code == 200, r.text
+            assert 'data-event="att"' in r.text and 'data-event="rad"' in r.text
+            assert 'data-event="orth-look"' not in r.text
+            harness.produce(EVENTS[3:4])  # orth-look: a nurse of another ward, just now
+            history_holds(4)
+            r = sam.post("/access-report", ASK)
+            assert 'data-event="orth-look"' in r.text
+            assert "4 accesses" in r.text
+        assert stat.S_IMODE(history.stat().st_mode) == 0o700
+    finally:
+        svc.stop()
+    assert "failed" not in svc.log(), svc.log()[-3000:]
+
+
+def test_a_failed_history_update_is_logged_and_the_next_one_recovers(
+    tmp_path: Path, broker: Any, producer: Any
+) -> None:
+    """The topics are not there yet (or the broker is away): the keeper says so and tries
+    again at its next turn, and the directory is written once they are."""
+    import uuid
+
+    from pipeline.history import HistoryKeeper
+    from pipeline.topics import TopicLayout, ensure_topics
+    from tests.conftest import StreamHarness
+
+    layout = TopicLayout(prefix=f"t{uuid.uuid4().hex[:8]}", partitions=2, sources=("jsonl",))
+    logs: list[str] = []
+    keeper = HistoryKeeper(broker.bootstrap, layout, tmp_path / "h", 60, log=logs.append,
+                           timeout=2)  # fmt: skip
+    assert keeper.update_once() is None and keeper.failures == 1
+    assert len(logs) == 1 and "does not exist" in logs[0] and "next try in 60 s" in logs[0]
+    assert not (tmp_path / "h" / "manifest.json").exists()
+    ensure_topics(broker.bootstrap, layout)
+    StreamHarness(broker.bootstrap, layout, producer).produce(EVENTS)
+    m = keeper.update_once()
+    assert m is not None and m["summary"]["events"] == len(EVENTS)
+    assert keeper.updates == 1 and keeper.last_error == "" and len(logs) == 1

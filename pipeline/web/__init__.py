@@ -59,6 +59,8 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       login_lockout_s: 60             # ... it is refused this long
       title: emrwatch                 # shown in the page header
       history_dir: /secure/history    # an emrwatch history export the access report reads
+      history_refresh_s: 0            # > 0: emrwatch alerts keeps history_dir current
+                                      # from the topics (history --update every N s)
       host: 127.0.0.1                 # where ``emrwatch run`` serves the feed
       port: 8080
 

@@ -64,6 +64,31 @@ def history_events(history_dir: str) -> Path | None:
     return None
 
 
+def history_freshness(history_dir: str, timezone: str) -> str:
+    """What the history directory covers and when it was last written, from its
+    ``manifest.json`` in the hospital's local time; "" without a readable manifest."""
+    from datetime import datetime
+
+    import orjson
+
+    from emrwatch.timeutil import zone
+
+    try:
+        m = orjson.loads((Path(history_dir) / "manifest.json").read_bytes())
+        tz = zone(timezone)
+
+        def local(text: str) -> str:
+            return datetime.fromisoformat(text).astimezone(tz).strftime("%Y-%m-%d %H:%M")
+
+        s = m.get("summary") or {}
+        period = s.get("period") or {}
+        span = f"{local(period['start'])} to {local(period['end'])}" if period else "none yet"
+        written = m.get("updated_at") or m["exported_at"]
+        return f"{int(s.get('events', 0)):,} accesses, {span}; written {local(written)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def _ids(value: str) -> list[str]:
     return [x for x in _IDS.split(value.strip()) if x]
 
@@ -87,6 +112,7 @@ def _form(request: Request, values: dict[str, str], error: str = "", status: int
             "error": error,
             "history_dir": hdir,
             "events_file": events.name if events else "",
+            "freshness": history_freshness(hdir, feed.settings.timezone) if events else "",
             "timezone": feed.settings.timezone,
             "min_purpose": MIN_PURPOSE,
             "rep": None,
@@ -219,6 +245,7 @@ async def run_report(request: Request) -> Response:
             "error": "",
             "history_dir": hdir,
             "events_file": events.name,
+            "freshness": history_freshness(hdir, feed.settings.timezone),
             "timezone": feed.settings.timezone,
             "min_purpose": MIN_PURPOSE,
             "rep": rep,

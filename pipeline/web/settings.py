@@ -54,6 +54,10 @@ class FeedSettings:
     #: an ``emrwatch history`` export (context CSVs and an events file) the access report
     #: page reads (pipeline.web.access); "" leaves the page without history
     history_dir: str = ""
+    #: keep ``history_dir`` current from the topics: ``emrwatch alerts`` runs an
+    #: ``emrwatch history --update`` into it at start and then every this many seconds
+    #: (0: never; something else refreshes the directory)
+    history_refresh_s: float = 0.0
     host: str = "127.0.0.1"  # where ``emrwatch run`` serves the feed
     port: int = 8080
     _generated_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
@@ -125,7 +129,16 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: port must be 0..65535")
         if not 1 <= self.page_size <= 500:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
-        if self.history_dir and not Path(self.history_dir).is_dir():
+        if self.history_refresh_s < 0:
+            raise FeedConfigError(f"{source}: history_refresh_s must be 0 (never) or more")
+        if self.history_refresh_s and not self.history_dir:
+            raise FeedConfigError(f"{source}: history_refresh_s needs history_dir to write to")
+        if self.history_refresh_s:  # the service creates it; its parent must be there
+            if not Path(self.history_dir).parent.is_dir():
+                raise FeedConfigError(
+                    f"{source}: history_dir: no directory {Path(self.history_dir).parent}"
+                )
+        elif self.history_dir and not Path(self.history_dir).is_dir():
             raise FeedConfigError(f"{source}: history_dir: no directory {self.history_dir}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise FeedConfigError(f"{source}: tls_cert_file and tls_key_file go together")
