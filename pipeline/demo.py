@@ -35,6 +35,7 @@ from pipeline.stream_config import KafkaSettings, StreamSettings
 from pipeline.topics import TopicLayout, ensure_topics
 
 ALERT_LINES = 8
+DEMO_HISTORY_REFRESH_S = 5.0  # how often the access report's history catches up
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,8 +188,11 @@ def _tail_alerts(
 class _Feed:
     """The alert store and its web feed (``pipeline.alerting`` / ``pipeline.web``)."""
 
-    def __init__(self, router: Any, server: Any, url: str, passwords: dict[str, str]) -> None:
+    def __init__(
+        self, router: Any, server: Any, url: str, passwords: dict[str, str], keeper: Any
+    ) -> None:
         self.router, self.server, self.url = router, server, url
+        self.keeper = keeper  # keeps the access report's history current
         self.logins = ", ".join(f"{u} / {pw}" for u, pw in passwords.items())
 
     def handle(self, alerts: list[dict[str, Any]]) -> None:
@@ -197,13 +201,19 @@ class _Feed:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
+            self.keeper.stop(timeout=5)
+        with contextlib.suppress(Exception):
             self.server.stop()
         with contextlib.suppress(Exception):
             self.router.close()
 
 
-def _start_feed(tmp: Path, data: Path, args: argparse.Namespace) -> _Feed | None:
-    """Serve the alert feed page from a store the demo fills from the alert topic."""
+def _start_feed(
+    tmp: Path, data: Path, args: argparse.Namespace, settings: StreamSettings
+) -> _Feed | None:
+    """Serve the alert feed page from a store the demo fills from the alert topic, with the
+    access report over a history export of the topics kept current as production's
+    ``feed.history_refresh_s`` keeps it (so it covers what the stream has received)."""
     try:
         from emrwatch.context import Context
         from pipeline.alerting import AlertRouter
@@ -213,18 +223,30 @@ def _start_feed(tmp: Path, data: Path, args: argparse.Namespace) -> _Feed | None
     except ImportError as exc:  # the feed is optional for the streaming demo
         print(f"(alert feed not available: {exc})")
         return None
-    # the access report page reads the simulated hospital (its whole log) as its history
-    settings, passwords = FeedSettings.for_demo(history_dir=str(data))
+    from pipeline.history import HistoryKeeper
+
+    history = tmp / "history"
+    keeper = HistoryKeeper(
+        settings.kafka.bootstrap_servers,
+        settings.topics,
+        history,
+        DEMO_HISTORY_REFRESH_S,
+        timezone=settings.timezone,
+        log=lambda _text: None,  # the screen shows keeper.last_error
+    ).start()
+    feed_settings, passwords = FeedSettings.for_demo(
+        history_dir=str(history), timezone=settings.timezone
+    )
     router = AlertRouter(
         AlertingConfig(store_url=f"sqlite:///{tmp / 'alerts.sqlite3'}"), context=Context.load(data)
     )
-    url, server = serve_feed(router.store, settings)
+    url, server = serve_feed(router.store, feed_settings)
     if not args.no_browser and (os.environ.get("DISPLAY") or sys.platform == "darwin"):
         import webbrowser
 
         with contextlib.suppress(Exception):
             webbrowser.open(url)
-    return _Feed(router, server, url, passwords)
+    return _Feed(router, server, url, passwords, keeper)
 
 
 def _committed(admin: Any, group: str, topic: str) -> dict[int, int]:
@@ -302,7 +324,7 @@ def run_demo(args: argparse.Namespace) -> int:
         demo_port = args.metrics_port or free_port()
         start_http_server(demo_port, addr="127.0.0.1", registry=registry)
 
-        alert_feed = _start_feed(tmp, data, args)
+        alert_feed = _start_feed(tmp, data, args, settings)
         worker_ports = [free_port() for _ in range(args.workers)]
         procs = [
             spawn_worker(
@@ -385,6 +407,8 @@ def run_demo(args: argparse.Namespace) -> int:
                     screen.append(f"      {reason}"[:width])
                 if state.feed_error:
                     screen.append(f"feed error: {state.feed_error}")
+                if alert_feed is not None and alert_feed.keeper.last_error:
+                    screen.append(f"history export: {alert_feed.keeper.last_error}")
                 if dead:
                     screen.append(f"worker(s) {dead} exited; see {tmp}")
                 if tty:

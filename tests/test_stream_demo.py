@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -48,6 +50,7 @@ def test_demo_serves_metrics_shows_alerts_and_stops_on_its_own(small_hospital: P
         text=True,
     )
     lines: list[str] = []
+    history: list[str] = []  # what the access report page says its history holds
     scraped = ""
     feed_health = 0
     try:
@@ -58,6 +61,12 @@ def test_demo_serves_metrics_shows_alerts_and_stops_on_its_own(small_hospital: P
             if line.startswith("alert feed"):
                 feed_url = line.split()[2]
                 feed_health = urllib.request.urlopen(f"{feed_url}/healthz", timeout=5).status
+                m = re.search(r"supervisor / ([^,)\s]+)", line)
+                assert m, line
+                watcher = threading.Thread(
+                    target=_watch_history, args=(feed_url, m.group(1), history), daemon=True
+                )
+                watcher.start()
             if "worker 0 metrics" in line and not scraped:
                 url = line.split()[-1]
                 for _ in range(40):  # the worker's engines serve it once context is loaded
@@ -80,6 +89,29 @@ def test_demo_serves_metrics_shows_alerts_and_stops_on_its_own(small_hospital: P
     sent = int(summary.split()[1].replace(",", ""))
     assert sent > 1000
     assert "p00000" not in out  # patient ids are masked
+    # the access report's history is exported from the topics as the stream receives them
+    assert history, "the access report page never showed its history"
+    held = int(history[-1].split()[0].replace(",", ""))
+    assert 0 < held <= sent, history[-1]
+
+
+def _watch_history(url: str, password: str, seen: list[str]) -> None:
+    """Log in as the demo's supervisor and read the access report page until its history
+    holds accesses (or the demo ends)."""
+    from pipeline.web.testing import FeedClient
+
+    deadline = time.monotonic() + 14
+    try:
+        with FeedClient(url, "supervisor", password) as sam:
+            while time.monotonic() < deadline:
+                page = sam.get("/access-report").text
+                m = re.search(r'id="history-freshness">([^<]+)<', page)
+                if m and not m.group(1).startswith("0 "):
+                    seen.append(m.group(1))
+                    return
+                time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - the demo may end first; the test then fails above
+        return
 
 
 def test_bench_reports_every_number_as_json(small_hospital: Path) -> None:
