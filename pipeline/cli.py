@@ -369,6 +369,16 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "pipeline.access_review",
             "accounts and grants to re-check: open-ended, ending, dormant, misused, over-cleared",
         ),
+        (
+            "assessment",
+            "pipeline.assessment",
+            "a hospital's periodic security assessment of EMR access (for the regulator)",
+        ),
+        (
+            "assessment-compare",
+            "pipeline.assessment",
+            "the regulator's table of many hospitals' assessments",
+        ),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:
