@@ -235,8 +235,8 @@ async def run_report(request: Request) -> Response:
                 "timezone": rep.timezone,
             },
         )
-    ids = [a["alert_id"] for a in rep.alerts]
-    known = await db(lambda: {i for i in ids if feed.store.get(i) is not None})
+    alert_ids = [a["alert_id"] for a in rep.alerts]
+    known = await db(lambda: {i for i in alert_ids if feed.store.get(i) is not None})
     return feed.page(
         request,
         "access_report.html",
