@@ -205,6 +205,23 @@ def test_from_a_case_to_the_users_accesses_in_chromium(browser: Any, site: Site)
     page.screenshot(path=str(site.dir.parent / "access-report.png"), full_page=True)
 
 
+@needs_chromium
+def test_from_the_privacy_report_to_the_assessment_in_chromium(browser: Any, site: Site) -> None:
+    page, errors = open_page(browser, 15_000)
+    log_in(page, site.url, "aud", PASSWORD)  # an auditor: reads reports, runs no access report
+    page.goto(f"{site.url}/reports?from=2026-03-04&to=2026-03-05")
+    page.click("#assessment-link")
+    page.wait_for_selector("#assessment-indicators")
+    concerns = page.locator("#assessment-concerns li")
+    codes = {concerns.nth(i).get_attribute("data-code") for i in range(concerns.count())}
+    assert {"explained", "sealed"} <= codes
+    assert page.locator("#assessment-indicators tr.unexplained").count() >= 2
+    with page.expect_download() as dl:
+        page.click("#assessment-json")
+    assert json.loads(Path(dl.value.path()).read_text())["kind"] == "emrwatch assessment"
+    assert errors == []
+
+
 def test_the_alert_service_keeps_the_history_current(
     tmp_path: Path, harness: Any, broker: Any
 ) -> None:
@@ -296,3 +313,34 @@ def test_a_failed_history_update_is_logged_and_the_next_one_recovers(
     m = keeper.update_once()
     assert m is not None and m["summary"]["events"] == len(EVENTS)
     assert keeper.updates == 1 and keeper.last_error == "" and len(logs) == 1
+
+
+def test_the_security_assessment_page(site: Site, tmp_path: Path) -> None:
+    """Supervisors and auditors read the period's assessment (audited) and download the JSON
+    a regulator's ``assessment-compare`` reads; analysts get 403."""
+    from pipeline.assessment import compare, load_assessment
+
+    q = "/reports/assessment?from=2026-03-04&to=2026-03-05"
+    assert site.client("ana").get(q).status_code == 403
+    for name in ("sam", "aud"):
+        c = site.client(name)
+        r = c.get(q)
+        assert r.status_code == 200, r.text
+        assert 'id="assessment-indicators"' in r.text
+        # the orthopaedic nurse's look is the one access of five nothing explains
+        assert "80.0%" in r.text and 'data-code="explained"' in r.text
+        assert 'data-code="sealed"' in r.text  # the cardiology nurse on the sealed record
+        assert "P1" not in r.text and "n-orth" not in r.text  # counts only
+        (entry,) = [e for e in site.store.audit_log(actor=name) if e.action == "assessment"]
+        assert json.loads(entry.detail)["from"] == "2026-03-04"
+    r = site.client("sam").get(q + "&output=json")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    path = tmp_path / "a.json"
+    path.write_bytes(r.content)
+    doc = load_assessment(path)
+    assert doc["log"]["accesses"] == len(EVENTS)
+    # the feed's own store was read: its cases arrived today, not in the period assessed
+    assert doc["alerts"] is not None and doc["alerts"]["alerts"] == 0 < len(site.alerts)
+    assert compare([doc]).rows[0][1] == [str(len(EVENTS))]
+    r = site.client("sam").get("/reports/assessment?from=2026-03-05&to=2026-03-04")
+    assert r.status_code == 400 and "must end after it starts" in r.text

@@ -52,6 +52,7 @@ def routes() -> list[BaseRoute]:
         Route("/access-report", form_page, methods=["GET"]),
         Route("/access-report", run_report, methods=["POST"]),
         Route("/access-review", review_page, methods=["GET"]),
+        Route("/reports/assessment", assessment_page, methods=["GET"]),
     ]
 
 
@@ -303,5 +304,91 @@ async def review_page(request: Request) -> Response:
         request,
         "access_review.html",
         {"rev": rev, "error": error, "as_of": as_of, "sections": SECTIONS},
+        status=400 if error else 200,
+    )
+
+
+def _assess(
+    hospital: str,
+    history_dir: str,
+    events: Path,
+    timezone: str,
+    detection: Any,
+    store: Any,
+    start: Any,
+    end: Any,
+) -> Any:
+    from dataclasses import replace
+
+    from detectors.config import DetectionConfig
+    from pipeline.assessment import assess
+
+    cfg = replace(detection, timezone=timezone) if detection else DetectionConfig(timezone=timezone)
+    return assess(hospital, history_dir, events, start, end, cfg, store)
+
+
+@requires("report.read")
+async def assessment_page(request: Request) -> Response:
+    """The period's security assessment (:mod:`pipeline.assessment`) of this hospital, from
+    the history and the alert store, as a page or as the JSON document a regulator's
+    ``emrwatch assessment-compare`` reads. Supervisors and auditors; each reading is
+    audited (``assessment``). It names no patient and no member of staff."""
+    from datetime import date
+
+    from pipeline.alerting.report import default_period
+    from pipeline.assessment import AssessmentError, compare
+
+    feed = _feed(request)
+    user = request.state.user
+    zone = feed.settings.timezone
+    hospital = feed.settings.hospital or feed.settings.title
+    start, end = default_period(zone)
+    q = request.query_params
+    output = q.get("output") or "page"
+    hdir = feed.settings.history_dir
+    events = history_events(hdir) if hdir else None
+    a, error = None, ""
+    try:
+        if q.get("from"):
+            start = date.fromisoformat(q["from"])
+        if q.get("to"):
+            end = date.fromisoformat(q["to"])
+    except ValueError as exc:
+        error = f"Dates: {exc}"
+    if events is None and not error:
+        error = "No history to assess: set feed.history_dir (README: Access reports)."
+    if not error:
+        detail = {"from": start.isoformat(), "to": end.isoformat(), "output": output,
+                  "role": user.role}  # fmt: skip
+        await db(feed.store.record_access, user.username, "assessment", None, detail)
+        try:
+            async with _LOCK.setdefault(id(asyncio.get_running_loop()), asyncio.Lock()):
+                a = await run_in_threadpool(
+                    _assess, hospital, hdir, events, zone, request.app.state.detection,
+                    feed.store, start, end,
+                )  # fmt: skip
+        except (AssessmentError, OSError, ValueError) as exc:
+            error = str(exc)
+    if a is not None and output == "json":
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", f"assessment-{hospital}-{a.period_from}")[:80]
+        return Response(
+            a.to_json() + "\n",
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="{name}.json"'},
+        )
+    table = compare([a.to_dict()]) if a is not None else None
+    return feed.page(
+        request,
+        "assessment.html",
+        {
+            "a": a,
+            "rows": [(r[0], r[1][0], r[3][0]) for r in table.rows] if table else [],
+            "error": error,
+            "start": start.isoformat(),
+            "end": end.isoformat(),
+            "timezone": zone,
+            "hospital": hospital,
+            "freshness": history_freshness(hdir, zone) if events else "",
+        },
         status=400 if error else 200,
     )

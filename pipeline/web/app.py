@@ -449,6 +449,7 @@ async def audit_page(request: Request) -> Response:
                 "report.view",
                 "access_report",
                 "access_review",
+                "assessment",
             ],
         },
     )

@@ -50,6 +50,7 @@ class FeedSettings:
     login_max_failures: int = 5
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
+    hospital: str = ""  # the hospital's name in its security assessment (default: title)
     timezone: str = "Asia/Shanghai"  # the hospital's: report periods are its local dates
     #: an ``emrwatch history`` export (context CSVs and an events file) the access report
     #: page reads (pipeline.web.access); "" leaves the page without history
