@@ -128,10 +128,24 @@ def _h(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} h"
 
 
+#: (code, section, key, words): a concern whenever the count is above zero
+_COUNT_CONCERNS = (
+    ("sealed", "sealing", "unauthorised_accesses",
+     "{n} access(es) to sealed records by users the seal does not list"),
+    ("open_ended", "accounts", "open_ended",
+     "{n} trainee, vendor or researcher account(s) without an end date"),
+    ("outside_validity", "accounts", "outside_validity",
+     "{n} account(s) used outside their validity or not on the roster"),
+    ("response", "alerts", "first_step_late",
+     "{n} case(s) first triaged after their severity's target"),
+    ("backlog", "alerts", "open_over_30_days", "{n} case(s) open for more than 30 days"),
+)  # fmt: skip
+
+
 def concerns_of(a: Assessment) -> list[dict[str, str]]:
     """The indicators past their thresholds, each with a code and a sentence."""
     out: list[tuple[str, str]] = []
-    lg, ex, se, ac, al = a.log, a.explanation, a.sealing, a.accounts, a.alerts
+    lg, ex, al = a.log, a.explanation, a.alerts
     if not lg["accesses"]:
         out.append(("no_accesses", "no access was logged in the period"))
     elif lg["silent_days"]:
@@ -151,25 +165,13 @@ def concerns_of(a: Assessment) -> list[dict[str, str]]:
     ):
         out.append(("break_the_glass", f"{ex['emergency_unexplained']} of {ex['emergency']} "
                     "break-the-glass accesses are unexplained"))  # fmt: skip
-    if se["unauthorised_accesses"]:
-        out.append(("sealed", f"{se['unauthorised_accesses']} access(es) to sealed records by "
-                    "users the seal does not list"))  # fmt: skip
-    if ac["open_ended"]:
-        out.append(("open_ended", f"{ac['open_ended']} trainee, vendor or researcher "
-                    "account(s) without an end date"))  # fmt: skip
-    if ac["outside_validity"]:
-        out.append(("outside_validity", f"{ac['outside_validity']} account(s) used outside "
-                    "their validity or not on the roster"))  # fmt: skip
+    for code, section, key, words in _COUNT_CONCERNS:
+        counts = getattr(a, section)
+        if counts is not None and counts[key]:
+            out.append((code, words.format(n=counts[key])))
     if al is None:
         out.append(("no_alert_store", "no alert store given: the response to alerts is "
                     "not assessed"))  # fmt: skip
-    else:
-        if al["first_step_late"]:
-            out.append(("response", f"{al['first_step_late']} case(s) first triaged after "
-                        "their severity's target"))  # fmt: skip
-        if al["open_over_30_days"]:
-            out.append(("backlog", f"{al['open_over_30_days']} case(s) open for more than "
-                        "30 days"))  # fmt: skip
     return [{"code": c, "text": t} for c, t in out]
 
 
