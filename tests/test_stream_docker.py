@@ -72,11 +72,14 @@ def test_alerts_service_config_loads(tmp_path: Path) -> None:
     doc = yaml.safe_load((DOCKER / "alerts.yaml").read_text())
     doc["context"]["load_dir"] = str(tmp_path)  # /data exists only inside the container
     doc["alerting"]["store_url"] = f"sqlite:///{tmp_path / 'a.sqlite3'}"
+    # the history lives beside the store on the service's volume
+    assert Path(doc["feed"]["history_dir"]).parent == Path("/var/lib/emrwatch")
+    doc["feed"]["history_dir"] = str(tmp_path / "history")
     cfg = tmp_path / "alerts.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     settings, alerting, feed, _ctx = _load(str(cfg))
     worker = load_settings(DOCKER / "stream.yaml")
     assert settings.topics == worker.topics
-    assert feed is not None and feed.port == 8080
+    assert feed is not None and feed.port == 8080 and feed.history_refresh_s == 300
     services = _compose()["services"]
     assert services["alerts"]["command"] == ["alerts", "--config", "/etc/emrwatch/alerts.yaml"]
