@@ -302,9 +302,10 @@ def test_the_monthly_privacy_report_is_mailed_once_when_the_month_is_over(
     text = msg.get_body(preferencelist=("plain",)).get_content()
     assert "Cases raised: 1" in text and "low 1" in text
     assert f"{FEED}/reports?from=2026-03-01&to=2026-04-01" in text
-    assert (
-        "Cases raised: <strong>1</strong>" in msg.get_body(preferencelist=("html",)).get_content()
-    )
+    assert f"{FEED}/reports/assessment?from=2026-03-01&to=2026-04-01" in text
+    body = msg.get_body(preferencelist=("html",)).get_content()
+    assert "Cases raised: <strong>1</strong>" in body
+    assert f"href='{FEED}/reports/assessment?from=2026-03-01&amp;to=2026-04-01'" in body
     assert "p00078" not in msg.as_string()  # no patient id in a report
     router.close()
     again.close()

@@ -331,11 +331,14 @@ class AlertRouter:
             self._reported = tag
             return 0
         rep = privacy_report(self.store, start, end, e.report_timezone)
-        link = f"{self.config.feed_url.rstrip('/')}/reports?from={start}&to={end}"
+        feed = self.config.feed_url.rstrip("/")
+        link = f"{feed}/reports?from={start}&to={end}"
+        assessment = f"{feed}/reports/assessment?from={start}&to={end}"
         payload = {
             "subject": rep.title,
-            "text": f"{rep.to_text()}\nIn the alert feed: {link}\n",
-            "html": rep.to_html(link),
+            "text": f"{rep.to_text()}\nIn the alert feed: {link}\n"
+            f"The month's security assessment (for the regulator): {assessment}\n",
+            "html": rep.to_html(link, assessment),
         }
         added = self.outbox.enqueue_report(tag, "email", e.report_to, payload)
         if added:

@@ -211,11 +211,16 @@ class PrivacyReport:
         ]
         return "".join(parts)
 
-    def to_html(self, link: str = "") -> str:
+    def to_html(self, link: str = "", assessment: str = "") -> str:
         """The report as a whole HTML document (a file, an e-mail), with a ``link`` to the
-        same period in the alert feed when given."""
+        same period in the alert feed and one to its security ``assessment`` when given."""
         title = html.escape(self.title)
         more = f"<p><a href='{html.escape(link)}'>Open it in the alert feed</a></p>" if link else ""
+        if assessment:
+            more += (
+                f"<p><a href='{html.escape(assessment)}'>The period's security assessment</a> "
+                "(for the regulator)</p>"
+            )
         return (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
             "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}"
