@@ -108,6 +108,7 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
             feed_settings.history_refresh_s,
             settings.kafka.kafka_python(),
             settings.timezone,
+            keep_days=feed_settings.history_keep_days or None,
         ).start()
     if ready is not None:
         ready(router)

@@ -33,12 +33,14 @@ import hashlib
 import heapq
 import hmac
 import io
+import math
 import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ EVENTS_FILE = "events.jsonl"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_KIND = "emrwatch history export"
 MAX_UPDATES = 100  # updates the manifest lists (the latest)
+DAY_S = 86400.0
 
 
 class HistoryError(RuntimeError):
@@ -178,6 +181,7 @@ def export_history(
     pseudonymizer: Pseudonymizer | None = None,
     timezone: str | None = None,
     update: bool = False,
+    keep_days: float | None = None,
 ) -> dict[str, Any]:
     """Write the access and context topics of ``layout`` to ``out``; returns the manifest.
     With ``pseudonymizer``, patient identifiers, names and addresses are replaced by keyed
@@ -189,7 +193,14 @@ def export_history(
     context is read again whole: it is the latest row per key), under the same window and
     pseudonymization key. Without an earlier export there, it is a full export. Every file
     is replaced atomically, so a report reading the directory meanwhile sees the old export
-    or the new one, never half of one; two updates of one directory do not run at once."""
+    or the new one, never half of one; two updates of one directory do not run at once.
+
+    ``keep_days`` keeps only the events of the last so many days before the newest one (a
+    rolling history for the feed's reports; an update keeps the export's value unless
+    given another). Older events are dropped when an export is written whole, and by an
+    update once the oldest kept event is a day past the limit (which rereads the file)."""
+    if keep_days is not None and keep_days <= 0:
+        raise HistoryError(f"keep_days must be positive, not {keep_days}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
@@ -200,9 +211,11 @@ def export_history(
             start = datetime.fromisoformat(w["from"]) if w.get("from") else None
             end = datetime.fromisoformat(w["to"]) if w.get("to") else None
             timezone = timezone or prev.get("timezone")
+            if keep_days is None:
+                keep_days = prev.get("keep_days")
         return _export(
             bootstrap, layout, out, start, end, client_config, timeout, pseudonymizer, timezone,
-            prev,
+            prev, keep_days,
         )  # fmt: skip
 
 
@@ -262,6 +275,7 @@ def _export(
     pseudonymizer: Pseudonymizer | None,
     timezone: str | None,
     prev: dict[str, Any] | None,
+    keep_days: float | None = None,
 ) -> dict[str, Any]:
     t_from = start.timestamp() if start else float("-inf")
     t_to = end.timestamp() if end else float("inf")
@@ -345,27 +359,53 @@ def _export(
             if pseudonymizer is not None:
                 kept_rows = [pseudonymizer.context_row(kind, r) for r in kept_rows]
             context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, kept_rows)
+        # what the export held: its events and their period (an update's earlier part)
+        held = _Held()
+        if prev is not None:
+            old_summary = prev.get("summary") or {}
+            period = old_summary.get("period") or {}
+            held = _Held(
+                int(old_summary.get("events", 0)),
+                parse_ts(period["start"]) if period else math.inf,
+                parse_ts(period["end"]) if period else -math.inf,
+                int(old_summary.get("trimmed", 0)),
+            )
+        cutoff = -math.inf
+        if keep_days:
+            cutoff = max(held.last, last_t) - keep_days * DAY_S
         with _replacing(out / EVENTS_FILE) as fh:
             if prev is not None:
                 with (out / EVENTS_FILE).open("rb") as old:
-                    shutil.copyfileobj(old, fh, 1 << 20)
-            _merge([path for path, _ in spools.values()], fh)
+                    if held.first < cutoff - DAY_S:  # a day past the limit: drop the old
+                        held = _copy_since(old, fh, cutoff, held)
+                    else:
+                        shutil.copyfileobj(old, fh, 1 << 20)
+            written, first_new = _merge([path for path, _ in spools.values()], fh, cutoff)
     finally:
         for path, fh in spools.values():
             fh.close()
             path.unlink(missing_ok=True)
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    summary = {
+    summary: dict[str, Any] = {
         "period": {},
-        "events": kept,
+        "events": held.events + written,
         "records": counts,
         "unreadable_examples": unreadable,
         "context_rows": context_counts,
         "context_rejected": bad_context[:20],
+        "trimmed": held.trimmed + kept - written,
     }
+    first_t, last_t = min(held.first, first_new), max(held.last, last_t)
     if prev is not None:
-        summary, first_t, last_t = _add_up(prev, summary, first_t, last_t)
+        old_summary = prev.get("summary") or {}
+        summary["records"] = {
+            k: int((old_summary.get("records") or {}).get(k, 0)) + v for k, v in counts.items()
+        }
+        summary["unreadable_examples"] = [
+            *(old_summary.get("unreadable_examples") or []),
+            *unreadable,
+        ][:20]
         for p, (lo, hi) in acc_offsets[layout.access].items():
             was = prev["offsets"][layout.access].get(p)
             acc_offsets[layout.access][p] = [int(was[0]) if was else lo, hi]
@@ -395,29 +435,35 @@ def _export(
     }
     if timezone:
         manifest["timezone"] = timezone
+    if keep_days:
+        manifest["keep_days"] = keep_days
     with _replacing(out / MANIFEST_FILE) as fh:
         fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
     return manifest
 
 
-def _add_up(
-    prev: dict[str, Any], new: dict[str, Any], first_t: float, last_t: float
-) -> tuple[dict[str, Any], float, float]:
-    """The summary of an export and its update together, with the events' whole period."""
-    old = prev.get("summary") or {}
-    period = old.get("period") or {}
-    if period:
-        first_t = min(first_t, parse_ts(period["start"]))
-        last_t = max(last_t, parse_ts(period["end"]))
-    records = {k: int((old.get("records") or {}).get(k, 0)) + v for k, v in new["records"].items()}
-    examples = [*(old.get("unreadable_examples") or []), *new["unreadable_examples"]][:20]
-    total = {
-        **new,
-        "events": int(old.get("events", 0)) + new["events"],
-        "records": records,
-        "unreadable_examples": examples,
-    }
-    return total, first_t, last_t
+@dataclass(frozen=True)
+class _Held:
+    """What an export's events file holds: how many events, their first and last time,
+    and how many older ones ``keep_days`` has dropped so far."""
+
+    events: int = 0
+    first: float = math.inf
+    last: float = -math.inf
+    trimmed: int = 0
+
+
+def _copy_since(src: Any, dst: Any, cutoff: float, held: _Held) -> _Held:
+    """Copy the lines of ``src`` whose event time is ``cutoff`` or later to ``dst``;
+    returns what is held then."""
+    events, first, last = 0, math.inf, -math.inf
+    for line in src:
+        t = parse_ts(orjson.loads(line)["ts"])
+        if t < cutoff:
+            continue
+        dst.write(line)
+        events, first, last = events + 1, min(first, t), max(last, t)
+    return _Held(events, first, last, held.trimmed + held.events - events)
 
 
 @contextlib.contextmanager
@@ -467,9 +513,11 @@ class HistoryKeeper:
         timezone: str | None = None,
         log: Callable[[str], None] | None = None,
         timeout: float = 300.0,
+        keep_days: float | None = None,
     ) -> None:
         self.bootstrap, self.layout, self.out = bootstrap, layout, Path(out)
         self.timeout = timeout
+        self.keep_days = keep_days
         self.every_s = every_s
         self.client_config = client_config
         self.timezone = timezone
@@ -495,6 +543,7 @@ class HistoryKeeper:
             m = export_history(
                 self.bootstrap, self.layout, self.out, client_config=self.client_config,
                 timeout=self.timeout, timezone=self.timezone, update=True,
+                keep_days=self.keep_days,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
             self.failures += 1
@@ -585,16 +634,22 @@ class Pseudonymizer:
         }
 
 
-def _merge(paths: list[Path], target: Any) -> None:
+def _merge(paths: list[Path], target: Any, since: float = -math.inf) -> tuple[int, float]:
     """Interleave per-partition spools (``t<TAB>json`` lines) by event time into the open
-    binary file ``target``.
+    binary file ``target``, leaving out events before ``since``; returns how many were
+    written and the first one's time.
     Each partition keeps its own order, so every user's events stay in the order the stream
     received them, exactly as a worker processed them."""
     files = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed below, all of them
     try:
         streams = [((float(line[: line.index(b"\t")]), line) for line in f) for f in files]
-        for _, line in heapq.merge(*streams, key=lambda x: x[0]):
+        written, first = 0, math.inf
+        for t, line in heapq.merge(*streams, key=lambda x: x[0]):
+            if t < since:
+                continue
             target.write(line[line.index(b"\t") + 1 :])
+            written, first = written + 1, min(first, t)
+        return written, first
     finally:
         for f in files:
             f.close()
@@ -658,6 +713,13 @@ def add_history_arguments(parser: argparse.ArgumentParser) -> None:
         "the offsets its manifest.json records and refresh the context (with no export "
         "there yet: a full export); run it from a timer to keep a history directory current",
     )
+    parser.add_argument(
+        "--keep-days",
+        type=float,
+        default=None,
+        help="keep only the events of the last N days before the newest (a rolling history; "
+        "an update keeps the export's value unless given)",
+    )
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -696,7 +758,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     try:
         m = export_history(
             bootstrap, layout, args.out, start, end, client, args.timeout, pseudonymizer,
-            timezone, update=args.update,
+            timezone, update=args.update, keep_days=args.keep_days,
         )  # fmt: skip
     except HistoryError as exc:
         print(f"emrwatch history: {exc}", file=sys.stderr)
@@ -713,10 +775,13 @@ def describe_export(m: dict[str, Any], out: Path) -> str:
     added = ""
     if len(m.get("updates") or []) > 1:
         added = f"{m['updates'][-1]['events']} new, "
+    kept = ""
+    if m.get("keep_days"):
+        kept = f"the last {m['keep_days']:g} days kept, {s.get('trimmed', 0)} older dropped; "
     text = (
         f"{added}{s['events']} events → {out / EVENTS_FILE} "
-        f"({r['unreadable']} unreadable and {r['outside_window']} outside the window skipped); "
-        f"context: {ctx}"
+        f"({r['unreadable']} unreadable and {r['outside_window']} outside the window skipped; "
+        f"{kept}context: {ctx})"
     )
     for g in m.get("gaps") or []:
         lo, hi = g["offsets"]

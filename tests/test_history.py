@@ -371,3 +371,40 @@ def test_retention_holes_are_named() -> None:
     }  # fmt: skip
     text = describe_export(m, Path("/h"))
     assert "emrwatch.access:3 offsets 40–99 were deleted by retention" in text
+
+
+def test_a_rolling_history_keeps_the_last_days(harness: Any, tmp_path: Path) -> None:
+    """``--keep-days``: an export keeps the events of the last N days before the newest;
+    an update drops the older ones once the oldest is a day past the limit, and keeps the
+    export's N without being told again."""
+    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
+
+    def day(d: int, eid: str) -> dict[str, Any]:
+        return {**base, "event_id": eid, "ts": f"2026-03-{d:02d}T09:00:00+08:00"}
+
+    where = ["--bootstrap", harness.bootstrap, "--prefix", harness.layout.prefix]
+    out = tmp_path / "rolling"
+
+    def ids() -> list[str]:
+        return [json.loads(x)["event_id"] for x in (out / "events.jsonl").read_text().split()]
+
+    harness.produce([day(d, f"e{d}") for d in range(1, 11)])
+    p = _history(*where, "--out", str(out), "--keep-days", "3")
+    assert p.returncode == 0, p.stderr
+    assert ids() == ["e7", "e8", "e9", "e10"]  # from 3 days before the newest (the 10th)
+    assert "the last 3 days kept, 6 older dropped" in p.stderr
+    harness.produce([day(11, "e11")])
+    assert _history(*where, "--out", str(out), "--update").returncode == 0
+    assert ids() == ["e7", "e8", "e9", "e10", "e11"]  # the 7th is not yet a day past
+    late = {**base, "event_id": "e-late", "ts": "2026-02-20T09:00:00+08:00"}
+    harness.produce([day(12, "e12"), late])
+    p = _history(*where, "--out", str(out), "--update")
+    assert p.returncode == 0, p.stderr
+    assert ids() == ["e9", "e10", "e11", "e12"]  # the old ones and the late one dropped
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["keep_days"] == 3 and m["summary"]["events"] == 4
+    assert m["summary"]["trimmed"] == 9  # 6, then the 7th and 8th, then the late one
+    assert m["summary"]["period"]["start"] == "2026-03-09T01:00:00+00:00"
+    assert m["summary"]["records"]["read"] == 13
+    p = _history(*where, "--out", str(tmp_path / "x"), "--keep-days", "0")
+    assert p.returncode == 1 and "keep_days must be positive" in p.stderr

@@ -179,6 +179,8 @@ def test_without_history_the_page_says_what_to_set(tmp_path: Path) -> None:
         FeedSettings.from_dict({"history_dir": str(tmp_path / "a" / "b"), "history_refresh_s": 9})
     with pytest.raises(FeedConfigError, match="history_refresh_s needs history_dir"):
         FeedSettings.from_dict({"history_refresh_s": 300})
+    with pytest.raises(FeedConfigError, match="set history_refresh_s too"):
+        FeedSettings.from_dict({"history_dir": str(tmp_path), "history_keep_days": 90})
     with pytest.raises(FeedConfigError, match="history_refresh_s must be 0"):
         FeedSettings.from_dict({"history_dir": str(tmp_path), "history_refresh_s": -1})
 
@@ -249,7 +251,7 @@ def test_the_alert_service_keeps_the_history_current(
         "worker": {"group_id": f"g-hist-{layout.prefix}"},
         "alerting": {"store_url": f"sqlite:///{tmp_path / 'alerts.sqlite3'}"},
         "feed": {"users": users, "port": 0, "history_dir": str(history),
-                 "history_refresh_s": 1},
+                 "history_refresh_s": 1, "history_keep_days": 30},
     }  # fmt: skip
     path = tmp_path / "emrwatch.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -285,6 +287,7 @@ def test_the_alert_service_keeps_the_history_current(
             assert 'data-event="orth-look"' in r.text
             assert "4 accesses" in r.text
         assert stat.S_IMODE(history.stat().st_mode) == 0o700
+        assert json.loads((history / "manifest.json").read_text())["keep_days"] == 30
     finally:
         svc.stop()
     assert "failed" not in svc.log(), svc.log()[-3000:]

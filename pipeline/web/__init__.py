@@ -62,6 +62,7 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       history_dir: /secure/history    # an emrwatch history export the access report reads
       history_refresh_s: 0            # > 0: emrwatch alerts keeps history_dir current
                                       # from the topics (history --update every N s)
+      history_keep_days: 0            # > 0: ... keeping only the last N days (0: all)
       host: 127.0.0.1                 # where ``emrwatch run`` serves the feed
       port: 8080
 

@@ -59,6 +59,9 @@ class FeedSettings:
     #: ``emrwatch history --update`` into it at start and then every this many seconds
     #: (0: never; something else refreshes the directory)
     history_refresh_s: float = 0.0
+    #: with ``history_refresh_s``: keep only this many days of events (0: all of them;
+    #: a report needs 14 days of history before its period)
+    history_keep_days: float = 0.0
     host: str = "127.0.0.1"  # where ``emrwatch run`` serves the feed
     port: int = 8080
     _generated_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
@@ -132,6 +135,13 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
         if self.history_refresh_s < 0:
             raise FeedConfigError(f"{source}: history_refresh_s must be 0 (never) or more")
+        if self.history_keep_days < 0:
+            raise FeedConfigError(f"{source}: history_keep_days must be 0 (all) or more")
+        if self.history_keep_days and not self.history_refresh_s:
+            raise FeedConfigError(
+                f"{source}: history_keep_days applies to the history the service keeps: "
+                "set history_refresh_s too"
+            )
         if self.history_refresh_s and not self.history_dir:
             raise FeedConfigError(f"{source}: history_refresh_s needs history_dir to write to")
         if self.history_refresh_s:  # the service creates it; its parent must be there
