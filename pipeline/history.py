@@ -53,6 +53,7 @@ from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
 
 EVENTS_FILE = "events.jsonl"
 MANIFEST_FILE = "manifest.json"
+MANIFEST_NEXT = ".manifest.json.next"  # written first when the export changes (_commit)
 MANIFEST_KIND = "emrwatch history export"
 MAX_UPDATES = 100  # updates the manifest lists (the latest)
 DAY_S = 86400.0
@@ -205,6 +206,7 @@ def export_history(
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     with _locked(out):
+        _recover(out)
         prev = _previous(out, layout, start, end, pseudonymizer) if update else None
         if prev is not None:
             w = prev.get("window") or {}
@@ -340,9 +342,10 @@ def _export(
 
     resume = None
     if prev is not None:
-        held = prev["offsets"][layout.access]
-        resume = {layout.access: {p: int(hi) for p, (_, hi) in held.items()}}
+        ends = prev["offsets"][layout.access]
+        resume = {layout.access: {p: int(hi) for p, (_, hi) in ends.items()}}
     gaps: list[dict[str, Any]] = []
+    events_tmp = out / f".{EVENTS_FILE}.tmp"
     try:
         acc_offsets = read_topics(
             bootstrap, [layout.access], on_access, client_config, timeout, resume, gaps
@@ -373,7 +376,9 @@ def _export(
         cutoff = -math.inf
         if keep_days:
             cutoff = max(held.last, last_t) - keep_days * DAY_S
-        with _replacing(out / EVENTS_FILE) as fh:
+        # the new events file is written beside the old one; it replaces it only below,
+        # together with its manifest (see _commit)
+        with _private(events_tmp, "wb") as fh:
             if prev is not None:
                 with (out / EVENTS_FILE).open("rb") as old:
                     if held.first < cutoff - DAY_S:  # a day past the limit: drop the old
@@ -381,6 +386,12 @@ def _export(
                     else:
                         shutil.copyfileobj(old, fh, 1 << 20)
             written, first_new = _merge([path for path, _ in spools.values()], fh, cutoff)
+            fh.flush()
+            os.fsync(fh.fileno())
+            events_file = {"bytes": fh.tell(), "inode": os.fstat(fh.fileno()).st_ino}
+    except BaseException:
+        events_tmp.unlink(missing_ok=True)
+        raise
     finally:
         for path, fh in spools.values():
             fh.close()
@@ -437,9 +448,42 @@ def _export(
         manifest["timezone"] = timezone
     if keep_days:
         manifest["keep_days"] = keep_days
-    with _replacing(out / MANIFEST_FILE) as fh:
-        fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    manifest["events_file"] = events_file
+    _commit(out, events_tmp, manifest)
     return manifest
+
+
+def _commit(out: Path, events_tmp: Path, manifest: dict[str, Any]) -> None:
+    """Put a new events file and its manifest in place as one step, as far as a crash is
+    concerned: the manifest goes to ``manifest.json.next`` first, naming the new events
+    file's inode; then the events file, then the manifest are moved into place. A crash in
+    between is settled by :func:`_recover` at the next export: the pair is finished if
+    the events file was moved, else dropped, so an update never appends the same records
+    twice nor skips any."""
+    nxt = out / MANIFEST_NEXT
+    try:
+        with _replacing(nxt) as fh:
+            fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        os.replace(events_tmp, out / EVENTS_FILE)
+    finally:
+        events_tmp.unlink(missing_ok=True)
+    os.replace(nxt, out / MANIFEST_FILE)
+
+
+def _recover(out: Path) -> None:
+    """Settle an export that stopped inside :func:`_commit` (see there)."""
+    nxt = out / MANIFEST_NEXT
+    if not nxt.exists():
+        return
+    try:
+        want = orjson.loads(nxt.read_bytes())["events_file"]["inode"]
+        moved = (out / EVENTS_FILE).stat().st_ino == want
+    except (OSError, ValueError, KeyError, TypeError):
+        moved = False
+    if moved:
+        os.replace(nxt, out / MANIFEST_FILE)
+    else:
+        nxt.unlink()
 
 
 @dataclass(frozen=True)

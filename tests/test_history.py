@@ -408,3 +408,39 @@ def test_a_rolling_history_keeps_the_last_days(harness: Any, tmp_path: Path) -> 
     assert m["summary"]["records"]["read"] == 13
     p = _history(*where, "--out", str(tmp_path / "x"), "--keep-days", "0")
     assert p.returncode == 1 and "keep_days must be positive" in p.stderr
+
+
+@pytest.mark.parametrize("crash_at", ["manifest.json", "events.jsonl"])
+def test_an_update_that_crashes_midway_neither_loses_nor_repeats(
+    harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """A crash between putting the new events file in place and its manifest (or just
+    before the events file): the next update finishes or drops the half-made step, so
+    every record is in the history exactly once."""
+    from pipeline.history import HistoryError, export_history
+
+    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
+    sent = [{**base, "event_id": f"e{i}", "ts": f"2026-03-02T09:{i:02d}:00+08:00"}
+            for i in range(12)]  # fmt: skip
+    out = tmp_path / "h"
+    harness.produce(sent[:4])
+    export_history(harness.bootstrap, harness.layout, out, update=True)
+    harness.produce(sent[4:8])
+    real = os.replace
+
+    def crashing(src: Any, dst: Any) -> None:
+        if Path(dst).name == crash_at:
+            raise HistoryError("the machine stopped here")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing)
+    with pytest.raises(HistoryError, match="stopped here"):
+        export_history(harness.bootstrap, harness.layout, out, update=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert (out / ".manifest.json.next").exists()
+    harness.produce(sent[8:])
+    m = export_history(harness.bootstrap, harness.layout, out, update=True)
+    got = [json.loads(x)["event_id"] for x in (out / "events.jsonl").read_text().split()]
+    assert sorted(got) == sorted(e["event_id"] for e in sent)  # each exactly once
+    assert m["summary"]["events"] == len(sent)
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
