@@ -445,38 +445,41 @@ class Comparison:
 
 
 def compare(docs: Iterable[dict[str, Any]]) -> Comparison:
-    """The regulator's table: one column per hospital, one row per indicator, concerns
-    marked; notes when the periods differ or a hospital appears twice."""
+    """The regulator's table: one column per assessment, one row per indicator, concerns
+    marked. A hospital assessed for several periods (a trend) gets a column per period,
+    named with its first day; the notes say when hospitals' periods differ."""
     docs = list(docs)
     if not docs:
         raise AssessmentError("no assessment to compare")
     names = [d["hospital"] for d in docs]
+    columns = [
+        h if names.count(h) == 1 else f"{h} {d['period_from']}"
+        for h, d in zip(names, docs, strict=True)
+    ]
+    twice = sorted(c for c, k in Counter(columns).items() if k > 1)
+    if twice:
+        raise AssessmentError(f"the same hospital and period twice: {', '.join(twice)}")
     notes = []
     periods = {(d["period_from"], d["period_to"]) for d in docs}
-    if len(periods) > 1:
+    if len(periods) > 1 and len(set(names)) > 1:
         notes.append(
             "the periods differ: "
-            + "; ".join(f"{d['hospital']} {d['period_from']} to {d['period_to']}" for d in docs)
+            + "; ".join(
+                f"{c} {d['period_from']} to {d['period_to']}"
+                for c, d in zip(columns, docs, strict=True)
+            )
         )
-    notes += [f"{d['hospital']}: {n}" for d in docs for n in d.get("notes") or []]
-    twice = sorted(h for h, k in Counter(names).items() if k > 1)
-    if twice:
-        notes.append(f"more than one assessment of {', '.join(twice)}")
+    notes += [f"{c}: {n}" for c, d in zip(columns, docs, strict=True) for n in d.get("notes") or []]
     codes = [{c["code"] for c in d.get("concerns") or []} for d in docs]
     rows = []
     for label, how in INDICATORS:
         marks = [bool(_ROW_CONCERNS.get(label, set()) & cs) for cs in codes]
         values = [_value(d, how) for d in docs]
         rows.append((label, [v[0] for v in values], [v[1] for v in values], marks))
-    concerns = {}
-    for d in docs:
-        key = (
-            d["hospital"]
-            if names.count(d["hospital"]) == 1
-            else f"{d['hospital']} ({d['period_from']})"
-        )
-        concerns[key] = [c["text"] for c in d.get("concerns") or []]
-    return Comparison(names, rows, concerns, notes)
+    concerns = {
+        c: [x["text"] for x in d.get("concerns") or []] for c, d in zip(columns, docs, strict=True)
+    }
+    return Comparison(columns, rows, concerns, notes)
 
 
 # ---------------------------------------------------------------- commands

@@ -193,3 +193,16 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "v.json").write_text(json.dumps(doc))
     with pytest.raises(AssessmentError, match="version 99"):
         load_assessment(tmp_path / "v.json")
+
+
+def test_one_hospital_over_several_periods(tmp_path: Path) -> None:
+    """A trend: the same hospital's assessments side by side, a column per period."""
+    d = _hand(tmp_path)
+    march = assess("Hand General", d, d / "events.jsonl", *PERIOD).to_dict()
+    later = assess("Hand General", d, d / "events.jsonl", date(2026, 3, 6), date(2026, 3, 7))
+    c = compare([march, later.to_dict()])
+    assert c.hospitals == ["Hand General 2026-03-03", "Hand General 2026-03-06"]
+    assert c.rows[0][1] == ["7", "1"]  # accesses: the 3rd to the 5th, then the 6th
+    assert not any("periods differ" in n for n in c.notes)
+    with pytest.raises(AssessmentError, match="the same hospital and period twice"):
+        compare([march, march])
