@@ -45,6 +45,8 @@ VERSION = 1
 EXPLAINED_MIN = 0.90  # EBAS explains 94%+; under 90% the context feeds are likely incomplete
 BAD_LINES_MAX = 0.01
 EMERGENCY_UNEXPLAINED_MAX = 0.05
+UNKNOWN_MAX = 0.01  # accesses to patients the context does not know
+SOURCE_DAILY = 0.8  # a source logging on this share of the log's days is expected daily
 OPEN_AGE_OLD = "over 30 days"  # the privacy report's oldest backlog bucket
 
 
@@ -84,6 +86,13 @@ class Assessment:
             f"{lg['patients']:,} patients; {lg['bad_lines']:,} unreadable lines; sources: "
             + (", ".join(f"{k} {v:,}" for k, v in lg["sources"].items()) or "-"),
             f"  days with no access logged: {', '.join(lg['silent_days']) or 'none'}",
+            "  sources silent on a day: "
+            + (
+                "; ".join(f"{k} {', '.join(v)}" for k, v in lg["source_silent_days"].items())
+                or "none"
+            )
+            + f"; accesses to patients the context does not know: "
+            f"{lg['unknown_patient_accesses']:,}",
             f"Explained: {_pct(ex['share'])} of accesses ({ex['unexplained']:,} unexplained); "
             f"break-the-glass {ex['emergency']:,}, of which {ex['emergency_unexplained']:,} "
             "unexplained",
@@ -152,6 +161,14 @@ def concerns_of(a: Assessment) -> list[dict[str, str]]:
         n = len(lg["silent_days"])
         out.append(("silent_days", f"{n} day(s) with no access logged: a log source may "
                     f"have stopped ({', '.join(lg['silent_days'][:5])}{'…' if n > 5 else ''})"))  # fmt: skip
+    for src, quiet in lg["source_silent_days"].items():
+        out.append(("source_silent", f"source {src} logged nothing on {len(quiet)} day(s) "
+                    f"although it logs on most days ({', '.join(quiet[:5])}"
+                    f"{'…' if len(quiet) > 5 else ''}): it may have stopped"))  # fmt: skip
+    if lg["accesses"] and lg["unknown_patient_accesses"] / lg["accesses"] > UNKNOWN_MAX:
+        out.append(("unknown_patients", f"{lg['unknown_patient_accesses'] / lg['accesses']:.1%}"
+                    " of accesses are to patients the context does not know: the patient "
+                    "feed may be incomplete"))  # fmt: skip
     total_lines = lg["accesses_in_log"] + lg["bad_lines"]
     if total_lines and lg["bad_lines"] / total_lines > BAD_LINES_MAX:
         out.append(("unreadable", f"{lg['bad_lines'] / total_lines:.1%} of the log's lines "
@@ -214,18 +231,27 @@ def assess(
     patients: set[str] = set()
     sources: Counter[str] = Counter()
     days: set[date] = set()
+    source_days: dict[str, set[date]] = {}
+    unknown_patient = unknown_user = 0
     n = unexplained = emergency = emergency_unexplained = unauthorised = failures = 0
     log_first = math.inf
     for e in counted_events(events_path, fmt, stats):
         t = e.t
         log_first = min(log_first, t)
-        if not t0 <= t < t1:
+        if t >= t1:
+            continue
+        src = e.source or "-"
+        day = datetime.fromtimestamp(t, clock.tz).date()
+        source_days.setdefault(src, set()).add(day)
+        if t < t0:
             continue
         n += 1
         users.add(e.user_id)
         patients.add(e.patient_id)
-        sources[e.source or "-"] += 1
-        days.add(datetime.fromtimestamp(t, clock.tz).date())
+        sources[src] += 1
+        days.add(day)
+        unknown_patient += e.patient_id not in ctx.patients
+        unknown_user += e.user_id not in ctx.staff
         unexp = e.event_id in unexplained_ids
         unexplained += unexp
         if e.outcome != "success":
@@ -236,6 +262,9 @@ def assess(
             emergency += 1
             emergency_unexplained += unexp
     every_day = [start + timedelta(days=i) for i in range((end - start).days)]
+    # the days a source is judged on: from the log's first day to the period's last
+    first_day = min(datetime.fromtimestamp(log_first, clock.tz).date(), start)
+    judged = (end - first_day).days if log_first < math.inf else 0
     a = Assessment(
         hospital=hospital,
         period_from=start.isoformat(),
@@ -251,6 +280,17 @@ def assess(
             "accesses_in_log": stats.ok,
             "bad_lines": stats.bad,
             "silent_days": [d.isoformat() for d in every_day if d not in days],
+            # a source that logs on most days (of the log up to the period's end), and
+            # not on these days of the period
+            "source_silent_days": {
+                src: quiet
+                for src, seen in sorted(source_days.items())
+                if sources[src]
+                and len(seen) >= SOURCE_DAILY * judged
+                and (quiet := [d.isoformat() for d in every_day if d not in seen])
+            },
+            "unknown_patient_accesses": unknown_patient,
+            "unknown_user_accesses": unknown_user,
         },
         explanation={
             "explained": n - unexplained,
@@ -307,6 +347,8 @@ INDICATORS: tuple[tuple[str, str], ...] = (
     ("accesses", "log.accesses"),
     ("users", "log.users"),
     ("days with no access logged", "log.silent_days#"),
+    ("sources silent for a day", "log.source_silent_days#"),
+    ("accesses to unknown patients", "log.unknown_patient_accesses"),
     ("unreadable lines", "log.bad_lines"),
     ("accesses explained", "explanation.share%"),
     ("break-the-glass accesses", "explanation.emergency"),
@@ -328,6 +370,8 @@ INDICATORS: tuple[tuple[str, str], ...] = (
 _ROW_CONCERNS = {
     "days with no access logged": {"silent_days", "no_accesses"},
     "unreadable lines": {"unreadable"},
+    "sources silent for a day": {"source_silent"},
+    "accesses to unknown patients": {"unknown_patients"},
     "accesses explained": {"explained"},
     "… of them unexplained": {"break_the_glass"},
     "sealed: accesses not authorised": {"sealed"},

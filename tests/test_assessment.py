@@ -4,7 +4,9 @@ the regulator's table of several."""
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
@@ -149,6 +151,34 @@ def test_a_simulated_hospital_and_the_regulators_table(tmp_path: Path) -> None:
     assert a["alerts"] is None and "no_alert_store" in {c["code"] for c in a["concerns"]}
     assert "explained" not in {c["code"] for c in a["concerns"]}
     assert [n[:34] for n in a["notes"]] == ["the log begins 2026-03-02, less th"]  # 7 days
+
+    assert a["log"]["source_silent_days"] == {} and a["log"]["unknown_patient_accesses"] == 0
+
+    # a copy where PACS logged nothing on the 10th and a twentieth of the patients are
+    # missing from the context: both are named
+    broken = tmp_path / "broken"
+    shutil.copytree(sim, broken)
+    day10 = datetime.fromisoformat(f"2026-03-10T00:00:00{tz}").timestamp()
+    with (broken / "events.ndjson").open("wb") as fh:
+        for _, e, raw in read_events(sim / "events.ndjson"):
+            if not (isinstance(e, AccessEvent) and e.source == "PACS"
+                    and day10 <= e.t < day10 + 86400):  # fmt: skip
+                fh.write(raw if raw.endswith(b"\n") else raw + b"\n")
+    with (sim / "patients.csv").open(newline="", encoding="utf-8") as src:
+        rows = list(csv.DictReader(src))
+    gone = {r["patient_id"] for r in rows[::20]}
+    with (broken / "patients.csv").open("w", newline="", encoding="utf-8") as dst:
+        w = csv.DictWriter(dst, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(r for r in rows if r["patient_id"] not in gone)
+    b = assess("Broken", broken, broken / "events.ndjson", date(2026, 3, 9), date(2026, 3, 12))
+    assert b.log["source_silent_days"] == {"PACS": ["2026-03-10"]}
+    left = [e for _, e, _ in read_events(broken / "events.ndjson") if isinstance(e, AccessEvent)]
+    assert b.log["unknown_patient_accesses"] == sum(
+        1 for e in left if lo <= e.t < hi and e.patient_id in gone
+    )
+    assert b.log["accesses"] < len(inside)
+    assert {"source_silent", "unknown_patients"} <= {c["code"] for c in b.concerns}
 
     p = run("assessment", "--hospital", "Hand General", "--context", str(hand),
             "--events", str(hand / "events.jsonl"), "--from", "2026-03-03", "--to",
