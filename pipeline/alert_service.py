@@ -99,7 +99,16 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
     )
     keeper = None
     if feed_settings is not None and feed_settings.history_refresh_s:
+        from pipeline.assessment import mail_assessment
         from pipeline.history import HistoryKeeper
+
+        def assessed(_manifest: dict[str, Any]) -> None:  # the month's, once it is over
+            mail_assessment(
+                router,
+                feed_settings.history_dir,
+                feed_settings.hospital or feed_settings.title,
+                settings.detection_config(),
+            )
 
         keeper = HistoryKeeper(
             settings.kafka.bootstrap_servers,
@@ -109,6 +118,7 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
             settings.kafka.kafka_python(),
             settings.timezone,
             keep_days=feed_settings.history_keep_days or None,
+            on_update=assessed,
         ).start()
     if ready is not None:
         ready(router)

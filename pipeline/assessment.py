@@ -340,6 +340,68 @@ def _alerts(store: Any, start: date, end: date, timezone: str, accesses: int) ->
     }
 
 
+def mail_assessment(
+    router: Any,
+    history_dir: str | Path,
+    hospital: str,
+    detection: Any = None,
+    now: datetime | None = None,
+) -> int:
+    """Once a month is over and the history has been written since, the month's
+    assessment for every ``email.report_to`` address of ``router`` (an
+    :class:`pipeline.alerting.AlertRouter`), through its outbox: once per month whichever
+    service or restart gets there first, like the monthly privacy report. Returns the mails
+    queued. A month before the history's first event is not assessed (the monitor was not
+    running). ``emrwatch alerts`` calls this after each update of ``feed.history_dir``."""
+    from dataclasses import replace
+
+    from detectors.config import DetectionConfig
+    from emrwatch.timeutil import zone
+    from pipeline.alerting.report import default_period
+
+    e = router.config.email
+    if not e.report_to or "email" not in router.sinks:
+        return 0
+    tz = zone(e.report_timezone)
+    now = now or router.store.clock()
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    start, end = default_period(e.report_timezone, now)
+    tag = f"assessment:{start.isoformat()}"
+    if not router.outbox.missing(tag, "email", e.report_to):
+        return 0
+    history = Path(history_dir)
+    try:
+        m = json.loads((history / "manifest.json").read_text(encoding="utf-8"))
+        period = m["summary"]["period"]
+        first = datetime.fromisoformat(period["start"])
+        written = datetime.fromisoformat(m.get("updated_at") or m["exported_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # no history written yet
+    month_end = datetime.combine(end, datetime.min.time(), tz)
+    if written < month_end or first >= month_end:
+        return 0  # not written since the month ended, or the monitor started after it
+    cfg = detection or DetectionConfig()
+    cfg = replace(cfg, timezone=e.report_timezone)
+    a = assess(hospital, history, history / "events.jsonl", start, end, cfg, router.store)
+    feed = router.config.feed_url.rstrip("/")
+    link = f"{feed}/reports/assessment?from={start}&to={end}"
+    text = f"{a.to_text()}\nIn the alert feed, with the JSON for the regulator: {link}\n"
+    payload = {
+        "subject": f"emrwatch security assessment {hospital} {start} to {end}",
+        "text": text,
+        "html": (
+            "<!doctype html><html><head><meta charset='utf-8'></head><body><pre>"
+            f"{html.escape(a.to_text())}</pre><p><a href='{html.escape(link)}'>"
+            "Open it in the alert feed</a>, with the JSON for the regulator.</p></body></html>\n"
+        ),
+    }
+    added = int(router.outbox.enqueue_report(tag, "email", e.report_to, payload))
+    if added:
+        router.outbox.wake()
+    return added
+
+
 # ---------------------------------------------------------------- the regulator's table
 
 #: (label, how to read it from an assessment) for the comparison, in order

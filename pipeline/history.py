@@ -558,10 +558,12 @@ class HistoryKeeper:
         log: Callable[[str], None] | None = None,
         timeout: float = 300.0,
         keep_days: float | None = None,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.bootstrap, self.layout, self.out = bootstrap, layout, Path(out)
         self.timeout = timeout
         self.keep_days = keep_days
+        self.on_update = on_update  # after each update, with its manifest
         self.every_s = every_s
         self.client_config = client_config
         self.timezone = timezone
@@ -601,6 +603,11 @@ class HistoryKeeper:
         for line in holes[self._holes_told :]:
             self.log(f"history: {line}")
         self._holes_told = len(holes)
+        if self.on_update is not None:
+            try:
+                self.on_update(m)
+            except Exception as exc:  # noqa: BLE001 - nor by what follows an update
+                self.log(f"history: after the update of {self.out}: {type(exc).__name__}: {exc}")
         return m
 
     def _loop(self) -> None:

@@ -236,3 +236,50 @@ def test_one_hospital_over_several_periods(tmp_path: Path) -> None:
     assert not any("periods differ" in n for n in c.notes)
     with pytest.raises(AssessmentError, match="the same hospital and period twice"):
         compare([march, march])
+
+
+def test_the_months_assessment_is_mailed_once_the_month_is_over(tmp_path: Path) -> None:
+    """``emrwatch alerts`` with ``email.report_to``: after an update of the feed's history
+    that comes after a month's end, the month's assessment goes to the privacy office,
+    once, through the outbox and a real SMTP server."""
+    from emrwatch.context import Context
+    from pipeline.alerting.testing import FakeClock, LoopbackSmtp
+    from pipeline.assessment import mail_assessment
+    from tests.test_alerting_email import make_router
+
+    d = _hand(tmp_path)
+    d.joinpath("events.jsonl").write_bytes(
+        b"".join(orjson.dumps(e) + b"\n" for e in EVENTS)  # no bad line: a clean March
+    )
+    manifest = {"kind": "emrwatch history export", "exported_at": "2026-03-06T00:00:00+00:00",
+                "summary": {"period": {"start": "2026-03-02T02:00:00+00:00",
+                                       "end": "2026-03-06T01:00:00+00:00"}}}  # fmt: skip
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    office = ["privacy-office@hospital.example"]
+    clock = FakeClock("2026-03-20T02:00:00+00:00")
+    with LoopbackSmtp() as smtp:
+        router = make_router(f"sqlite:///{tmp_path}/r.db", smtp, Context(), clock, tmp_path,
+                             report_to=office)  # fmt: skip
+        try:
+            # March is not over; February was before the history (the monitor's) start
+            assert mail_assessment(router, d, "Hand General") == 0
+            clock.now = datetime.fromisoformat("2026-04-01T03:00:00+00:00")  # 11:00 local
+            # the history was last written before March ended: not yet
+            assert mail_assessment(router, d, "Hand General") == 0
+            manifest["updated_at"] = "2026-04-01T02:55:00+00:00"
+            (d / "manifest.json").write_text(json.dumps(manifest))
+            assert mail_assessment(router, d, "Hand General") == 1
+            assert mail_assessment(router, d, "Hand General") == 0  # once
+            router.deliver()
+            (mail,) = [m for m in smtp.messages if "assessment" in m["message"]["Subject"]]
+            msg = mail["message"]
+            assert msg["Subject"] == (
+                "emrwatch security assessment Hand General 2026-03-01 to 2026-04-01"
+            )
+            assert mail["rcpt_tos"] == office
+            text = msg.get_body(preferencelist=("plain",)).get_content().replace("\r\n", "\n")
+            assert "Log: 9 accesses by 6 users to 3 patients" in text  # all of them: March
+            assert "/reports/assessment?from=2026-03-01&to=2026-04-01" in text
+            assert "P-SEAL" not in msg.as_string()
+        finally:
+            router.close()

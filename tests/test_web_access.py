@@ -306,8 +306,14 @@ def test_a_failed_history_update_is_logged_and_the_next_one_recovers(
 
     layout = TopicLayout(prefix=f"t{uuid.uuid4().hex[:8]}", partitions=2, sources=("jsonl",))
     logs: list[str] = []
+    seen: list[int] = []
+
+    def after(m: dict[str, Any]) -> None:  # what follows an update (the assessment mail)
+        seen.append(m["summary"]["events"])
+        raise RuntimeError("the mail server is away")
+
     keeper = HistoryKeeper(broker.bootstrap, layout, tmp_path / "h", 60, log=logs.append,
-                           timeout=2)  # fmt: skip
+                           timeout=2, on_update=after)  # fmt: skip
     assert keeper.update_once() is None and keeper.failures == 1
     assert len(logs) == 1 and "does not exist" in logs[0] and "next try in 60 s" in logs[0]
     assert not (tmp_path / "h" / "manifest.json").exists()
@@ -315,7 +321,8 @@ def test_a_failed_history_update_is_logged_and_the_next_one_recovers(
     StreamHarness(broker.bootstrap, layout, producer).produce(EVENTS)
     m = keeper.update_once()
     assert m is not None and m["summary"]["events"] == len(EVENTS)
-    assert keeper.updates == 1 and keeper.last_error == "" and len(logs) == 1
+    assert keeper.updates == 1 and keeper.last_error == "" and seen == [len(EVENTS)]
+    assert len(logs) == 2 and "RuntimeError: the mail server is away" in logs[1]
 
 
 def test_the_security_assessment_page(site: Site, tmp_path: Path) -> None:
