@@ -593,15 +593,22 @@ def compare(docs: Iterable[dict[str, Any]]) -> Comparison:
 
 def add_assessment_arguments(p: Any) -> None:
     p.add_argument(
-        "--hospital", required=True, help="the hospital's name, as the regulator knows it"
+        "--service-config",
+        default=None,
+        help="the YAML file of emrwatch alerts: the hospital's name (feed.hospital), its "
+        "history (feed.history_dir), the alert store, the timezone and the detection "
+        "settings from there; the flags below override it",
     )
     p.add_argument(
-        "--context", required=True, help="directory with the context CSVs (a history export)"
+        "--hospital", default=None, help="the hospital's name, as the regulator knows it"
     )
-    p.add_argument("--events", required=True, help="the log: FHIR NDJSON, JSONL or CSV")
+    p.add_argument(
+        "--context", default=None, help="directory with the context CSVs (a history export)"
+    )
+    p.add_argument("--events", default=None, help="the log: FHIR NDJSON, JSONL or CSV")
     p.add_argument("--format", default="auto", choices=["auto", "fhir", "jsonl", "csv"])
-    p.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
-    p.add_argument("--to", dest="end", required=True, help="day after the last, YYYY-MM-DD")
+    p.add_argument("--from", dest="start", default=None, help="first day (default: last month's)")
+    p.add_argument("--to", dest="end", default=None, help="day after the last, YYYY-MM-DD")
     p.add_argument("--store", default=None, help="the alert store's URL, for alerts and response")
     p.add_argument("--config", default=None, help="the detection configuration")
     p.add_argument("--timezone", default=None, help="the hospital's")
@@ -610,14 +617,52 @@ def add_assessment_arguments(p: Any) -> None:
     p.add_argument("--out", default="-", help="file to write (default: standard output)")
 
 
-def cmd_assessment(args: Any) -> int:
-    from pipeline.cli import _config
+def _from_service(args: Any) -> Any:
+    """``args`` with what ``--service-config`` (the alert service's YAML) says filled in
+    where no flag gave it; the detection settings as well (None without the file)."""
+    if not args.service_config:
+        return None
+    from pipeline.alert_service import _load
 
-    cfg = _config(args.config, args.timezone, args.context)
+    settings, alerting, feed, _ctx = _load(args.service_config)
+    if feed is not None:
+        args.hospital = args.hospital or feed.hospital or feed.title
+        args.context = args.context or feed.history_dir or None
+    args.store = args.store or alerting.store_url
+    args.timezone = args.timezone or settings.timezone
+    return settings.detection_config()
+
+
+def cmd_assessment(args: Any) -> int:
+    from dataclasses import replace
+
+    from pipeline.alerting.report import default_period
+    from pipeline.cli import _config
+    from pipeline.evaluate import find_events_file
+
     try:
-        start, end = date.fromisoformat(args.start), date.fromisoformat(args.end)
-    except ValueError as exc:
-        print(f"emrwatch assessment: --from/--to: {exc}", file=sys.stderr)
+        detection = _from_service(args)
+    except ValueError as exc:  # the config errors are ValueErrors
+        print(f"emrwatch assessment: {exc}", file=sys.stderr)
+        return 2
+    missing = [f for f, v in (("--hospital", args.hospital), ("--context", args.context)) if not v]
+    if missing:
+        print(f"emrwatch assessment: give {' and '.join(missing)} (or --service-config with "
+              "feed.history_dir)", file=sys.stderr)  # fmt: skip
+        return 2
+    if detection is not None and not args.config:
+        cfg = replace(detection, timezone=args.timezone or detection.timezone)
+    else:
+        cfg = _config(args.config, args.timezone, args.context)
+    try:
+        events = args.events or find_events_file(Path(args.context))
+        last = default_period(cfg.timezone)
+        start = date.fromisoformat(args.start) if args.start else last[0]
+        end = date.fromisoformat(args.end) if args.end else (last[1] if not args.start else None)
+        if end is None:
+            raise ValueError("--from needs --to")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"emrwatch assessment: {exc}", file=sys.stderr)
         return 2
     store = None
     try:
@@ -625,7 +670,7 @@ def cmd_assessment(args: Any) -> int:
             from pipeline.alerting.store import AlertStore
 
             store = AlertStore(args.store, migrate=False)
-        a = assess(args.hospital, args.context, args.events, start, end, cfg, store,
+        a = assess(args.hospital, args.context, events, start, end, cfg, store,
                    args.workers, args.format)  # fmt: skip
     except (AssessmentError, OSError) as exc:
         print(f"emrwatch assessment: {exc}", file=sys.stderr)

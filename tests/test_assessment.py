@@ -283,3 +283,43 @@ def test_the_months_assessment_is_mailed_once_the_month_is_over(tmp_path: Path) 
             assert "P-SEAL" not in msg.as_string()
         finally:
             router.close()
+
+
+def test_from_the_alert_services_own_config(tmp_path: Path) -> None:
+    """``--service-config``: the name, the history, the store and the zone come from the
+    ``emrwatch alerts`` YAML, as a monthly timer would run it."""
+    import yaml
+
+    d = _hand(tmp_path)
+    store = _store(tmp_path, d)
+    store.close()
+    cfg = {
+        "kafka": {"bootstrap_servers": "127.0.0.1:9"},
+        "context": {"timezone": "Asia/Shanghai"},
+        "alerting": {"store_url": f"sqlite:///{tmp_path / 'alerts.sqlite3'}"},
+        "feed": {"hospital": "Hand General", "history_dir": str(d)},
+    }
+    path = tmp_path / "alerts.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "a.json"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "assessment", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    p = run("--service-config", str(path), "--from", "2026-03-03", "--to", "2026-03-06",
+            "--output", "json", "--out", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    a = load_assessment(out)
+    assert a["hospital"] == "Hand General" and a["log"]["accesses"] == 7
+    assert a["alerts"]["by_severity"]["critical"] == 3  # the store from the config
+    p = run("--service-config", str(path), "--from", "2026-03-03")
+    assert p.returncode == 2 and "--from needs --to" in p.stderr
+    p = run("--context", str(d))
+    assert p.returncode == 2 and "give --hospital" in p.stderr
+    cfg["feed"]["history_dir"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(cfg))
+    p = run("--service-config", str(path))
+    assert p.returncode == 2 and "history_dir: no directory" in p.stderr
