@@ -153,6 +153,16 @@ def test_the_access_review_page(site: Site) -> None:
     assert json.loads(entry.detail)["as_of"] == "2026-03-20"
     r = sam.get("/access-review?as_of=March")
     assert r.status_code == 400 and "is not a date" in r.text
+    # an emrwatch history export: the page says what it holds and when it was written
+    manifest = {"kind": "emrwatch history export", "exported_at": "2026-03-05T01:30:00+00:00",
+                "summary": {"events": 5, "period": {"start": "2026-03-04T02:00:00+00:00",
+                                                    "end": "2026-03-04T07:00:00+00:00"}}}  # fmt: skip
+    (site.dir / "manifest.json").write_text(json.dumps(manifest))
+    r = sam.get("/access-review?as_of=2026-03-20")
+    assert (
+        '<span id="history-freshness">5 accesses, 2026-03-04 10:00 to 2026-03-04 15:00; '
+        "written 2026-03-05 09:30</span>" in r.text
+    )
 
 
 def test_the_case_page_links_a_supervisor_to_the_users_accesses(site: Site) -> None:

@@ -303,7 +303,13 @@ async def review_page(request: Request) -> Response:
     return feed.page(
         request,
         "access_review.html",
-        {"rev": rev, "error": error, "as_of": as_of, "sections": SECTIONS},
+        {
+            "rev": rev,
+            "error": error,
+            "as_of": as_of,
+            "sections": SECTIONS,
+            "freshness": history_freshness(hdir, feed.settings.timezone) if events else "",
+        },
         status=400 if error else 200,
     )
 
