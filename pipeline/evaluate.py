@@ -34,11 +34,23 @@ def load_labels(path: Path) -> dict[str, tuple[str, str]]:
         return {r["event_id"]: (r["scenario"], r["user_id"]) for r in csv.DictReader(fh)}
 
 
-def find_events_file(data: Path) -> Path:
-    for name in ("events.ndjson", "events.jsonl", "events.csv", "events.ndjson.gz"):
-        if (data / name).exists():
-            return data / name
-    raise FileNotFoundError(f"{data}: no events.ndjson / events.jsonl / events.csv")
+#: the events file of a data directory (a simulated hospital, a history export), in the
+#: order looked for
+EVENTS_FILES = (
+    "events.ndjson",
+    "events.jsonl",
+    "events.csv",
+    "events.ndjson.gz",
+    "events.jsonl.gz",
+    "events.csv.gz",
+)
+
+
+def find_events_file(data: str | Path) -> Path:
+    for name in EVENTS_FILES:
+        if (Path(data) / name).is_file():
+            return Path(data) / name
+    raise FileNotFoundError(f"{data}: no {' / '.join(EVENTS_FILES[:3])}")
 
 
 def _replay_without_rules(data: Path, config: DetectionConfig | None, timezone: str | None) -> Any:

@@ -28,19 +28,11 @@ from pipeline.access_report import (
     access_report,
     parse_bound,
 )
+from pipeline.evaluate import EVENTS_FILES, find_events_file
 from pipeline.web.app import _feed, db
 from pipeline.web.auth import requires
 
 PERMISSION = "access.report"
-#: events files looked for in the history directory, in this order
-EVENTS_FILES = (
-    "events.jsonl",
-    "events.ndjson",
-    "events.csv",
-    "events.jsonl.gz",
-    "events.ndjson.gz",
-    "events.csv.gz",
-)
 MIN_PURPOSE = 8  # characters the stated purpose needs at least
 MAX_ROWS = 2000  # accesses shown on the page; the CSV has them all
 _IDS = re.compile(r"[\s,;]+")
@@ -58,11 +50,10 @@ def routes() -> list[BaseRoute]:
 
 def history_events(history_dir: str) -> Path | None:
     """The events file of the history directory, or None."""
-    for name in EVENTS_FILES:
-        p = Path(history_dir) / name
-        if p.is_file():
-            return p
-    return None
+    try:
+        return find_events_file(history_dir)
+    except FileNotFoundError:
+        return None
 
 
 def history_freshness(history_dir: str, timezone: str) -> str:
