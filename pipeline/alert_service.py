@@ -65,14 +65,21 @@ def _load(path: str) -> tuple[Any, Any, Any, Any]:
     return settings, alerting, feed, ctx
 
 
-def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> int:
+def run_alert_service(
+    config: str, stop: threading.Event, ready: Any = None, serve_metrics: bool = True
+) -> int:
+    """Run the sinks until ``stop``. The metrics (sinks, kept history, feed) are served at
+    the feed's ``/metrics``; without a feed, on ``worker.metrics_port`` unless
+    ``serve_metrics`` is false (inside a worker, whose own metrics have that port)."""
     from kafka import KafkaConsumer
 
     from pipeline.alerting import AlertRouter
+    from pipeline.alerting.metrics import HistoryCollector, sink_registry
 
     settings, alerting, feed_settings, ctx = _load(config)
     router = AlertRouter(alerting, context=ctx)
     router.start()
+    registry = sink_registry(router)  # the sinks', the kept history's and the feed's metrics
     server = None
     if feed_settings is not None:
         from pipeline.web.server import serve_feed
@@ -82,9 +89,17 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
             feed_settings,
             host=feed_settings.host,
             port=feed_settings.port,
+            metrics_registry=registry,
             detection=settings.detection_config(),
         )
-        print(f"alert feed  {url}", flush=True)
+        print(f"alert feed  {url}   (metrics {url}/metrics)", flush=True)
+    elif serve_metrics and settings.worker.metrics_port >= 0:
+        from pipeline.stream_metrics import serve_registry
+
+        port = serve_registry(registry, settings.worker.metrics_port, settings.worker.metrics_host)
+        print(
+            f"alert sink metrics  http://{settings.worker.metrics_host}:{port}/metrics", flush=True
+        )
     k = settings.kafka
     consumer = KafkaConsumer(
         settings.topics.alerts,
@@ -120,6 +135,7 @@ def run_alert_service(config: str, stop: threading.Event, ready: Any = None) -> 
             keep_days=feed_settings.history_keep_days or None,
             on_update=assessed,
         ).start()
+        registry.register(HistoryCollector(keeper))
     if ready is not None:
         ready(router)
     try:

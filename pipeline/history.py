@@ -570,6 +570,8 @@ class HistoryKeeper:
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.updates = 0  # completed since start
         self.failures = 0
+        self.last_update = 0.0  # wall time of the last completed update (0: none yet)
+        self.events = 0  # events the history holds after it
         self.last_error = ""
         self._holes_told = 0
         self._stop = threading.Event()
@@ -598,6 +600,8 @@ class HistoryKeeper:
                      f"{self.every_s:g} s")  # fmt: skip
             return None
         self.updates += 1
+        self.last_update = time.time()
+        self.events = int(m["summary"]["events"])
         self.last_error = ""
         holes = describe_export(m, self.out).splitlines()[1:]  # the retention warnings
         for line in holes[self._holes_told :]:

@@ -291,7 +291,7 @@ def _start_sinks(config: str) -> threading.Event:
 
     def work() -> None:
         try:
-            run_alert_service(config, stop)
+            run_alert_service(config, stop, serve_metrics=False)
         except Exception:
             log.exception("the alert sinks stopped")
 

@@ -122,3 +122,31 @@ def test_emrwatch_run_sinks_refuses_a_bad_alerting_section(tmp_path, broker, lay
     )
     assert r.returncode == 2, r.stderr
     assert "no_such_key" in r.stderr
+
+
+def test_without_a_feed_the_sink_metrics_are_served_on_the_metrics_port(
+    tmp_path, broker, layout, producer, capfd
+):
+    """Prometheus scrapes ``emrwatch alerts`` on ``worker.metrics_port`` when it serves no
+    feed: deliveries, failures, retries and the outbox backlog."""
+    import re
+    import urllib.request
+
+    config = _config(tmp_path, broker, layout)
+    doc = yaml.safe_load(Path(config).read_text())
+    doc["worker"]["metrics_port"] = 0
+    Path(config).write_text(yaml.safe_dump(doc))
+    _send(producer, layout.alerts, [sample_alert(alert_id="ew-m1", version=1)])
+    printed: list[str] = []
+    scraped: list[str] = []
+
+    def stored_and_scraped(router: Any) -> bool:
+        printed.append(capfd.readouterr().out)
+        m = re.search(r"alert sink metrics\s+(http://\S+)", "".join(printed))
+        if m and not scraped:
+            scraped.append(urllib.request.urlopen(m.group(1), timeout=5).read().decode())
+        return router.store.count() == 1 and bool(scraped)
+
+    _run_until(config, stored_and_scraped)
+    assert "# TYPE emrwatch_outbox_entries gauge" in scraped[0]
+    assert "emrwatch_history" not in scraped[0]  # no history kept here

@@ -39,11 +39,28 @@ def _exported() -> set[str]:
     MeteredLedger(NullLedger(), c).receipt("src", "f", status="quarantined")
     c.watch([_Spooling()])
     text += generate_latest(c.registry).decode()
+    text += generate_latest(_alert_service_registry()).decode()  # `emrwatch alerts`
     return {
         line.split("{")[0].split(" ")[0]
         for line in text.splitlines()
         if line.startswith("emrwatch_")
     }
+
+
+def _alert_service_registry() -> Any:
+    """The registry ``emrwatch alerts`` serves: its sinks (one of each counter) and the
+    history it keeps."""
+    from types import SimpleNamespace
+
+    from pipeline.alerting.metrics import HistoryCollector, sink_registry
+
+    counters = SimpleNamespace(enqueued=1, delivered=1, failed=0, retried=0)
+    outbox = SimpleNamespace(backlog=lambda: {"email": {"pending": 1}})
+    router = SimpleNamespace(counters={"email": counters}, outbox=outbox)
+    reg = sink_registry(router)
+    keeper = SimpleNamespace(updates=2, failures=0, last_update=1.0, events=9)
+    reg.register(HistoryCollector(keeper))
+    return reg
 
 
 class _Spooling:

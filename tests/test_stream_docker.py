@@ -62,8 +62,14 @@ def test_worker_configs_load(tmp_path: Path) -> None:
     assert connector.topics == worker.topics  # same layout: one group shares the partitions
     assert connector.worker.group_id == worker.worker.group_id
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
-    ports = {c["port"] for job in prom["scrape_configs"] for c in job["dns_sd_configs"]}
+    ports = {c["port"] for job in prom["scrape_configs"] for c in job.get("dns_sd_configs") or []}
     assert ports == {worker.worker.metrics_port}
+    # the alert service's metrics are on its feed's port
+    (alerts,) = [j for j in prom["scrape_configs"] if j["job_name"] == "emrwatch-alerts"]
+    alerts_feed = yaml.safe_load((DOCKER / "alerts.yaml").read_text())["feed"]
+    assert alerts["static_configs"][0]["targets"] == [f"alerts:{alerts_feed['port']}"]
+    rules = yaml.safe_load((DOCKER / "prometheus-rules.yml").read_text())["groups"][0]["rules"]
+    assert {"EmrwatchHistoryStale", "EmrwatchSinkFailing"} <= {r["alert"] for r in rules}
 
 
 def test_alerts_service_config_loads(tmp_path: Path) -> None:

@@ -296,6 +296,15 @@ def test_the_alert_service_keeps_the_history_current(
             r = sam.post("/access-report", ASK)
             assert 'data-event="orth-look"' in r.text
             assert "4 accesses" in r.text
+        # the service's metrics, on the feed's port: its sinks, the kept history, the feed
+        import httpx
+
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "emrwatch_history_events 4.0" in metrics
+        m = re.search(r"^emrwatch_history_updates_total (\S+)$", metrics, re.M)
+        assert m and float(m.group(1)) >= 2
+        assert "emrwatch_history_update_failures_total 0.0" in metrics
+        assert "# TYPE emrwatch_outbox_entries gauge" in metrics
         assert stat.S_IMODE(history.stat().st_mode) == 0o700
         assert json.loads((history / "manifest.json").read_text())["keep_days"] == 30
     finally:

@@ -50,6 +50,34 @@ class SinkCollector:
         yield backlog
 
 
+class HistoryCollector:
+    """The history the alert service keeps (``feed.history_refresh_s``): updates, failed
+    updates, the time of the last one and the events held (a
+    :class:`pipeline.history.HistoryKeeper`)."""
+
+    def __init__(self, keeper: Any) -> None:
+        self.keeper = keeper
+
+    def collect(self) -> Iterator[Any]:
+        k = self.keeper
+        yield CounterMetricFamily(
+            "emrwatch_history_updates", "Completed updates of the kept history", value=k.updates
+        )
+        yield CounterMetricFamily(
+            "emrwatch_history_update_failures",
+            "Updates of the kept history that failed",
+            value=k.failures,
+        )
+        yield GaugeMetricFamily(
+            "emrwatch_history_last_update_timestamp_seconds",
+            "When the kept history was last updated (0: not yet)",
+            value=k.last_update,
+        )
+        yield GaugeMetricFamily(
+            "emrwatch_history_events", "Access events the kept history holds", value=k.events
+        )
+
+
 def sink_registry(router: Any, registry: CollectorRegistry | None = None) -> CollectorRegistry:
     reg = registry or CollectorRegistry()
     reg.register(SinkCollector(router))
