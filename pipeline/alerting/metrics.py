@@ -50,32 +50,38 @@ class SinkCollector:
         yield backlog
 
 
+#: (counter or gauge, metric name, help, the attribute it reads)
+Spec = tuple[str, str, str, str]
+
+
+def attribute_metrics(source: Any, specs: tuple[Spec, ...]) -> Iterator[Any]:
+    """One unlabelled counter or gauge per spec, read from ``source``'s attributes at
+    scrape time."""
+    for kind, name, text, attr in specs:
+        family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        yield family(name, text, value=getattr(source, attr))
+
+
 class HistoryCollector:
     """The history the alert service keeps (``feed.history_refresh_s``): updates, failed
     updates, the time of the last one and the events held (a
     :class:`pipeline.history.HistoryKeeper`)."""
 
+    SPECS: tuple[Spec, ...] = (
+        ("counter", "emrwatch_history_updates", "Completed updates of the kept history",
+         "updates"),
+        ("counter", "emrwatch_history_update_failures",
+         "Updates of the kept history that failed", "failures"),
+        ("gauge", "emrwatch_history_last_update_timestamp_seconds",
+         "When the kept history was last updated (0: not yet)", "last_update"),
+        ("gauge", "emrwatch_history_events", "Access events the kept history holds", "events"),
+    )  # fmt: skip
+
     def __init__(self, keeper: Any) -> None:
         self.keeper = keeper
 
     def collect(self) -> Iterator[Any]:
-        k = self.keeper
-        yield CounterMetricFamily(
-            "emrwatch_history_updates", "Completed updates of the kept history", value=k.updates
-        )
-        yield CounterMetricFamily(
-            "emrwatch_history_update_failures",
-            "Updates of the kept history that failed",
-            value=k.failures,
-        )
-        yield GaugeMetricFamily(
-            "emrwatch_history_last_update_timestamp_seconds",
-            "When the kept history was last updated (0: not yet)",
-            value=k.last_update,
-        )
-        yield GaugeMetricFamily(
-            "emrwatch_history_events", "Access events the kept history holds", value=k.events
-        )
+        yield from attribute_metrics(self.keeper, self.SPECS)
 
 
 def sink_registry(router: Any, registry: CollectorRegistry | None = None) -> CollectorRegistry:

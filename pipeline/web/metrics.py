@@ -16,33 +16,27 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from pipeline.alerting.metrics import Spec, attribute_metrics
 from pipeline.web.changes import ChangeFeed
 
 
 class FeedCollector(Collector):
+    SPECS: tuple[Spec, ...] = (
+        ("gauge", "emrwatch_feed_streams", "Open live-feed event streams (browsers)",
+         "subscribers"),
+        ("counter", "emrwatch_feed_changes", "Alert changes the feed published to its streams",
+         "seq"),
+        ("gauge", "emrwatch_feed_scan_seconds",
+         "Duration of the feed's last full change scan of the alert store", "scan_seconds"),
+        ("counter", "emrwatch_feed_poll_failures", "Polls of the alert store that failed",
+         "poll_failures"),
+    )  # fmt: skip
+
     def __init__(self, changes: ChangeFeed) -> None:
         self.changes = changes
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        c = self.changes
-        yield GaugeMetricFamily(
-            "emrwatch_feed_streams", "Open live-feed event streams (browsers)", value=c.subscribers
-        )
-        yield CounterMetricFamily(
-            "emrwatch_feed_changes",
-            "Alert changes the feed published to its streams",
-            value=c.seq,
-        )
-        yield GaugeMetricFamily(
-            "emrwatch_feed_scan_seconds",
-            "Duration of the feed's last full change scan of the alert store",
-            value=c.scan_seconds,
-        )
-        yield CounterMetricFamily(
-            "emrwatch_feed_poll_failures",
-            "Polls of the alert store that failed",
-            value=c.poll_failures,
-        )
+        yield from attribute_metrics(self.changes, self.SPECS)
 
 
 def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:
