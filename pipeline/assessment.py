@@ -25,10 +25,13 @@ comparison reads only these documents.
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import html
 import io
 import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -402,6 +405,52 @@ def mail_assessment(
     return added
 
 
+# ---------------------------------------------------------------- signatures
+
+SIGNATURE = "HMAC-SHA256"
+
+
+def key_from_env(name: str) -> bytes:
+    """The signing key in ``$name`` (16 bytes or more)."""
+    key = os.environ.get(name, "").encode()
+    if not key:
+        raise AssessmentError(f"${name} is not set")
+    if len(key) < 16:
+        raise AssessmentError(f"${name}: the signing key must be at least 16 bytes")
+    return key
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _fingerprint(key: bytes) -> str:
+    return hashlib.sha256(b"fingerprint\0" + key).hexdigest()[:12]
+
+
+def sign(doc: dict[str, Any], key: bytes) -> dict[str, Any]:
+    """``doc`` with a ``signature``: an HMAC-SHA256 of its canonical JSON (sorted keys, no
+    spaces) under a key the hospital and the regulator share, and the key's fingerprint
+    (never the key), so the regulator can tell the document was not altered on its way."""
+    mac = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
+    return {**doc, "signature": {"method": SIGNATURE, "key_fingerprint": _fingerprint(key),
+                                 "value": mac}}  # fmt: skip
+
+
+def verify(doc: dict[str, Any], key: bytes) -> None:
+    """Raise :class:`AssessmentError` unless ``doc`` carries a valid signature under ``key``."""
+    sig = doc.get("signature")
+    who = f"{doc.get('hospital')} {doc.get('period_from')}"
+    if not isinstance(sig, dict) or sig.get("method") != SIGNATURE:
+        raise AssessmentError(f"{who}: not signed")
+    if sig.get("key_fingerprint") != _fingerprint(key):
+        raise AssessmentError(f"{who}: signed under another key")
+    want = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(str(sig.get("value")), want):
+        raise AssessmentError(f"{who}: the signature does not match: the document was altered")
+
+
 # ---------------------------------------------------------------- the regulator's table
 
 #: (label, how to read it from an assessment) for the comparison, in order
@@ -614,6 +663,12 @@ def add_assessment_arguments(p: Any) -> None:
     p.add_argument("--timezone", default=None, help="the hospital's")
     p.add_argument("--workers", type=int, default=1, help="replay processes")
     p.add_argument("--output", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--sign-key-env",
+        metavar="NAME",
+        help="sign the JSON (HMAC-SHA256) with the key in this environment variable, shared "
+        "with the regulator",
+    )
     p.add_argument("--out", default="-", help="file to write (default: standard output)")
 
 
@@ -661,6 +716,9 @@ def cmd_assessment(args: Any) -> int:
         end = date.fromisoformat(args.end) if args.end else (last[1] if not args.start else None)
         if end is None:
             raise ValueError("--from needs --to")
+        if args.sign_key_env and args.output != "json":
+            raise ValueError("--sign-key-env signs the JSON: give --output json")
+        key = key_from_env(args.sign_key_env) if args.sign_key_env else None
     except (ValueError, FileNotFoundError) as exc:
         print(f"emrwatch assessment: {exc}", file=sys.stderr)
         return 2
@@ -678,7 +736,11 @@ def cmd_assessment(args: Any) -> int:
     finally:
         if store is not None:
             store.close()
-    _write(args.out, a.to_json() + "\n" if args.output == "json" else a.to_text())
+    if args.output == "json":
+        doc = sign(a.to_dict(), key) if key else a.to_dict()
+        _write(args.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    else:
+        _write(args.out, a.to_text())
     print(
         f"assessment of {a.hospital} {a.period_from} to {a.period_to}: "
         f"{a.log['accesses']:,} accesses, {len(a.concerns)} concern(s)",
@@ -689,13 +751,39 @@ def cmd_assessment(args: Any) -> int:
 
 def add_assessment_compare_arguments(p: Any) -> None:
     p.add_argument("files", nargs="+", help="assessments (JSON, from emrwatch assessment)")
+    p.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="HOSPITAL=ENV",
+        help="verify HOSPITAL's signatures with the key in $ENV (repeat per hospital); a "
+        "document of such a hospital that is unsigned, altered or signed under another key "
+        "is refused",
+    )
     p.add_argument("--output", default="text", choices=["text", "csv", "html"])
     p.add_argument("--out", default="-", help="file to write (default: standard output)")
 
 
 def cmd_assessment_compare(args: Any) -> int:
     try:
-        c = compare(load_assessment(f) for f in args.files)
+        keys = {}
+        for spec in args.key:
+            hospital, sep, env = spec.rpartition("=")
+            if not sep or not hospital or not env:
+                raise AssessmentError(f"--key {spec!r}: give HOSPITAL=ENV")
+            keys[hospital] = key_from_env(env)
+        docs = [load_assessment(f) for f in args.files]
+        for d in docs:
+            if d["hospital"] in keys:
+                verify(d, keys[d["hospital"]])
+        c = compare(docs)
+        unchecked = sorted({d["hospital"] for d in docs} - set(keys))
+        if keys:
+            c.notes.append(
+                "signatures verified: "
+                + ", ".join(sorted(set(keys) & {d["hospital"] for d in docs}))
+                + (f"; not verified (no --key): {', '.join(unchecked)}" if unchecked else "")
+            )
     except AssessmentError as exc:
         print(f"emrwatch assessment-compare: {exc}", file=sys.stderr)
         return 2

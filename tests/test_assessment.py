@@ -323,3 +323,54 @@ def test_from_the_alert_services_own_config(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     p = run("--service-config", str(path))
     assert p.returncode == 2 and "history_dir: no directory" in p.stderr
+
+
+def test_signed_assessments_are_verified_by_the_regulator(tmp_path: Path) -> None:
+    """``--sign-key-env`` signs the JSON with a key the hospital shares with the regulator;
+    ``assessment-compare --key HOSPITAL=ENV`` refuses it unsigned, altered or under
+    another key, and says which hospitals it verified."""
+    import os
+
+    d = _hand(tmp_path)
+    env = {**os.environ, "HAND_KEY": "h" * 32, "OTHER_KEY": "o" * 32}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+
+    out = tmp_path / "signed.json"
+    base = ("assessment", "--hospital", "Hand General", "--context", str(d),
+            "--from", "2026-03-03", "--to", "2026-03-06")  # fmt: skip
+    p = run(*base, "--output", "json", "--sign-key-env", "HAND_KEY", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["signature"]["method"] == "HMAC-SHA256" and "h" * 32 not in out.read_text()
+    p = run("assessment-compare", str(out), "--key", "Hand General=HAND_KEY")
+    assert p.returncode == 0, p.stderr
+    assert "signatures verified: Hand General" in p.stdout
+
+    altered = tmp_path / "altered.json"
+    doc["log"]["silent_days"] = []  # a day without logging hidden from the regulator
+    altered.write_text(json.dumps(doc))
+    p = run("assessment-compare", str(altered), "--key", "Hand General=HAND_KEY")
+    assert p.returncode == 2 and "the document was altered" in p.stderr
+    p = run("assessment-compare", str(out), "--key", "Hand General=OTHER_KEY")
+    assert p.returncode == 2 and "signed under another key" in p.stderr
+    unsigned = tmp_path / "unsigned.json"
+    assert run(*base, "--output", "json", "--out", str(unsigned)).returncode == 0
+    p = run("assessment-compare", str(unsigned), "--key", "Hand General=HAND_KEY")
+    assert p.returncode == 2 and "not signed" in p.stderr
+    # a hospital without a key given is compared, and said to be unverified
+    other = tmp_path / "other.json"
+    p = run("assessment", "--hospital", "Other General", "--context", str(d), "--from",
+            "2026-03-03", "--to", "2026-03-06", "--output", "json", "--out", str(other))  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    p = run("assessment-compare", str(out), str(other), "--key", "Hand General=HAND_KEY")
+    assert p.returncode == 0, p.stderr
+    assert "signatures verified: Hand General; not verified (no --key): Other General" in p.stdout
+    p = run(*base, "--sign-key-env", "HAND_KEY")
+    assert p.returncode == 2 and "give --output json" in p.stderr
+    p = run(*base, "--output", "json", "--sign-key-env", "NOPE")
+    assert p.returncode == 2 and "$NOPE is not set" in p.stderr

@@ -375,3 +375,25 @@ def test_the_security_assessment_page(site: Site, tmp_path: Path) -> None:
     assert compare([doc]).rows[0][1] == [str(len(EVENTS))]
     r = site.client("sam").get("/reports/assessment?from=2026-03-05&to=2026-03-04")
     assert r.status_code == 400 and "must end after it starts" in r.text
+
+
+def test_the_feed_signs_the_assessment_it_gives_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.assessment import AssessmentError, verify
+
+    monkeypatch.setenv("FEED_KEY", "f" * 32)
+    with pytest.raises(FeedConfigError, match=r"\$NO_KEY must hold a key"):
+        FeedSettings.from_dict({"assessment_key_env": "NO_KEY"})
+    hist = write_hospital(tmp_path / "history")
+    (hist / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in EVENTS))
+    feed = RunningFeed(tmp_path, history_dir=str(hist), assessment_key_env="FEED_KEY")
+    try:
+        r = feed.client("aud").get("/reports/assessment?from=2026-03-04&to=2026-03-05&output=json")
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        verify(doc, b"f" * 32)  # the regulator's check passes ...
+        with pytest.raises(AssessmentError, match="another key"):
+            verify(doc, b"g" * 32)  # ... and only under the shared key
+    finally:
+        feed.close()

@@ -12,6 +12,7 @@ no audit entry, no report. One report runs at a time; the others wait their turn
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,7 @@ async def assessment_page(request: Request) -> Response:
     from datetime import date
 
     from pipeline.alerting.report import default_period
-    from pipeline.assessment import AssessmentError, compare
+    from pipeline.assessment import AssessmentError, compare, key_from_env, sign
 
     feed = _feed(request)
     user = request.state.user
@@ -368,8 +369,11 @@ async def assessment_page(request: Request) -> Response:
             error = str(exc)
     if a is not None and output == "json":
         name = re.sub(r"[^A-Za-z0-9._-]", "_", f"assessment-{hospital}-{a.period_from}")[:80]
+        doc = a.to_dict()
+        if feed.settings.assessment_key_env:
+            doc = sign(doc, key_from_env(feed.settings.assessment_key_env))
         return Response(
-            a.to_json() + "\n",
+            json.dumps(doc, indent=2, ensure_ascii=False) + "\n",
             media_type="application/json",
             headers={"Content-Disposition": f'attachment; filename="{name}.json"'},
         )

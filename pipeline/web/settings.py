@@ -51,6 +51,9 @@ class FeedSettings:
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
     hospital: str = ""  # the hospital's name in its security assessment (default: title)
+    #: sign the assessment JSON the feed gives out (HMAC-SHA256) with the key in this
+    #: environment variable, shared with the regulator ("": unsigned)
+    assessment_key_env: str = ""
     timezone: str = "Asia/Shanghai"  # the hospital's: report periods are its local dates
     #: an ``emrwatch history`` export (context CSVs and an events file) the access report
     #: page reads (pipeline.web.access); "" leaves the page without history
@@ -135,6 +138,11 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
         if self.history_refresh_s < 0:
             raise FeedConfigError(f"{source}: history_refresh_s must be 0 (never) or more")
+        if self.assessment_key_env and len(os.environ.get(self.assessment_key_env, "")) < 16:
+            raise FeedConfigError(
+                f"{source}: assessment_key_env: ${self.assessment_key_env} must hold a key of "
+                "16 bytes or more"
+            )
         if self.history_keep_days < 0:
             raise FeedConfigError(f"{source}: history_keep_days must be 0 (all) or more")
         if self.history_keep_days and not self.history_refresh_s:
