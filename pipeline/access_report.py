@@ -188,6 +188,16 @@ class _Tally:
     def least_explained_first(self) -> tuple[float, int]:
         return (self.explained / self.accesses, -self.accesses)
 
+    def text_line(self, who: str, notes: Iterable[str] = ()) -> str:
+        """The text report's line for ``who``: the counts, the period, ``notes`` and the
+        alerts."""
+        return (
+            f"  {who}: {self.accesses} access(es), {self.explained} explained, "
+            f"{_local(self.first)} to {_local(self.last)}"
+            + "".join(f"; {n}" for n in notes)
+            + (f"; alerts {', '.join(self.alerts)}" if self.alerts else "")
+        )
+
 
 @dataclass
 class UserSummary(_Tally):
@@ -324,21 +334,15 @@ class AccessReport:
         ]
         if self.summary:
             out += ["", "Users"]
-            for u in self.summary:
-                out.append(
-                    f"  {u.user_id} {u.name} ({u.role}, {u.department}): {u.accesses} access(es), "
-                    f"{u.explained} explained, {_local(u.first)} to {_local(u.last)}"
-                    + (f"; alerts {', '.join(u.alerts)}" if u.alerts else "")
-                )
+            out += [
+                u.text_line(f"{u.user_id} {u.name} ({u.role}, {u.department})")
+                for u in self.summary
+            ]
         if self.users and not self.patients and self.patient_summary:
             out += ["", "Patients, least explained first"]
-            for ps in self.patient_summary:
-                out.append(
-                    f"  {ps.patient_id} {ps.name}: {ps.accesses} access(es), {ps.explained} "
-                    f"explained, {_local(ps.first)} to {_local(ps.last)}"
-                    + (f"; {'; '.join(ps.flags)}" if ps.flags else "")
-                    + (f"; alerts {', '.join(ps.alerts)}" if ps.alerts else "")
-                )
+            out += [
+                ps.text_line(f"{ps.patient_id} {ps.name}", ps.flags) for ps in self.patient_summary
+            ]
         if self.accesses:
             out += [
                 "",
