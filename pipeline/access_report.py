@@ -1251,6 +1251,14 @@ def write_private(path: str, text: str) -> None:
         fh.write(text)
 
 
+def write_output(out: str, text: str) -> None:
+    """``text`` to standard output (``-``) or to the file ``out``, owner-only."""
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        write_private(out, text)
+
+
 def audit(
     rep: AccessReport, store_url: str, actor: str | None, purpose: str, patient_copy: bool
 ) -> None:
@@ -1316,10 +1324,7 @@ def cmd_access_report(args: Any) -> int:
                 file=sys.stderr,
             )
             return 2
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        write_private(args.out, text)
+    write_output(args.out, text)
     if not args.audit_store:
         print(
             "access-report: not recorded in any audit log; --audit-store URL records who ran "

@@ -340,7 +340,7 @@ def add_access_review_arguments(p: Any) -> None:
 
 
 def cmd_access_review(args: Any) -> int:
-    from pipeline.access_report import write_private
+    from pipeline.access_report import write_output
     from pipeline.cli import _config
 
     cfg = _config(args.config, args.timezone, args.context)
@@ -365,10 +365,7 @@ def cmd_access_review(args: Any) -> int:
         print(f"emrwatch access-review: {exc}", file=sys.stderr)
         return 2
     text = rev.render(args.output)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        write_private(args.out, text)
+    write_output(args.out, text)
     counts = ", ".join(f"{k} {len(rev.section(k))}" for k in SECTIONS)
     print(f"access-review as of {rev.as_of}: {counts}", file=sys.stderr)
     return 0

@@ -42,6 +42,7 @@ from typing import Any
 
 from connectors.readers import ParseStats
 from emrwatch.context import Context
+from pipeline.history import key_fingerprint
 
 KIND = "emrwatch assessment"
 VERSION = 1
@@ -425,16 +426,12 @@ def _canonical(doc: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _fingerprint(key: bytes) -> str:
-    return hashlib.sha256(b"fingerprint\0" + key).hexdigest()[:12]
-
-
 def sign(doc: dict[str, Any], key: bytes) -> dict[str, Any]:
     """``doc`` with a ``signature``: an HMAC-SHA256 of its canonical JSON (sorted keys, no
     spaces) under a key the hospital and the regulator share, and the key's fingerprint
     (never the key), so the regulator can tell the document was not altered on its way."""
     mac = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
-    return {**doc, "signature": {"method": SIGNATURE, "key_fingerprint": _fingerprint(key),
+    return {**doc, "signature": {"method": SIGNATURE, "key_fingerprint": key_fingerprint(key),
                                  "value": mac}}  # fmt: skip
 
 
@@ -444,7 +441,7 @@ def verify(doc: dict[str, Any], key: bytes) -> None:
     who = f"{doc.get('hospital')} {doc.get('period_from')}"
     if not isinstance(sig, dict) or sig.get("method") != SIGNATURE:
         raise AssessmentError(f"{who}: not signed")
-    if sig.get("key_fingerprint") != _fingerprint(key):
+    if sig.get("key_fingerprint") != key_fingerprint(key):
         raise AssessmentError(f"{who}: signed under another key")
     want = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(str(sig.get("value")), want):
@@ -691,6 +688,7 @@ def _from_service(args: Any) -> Any:
 def cmd_assessment(args: Any) -> int:
     from dataclasses import replace
 
+    from pipeline.access_report import write_output
     from pipeline.alerting.report import default_period
     from pipeline.cli import _config
     from pipeline.evaluate import find_events_file
@@ -738,9 +736,9 @@ def cmd_assessment(args: Any) -> int:
             store.close()
     if args.output == "json":
         doc = sign(a.to_dict(), key) if key else a.to_dict()
-        _write(args.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        write_output(args.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     else:
-        _write(args.out, a.to_text())
+        write_output(args.out, a.to_text())
     print(
         f"assessment of {a.hospital} {a.period_from} to {a.period_to}: "
         f"{a.log['accesses']:,} accesses, {len(a.concerns)} concern(s)",
@@ -765,6 +763,8 @@ def add_assessment_compare_arguments(p: Any) -> None:
 
 
 def cmd_assessment_compare(args: Any) -> int:
+    from pipeline.access_report import write_output
+
     try:
         keys = {}
         for spec in args.key:
@@ -787,14 +787,5 @@ def cmd_assessment_compare(args: Any) -> int:
     except AssessmentError as exc:
         print(f"emrwatch assessment-compare: {exc}", file=sys.stderr)
         return 2
-    _write(args.out, c.render(args.output))
+    write_output(args.out, c.render(args.output))
     return 0
-
-
-def _write(out: str, text: str) -> None:
-    if out == "-":
-        sys.stdout.write(text)
-    else:
-        from pipeline.access_report import write_private
-
-        write_private(out, text)

@@ -682,11 +682,16 @@ class Pseudonymizer:
     def describe(self) -> dict[str, Any]:
         return {
             "method": "HMAC-SHA256, namespaced, 80-bit base32 tokens",
-            "key_fingerprint": hashlib.sha256(b"fingerprint\0" + self._key).hexdigest()[:12],
+            "key_fingerprint": key_fingerprint(self._key),
             "context_fields": {k: [f for f, _ in v] for k, v in self.CONTEXT_FIELDS.items()},
             "event_fields": [f for f, _ in self.EVENT_FIELDS],
             "dropped": ["sealed.reason", "non-canonical event fields"],
         }
+
+
+def key_fingerprint(key: bytes) -> str:
+    """What names a secret key in a document without revealing it (12 hex digits)."""
+    return hashlib.sha256(b"fingerprint\0" + key).hexdigest()[:12]
 
 
 def _merge(paths: list[Path], target: Any, since: float = -math.inf) -> tuple[int, float]:
