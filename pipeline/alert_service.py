@@ -79,6 +79,7 @@ def run_alert_service(
     settings, alerting, feed_settings, ctx = _load(config)
     router = AlertRouter(alerting, context=ctx)
     router.start()
+    detection = settings.detection_config()  # for the feed's reports and the monthly mail
     registry = sink_registry(router)  # the sinks', the kept history's and the feed's metrics
     server = None
     if feed_settings is not None:
@@ -90,7 +91,7 @@ def run_alert_service(
             host=feed_settings.host,
             port=feed_settings.port,
             metrics_registry=registry,
-            detection=settings.detection_config(),
+            detection=detection,
         )
         print(f"alert feed  {url}   (metrics {url}/metrics)", flush=True)
     elif serve_metrics and settings.worker.metrics_port >= 0:
@@ -122,7 +123,7 @@ def run_alert_service(
                 router,
                 feed_settings.history_dir,
                 feed_settings.hospital or feed_settings.title,
-                settings.detection_config(),
+                detection,
             )
 
         keeper = HistoryKeeper(

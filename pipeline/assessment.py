@@ -42,7 +42,7 @@ from typing import Any
 
 from connectors.readers import ParseStats
 from emrwatch.context import Context
-from pipeline.history import key_fingerprint
+from pipeline.history import history_state, key_fingerprint
 
 KIND = "emrwatch assessment"
 VERSION = 1
@@ -375,15 +375,11 @@ def mail_assessment(
     if not router.outbox.missing(tag, "email", e.report_to):
         return 0
     history = Path(history_dir)
-    try:
-        m = json.loads((history / "manifest.json").read_text(encoding="utf-8"))
-        period = m["summary"]["period"]
-        first = datetime.fromisoformat(period["start"])
-        written = datetime.fromisoformat(m.get("updated_at") or m["exported_at"])
-    except (OSError, ValueError, KeyError, TypeError):
+    h = history_state(history)
+    if h is None or h.start is None:
         return 0  # no history written yet
     month_end = datetime.combine(end, datetime.min.time(), tz)
-    if written < month_end or first >= month_end:
+    if h.written < month_end or h.start >= month_end:
         return 0  # not written since the month ended, or the monitor started after it
     cfg = detection or DetectionConfig()
     cfg = replace(cfg, timezone=e.report_timezone)

@@ -603,7 +603,7 @@ class HistoryKeeper:
         self.last_update = time.time()
         self.events = int(m["summary"]["events"])
         self.last_error = ""
-        holes = describe_export(m, self.out).splitlines()[1:]  # the retention warnings
+        holes = retention_warnings(m)
         for line in holes[self._holes_told :]:
             self.log(f"history: {line}")
         self._holes_told = len(holes)
@@ -843,10 +843,40 @@ def describe_export(m: dict[str, Any], out: Path) -> str:
         f"({r['unreadable']} unreadable and {r['outside_window']} outside the window skipped; "
         f"{kept}context: {ctx})"
     )
-    for g in m.get("gaps") or []:
-        lo, hi = g["offsets"]
-        text += (
-            f"\nWARNING: {g['topic']}:{g['partition']} offsets {lo}–{hi - 1} were deleted by "
-            "retention before this export read them: the history has a hole there"
+    return "\n".join([text, *retention_warnings(m)])
+
+
+def retention_warnings(m: dict[str, Any]) -> list[str]:
+    """One line per hole retention left in the export of manifest ``m``."""
+    return [
+        f"WARNING: {g['topic']}:{g['partition']} offsets {g['offsets'][0]}–"
+        f"{g['offsets'][1] - 1} were deleted by retention before this export read them: "
+        "the history has a hole there"
+        for g in m.get("gaps") or []
+    ]
+
+
+@dataclass(frozen=True)
+class HistoryState:
+    """What an export holds and when it was last written (from its manifest)."""
+
+    events: int
+    start: datetime | None  # the first event's time; None: no event yet
+    end: datetime | None
+    written: datetime
+
+
+def history_state(out: str | Path) -> HistoryState | None:
+    """The state of the export in ``out``; None without a readable manifest."""
+    try:
+        m = orjson.loads((Path(out) / MANIFEST_FILE).read_bytes())
+        s = m.get("summary") or {}
+        period = s.get("period") or {}
+        return HistoryState(
+            int(s.get("events", 0)),
+            datetime.fromisoformat(period["start"]) if period else None,
+            datetime.fromisoformat(period["end"]) if period else None,
+            datetime.fromisoformat(m.get("updated_at") or m["exported_at"]),
         )
-    return text
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

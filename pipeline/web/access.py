@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from emrwatch.timeutil import zone
 from pipeline.access_report import (
     ACTION_WORDS,
     AccessReport,
@@ -60,26 +62,21 @@ def history_events(history_dir: str) -> Path | None:
 def history_freshness(history_dir: str, timezone: str) -> str:
     """What the history directory covers and when it was last written, from its
     ``manifest.json`` in the hospital's local time; "" without a readable manifest."""
-    from datetime import datetime
+    from pipeline.history import history_state
 
-    import orjson
-
-    from emrwatch.timeutil import zone
-
-    try:
-        m = orjson.loads((Path(history_dir) / "manifest.json").read_bytes())
-        tz = zone(timezone)
-
-        def local(text: str) -> str:
-            return datetime.fromisoformat(text).astimezone(tz).strftime("%Y-%m-%d %H:%M")
-
-        s = m.get("summary") or {}
-        period = s.get("period") or {}
-        span = f"{local(period['start'])} to {local(period['end'])}" if period else "none yet"
-        written = m.get("updated_at") or m["exported_at"]
-        return f"{int(s.get('events', 0)):,} accesses, {span}; written {local(written)}"
-    except (OSError, ValueError, KeyError, TypeError):
+    h = history_state(history_dir)
+    if h is None:
         return ""
+    try:
+        tz = zone(timezone)
+    except ValueError:
+        return ""
+
+    def local(t: datetime) -> str:
+        return t.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+
+    span = f"{local(h.start)} to {local(h.end)}" if h.start and h.end else "none yet"
+    return f"{h.events:,} accesses, {span}; written {local(h.written)}"
 
 
 def _ids(value: str) -> list[str]:
