@@ -340,6 +340,7 @@ def _export(
         spool[1].write(b"%r\t" % e.t + orjson.dumps(d) + b"\n")
         first_t, last_t, kept = min(first_t, e.t), max(last_t, e.t), kept + 1
 
+    old_summary: dict[str, Any] = (prev or {}).get("summary") or {}
     resume = None
     if prev is not None:
         ends = prev["offsets"][layout.access]
@@ -365,7 +366,6 @@ def _export(
         # what the export held: its events and their period (an update's earlier part)
         held = _Held()
         if prev is not None:
-            old_summary = prev.get("summary") or {}
             period = old_summary.get("period") or {}
             held = _Held(
                 int(old_summary.get("events", 0)),
@@ -409,7 +409,6 @@ def _export(
     }
     first_t, last_t = min(held.first, first_new), max(held.last, last_t)
     if prev is not None:
-        old_summary = prev.get("summary") or {}
         summary["records"] = {
             k: int((old_summary.get("records") or {}).get(k, 0)) + v for k, v in counts.items()
         }
