@@ -8,7 +8,7 @@ unknown keys are an error, so a typo does not silently leave a default in place.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,11 @@ class DetectionConfig:
     disabled_rules: tuple[str, ...] = ()
     rule_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     exceptions: list[Exception_] = field(default_factory=list)
+
+    @classmethod
+    def in_zone(cls, config: DetectionConfig | None, timezone: str) -> DetectionConfig:
+        """``config`` (the defaults when None) judging in ``timezone``, the hospital's."""
+        return replace(config, timezone=timezone) if config else cls(timezone=timezone)
 
     @classmethod
     def load(cls, path: str | Path | None) -> DetectionConfig:

@@ -357,7 +357,6 @@ def mail_assessment(
     service or restart gets there first, like the monthly privacy report. Returns the mails
     queued. A month before the history's first event is not assessed (the monitor was not
     running). ``emrwatch alerts`` calls this after each update of ``feed.history_dir``."""
-    from dataclasses import replace
 
     from detectors.config import DetectionConfig
     from emrwatch.timeutil import zone
@@ -381,8 +380,7 @@ def mail_assessment(
     month_end = datetime.combine(end, datetime.min.time(), tz)
     if h.written < month_end or h.start >= month_end:
         return 0  # not written since the month ended, or the monitor started after it
-    cfg = detection or DetectionConfig()
-    cfg = replace(cfg, timezone=e.report_timezone)
+    cfg = DetectionConfig.in_zone(detection, e.report_timezone)
     a = assess(hospital, history, history / "events.jsonl", start, end, cfg, router.store)
     feed = router.config.feed_url.rstrip("/")
     link = f"{feed}/reports/assessment?from={start}&to={end}"

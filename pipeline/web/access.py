@@ -129,13 +129,12 @@ def _run(
     end: str,
     break_the_glass: bool,
 ) -> AccessReport:
-    from dataclasses import replace
 
     from detectors.config import DetectionConfig
     from emrwatch.context import Context
 
     ctx = Context.load(history_dir, timezone)
-    cfg = replace(detection, timezone=timezone) if detection else DetectionConfig(timezone=timezone)
+    cfg = DetectionConfig.in_zone(detection, timezone)
     return access_report(
         ctx,
         events,
@@ -313,12 +312,11 @@ def _assess(
     start: Any,
     end: Any,
 ) -> Any:
-    from dataclasses import replace
 
     from detectors.config import DetectionConfig
     from pipeline.assessment import assess
 
-    cfg = replace(detection, timezone=timezone) if detection else DetectionConfig(timezone=timezone)
+    cfg = DetectionConfig.in_zone(detection, timezone)
     return assess(hospital, history_dir, events, start, end, cfg, store)
 
 
