@@ -25,13 +25,10 @@ comparison reads only these documents.
 from __future__ import annotations
 
 import csv
-import hashlib
-import hmac
 import html
 import io
 import json
 import math
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -42,7 +39,18 @@ from typing import Any
 
 from connectors.readers import ParseStats
 from emrwatch.context import Context
-from pipeline.history import history_state, key_fingerprint
+from pipeline.history import history_state
+from pipeline.signing import (
+    SignatureError,
+    Signer,
+    Verifier,
+    generate_key_pair,
+    load_private_key,
+    load_public_key,
+    shared_key_from_env,
+    sign_document,
+    verify_document,
+)
 
 KIND = "emrwatch assessment"
 VERSION = 1
@@ -400,48 +408,6 @@ def mail_assessment(
     return added
 
 
-# ---------------------------------------------------------------- signatures
-
-SIGNATURE = "HMAC-SHA256"
-
-
-def key_from_env(name: str) -> bytes:
-    """The signing key in ``$name`` (16 bytes or more)."""
-    key = os.environ.get(name, "").encode()
-    if not key:
-        raise AssessmentError(f"${name} is not set")
-    if len(key) < 16:
-        raise AssessmentError(f"${name}: the signing key must be at least 16 bytes")
-    return key
-
-
-def _canonical(doc: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in doc.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def sign(doc: dict[str, Any], key: bytes) -> dict[str, Any]:
-    """``doc`` with a ``signature``: an HMAC-SHA256 of its canonical JSON (sorted keys, no
-    spaces) under a key the hospital and the regulator share, and the key's fingerprint
-    (never the key), so the regulator can tell the document was not altered on its way."""
-    mac = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
-    return {**doc, "signature": {"method": SIGNATURE, "key_fingerprint": key_fingerprint(key),
-                                 "value": mac}}  # fmt: skip
-
-
-def verify(doc: dict[str, Any], key: bytes) -> None:
-    """Raise :class:`AssessmentError` unless ``doc`` carries a valid signature under ``key``."""
-    sig = doc.get("signature")
-    who = f"{doc.get('hospital')} {doc.get('period_from')}"
-    if not isinstance(sig, dict) or sig.get("method") != SIGNATURE:
-        raise AssessmentError(f"{who}: not signed")
-    if sig.get("key_fingerprint") != key_fingerprint(key):
-        raise AssessmentError(f"{who}: signed under another key")
-    want = hmac.new(key, _canonical(doc), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(str(sig.get("value")), want):
-        raise AssessmentError(f"{who}: the signature does not match: the document was altered")
-
-
 # ---------------------------------------------------------------- the regulator's table
 
 #: (label, how to read it from an assessment) for the comparison, in order
@@ -655,10 +621,21 @@ def add_assessment_arguments(p: Any) -> None:
     p.add_argument("--workers", type=int, default=1, help="replay processes")
     p.add_argument("--output", default="text", choices=["text", "json"])
     p.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="sign the JSON (Ed25519) with this private key (emrwatch assessment-keygen); "
+        "the regulator verifies it with the public key",
+    )
+    p.add_argument(
+        "--sign-key-passphrase-env",
+        metavar="NAME",
+        help="the --sign-key file is encrypted: its passphrase is in this environment variable",
+    )
+    p.add_argument(
         "--sign-key-env",
         metavar="NAME",
         help="sign the JSON (HMAC-SHA256) with the key in this environment variable, shared "
-        "with the regulator",
+        "with the regulator (instead of --sign-key)",
     )
     p.add_argument("--out", default="-", help="file to write (default: standard output)")
 
@@ -677,6 +654,19 @@ def _from_service(args: Any) -> Any:
     args.store = args.store or alerting.store_url
     args.timezone = args.timezone or settings.timezone
     return settings.detection_config()
+
+
+def _signer(args: Any) -> Signer | None:
+    """The key ``--sign-key`` or ``--sign-key-env`` names (None: unsigned)."""
+    if args.sign_key and args.sign_key_env:
+        raise ValueError("give --sign-key (Ed25519) or --sign-key-env (HMAC), not both")
+    if (args.sign_key or args.sign_key_env) and args.output != "json":
+        raise ValueError("a signature signs the JSON: give --output json")
+    if args.sign_key:
+        return load_private_key(args.sign_key, args.sign_key_passphrase_env)
+    if args.sign_key_passphrase_env:
+        raise ValueError("--sign-key-passphrase-env goes with --sign-key")
+    return shared_key_from_env(args.sign_key_env) if args.sign_key_env else None
 
 
 def cmd_assessment(args: Any) -> int:
@@ -708,9 +698,7 @@ def cmd_assessment(args: Any) -> int:
         end = date.fromisoformat(args.end) if args.end else (last[1] if not args.start else None)
         if end is None:
             raise ValueError("--from needs --to")
-        if args.sign_key_env and args.output != "json":
-            raise ValueError("--sign-key-env signs the JSON: give --output json")
-        key = key_from_env(args.sign_key_env) if args.sign_key_env else None
+        signer = _signer(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"emrwatch assessment: {exc}", file=sys.stderr)
         return 2
@@ -729,7 +717,7 @@ def cmd_assessment(args: Any) -> int:
         if store is not None:
             store.close()
     if args.output == "json":
-        doc = sign(a.to_dict(), key) if key else a.to_dict()
+        doc = sign_document(a.to_dict(), signer) if signer else a.to_dict()
         write_output(args.out, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     else:
         write_output(args.out, a.to_text())
@@ -744,13 +732,20 @@ def cmd_assessment(args: Any) -> int:
 def add_assessment_compare_arguments(p: Any) -> None:
     p.add_argument("files", nargs="+", help="assessments (JSON, from emrwatch assessment)")
     p.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="HOSPITAL=FILE",
+        help="verify HOSPITAL's Ed25519 signatures with its public key (repeat per "
+        "hospital); a document of such a hospital that is unsigned, altered or signed under "
+        "another key is refused",
+    )
+    p.add_argument(
         "--key",
         action="append",
         default=[],
         metavar="HOSPITAL=ENV",
-        help="verify HOSPITAL's signatures with the key in $ENV (repeat per hospital); a "
-        "document of such a hospital that is unsigned, altered or signed under another key "
-        "is refused",
+        help="the same for a hospital that signs with a shared HMAC key, in $ENV",
     )
     p.add_argument("--output", default="text", choices=["text", "csv", "html"])
     p.add_argument("--out", default="-", help="file to write (default: standard output)")
@@ -760,16 +755,21 @@ def cmd_assessment_compare(args: Any) -> int:
     from pipeline.access_report import write_output
 
     try:
-        keys = {}
-        for spec in args.key:
-            hospital, sep, env = spec.rpartition("=")
-            if not sep or not hospital or not env:
-                raise AssessmentError(f"--key {spec!r}: give HOSPITAL=ENV")
-            keys[hospital] = key_from_env(env)
+        keys: dict[str, Verifier] = {}
+        for flag, specs, load in (("--public-key", args.public_key, load_public_key),
+                                  ("--key", args.key, shared_key_from_env)):  # fmt: skip
+            for spec in specs:
+                hospital, sep, where = spec.rpartition("=")
+                if not sep or not hospital or not where:
+                    form = "FILE" if flag == "--public-key" else "ENV"
+                    raise AssessmentError(f"{flag} {spec!r}: give HOSPITAL={form}")
+                if hospital in keys:
+                    raise AssessmentError(f"{hospital}: one key per hospital")
+                keys[hospital] = load(where)
         docs = [load_assessment(f) for f in args.files]
         for d in docs:
             if d["hospital"] in keys:
-                verify(d, keys[d["hospital"]])
+                verify_document(d, keys[d["hospital"]], f"{d['hospital']} {d.get('period_from')}")
         c = compare(docs)
         unchecked = sorted({d["hospital"] for d in docs} - set(keys))
         if keys:
@@ -778,8 +778,36 @@ def cmd_assessment_compare(args: Any) -> int:
                 + ", ".join(sorted(set(keys) & {d["hospital"] for d in docs}))
                 + (f"; not verified (no --key): {', '.join(unchecked)}" if unchecked else "")
             )
-    except AssessmentError as exc:
+    except (AssessmentError, SignatureError) as exc:
         print(f"emrwatch assessment-compare: {exc}", file=sys.stderr)
         return 2
     write_output(args.out, c.render(args.output))
+    return 0
+
+
+def add_assessment_keygen_arguments(p: Any) -> None:
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.key (the private key, owner-only: keep it on the hospital's "
+        "side) and PREFIX.pub (the public key: send it to the regulator)",
+    )
+    p.add_argument(
+        "--passphrase-env",
+        metavar="NAME",
+        help="encrypt the private key with the passphrase in this environment variable",
+    )
+
+
+def cmd_assessment_keygen(args: Any) -> int:
+    try:
+        key, pub = generate_key_pair(args.out, args.passphrase_env)
+        fingerprint = load_public_key(pub).fingerprint
+    except (SignatureError, OSError) as exc:
+        print(f"emrwatch assessment-keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key {key} (keep it: emrwatch assessment --sign-key {key})")
+    print(f"public key  {pub} (give it to the regulator: assessment-compare --public-key)")
+    print(f"fingerprint {fingerprint}")
     return 0

@@ -379,6 +379,12 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "pipeline.assessment",
             "the regulator's table of many hospitals' assessments",
         ),
+        (
+            "assessment-keygen",
+            "pipeline.assessment",
+            "a key pair to sign assessments: the private key stays, the public one goes to "
+            "the regulator",
+        ),
     ):
         sp = sub.add_parser(name, help=helptext)
         if name in argv[:1]:

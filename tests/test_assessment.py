@@ -374,3 +374,80 @@ def test_signed_assessments_are_verified_by_the_regulator(tmp_path: Path) -> Non
     assert p.returncode == 2 and "give --output json" in p.stderr
     p = run(*base, "--output", "json", "--sign-key-env", "NOPE")
     assert p.returncode == 2 and "$NOPE is not set" in p.stderr
+
+
+def test_public_key_signatures_need_no_secret_at_the_regulator(tmp_path: Path) -> None:
+    """``assessment-keygen`` makes a pair; ``--sign-key`` signs with the private key (which
+    never leaves the hospital), and ``assessment-compare --public-key HOSPITAL=FILE``
+    verifies with the public one: it accepts the document as signed and refuses it altered,
+    signed by another hospital's key, or signed the shared-key way."""
+    import os
+    import stat
+
+    d = _hand(tmp_path)
+    env = {**os.environ, "HAND_KEY": "h" * 32, "PASS": "correct horse battery"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+
+    p = run("assessment-keygen", "--out", str(tmp_path / "hand"))
+    assert p.returncode == 0, p.stderr
+    key, pub = tmp_path / "hand.key", tmp_path / "hand.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" not in pub.read_bytes() and b"PUBLIC KEY" in pub.read_bytes()
+    p = run("assessment-keygen", "--out", str(tmp_path / "hand"))
+    assert p.returncode == 2 and "never overwritten" in p.stderr
+    # another hospital's pair, its private key encrypted
+    p = run("assessment-keygen", "--out", str(tmp_path / "other"), "--passphrase-env", "PASS")
+    assert p.returncode == 0, p.stderr
+    assert b"ENCRYPTED" in (tmp_path / "other.key").read_bytes()
+
+    base = ("assessment", "--hospital", "Hand General", "--context", str(d),
+            "--from", "2026-03-03", "--to", "2026-03-06", "--output", "json")  # fmt: skip
+    out = tmp_path / "signed.json"
+    p = run(*base, "--sign-key", str(key), "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["signature"]["method"] == "Ed25519"
+    p = run("assessment-compare", str(out), "--public-key", f"Hand General={pub}")
+    assert p.returncode == 0, p.stderr
+    assert "signatures verified: Hand General" in p.stdout
+
+    doc["log"]["accesses"] -= 1  # one access hidden from the regulator
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps(doc))
+    p = run("assessment-compare", str(altered), "--public-key", f"Hand General={pub}")
+    assert p.returncode == 2 and "the document was altered" in p.stderr
+    p = run("assessment-compare", str(out), "--public-key", f"Hand General={tmp_path}/other.pub")
+    assert p.returncode == 2 and "signed under another key" in p.stderr
+    hmac_signed = tmp_path / "hmac.json"
+    p = run(*base, "--sign-key-env", "HAND_KEY", "--out", str(hmac_signed))
+    assert p.returncode == 0, p.stderr
+    p = run("assessment-compare", str(hmac_signed), "--public-key", f"Hand General={pub}")
+    assert p.returncode == 2 and "signed with HMAC-SHA256, but the key given is Ed25519" in p.stderr
+
+    # the encrypted key signs with its passphrase, and not without it
+    other = tmp_path / "other.json"
+    obase = ("assessment", "--hospital", "Other General", "--context", str(d), "--from",
+             "2026-03-03", "--to", "2026-03-06", "--output", "json", "--out", str(other),
+             "--sign-key", str(tmp_path / "other.key"))  # fmt: skip
+    p = run(*obase)
+    assert p.returncode == 2 and "--sign-key-passphrase-env" in p.stderr and not other.exists()
+    p = run(*obase, "--sign-key-passphrase-env", "PASS")
+    assert p.returncode == 0, p.stderr
+    p = run("assessment-compare", str(out), str(other), "--public-key", f"Hand General={pub}",
+            "--public-key", f"Other General={tmp_path}/other.pub")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "signatures verified: Hand General, Other General" in p.stdout
+
+    # a private key others can read is refused, as is a private key given as the public one
+    key.chmod(0o644)
+    p = run(*base, "--sign-key", str(key))
+    assert p.returncode == 2 and "readable by its owner only" in p.stderr
+    p = run("assessment-compare", str(out), "--public-key", f"Hand General={key}")
+    assert p.returncode == 2 and "this is a private key" in p.stderr
+    p = run(*base, "--sign-key", str(key), "--sign-key-env", "HAND_KEY")
+    assert p.returncode == 2 and "not both" in p.stderr

@@ -380,20 +380,43 @@ def test_the_security_assessment_page(site: Site, tmp_path: Path) -> None:
 def test_the_feed_signs_the_assessment_it_gives_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.assessment import AssessmentError, verify
+    """With ``feed.assessment_key_file`` the JSON download carries an Ed25519 signature the
+    regulator checks with the hospital's public key; a key that cannot sign stops the feed
+    at start, not at the first download."""
+    from pipeline.signing import (
+        SharedKey,
+        SignatureError,
+        generate_key_pair,
+        load_public_key,
+        verify_document,
+    )
 
     monkeypatch.setenv("FEED_KEY", "f" * 32)
     with pytest.raises(FeedConfigError, match=r"\$NO_KEY must hold a key"):
         FeedSettings.from_dict({"assessment_key_env": "NO_KEY"})
+    assert FeedSettings.from_dict({"assessment_key_env": "FEED_KEY"}).assessment_signer() == (
+        SharedKey(b"f" * 32)
+    )
+    key, pub = generate_key_pair(tmp_path / "hospital")
+    _, other = generate_key_pair(tmp_path / "other")
+    with pytest.raises(FeedConfigError, match="not both"):
+        FeedSettings.from_dict({"assessment_key_file": str(key), "assessment_key_env": "FEED_KEY"})
+    with pytest.raises(FeedConfigError, match="No such file"):
+        FeedSettings.from_dict({"assessment_key_file": str(tmp_path / "missing.key")})
+    with pytest.raises(FeedConfigError, match="goes with assessment_key_file"):
+        FeedSettings.from_dict({"assessment_key_passphrase_env": "FEED_KEY"})
     hist = write_hospital(tmp_path / "history")
     (hist / "events.jsonl").write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in EVENTS))
-    feed = RunningFeed(tmp_path, history_dir=str(hist), assessment_key_env="FEED_KEY")
+    feed = RunningFeed(tmp_path, history_dir=str(hist), assessment_key_file=str(key))
     try:
         r = feed.client("aud").get("/reports/assessment?from=2026-03-04&to=2026-03-05&output=json")
         assert r.status_code == 200, r.text
         doc = r.json()
-        verify(doc, b"f" * 32)  # the regulator's check passes ...
-        with pytest.raises(AssessmentError, match="another key"):
-            verify(doc, b"g" * 32)  # ... and only under the shared key
+        assert doc["signature"]["method"] == "Ed25519"
+        verify_document(doc, load_public_key(pub))  # the regulator's check passes ...
+        with pytest.raises(SignatureError, match="another key"):
+            verify_document(doc, load_public_key(other))  # ... only with this hospital's key
+        with pytest.raises(SignatureError, match="altered"):
+            verify_document({**doc, "hospital": "Elsewhere"}, load_public_key(pub))
     finally:
         feed.close()

@@ -59,7 +59,10 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       login_lockout_s: 60             # ... it is refused this long
       title: emrwatch                 # shown in the page header
       hospital: ""                    # the name in the security assessment (default: title)
-      assessment_key_env: ""          # sign the assessment JSON with the key in $NAME
+      assessment_key_file: ""         # sign the assessment JSON (Ed25519) with this private
+                                      # key (emrwatch assessment-keygen) ...
+      assessment_key_passphrase_env: ""  # ... encrypted with the passphrase in $NAME
+      assessment_key_env: ""          # or (HMAC-SHA256) with the shared key in $NAME
       history_dir: /secure/history    # an emrwatch history export the access report reads
       history_refresh_s: 0            # > 0: emrwatch alerts keeps history_dir current
                                       # from the topics (history --update every N s)

@@ -329,7 +329,8 @@ async def assessment_page(request: Request) -> Response:
     from datetime import date
 
     from pipeline.alerting.report import default_period
-    from pipeline.assessment import AssessmentError, compare, key_from_env, sign
+    from pipeline.assessment import AssessmentError, compare
+    from pipeline.signing import sign_document
 
     feed = _feed(request)
     user = request.state.user
@@ -365,8 +366,9 @@ async def assessment_page(request: Request) -> Response:
     if a is not None and output == "json":
         name = re.sub(r"[^A-Za-z0-9._-]", "_", f"assessment-{hospital}-{a.period_from}")[:80]
         doc = a.to_dict()
-        if feed.settings.assessment_key_env:
-            doc = sign(doc, key_from_env(feed.settings.assessment_key_env))
+        signer = feed.settings.assessment_signer()
+        if signer is not None:
+            doc = sign_document(doc, signer)
         return Response(
             json.dumps(doc, indent=2, ensure_ascii=False) + "\n",
             media_type="application/json",

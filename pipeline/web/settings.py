@@ -7,12 +7,15 @@ import re
 import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from emrwatch.timeutil import zone
 from pipeline.web.users import ROLES
+
+if TYPE_CHECKING:
+    from pipeline.signing import Signer
 
 SECRET_ENV_DEFAULT = "EMRWATCH_FEED_SECRET"
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
@@ -51,8 +54,13 @@ class FeedSettings:
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
     hospital: str = ""  # the hospital's name in its security assessment (default: title)
-    #: sign the assessment JSON the feed gives out (HMAC-SHA256) with the key in this
-    #: environment variable, shared with the regulator ("": unsigned)
+    #: sign the assessment JSON the feed gives out (Ed25519) with this private key file
+    #: (``emrwatch assessment-keygen``; the regulator holds the public key) ...
+    assessment_key_file: str = ""
+    #: ... encrypted with the passphrase in this environment variable ("": not encrypted)
+    assessment_key_passphrase_env: str = ""
+    #: or (HMAC-SHA256) with the key in this environment variable, shared with the
+    #: regulator ("" for both: unsigned)
     assessment_key_env: str = ""
     timezone: str = "Asia/Shanghai"  # the hospital's: report periods are its local dates
     #: an ``emrwatch history`` export (context CSVs and an events file) the access report
@@ -108,6 +116,22 @@ class FeedSettings:
     def with_users(self, *users: User) -> FeedSettings:
         return replace(self, users=tuple(users))
 
+    def assessment_signer(self) -> Signer | None:
+        """What signs the assessment JSON the feed gives out (None: unsigned)."""
+        from pipeline.signing import SignatureError, load_private_key, shared_key_from_env
+
+        try:
+            if self.assessment_key_file:
+                return load_private_key(
+                    self.assessment_key_file, self.assessment_key_passphrase_env or None
+                )
+            if self.assessment_key_env:
+                return shared_key_from_env(self.assessment_key_env)
+        except SignatureError as exc:
+            which = "assessment_key_file" if self.assessment_key_file else "assessment_key_env"
+            raise FeedConfigError(f"feed: {which}: {exc}") from None
+        return None
+
     def validate(self, source: str = "feed") -> None:
         try:
             zone(self.timezone)
@@ -142,6 +166,17 @@ class FeedSettings:
             raise FeedConfigError(
                 f"{source}: assessment_key_env: ${self.assessment_key_env} must hold a key of "
                 "16 bytes or more"
+            )
+        if self.assessment_key_file and self.assessment_key_env:
+            raise FeedConfigError(
+                f"{source}: give assessment_key_file (Ed25519) or assessment_key_env (HMAC), "
+                "not both"
+            )
+        if self.assessment_key_file:
+            self.assessment_signer()  # a key that cannot sign is refused at start
+        elif self.assessment_key_passphrase_env:
+            raise FeedConfigError(
+                f"{source}: assessment_key_passphrase_env goes with assessment_key_file"
             )
         if self.history_keep_days < 0:
             raise FeedConfigError(f"{source}: history_keep_days must be 0 (all) or more")
