@@ -137,6 +137,7 @@ def test_emrwatch_report_command(
     page = tmp_path / "march.html"
     subprocess.run([*base, *period, "--format", "html", "--out", str(page)], cwd=REPO, check=True)
     assert "<h1>emrwatch privacy report 2026-03-01 to 2026-04-01</h1>" in page.read_text()
+    assert page.stat().st_mode & 0o077 == 0  # it names staff: owner-only
     bad = subprocess.run([*base, "--from", "2026-13-01"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "month must be in 1..12" in bad.stderr
     missing = subprocess.run(

@@ -457,9 +457,7 @@ def cmd_report(args: Any) -> int:
         text = rep.to_html()
     else:
         text = rep.to_text()
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+    from pipeline.access_report import write_output
+
+    write_output(args.out, text)  # a file is owner-only: the report names staff
     return 0
