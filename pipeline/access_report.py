@@ -45,7 +45,7 @@ from detectors.config import DetectionConfig
 from detectors.engine import Engine, UserState
 from detectors.explain import REASONS
 from detectors.lateness import Misstamped
-from emrwatch.context import Context, Encounter, Staff
+from emrwatch.context import Context, Encounter, Grant, Staff
 from emrwatch.events import WRITE_ACTIONS, AccessEvent, EventError
 from emrwatch.timeutil import LocalClock
 from pipeline.file_clock import file_clock
@@ -682,6 +682,12 @@ class _Describer:
     def dates(self, lo: float, hi: float) -> str:
         return validity_words(lo, hi, self.ctx.clock)
 
+    def grant(self, g: Grant) -> str:
+        """A grant in words, the same everywhere: purpose (departments; actions; dates)."""
+        depts = "all departments" if g.departments is None else ", ".join(sorted(g.departments))
+        actions = "all actions" if g.actions is None else ", ".join(sorted(g.actions))
+        return f"{g.purpose or 'grant'} ({depts}; {actions}; {self.dates(g.valid_from, g.valid_until)})"
+
     def dept(self, dept_id: str) -> str:
         d = self.ctx.departments.get(dept_id)
         return f"{d.name} ({dept_id})" if d is not None and d.name else dept_id or "no department"
@@ -746,17 +752,18 @@ class _Describer:
                     f"{'; '.join(map(self.enc, encs))}"
                 )
             elif r == "grant":
+                # as the detectors judge it: the departments that have treated the patient
+                # up to the access (a department grant looks back)
+                seen = [
+                    x.department_id
+                    for x in self.ctx.encounters_of(e.patient_id)
+                    if x.start - cfg.care_margin_before_s <= e.t
+                ]
                 grants = self.ctx.grants.get(e.user_id) or []
-                out.append(
-                    "a grant covers it: "
-                    + "; ".join(
-                        f"{g.purpose or 'grant'} ("
-                        f"{'all departments' if g.departments is None else ', '.join(sorted(g.departments))}, "
-                        f"{self.dates(g.valid_from, g.valid_until)})"
-                        for g in grants
-                        if g.valid_from <= e.t < g.valid_until
-                    )
-                )
+                covering = [g for g in grants if g.covers(e.t, e.action, seen)] or [
+                    g for g in grants if g.valid_from <= e.t < g.valid_until
+                ]
+                out.append("a grant covers it: " + "; ".join(map(self.grant, covering)))
             elif r == "emergency_department":
                 encs = self.near(e.patient_id, e.t, cfg.emergency_margin_s, cfg.care_margin_after_s)
                 ed = [
@@ -799,15 +806,7 @@ class _Describer:
             )
         grants = self.ctx.grants.get(e.user_id)
         if grants:
-            out.append(
-                "the user's grants do not cover it: "
-                + "; ".join(
-                    f"{g.purpose or 'grant'} ({'all departments' if g.departments is None else ', '.join(sorted(g.departments))}"
-                    f"; {'all actions' if g.actions is None else ', '.join(sorted(g.actions))}; "
-                    f"{self.dates(g.valid_from, g.valid_until)})"
-                    for g in grants
-                )
-            )
+            out.append("the user's grants do not cover it: " + "; ".join(map(self.grant, grants)))
         else:
             out.append("no grant")
         return out
@@ -1192,11 +1191,7 @@ def _user_subject(ctx: Context, say: _Describer, uid: str) -> dict[str, Any]:
     if s.shift_words:
         lines.append(f"shift {s.shift_words}")
     lines.append(f"account valid {say.dates(s.valid_from, s.valid_until)}")
-    for g in ctx.grants.get(uid) or []:
-        depts = "all departments" if g.departments is None else ", ".join(sorted(g.departments))
-        lines.append(
-            f"grant: {g.purpose or 'grant'} ({depts}; {say.dates(g.valid_from, g.valid_until)})"
-        )
+    lines += [f"grant: {say.grant(g)}" for g in ctx.grants.get(uid) or []]
     return {"heading": f"User {uid} {s.display_name}", "lines": lines}
 
 

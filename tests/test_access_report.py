@@ -365,3 +365,32 @@ def test_the_break_the_glass_review_lists_every_emergency_access(tmp_path):
     rep = access_report(ctx, path, users=["n-orth"], break_the_glass=True)
     assert [a.event_id for a in rep.accesses] == ["btg", "later"]
     assert rep.title == "Access report: break-the-glass accesses by user n-orth"
+
+
+def test_a_grant_reads_the_same_wherever_the_report_names_it(tmp_path):
+    """The grant that explains an access is the one that covers it (department, action,
+    dates), and a grant is worded one way: in the reason, in what did not explain an
+    access, and in the user's header."""
+    from emrwatch.context import write_context_csv
+
+    ctx_dir = write_hospital(tmp_path / "ctx")
+    grant = {"user_id": "v-it", "actions": "view;query", "valid_from": "2026-03-01",
+             "valid_until": "2026-03-31"}  # fmt: skip
+    write_context_csv(ctx_dir / "grants.csv", "grants", [
+        {**grant, "departments": "CARD", "purpose": "ECG cart upgrade"},
+        {**grant, "departments": "RAD", "purpose": "PACS maintenance"},
+    ])  # fmt: skip
+    ctx = Context.load(ctx_dir)
+    events = _write(tmp_path / "e.jsonl", [
+        ev("v-it", "P1", at="2026-03-04T12:00:00", event_id="card"),  # P1 is in CARD
+        ev("v-it", "P2", at="2026-03-04T12:05:00", event_id="orth"),  # P2 in ORTH: neither
+    ])  # fmt: skip
+    rep = access_report(ctx, events, users=["v-it"])
+    rows = {a.event_id: a for a in rep.accesses}
+    ecg = "ECG cart upgrade (CARD; query, view; 2026-03-01 to 2026-03-31)"
+    pacs = "PACS maintenance (RAD; query, view; 2026-03-01 to 2026-03-31)"
+    assert rows["card"].reasons == ["grant"]
+    assert rows["card"].because == [f"a grant covers it: {ecg}"]  # only the covering one
+    assert not rows["orth"].explained
+    assert f"the user's grants do not cover it: {ecg}; {pacs}" in rows["orth"].not_because
+    assert rep.subjects[0]["lines"][-2:] == [f"grant: {ecg}", f"grant: {pacs}"]
