@@ -46,6 +46,8 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
           role: analyst               # analyst | supervisor | auditor
           password_hash: "$argon2id$v=19$m=65536,t=3,p=4$..."
           display_name: Li Na         # optional
+          totp_secret: JBSW...        # optional second factor (base32; emrwatch users hash
+                                      # --totp makes one and the authenticator's link)
       secret: ...                     # signs session cookies; prefer secret_env. Neither
       secret_env: EMRWATCH_FEED_SECRET  # set: a random one per start (sessions end on restart)
       session_max_age_s: 28800        # a login lasts 8 h
@@ -56,7 +58,8 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       poll_interval_s: 0.5            # how often the store is asked for changes
       unmask_ttl_s: 900               # an analyst's unmask of one case lasts 15 min
       login_max_failures: 5           # wrong passwords for one username before ...
-      login_lockout_s: 60             # ... it is refused this long
+      login_lockout_s: 60             # ... it is refused this long (wrong codes count too)
+      require_totp: false             # true: every user must have a totp_secret
       title: emrwatch                 # shown in the page header
       hospital: ""                    # the name in the security assessment (default: title)
       assessment_key_file: ""         # sign the assessment JSON (Ed25519) with this private

@@ -45,7 +45,10 @@ from pipeline.alerting.store import AlertStore
 from pipeline.web import views
 from pipeline.web.auth import (
     CSRF_FIELD,
+    CodeReplay,
     LoginThrottle,
+    await_code,
+    awaiting_code,
     csrf_ok,
     csrf_token,
     current_user,
@@ -166,6 +169,7 @@ class Feed:
         self.changes = ChangeFeed(store, settings.poll_interval_s)
         self.options = FilterOptions(store)
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
+        self.codes_used = CodeReplay()
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
             autoescape=select_autoescape(default=True),
@@ -242,6 +246,11 @@ async def forbidden(request: Request, user: User, permission: str) -> Response:
 async def login_form(request: Request) -> Response:
     if current_user(request) is not None:
         return RedirectResponse(safe_next(request.query_params.get("next")), status_code=303)
+    if request.query_params.get("restart"):
+        request.session.clear()
+    elif (pending := awaiting_code(request)) is not None:  # a reload between the two steps
+        ctx = {"step": "code", "username": pending[0].username}
+        return _feed(request).page(request, "login.html", ctx)
     return _feed(request).page(
         request, "login.html", {"next": safe_next(request.query_params.get("next")), "error": ""}
     )
@@ -269,11 +278,56 @@ async def login(request: Request) -> Response:
         log.warning("feed: failed login for %r", username[:64])
         ctx = {"next": nxt, "error": error, "username": username}
         return feed.page(request, "login.html", ctx, status=401)
+    if user.totp_secret:
+        # the password is right; the failures are forgiven only once the code is too
+        await_code(request, user, nxt)
+        return feed.page(request, "login.html", {"step": "code", "username": user.username})
     feed.throttle.succeeded(username)
+    return await _logged_in(request, user, nxt, {"role": user.role})
+
+
+async def _logged_in(request: Request, user: User, nxt: str, detail: dict[str, Any]) -> Response:
     log_in(request, user)
-    await db(feed.store.record_access, user.username, "login", None, {"role": user.role})
+    await db(_feed(request).store.record_access, user.username, "login", None, detail)
     log.info("feed: %s logged in (%s)", user.username, user.role)
     return RedirectResponse(nxt, status_code=303)
+
+
+async def login_code(request: Request) -> Response:
+    """The second step of a login with a second factor: the authenticator's code."""
+    from pipeline.web.totp import matching_step
+
+    feed = _feed(request)
+    form = await request.form()
+    if not await csrf_ok(request):
+        return PlainTextResponse("CSRF token missing or wrong; reload the login page", 403)
+    pending = awaiting_code(request)
+    if pending is None:  # expired, never started, or the user changed meanwhile
+        request.session.clear()
+        ctx = {"next": "/", "error": "The sign-in took too long. Sign in again."}
+        return feed.page(request, "login.html", ctx, status=401)
+    user, nxt = pending
+    error = ""
+    step = None
+    if feed.throttle.locked(user.username):
+        error = "Too many failed attempts. Wait a minute and try again."
+    else:
+        step = matching_step(user.totp_secret, str(form.get("code") or ""), time.time())
+        if step is None:
+            error = "Wrong code. Type the 6 digits your authenticator shows now."
+        elif not feed.codes_used.use(user.username, step):
+            error = "That code was used already. Wait for the next one."
+    if error:
+        feed.throttle.failed(user.username)
+        log.warning("feed: wrong second-factor code for %r", user.username)
+        if feed.throttle.locked(user.username):
+            request.session.clear()  # start again from the password, once the lockout ends
+            ctx = {"next": nxt, "error": error, "username": user.username}
+            return feed.page(request, "login.html", ctx, status=401)
+        ctx = {"step": "code", "username": user.username, "error": error}
+        return feed.page(request, "login.html", ctx, status=401)
+    feed.throttle.succeeded(user.username)
+    return await _logged_in(request, user, nxt, {"role": user.role, "second_factor": "totp"})
 
 
 async def logout(request: Request) -> Response:
@@ -532,6 +586,7 @@ def create_app(
         Route("/", feed_page),
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
+        Route("/login/code", login_code, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/alerts", api_alerts),
         Route("/events", events),

@@ -32,7 +32,9 @@ MAX_UNMASKED_CASES = 30  # unmask grants kept in one session
 
 
 def fingerprint(user: User) -> str:
-    return hashlib.sha256(user.password_hash.encode()).hexdigest()[:16]
+    """Changes when the user's password or second factor does: their sessions end."""
+    material = f"{user.password_hash}\0{user.totp_secret}".encode()
+    return hashlib.sha256(material).hexdigest()[:16]
 
 
 def csrf_token(request: Request) -> str:
@@ -78,6 +80,56 @@ def log_in(request: Request, user: User) -> None:
             "since": int(time.time()),
         }
     )
+
+
+#: how long a password, once checked, waits for the second factor's code
+MFA_PENDING_S = 300
+
+
+def await_code(request: Request, user: User, nxt: str) -> None:
+    """The password was right and the user has a second factor: remember that (and only
+    that) in the session until the code comes; the user is not logged in yet."""
+    request.session.clear()
+    request.session.update(
+        {
+            "mfa_user": user.username,
+            "mfa_fp": fingerprint(user),
+            "mfa_at": int(time.time()),
+            "mfa_next": nxt,
+            "csrf": secrets.token_urlsafe(32),
+        }
+    )
+
+
+def awaiting_code(request: Request) -> tuple[User, str] | None:
+    """(user, where to go next) if this session checked a password in the last
+    :data:`MFA_PENDING_S` seconds and waits for its code; the user must still be as they
+    were (same password and secret)."""
+    settings: FeedSettings = request.app.state.settings
+    name = request.session.get("mfa_user")
+    if not name or time.time() - float(request.session.get("mfa_at") or 0) > MFA_PENDING_S:
+        return None
+    user = settings.user(str(name))
+    if user is None or not user.totp_secret or request.session.get("mfa_fp") != fingerprint(user):
+        return None
+    return user, safe_next(str(request.session.get("mfa_next") or "/"))
+
+
+class CodeReplay:
+    """The last time step each user logged in with: a code is good once (RFC 6238 §5.2),
+    so a code seen over someone's shoulder cannot be used again in its 90 seconds."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def use(self, username: str, step: int) -> bool:
+        """Record ``step`` for ``username``; False if it (or a later one) was used."""
+        with self._lock:
+            if step <= self._last.get(username, -1):
+                return False
+            self._last[username] = step
+            return True
 
 
 def safe_next(target: str | None) -> str:

@@ -31,6 +31,9 @@ class User:
     password_hash: str
     role: str
     display_name: str = ""
+    #: the user's second factor: a TOTP secret (base32; ``emrwatch users hash --totp``
+    #: makes one). With it, a login asks for the authenticator's code after the password.
+    totp_secret: str = ""
 
     @property
     def label(self) -> str:
@@ -53,6 +56,9 @@ class FeedSettings:
     login_max_failures: int = 5
     login_lockout_s: float = 60.0
     title: str = "emrwatch"
+    #: every user must have a second factor (``totp_secret``); a user without one is
+    #: refused when the settings load
+    require_totp: bool = False
     hospital: str = ""  # the hospital's name in its security assessment (default: title)
     #: sign the assessment JSON the feed gives out (Ed25519) with this private key file
     #: (``emrwatch assessment-keygen``; the regulator holds the public key) ...
@@ -147,6 +153,21 @@ class FeedSettings:
             if u.role not in ROLES:
                 raise FeedConfigError(
                     f"{source}: users: {u.username} has role {u.role!r}; roles are {ROLES}"
+                )
+            if u.totp_secret:
+                from pipeline.web.totp import secret_bytes
+
+                try:
+                    secret_bytes(u.totp_secret)
+                except ValueError as exc:
+                    raise FeedConfigError(
+                        f"{source}: users: {u.username}: totp_secret: {exc} (make one with: "
+                        "emrwatch users hash --totp)"
+                    ) from None
+            elif self.require_totp:
+                raise FeedConfigError(
+                    f"{source}: users: {u.username} has no totp_secret, and require_totp is "
+                    "set (make one with: emrwatch users hash --totp)"
                 )
             if not str(u.password_hash).startswith("$argon2"):
                 raise FeedConfigError(

@@ -197,6 +197,17 @@ class FeedClient:
         r = self.http.post(
             "/login", data={"username": username, "password": password, "csrf_token": tok}
         )
+        return self._signed_in(r)
+
+    def send_code(self, page: Any, code: str) -> Any:
+        """The second step of a login: ``code`` on the code page ``page`` (the response
+        to :meth:`login` for a user with a second factor)."""
+        m = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert m and 'action="/login/code"' in page.text, "not the code page"
+        r = self.http.post("/login/code", data={"code": code, "csrf_token": m.group(1)})
+        return self._signed_in(r)
+
+    def _signed_in(self, r: Any) -> Any:
         if r.status_code == 303:
             page = self.http.get("/", headers={"accept": "text/html"})
             m = re.search(r'name="csrf_token" value="([^"]+)"', page.text)

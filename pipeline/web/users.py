@@ -93,6 +93,13 @@ def add_users_arguments(parser: argparse.ArgumentParser) -> None:
     )
     h.add_argument("--username", help="print a whole feed.users entry (YAML) for this user")
     h.add_argument("--role", choices=ROLES, default="analyst", help="role of that entry")
+    h.add_argument(
+        "--totp",
+        action="store_true",
+        help="with --username: give the user a second factor (a new TOTP secret in the "
+        "entry; the otpauth:// link for their authenticator app goes to standard error)",
+    )
+    h.add_argument("--issuer", default="emrwatch", help="the name the authenticator shows")
 
 
 def cmd_users(args: argparse.Namespace) -> int:
@@ -108,8 +115,25 @@ def cmd_users(args: argparse.Namespace) -> int:
     if not password:
         print("an empty password cannot be used", file=sys.stderr)
         return 1
+    if args.totp and not args.username:
+        print("--totp makes a whole feed.users entry: give --username", file=sys.stderr)
+        return 1
     h = hash_password(password)
-    if args.username:
+    if args.username and args.totp:
+        from pipeline.web.totp import new_secret, provisioning_uri
+
+        secret = new_secret()
+        print(
+            f'- {{username: {args.username}, role: {args.role}, password_hash: "{h}", '
+            f"totp_secret: {secret}}}"
+        )
+        print(
+            f"the authenticator app of {args.username} (scan it as a QR code, e.g. "
+            f"qrencode -t ansiutf8 'LINK', or type the secret):\n"
+            f"{provisioning_uri(secret, args.username, args.issuer)}",
+            file=sys.stderr,
+        )
+    elif args.username:
         print(f'- {{username: {args.username}, role: {args.role}, password_hash: "{h}"}}')
     else:
         print(h)
