@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint format clean chromium
+.PHONY: setup demo test bench lint format clean chromium slapd
 
 setup: $(STAMP)
 
@@ -28,7 +28,17 @@ chromium:
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	fi
 
-test: setup chromium
+# The feed's directory login is tested against a real OpenLDAP server (Debian's slapd,
+# started by the tests on loopback; the package's own service is not used).
+slapd:
+	@if [ ! -x /usr/sbin/slapd ]; then \
+	  echo "make: installing Debian slapd for the directory login tests" >&2; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd >/dev/null; \
+	fi
+
+test: setup chromium slapd
 	$(BIN)/pytest -q
 
 bench: setup

@@ -48,6 +48,19 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
           display_name: Li Na         # optional
           totp_secret: JBSW...        # optional second factor (base32; emrwatch users hash
                                       # --totp makes one and the authenticator's link)
+        - username: wang.wei
+          role: supervisor
+          directory: true             # the password is the hospital account's (below)
+      directory:                      # the hospital's LDAP / Active Directory
+        url: ldaps://dc1.hospital.example   # or ldap://… with start_tls: true
+        ca_file: /etc/emrwatch/hospital-ca.pem  # the CA of its certificate (default: system)
+        user_dn: "uid={username},ou=people,dc=hospital,dc=example"  # bind as this, or:
+        # search_base: "ou=staff,dc=hospital,dc=example"             # find the account
+        # search_filter: "(sAMAccountName={username})"               # with this filter
+        # bind_dn: "cn=svc-emrwatch,ou=services,dc=hospital,dc=example"  # as this account
+        # bind_password_env: EMRWATCH_LDAP_PASSWORD                  # (its password)
+        require_group: "cn=privacy-office,ou=groups,dc=hospital,dc=example"  # optional
+        timeout_s: 5
       secret: ...                     # signs session cookies; prefer secret_env. Neither
       secret_env: EMRWATCH_FEED_SECRET  # set: a random one per start (sessions end on restart)
       session_max_age_s: 28800        # a login lasts 8 h

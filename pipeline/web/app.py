@@ -59,6 +59,7 @@ from pipeline.web.auth import (
     wants_html,
 )
 from pipeline.web.changes import ChangeFeed, matches, patient_ids_of
+from pipeline.web.directory import Directory, DirectoryUnavailable
 from pipeline.web.settings import FeedSettings, User
 from pipeline.web.users import allowed, burn_verify, verify_password
 
@@ -170,6 +171,7 @@ class Feed:
         self.options = FilterOptions(store)
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
         self.codes_used = CodeReplay()
+        self.directory = Directory(settings.directory) if settings.directory else None
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
             autoescape=select_autoescape(default=True),
@@ -185,6 +187,15 @@ class Feed:
         )
         self.templates = Jinja2Templates(env=env)
         self.row_template = env.get_template("_row.html")
+
+    def check_password(self, user: User, password: str) -> bool:
+        """The password against the user's hash, or the hospital's directory (may raise
+        :class:`DirectoryUnavailable`). Blocking: run it in a thread."""
+        if user.directory:
+            return self.directory is not None and self.directory.check_password(
+                user.username, password
+            )
+        return verify_password(user.password_hash, password)
 
     def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
         user = current_user(request)
@@ -271,8 +282,16 @@ async def login(request: Request) -> Response:
     elif user is None:
         await run_in_threadpool(burn_verify, password)
         error = "Unknown user or wrong password."
-    elif not await run_in_threadpool(verify_password, user.password_hash, password):
-        error = "Unknown user or wrong password."
+    else:
+        try:
+            if not await run_in_threadpool(feed.check_password, user, password):
+                error = "Unknown user or wrong password."
+        except DirectoryUnavailable as exc:
+            # not the user's fault: not counted against them
+            log.error("feed: the hospital directory cannot be reached: %s", exc)
+            ctx = {"next": nxt, "username": username,
+                   "error": "The hospital directory cannot be reached. Try again, or call IT."}  # fmt: skip
+            return feed.page(request, "login.html", ctx, status=503)
     if error or user is None:
         feed.throttle.failed(username)
         log.warning("feed: failed login for %r", username[:64])

@@ -33,7 +33,7 @@ MAX_UNMASKED_CASES = 30  # unmask grants kept in one session
 
 def fingerprint(user: User) -> str:
     """Changes when the user's password or second factor does: their sessions end."""
-    material = f"{user.password_hash}\0{user.totp_secret}".encode()
+    material = f"{user.password_hash}\0{user.totp_secret}\0{user.directory}".encode()
     return hashlib.sha256(material).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from emrwatch.timeutil import zone
+from pipeline.web.directory import DirectoryConfigError, DirectorySettings
 from pipeline.web.users import ROLES
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ class User:
     #: the user's second factor: a TOTP secret (base32; ``emrwatch users hash --totp``
     #: makes one). With it, a login asks for the authenticator's code after the password.
     totp_secret: str = ""
+    #: the password is the user's account in the hospital's directory (``feed.directory``,
+    #: LDAP or Active Directory), not a ``password_hash`` here
+    directory: bool = False
 
     @property
     def label(self) -> str:
@@ -59,6 +63,9 @@ class FeedSettings:
     #: every user must have a second factor (``totp_secret``); a user without one is
     #: refused when the settings load
     require_totp: bool = False
+    #: the hospital's directory (LDAP, Active Directory) that checks the passwords of users
+    #: marked ``directory: true`` (pipeline.web.directory)
+    directory: DirectorySettings | None = None
     hospital: str = ""  # the hospital's name in its security assessment (default: title)
     #: sign the assessment JSON the feed gives out (Ed25519) with this private key file
     #: (``emrwatch assessment-keygen``; the regulator holds the public key) ...
@@ -105,6 +112,13 @@ class FeedSettings:
         unknown = sorted(set(data) - known)
         if unknown:
             raise FeedConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        if data.get("directory") is not None:
+            try:
+                data["directory"] = DirectorySettings.from_dict(
+                    data["directory"], f"{source}: directory"
+                )
+            except DirectoryConfigError as exc:
+                raise FeedConfigError(str(exc)) from None
         out = cls(users=tuple(users), **data)
         out.validate(source)
         return out
@@ -169,7 +183,13 @@ class FeedSettings:
                     f"{source}: users: {u.username} has no totp_secret, and require_totp is "
                     "set (make one with: emrwatch users hash --totp)"
                 )
-            if not str(u.password_hash).startswith("$argon2"):
+            if u.directory:
+                if self.directory is None:
+                    raise FeedConfigError(
+                        f"{source}: users: {u.username} signs in with the directory "
+                        "(directory: true), but feed.directory is not set"
+                    )
+            elif not str(u.password_hash).startswith("$argon2"):
                 raise FeedConfigError(
                     f"{source}: users: {u.username}: password_hash must be an argon2 hash "
                     "(make one with: python -m pipeline.web.users hash)"
@@ -263,7 +283,16 @@ def _check(cls: Any, data: dict[str, Any], where: str) -> dict[str, Any]:
     unknown = sorted(set(data) - names)
     if unknown:
         raise FeedConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(names)}")
-    missing = [k for k in ("username", "password_hash", "role") if not data.get(k)]
+    directory = data.get("directory", False)
+    if not isinstance(directory, bool):
+        raise FeedConfigError(f"{where}: directory must be true or false")
+    need = ("username", "role") if directory else ("username", "password_hash", "role")
+    missing = [k for k in need if not data.get(k)]
     if missing:
         raise FeedConfigError(f"{where}: missing {missing}")
-    return {k: str(v) for k, v in data.items()}
+    if directory and data.get("password_hash"):
+        raise FeedConfigError(
+            f"{where}: a directory user's password is the directory's: no password_hash"
+        )
+    data.setdefault("password_hash", "")
+    return {k: v if k == "directory" else str(v) for k, v in data.items()}
