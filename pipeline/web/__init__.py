@@ -64,6 +64,8 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       secret: ...                     # signs session cookies; prefer secret_env. Neither
       secret_env: EMRWATCH_FEED_SECRET  # set: a random one per start (sessions end on restart)
       session_max_age_s: 28800        # a login lasts 8 h
+      idle_timeout_s: 0               # > 0: sign out after this long without the user's
+                                      # activity (the live stream does not count)
       secure_cookies: false           # true when served over HTTPS (behind a TLS proxy)
       tls_cert_file: /etc/emrwatch/feed.pem   # serve HTTPS itself (certificate chain, PEM)
       tls_key_file: /etc/emrwatch/feed.key    # and its key; Secure cookies and HSTS follow

@@ -45,6 +45,7 @@ from pipeline.alerting.store import AlertStore
 from pipeline.web import views
 from pipeline.web.auth import (
     CSRF_FIELD,
+    Activity,
     CodeReplay,
     LoginThrottle,
     await_code,
@@ -56,6 +57,7 @@ from pipeline.web.auth import (
     may_see_patients,
     requires,
     safe_next,
+    signed_out_idle,
     wants_html,
 )
 from pipeline.web.changes import ChangeFeed, matches, patient_ids_of
@@ -205,6 +207,7 @@ class Feed:
             "csrf": csrf_token(request),
             "flashes": flashes,
             "nav": name.split(".")[0],
+            "idle_timeout_s": self.settings.idle_timeout_s if user is not None else 0,
             **ctx,
         }
         return self.templates.TemplateResponse(request, name, full, status_code=status)
@@ -262,9 +265,11 @@ async def login_form(request: Request) -> Response:
     elif (pending := awaiting_code(request)) is not None:  # a reload between the two steps
         ctx = {"step": "code", "username": pending[0].username}
         return _feed(request).page(request, "login.html", ctx)
-    return _feed(request).page(
-        request, "login.html", {"next": safe_next(request.query_params.get("next")), "error": ""}
-    )
+    ctx = {"next": safe_next(request.query_params.get("next")), "error": ""}
+    if request.query_params.get("idle"):
+        minutes = max(1, round(_feed(request).settings.idle_timeout_s / 60))
+        ctx["notice"] = f"You were signed out after {minutes} min without activity."
+    return _feed(request).page(request, "login.html", ctx)
 
 
 async def login(request: Request) -> Response:
@@ -436,7 +441,14 @@ def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-@requires("feed.read")
+@requires("feed.read", csrf=True)
+async def alive(request: Request) -> Response:
+    """The page saw its user type, click or scroll (``feed.idle_timeout_s``): the session
+    is in use though no page was loaded."""
+    return Response(status_code=204)
+
+
+@requires("feed.read", passive=True)
 async def events(request: Request) -> Response:
     """Server-Sent Events: every change after ``since`` (or ``Last-Event-ID``), as the rows
     this reader's filters and role see; ``match: false`` tells the page to drop a row."""
@@ -457,9 +469,14 @@ async def events(request: Request) -> Response:
                 try:
                     ch = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
                 except TimeoutError:
+                    ch = False
+                if current_user(request) is None:  # signed out, idle, or changed in config
+                    yield _sse("signed-out", {"idle": signed_out_idle(request)})
+                    return
+                if ch is False:
                     yield ": keep-alive\n\n"
                     continue
-                if ch is None or current_user(request) is None:
+                if ch is None:
                     return
                 if ch.kind == "reset":
                     yield _sse("reset", {"count": ch.count}, feed.changes.event_id(ch))
@@ -606,6 +623,7 @@ def create_app(
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/login/code", login_code, methods=["POST"]),
+        Route("/api/alive", alive, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/alerts", api_alerts),
         Route("/events", events),
@@ -641,6 +659,7 @@ def create_app(
     app.state.feed_app = feed
     app.state.feed = feed.changes
     app.state.settings = settings
+    app.state.activity = Activity()
     app.state.store = store
     app.state.forbidden = forbidden
     #: the detection configuration the access report judges with (None: the defaults)

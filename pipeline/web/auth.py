@@ -67,7 +67,60 @@ def current_user(request: Request) -> User | None:
     user = settings.user(str(name))
     if user is None or request.session.get("fp") != fingerprint(user):
         return None
+    if idle_for(request) > settings.idle_timeout_s > 0:
+        return None
     return user
+
+
+def signed_out_idle(request: Request) -> bool:
+    """Whether this session was a valid login that ended for want of activity."""
+    settings: FeedSettings = request.app.state.settings
+    name = request.session.get("user")
+    user = settings.user(str(name)) if name else None
+    return (
+        user is not None
+        and request.session.get("fp") == fingerprint(user)
+        and idle_for(request) > settings.idle_timeout_s > 0
+    )
+
+
+class Activity:
+    """When each login (its ``sid``) last made a request of its own. Kept in memory as
+    well as in the cookie: a live event stream holds the cookie of the moment it opened,
+    and must see the clicks made since in the same browser."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def touch(self, sid: str, now: float) -> None:
+        with self._lock:
+            self._last[sid] = now
+            if len(self._last) > 10_000:  # bounded: forget the oldest half
+                for k, _ in sorted(self._last.items(), key=lambda kv: kv[1])[:5_000]:
+                    del self._last[k]
+
+    def last(self, sid: str) -> float:
+        with self._lock:
+            return self._last.get(sid, 0.0)
+
+
+def touch(request: Request) -> None:
+    """This request is the user's activity (``feed.idle_timeout_s``)."""
+    now = time.time()
+    request.session["seen"] = int(now)
+    sid = request.session.get("sid")
+    if sid:
+        request.app.state.activity.touch(str(sid), now)
+
+
+def idle_for(request: Request) -> float:
+    """Seconds since this login's last request that was not the live event stream."""
+    seen = float(request.session.get("seen") or request.session.get("since") or 0)
+    sid = request.session.get("sid")
+    if sid:
+        seen = max(seen, request.app.state.activity.last(str(sid)))
+    return time.time() - seen
 
 
 def log_in(request: Request, user: User) -> None:
@@ -78,6 +131,8 @@ def log_in(request: Request, user: User) -> None:
             "fp": fingerprint(user),
             "csrf": secrets.token_urlsafe(32),
             "since": int(time.time()),
+            "seen": int(time.time()),
+            "sid": secrets.token_urlsafe(12),
         }
     )
 
@@ -143,20 +198,28 @@ def wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
-def requires(permission: str, *, csrf: bool = False) -> Callable[[Endpoint], Endpoint]:
+def requires(
+    permission: str, *, csrf: bool = False, passive: bool = False
+) -> Callable[[Endpoint], Endpoint]:
     """Guard an endpoint: a logged-in user whose role has ``permission`` (else 401/403);
-    with ``csrf``, also a valid CSRF token (else 403). The user is ``request.state.user``."""
+    with ``csrf``, also a valid CSRF token (else 403). The user is ``request.state.user``.
+    A request to it is the user's activity (for ``idle_timeout_s``) unless ``passive``."""
 
     def deco(fn: Endpoint) -> Endpoint:
         @wraps(fn)
         async def guarded(request: Request) -> Response:
             user = current_user(request)
             if user is None:
+                idle = "idle=1&" if signed_out_idle(request) else ""
+                if request.session.get("user"):
+                    request.session.clear()  # unmask grants and all: nothing survives
                 if request.method == "GET" and wants_html(request):
                     q = request.url.query
                     nxt = quote(request.url.path + (f"?{q}" if q else ""), safe="/")
-                    return RedirectResponse(f"/login?next={nxt}", status_code=303)
+                    return RedirectResponse(f"/login?{idle}next={nxt}", status_code=303)
                 return PlainTextResponse("login required", status_code=401)
+            if not passive:
+                touch(request)
             if not allowed(user.role, permission):
                 return await request.app.state.forbidden(request, user, permission)
             if csrf and not await csrf_ok(request):

@@ -50,6 +50,9 @@ class FeedSettings:
     secret: str = ""  # signs the session cookies; prefer secret_env
     secret_env: str = SECRET_ENV_DEFAULT
     session_max_age_s: int = 8 * 3600
+    #: sign a user out after this many seconds without a request of theirs (the live
+    #: event stream does not count); pages then go to the login. 0: only the max age
+    idle_timeout_s: int = 0
     secure_cookies: bool = False  # true behind HTTPS: cookies never travel in clear
     tls_cert_file: str = ""  # serve HTTPS itself: the certificate chain (PEM) ...
     tls_key_file: str = ""  # ... and its private key (PEM)
@@ -201,6 +204,8 @@ class FeedSettings:
             raise FeedConfigError(f"{source}: port must be 0..65535")
         if not 1 <= self.page_size <= 500:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
+        if self.idle_timeout_s < 0:
+            raise FeedConfigError(f"{source}: idle_timeout_s must be 0 (off) or more")
         if self.history_refresh_s < 0:
             raise FeedConfigError(f"{source}: history_refresh_s must be 0 (never) or more")
         if self.assessment_key_env and len(os.environ.get(self.assessment_key_env, "")) < 16:

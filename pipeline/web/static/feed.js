@@ -97,6 +97,12 @@
         if (ev.lastEventId) since = ev.lastEventId;
         apply(JSON.parse(ev.data));
       });
+      es.addEventListener("signed-out", function (ev) {
+        es.close();
+        if (JSON.parse(ev.data).idle) { leave(); return; }
+        setLive(false, "Offline");
+        showBanner("Your session has ended. ", "Log in again", "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search));
+      });
       es.addEventListener("reset", function (ev) {
         es.close();
         const d = JSON.parse(ev.data);
@@ -164,6 +170,37 @@
     });
   }
 
+  // feed.idle_timeout_s: the user's typing, clicking and scrolling keep the session in
+  // use (a ping at most once a minute); without any, the page leaves for the login before
+  // the server's timeout, so no chart stays on an unattended screen
+  function idleLogout() {
+    const idle = parseFloat(document.body.dataset.idleS || "0");
+    if (!(idle > 0)) return;
+    const token = document.querySelector("form.logout input[name=csrf_token]");
+    let lastActive = Date.now();
+    let lastPing = Date.now();
+    function active() {
+      lastActive = Date.now();
+      if (lastActive - lastPing < 60000 || !token) return;
+      lastPing = lastActive;
+      fetch("/api/alive", {
+        method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": token.value },
+      }).then(function (r) { if (r.status === 401) leave(); }).catch(function () {});
+    }
+    ["keydown", "mousedown", "scroll", "touchstart"].forEach(function (t) {
+      window.addEventListener(t, active, { passive: true, capture: true });
+    });
+    setInterval(function () {
+      if (Date.now() - lastActive > idle * 1000 - 5000) leave();
+    }, 5000);
+  }
+
+  function leave() {
+    const here = window.location.pathname + window.location.search;
+    window.location.replace("/login?idle=1&next=" + encodeURIComponent(here));
+  }
+
   feedPage();
   casePage();
+  idleLogout();
 })();
