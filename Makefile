@@ -18,25 +18,24 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/emrwatch demo
 
-# The browser tests drive Debian's chromium through Playwright (which cannot download
-# browsers here). Installed once; silent when /usr/bin/chromium is already there.
-chromium:
-	@if [ ! -x /usr/bin/chromium ]; then \
-	  echo "make: installing Debian chromium for the browser tests" >&2; \
+# Debian packages the tests use, installed once (silent when the program is there):
+# $(call deb,PROGRAM,PACKAGE,WHAT FOR)
+deb = @if [ ! -x $(1) ]; then \
+	  echo "make: installing Debian $(2) for $(3)" >&2; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	fi
+
+# The browser tests drive Debian's chromium through Playwright (which cannot download
+# browsers here).
+chromium:
+	$(call deb,/usr/bin/chromium,chromium,the browser tests)
 
 # The feed's directory login is tested against a real OpenLDAP server (Debian's slapd,
 # started by the tests on loopback; the package's own service is not used).
 slapd:
-	@if [ ! -x /usr/sbin/slapd ]; then \
-	  echo "make: installing Debian slapd for the directory login tests" >&2; \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd >/dev/null; \
-	fi
+	$(call deb,/usr/sbin/slapd,slapd,the directory login tests)
 
 test: setup chromium slapd
 	$(BIN)/pytest -q
