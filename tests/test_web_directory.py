@@ -18,7 +18,7 @@ from pipeline.alerting.store import AlertStore
 from pipeline.web import FeedConfigError, FeedSettings, serve_feed
 from pipeline.web.directory import Directory, DirectorySettings, DirectoryUnavailable
 from pipeline.web.settings import User
-from pipeline.web.testing import FeedClient, feed_settings
+from pipeline.web.testing import PASSWORD, FeedClient, feed_settings
 from pipeline.web.totp import code_at, new_secret
 from tests.ldap_server import PEOPLE, Slapd, needs_slapd
 
@@ -180,3 +180,65 @@ def test_a_directory_that_is_down_is_not_a_wrong_password(tmp_path: Path) -> Non
             store.close()
     finally:
         s.stop()
+
+
+def test_users_check_tries_a_sign_in_without_starting_the_feed(
+    slapd: Slapd, tmp_path: Path
+) -> None:
+    """What hospital IT runs while setting up: the users as the feed reads them, and one
+    sign-in tried against the directory and the authenticator."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    slapd.add_person("zhao.min", "Zhao's pw")
+    secret = new_secret()
+    h = feed_settings().users[0].password_hash
+    cfg = {
+        "feed": {
+            "directory": {"url": slapd.tls_url, "ca_file": str(slapd.ca_file), "user_dn": USER_DN},
+            "users": [
+                {
+                    "username": "zhao.min",
+                    "role": "auditor",
+                    "directory": True,
+                    "totp_secret": secret,
+                },
+                {"username": "ana", "role": "analyst", "password_hash": h},
+            ],
+        }
+    }
+    path = tmp_path / "alerts.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def check(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "users", "check", "--config", str(path), *args],
+            input=stdin, capture_output=True, text=True, timeout=120,
+            cwd=Path(__file__).resolve().parent.parent,
+        )  # fmt: skip
+
+    p = check()
+    assert p.returncode == 0, p.stderr
+    assert "zhao.min             auditor     directory      second factor (TOTP)" in p.stdout
+    assert "ana                  analyst     password hash  no second factor" in p.stdout
+    p = check("--username", "zhao.min", "--stdin",
+              stdin=f"Zhao's pw\n{code_at(secret, time.time())}\n")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "password accepted" in p.stdout and "authenticator code accepted" in p.stdout
+    p = check("--username", "zhao.min", "--stdin", stdin="wrong\n000000\n")
+    assert p.returncode == 1 and "password refused" in p.stderr
+    p = check("--username", "ana", "--stdin", stdin=f"{PASSWORD}\n")
+    assert p.returncode == 0 and "ana: password accepted" in p.stdout
+    p = check("--username", "wang.wei", "--stdin", stdin="x\n")
+    assert p.returncode == 1 and "not in feed.users" in p.stderr
+    # the directory's certificate not trusted: said so, exit 2
+    cfg["feed"]["directory"].pop("ca_file")
+    path.write_text(yaml.safe_dump(cfg))
+    p = check("--username", "zhao.min", "--stdin", stdin="Zhao's pw\n000000\n")
+    assert p.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in p.stderr
+    cfg["feed"]["directory"]["url"] = "ldap://dc1.hospital.example"
+    path.write_text(yaml.safe_dump(cfg))
+    p = check()
+    assert p.returncode == 2 and "would cross the network in clear" in p.stderr

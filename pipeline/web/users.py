@@ -100,9 +100,23 @@ def add_users_arguments(parser: argparse.ArgumentParser) -> None:
         "entry; the otpauth:// link for their authenticator app goes to standard error)",
     )
     h.add_argument("--issuer", default="emrwatch", help="the name the authenticator shows")
+    c = sub.add_parser(
+        "check",
+        help="check the feed's users in a config file, and try one user's sign-in (password "
+        "or directory, then the authenticator's code) without starting the feed",
+    )
+    c.add_argument("--config", required=True, help="the YAML file with the feed: section")
+    c.add_argument("--username", help="try this user's sign-in")
+    c.add_argument(
+        "--stdin",
+        action="store_true",
+        help="read the password (and on a second line the code) from standard input",
+    )
 
 
 def cmd_users(args: argparse.Namespace) -> int:
+    if args.users_command == "check":
+        return _check(args)
     if args.users_command != "hash":  # pragma: no cover - argparse enforces the choice
         return 2
     if args.stdin:
@@ -137,6 +151,59 @@ def cmd_users(args: argparse.Namespace) -> int:
         print(f'- {{username: {args.username}, role: {args.role}, password_hash: "{h}"}}')
     else:
         print(h)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``users check``: 0 if the settings load (and the user's sign-in passes), 1 if the
+    sign-in is refused, 2 if the settings are wrong or the directory cannot be reached."""
+    import time
+
+    from pipeline.web.directory import Directory, DirectoryUnavailable
+    from pipeline.web.settings import FeedConfigError, FeedSettings
+    from pipeline.web.totp import matching_step
+
+    try:
+        settings = FeedSettings.load(args.config)
+    except (FeedConfigError, OSError) as exc:
+        print(f"emrwatch users check: {exc}", file=sys.stderr)
+        return 2
+    for u in settings.users:
+        how = "directory" if u.directory else "password hash"
+        factor = "second factor (TOTP)" if u.totp_secret else "no second factor"
+        print(f"{u.username:20} {u.role:11} {how:14} {factor}")
+    if settings.directory is not None:
+        print(f"directory: {settings.directory.url}")
+    if not args.username:
+        return 0
+    user = settings.user(args.username)
+    if user is None:
+        print(f"{args.username}: not a user of the feed (not in feed.users)", file=sys.stderr)
+        return 1
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        code = sys.stdin.readline().strip()
+    else:
+        password = getpass.getpass(f"{user.username}'s password: ")
+        code = input("authenticator code: ").strip() if user.totp_secret else ""
+    try:
+        if user.directory:
+            assert settings.directory is not None  # validated
+            ok = Directory(settings.directory).check_password(user.username, password)
+        else:
+            ok = verify_password(user.password_hash, password)
+    except DirectoryUnavailable as exc:
+        print(f"the directory cannot be reached: {exc}", file=sys.stderr)
+        return 2
+    if not ok:
+        print(f"{user.username}: password refused", file=sys.stderr)
+        return 1
+    print(f"{user.username}: password accepted")
+    if user.totp_secret:
+        if matching_step(user.totp_secret, code, time.time()) is None:
+            print(f"{user.username}: the code is not the authenticator's now", file=sys.stderr)
+            return 1
+        print(f"{user.username}: authenticator code accepted")
     return 0
 
 
