@@ -38,7 +38,7 @@ slapd:
 	$(call deb,/usr/sbin/slapd,slapd,the directory login tests)
 
 test: setup chromium slapd
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 bench: setup
 	$(BIN)/emrwatch bench

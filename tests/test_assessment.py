@@ -23,6 +23,22 @@ from tests.hospital import ev, write_hospital
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+@pytest.fixture()
+def cli(capsys: pytest.CaptureFixture[str]) -> Any:
+    """``emrwatch ARGS`` in this process (the command's own code, without a new
+    interpreter's start-up): a CompletedProcess with its exit code and output."""
+    from pipeline.cli import main
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return run
+
+
 EVENTS = [
     ev("p-card", "P1", at="2026-03-02T10:00:00", event_id="before", source="EMR"),
     ev("p-card", "P1", at="2026-03-04T10:00:00", event_id="att", source="EMR"),
@@ -285,7 +301,7 @@ def test_the_months_assessment_is_mailed_once_the_month_is_over(tmp_path: Path) 
             router.close()
 
 
-def test_from_the_alert_services_own_config(tmp_path: Path) -> None:
+def test_from_the_alert_services_own_config(tmp_path: Path, cli: Any) -> None:
     """``--service-config``: the name, the history, the store and the zone come from the
     ``emrwatch alerts`` YAML, as a monthly timer would run it."""
     import yaml
@@ -304,10 +320,7 @@ def test_from_the_alert_services_own_config(tmp_path: Path) -> None:
     out = tmp_path / "a.json"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "assessment", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        return cli("assessment", *args)  # type: ignore[no-any-return]
 
     p = run("--service-config", str(path), "--from", "2026-03-03", "--to", "2026-03-06",
             "--output", "json", "--out", str(out))  # fmt: skip
@@ -325,20 +338,16 @@ def test_from_the_alert_services_own_config(tmp_path: Path) -> None:
     assert p.returncode == 2 and "history_dir: no directory" in p.stderr
 
 
-def test_signed_assessments_are_verified_by_the_regulator(tmp_path: Path) -> None:
+def test_signed_assessments_are_verified_by_the_regulator(
+    tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--sign-key-env`` signs the JSON with a key the hospital shares with the regulator;
     ``assessment-compare --key HOSPITAL=ENV`` refuses it unsigned, altered or under
     another key, and says which hospitals it verified."""
-    import os
-
     d = _hand(tmp_path)
-    env = {**os.environ, "HAND_KEY": "h" * 32, "OTHER_KEY": "o" * 32}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+    monkeypatch.setenv("HAND_KEY", "h" * 32)
+    monkeypatch.setenv("OTHER_KEY", "o" * 32)
+    run = cli
 
     out = tmp_path / "signed.json"
     base = ("assessment", "--hospital", "Hand General", "--context", str(d),
@@ -376,22 +385,19 @@ def test_signed_assessments_are_verified_by_the_regulator(tmp_path: Path) -> Non
     assert p.returncode == 2 and "$NOPE is not set" in p.stderr
 
 
-def test_public_key_signatures_need_no_secret_at_the_regulator(tmp_path: Path) -> None:
+def test_public_key_signatures_need_no_secret_at_the_regulator(
+    tmp_path: Path, cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``assessment-keygen`` makes a pair; ``--sign-key`` signs with the private key (which
     never leaves the hospital), and ``assessment-compare --public-key HOSPITAL=FILE``
     verifies with the public one: it accepts the document as signed and refuses it altered,
     signed by another hospital's key, or signed the shared-key way."""
-    import os
     import stat
 
     d = _hand(tmp_path)
-    env = {**os.environ, "HAND_KEY": "h" * 32, "PASS": "correct horse battery"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
-        )  # fmt: skip
+    monkeypatch.setenv("HAND_KEY", "h" * 32)
+    monkeypatch.setenv("PASS", "correct horse battery")
+    run = cli
 
     p = run("assessment-keygen", "--out", str(tmp_path / "hand"))
     assert p.returncode == 0, p.stderr
