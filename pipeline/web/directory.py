@@ -167,22 +167,19 @@ class Directory:
             raise DirectoryUnavailable("the directory refused the service account (bind_dn)")
         return c
 
-    def _find(self, username: str) -> str | None:
-        """The DN of ``username``'s entry (None: no entry, or more than one)."""
+    def _find(self, svc: Any, username: str) -> str | None:
+        """The DN of ``username``'s entry (None: no entry, or more than one): made from
+        ``user_dn``, or searched for with the service connection ``svc``."""
         import ldap3
         from ldap3.utils.conv import escape_filter_chars
         from ldap3.utils.dn import escape_rdn
 
         s = self.settings
-        if s.user_dn:
+        if svc is None:
             return s.user_dn.replace("{username}", escape_rdn(username))
-        svc = self._service()
-        try:
-            flt = s.search_filter.replace("{username}", escape_filter_chars(username))
-            svc.search(s.search_base, flt, ldap3.SUBTREE, attributes=[], size_limit=2)
-            found = [e["dn"] for e in svc.response or [] if e.get("type") == "searchResEntry"]
-        finally:
-            svc.unbind()
+        flt = s.search_filter.replace("{username}", escape_filter_chars(username))
+        svc.search(s.search_base, flt, ldap3.SUBTREE, attributes=[], size_limit=2)
+        found = [e["dn"] for e in svc.response or [] if e.get("type") == "searchResEntry"]
         if len(found) != 1:
             log.warning("feed: the directory has %d entries for a username", len(found))
             return None
@@ -206,24 +203,25 @@ class Directory:
         if not password:
             return False  # an empty password is an anonymous bind, which succeeds
         try:
-            dn = self._find(username)
-            if dn is None:
-                return False
-            conn = self._connect(dn, password)
-            if conn is None:
-                return False
+            # one service connection per login, for the search and the group
+            svc = self._service() if self.settings.search_base else None
             try:
-                if not self.settings.require_group:
-                    return True
-                if self.settings.search_base:  # the service account reads the group
-                    svc = self._service()
-                    try:
-                        return self._in_group(svc, dn, username)
-                    finally:
-                        svc.unbind()
-                return self._in_group(conn, dn, username)
+                dn = self._find(svc, username)
+                if dn is None:
+                    return False
+                conn = self._connect(dn, password)
+                if conn is None:
+                    return False
+                try:
+                    if not self.settings.require_group:
+                        return True
+                    # the service account reads the group where there is one
+                    return self._in_group(svc or conn, dn, username)
+                finally:
+                    conn.unbind()
             finally:
-                conn.unbind()
+                if svc is not None:
+                    svc.unbind()
         except LDAPException as exc:
             raise DirectoryUnavailable(f"{type(exc).__name__}: {exc}") from None
         except OSError as exc:  # TLS and sockets
