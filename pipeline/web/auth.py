@@ -59,29 +59,25 @@ async def csrf_ok(request: Request) -> bool:
     return bool(sent) and hmac.compare_digest(str(sent), str(expected))
 
 
-def current_user(request: Request) -> User | None:
+def _login(request: Request) -> tuple[User | None, bool]:
+    """(the user this session logged in, whether it has been idle past
+    ``idle_timeout_s``); None if it holds no login of a user as the settings have them."""
     settings: FeedSettings = request.app.state.settings
     name = request.session.get("user")
-    if not name:
-        return None
-    user = settings.user(str(name))
+    user = settings.user(str(name)) if name else None
     if user is None or request.session.get("fp") != fingerprint(user):
-        return None
-    if idle_for(request) > settings.idle_timeout_s > 0:
-        return None
-    return user
+        return None, False
+    return user, idle_for(request) > settings.idle_timeout_s > 0
+
+
+def current_user(request: Request) -> User | None:
+    user, idle = _login(request)
+    return None if idle else user
 
 
 def signed_out_idle(request: Request) -> bool:
     """Whether this session was a valid login that ended for want of activity."""
-    settings: FeedSettings = request.app.state.settings
-    name = request.session.get("user")
-    user = settings.user(str(name)) if name else None
-    return (
-        user is not None
-        and request.session.get("fp") == fingerprint(user)
-        and idle_for(request) > settings.idle_timeout_s > 0
-    )
+    return _login(request)[1]
 
 
 class Activity:
