@@ -61,9 +61,9 @@ from pipeline.web.auth import (
     wants_html,
 )
 from pipeline.web.changes import ChangeFeed, matches, patient_ids_of
-from pipeline.web.directory import Directory, DirectoryUnavailable
+from pipeline.web.directory import DirectoryUnavailable
 from pipeline.web.settings import FeedSettings, User
-from pipeline.web.users import allowed, burn_verify, verify_password
+from pipeline.web.users import allowed, burn_verify
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -173,7 +173,6 @@ class Feed:
         self.options = FilterOptions(store)
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
         self.codes_used = CodeReplay()
-        self.directory = Directory(settings.directory) if settings.directory else None
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
             autoescape=select_autoescape(default=True),
@@ -189,15 +188,6 @@ class Feed:
         )
         self.templates = Jinja2Templates(env=env)
         self.row_template = env.get_template("_row.html")
-
-    def check_password(self, user: User, password: str) -> bool:
-        """The password against the user's hash, or the hospital's directory (may raise
-        :class:`DirectoryUnavailable`). Blocking: run it in a thread."""
-        if user.directory:
-            return self.directory is not None and self.directory.check_password(
-                user.username, password
-            )
-        return verify_password(user.password_hash, password)
 
     def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
         user = current_user(request)
@@ -289,7 +279,7 @@ async def login(request: Request) -> Response:
         error = "Unknown user or wrong password."
     else:
         try:
-            if not await run_in_threadpool(feed.check_password, user, password):
+            if not await run_in_threadpool(feed.settings.check_password, user, password):
                 error = "Unknown user or wrong password."
         except DirectoryUnavailable as exc:
             # not the user's fault: not counted against them

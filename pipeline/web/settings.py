@@ -13,7 +13,7 @@ import yaml
 
 from emrwatch.timeutil import zone
 from pipeline.web.directory import DirectoryConfigError, DirectorySettings
-from pipeline.web.users import ROLES
+from pipeline.web.users import ROLES, verify_password
 
 if TYPE_CHECKING:
     from pipeline.signing import Signer
@@ -138,6 +138,17 @@ class FeedSettings:
 
     def with_users(self, *users: User) -> FeedSettings:
         return replace(self, users=tuple(users))
+
+    def check_password(self, user: User, password: str) -> bool:
+        """``password`` against the user's hash, or the hospital's directory for a
+        ``directory: true`` user (may raise ``DirectoryUnavailable``). Blocking."""
+        if user.directory:
+            from pipeline.web.directory import Directory
+
+            return self.directory is not None and Directory(self.directory).check_password(
+                user.username, password
+            )
+        return verify_password(user.password_hash, password)
 
     def assessment_signer(self) -> Signer | None:
         """What signs the assessment JSON the feed gives out (None: unsigned)."""

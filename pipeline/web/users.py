@@ -159,7 +159,7 @@ def _check(args: argparse.Namespace) -> int:
     sign-in is refused, 2 if the settings are wrong or the directory cannot be reached."""
     import time
 
-    from pipeline.web.directory import Directory, DirectoryUnavailable
+    from pipeline.web.directory import DirectoryUnavailable
     from pipeline.web.settings import FeedConfigError, FeedSettings
     from pipeline.web.totp import matching_step
 
@@ -187,11 +187,7 @@ def _check(args: argparse.Namespace) -> int:
         password = getpass.getpass(f"{user.username}'s password: ")
         code = input("authenticator code: ").strip() if user.totp_secret else ""
     try:
-        if user.directory:
-            assert settings.directory is not None  # validated
-            ok = Directory(settings.directory).check_password(user.username, password)
-        else:
-            ok = verify_password(user.password_hash, password)
+        ok = settings.check_password(user, password)
     except DirectoryUnavailable as exc:
         print(f"the directory cannot be reached: {exc}", file=sys.stderr)
         return 2
