@@ -34,6 +34,7 @@ connectors.base.ConnectorConfigError: connectors[0]: unknown key(s) ['pth']; kno
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import threading
 import time
@@ -161,7 +162,7 @@ class Connector(ABC):
     #: one-line description for ``emrwatch connectors list``
     summary: ClassVar[str] = ""
     #: a dataclass: the configuration keys (with ``metadata={"help": ...}``)
-    Config: ClassVar[type[Any]]
+    Config: ClassVar[builtins.type[Any]]
     #: what it produces: "access", "context" or both
     produces: ClassVar[frozenset[str]] = frozenset({"access"})
     #: after ``stop``, the runner keeps reading until :meth:`records` ends, so a push source

@@ -71,7 +71,9 @@ Three connectors share one small HTTP client (``urllib.request``: no runtime dep
 
 from __future__ import annotations
 
+import copy
 import email.utils
+import functools
 import gzip
 import hashlib
 import logging
@@ -93,7 +95,7 @@ from typing import Any, Literal
 
 import orjson
 
-from connectors.base import Connector, ContextUpdate, Output, RawRecord
+from connectors.base import Connector, ConnectorConfigError, ContextUpdate, Output, RawRecord
 from connectors.fhir import parse_fhir_line
 from emrwatch.context import KNOWN_ROLES
 from emrwatch.events import EventError, parse_ts
@@ -138,7 +140,9 @@ class _Stopped(Exception):
 # ---------------------------------------------------------------------------- configuration
 def _f(default: Any, help_: str) -> Any:
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help_})
+        return field(
+            default_factory=functools.partial(copy.copy, default), metadata={"help": help_}
+        )
     return field(default=default, metadata={"help": help_})
 
 
@@ -514,7 +518,7 @@ def _outcome_text(body: bytes) -> str:
     for issue in issues if type(issues) is list else []:
         if type(issue) is not dict:
             continue
-        details = issue.get("details") if type(issue.get("details")) is dict else {}
+        details: dict[str, Any] = issue["details"] if type(issue.get("details")) is dict else {}
         text = issue.get("diagnostics") or details.get("text") or ""
         parts.append(f"{issue.get('severity', 'error')} {issue.get('code', '')}: {text}".strip())
     return "OperationOutcome: " + "; ".join(parts) if parts else "OperationOutcome"
@@ -641,7 +645,7 @@ def _entries(bundle: dict[str, Any]) -> list[dict[str, Any]]:
 def _position(resource: Any, fallback: bytes) -> str:
     """``Type/id _history/<versionId or lastUpdated>``; a digest for a resource without id."""
     if type(resource) is dict and resource.get("id") and resource.get("resourceType"):
-        meta = resource.get("meta") if type(resource.get("meta")) is dict else {}
+        meta: dict[str, Any] = resource["meta"] if type(resource.get("meta")) is dict else {}
         version = meta.get("versionId") or meta.get("lastUpdated") or "-"
         return f"{resource['resourceType']}/{resource['id']} _history/{version}"
     return "entry sha256:" + hashlib.sha256(fallback).hexdigest()[:24]
@@ -661,7 +665,14 @@ class _FhirConnector(Connector):
     def __init__(self, config: Any, name: str = "", ledger: Any = None) -> None:
         super().__init__(config, name=name, ledger=ledger)
         base_url = getattr(config, "base_url", "")
-        self.http = _Http(config, base_url, self.name) if base_url else None
+        self._http = _Http(config, base_url, self.name) if base_url else None
+
+    @property
+    def http(self) -> _Http:
+        """The client for ``base_url`` (a connector reading files has none)."""
+        if self._http is None:
+            raise ConnectorConfigError(f"{self.name}: no base_url is configured")
+        return self._http
 
     def records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         try:
@@ -741,7 +752,7 @@ class FhirBulkExportConnector(_FhirConnector):
     def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         cfg = self.config
         cp = checkpoint if isinstance(checkpoint, dict) else {}
-        since: str = cp.get("since") if "since" in cp else cfg.since
+        since: str = cp.get("since", cfg.since)
         current: dict[str, Any] | None = cp.get("export")
         while not stop.is_set():
             manifest = None
@@ -763,6 +774,7 @@ class FhirBulkExportConnector(_FhirConnector):
                 status_url = yield from self._kick_off(since, stop)
                 manifest = yield from self._await(status_url, stop)
                 current = {"status_url": status_url, "file_index": 0, "file": "", "line": 0}
+            assert current is not None  # a manifest comes from current's export or a new one
             yield from self._read_export(since, current, manifest, stop)
             since = str(manifest.get("transactionTime") or since)
             if cfg.delete_when_done:
@@ -1244,7 +1256,7 @@ class FhirContextConnector(_FhirConnector):
     produces = frozenset({"context"})
 
     def _records(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
-        if self.http is not None:
+        if self._http is not None:
             yield from self._rest(checkpoint, stop)
         else:
             yield from self._files(checkpoint, stop)
@@ -1252,7 +1264,6 @@ class FhirContextConnector(_FhirConnector):
     # ------------------------------------------------------------ REST
     def _rest(self, checkpoint: Any, stop: threading.Event) -> Iterator[RawRecord | None]:
         cfg, http = self.config, self.http
-        assert http is not None
         saved = _d(_d(checkpoint).get("marks"))
         marks = {r: _Mark.load(saved.get(r), cfg.since) for r in cfg.resources}
         extra = {

@@ -265,7 +265,7 @@ class FileConnector(Connector):
                         done = {**done, key: -1}
                         progressed = True
                         continue
-                    digest = waiting_since.pop(path + "#sha", "")
+                    digest = str(waiting_since.pop(path + "#sha", ""))
                 else:
                     digest = ""
                 for rec in self._read_file(path, key, st, off, line, is_live, done):

@@ -141,7 +141,8 @@ def peer_identity(sock: socket.socket) -> str:
         return ""
     if not cert:
         return ""
-    return format_subject(cert.get("subject", ()))
+    subject: Any = cert.get("subject", ())  # typeshed's union misses the RDN nesting
+    return format_subject(subject)
 
 
 def subject_cn(subject: str) -> str:

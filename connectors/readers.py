@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import IO
+from typing import IO, Any
 
 import orjson
 
@@ -154,7 +154,7 @@ def _json_records(
     number = 0
     for line in lines:
         number += 1
-        if type(line) is EventError:
+        if isinstance(line, EventError):
             yield number, line, b""
             return
         raw = line.rstrip(b"\r\n")
@@ -207,7 +207,7 @@ def _broken(exc: BaseException) -> EventError:
     )
 
 
-def _prefetch(stream: IO[bytes]) -> tuple[list[bytes], EventError | None]:
+def _prefetch(stream: Iterable[bytes]) -> tuple[list[bytes], EventError | None]:
     """Read lines until :data:`_SNIFF_LINES` non-blank ones (or EOF); they are replayed.
 
     Also returns the error that ended the read early if the gzip stream broke off.
@@ -250,17 +250,16 @@ class _Input:
     with the gzip magic (whatever the name says), and what must be closed after it."""
 
     def __init__(self, path: PathLike) -> None:
-        raw: IO[bytes]
+        raw: Any  # a BufferedReader: peek() sniffs the gzip magic
         if _is_stdin(path):
-            raw = sys.stdin.buffer
-            if not hasattr(raw, "peek"):
-                raw = io.BufferedReader(raw, _BUFFER)  # type: ignore[arg-type]
+            stdin: Any = sys.stdin.buffer  # a BufferedReader, or whatever replaced it
+            raw = stdin if hasattr(stdin, "peek") else io.BufferedReader(stdin, _BUFFER)
             self._owned: IO[bytes] | None = None  # never close the process's stdin
         else:
             raw = open(path, "rb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
             self._owned = raw
-        self.gzipped = raw.peek(2)[:2] == _GZIP_MAGIC  # type: ignore[attr-defined]
-        self.stream: IO[bytes] = raw
+        self.gzipped = raw.peek(2)[:2] == _GZIP_MAGIC
+        self.stream: IO[bytes] | gzip.GzipFile = raw
         if self.gzipped:
             # No big BufferedReader on top: its read(n) gathers n bytes over several
             # decompressor reads and drops them all if the last one hits a truncated end.

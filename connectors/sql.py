@@ -80,7 +80,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from connectors.base import Connector, ConnectorConfigError, Ledger, RawRecord
+from connectors.base import Connector, ConnectorConfigError, Ledger, Output, RawRecord
 from emrwatch.events import ACTIONS, AccessEvent, EventError
 from emrwatch.timeutil import DEFAULT_TIMEZONE, zone
 
@@ -501,23 +501,27 @@ class SqlAuditConnector(Connector):
             return sql_text(c.query), {k: v for k, v in params.items() if k in used}
 
         src = self._source()
-        cols = [literal_column(expr).label(quoted_name(lbl, True)) for expr, lbl in self._select]
-        keys = [literal_column(e) for e in c.cursor]
+        cols: list[Any] = [
+            literal_column(expr).label(quoted_name(lbl, True)) for expr, lbl in self._select
+        ]
+        keys: list[Any] = [literal_column(e) for e in c.cursor]
         # a NULL cursor value has no place in the keyset order (and would stall the scan)
         stmt = select(*cols).select_from(src).where(*[k.is_not(None) for k in keys])
         settle: dict[str, Any] = {}
         if self._settle_kind not in (None, "off"):
             stmt = stmt.where(keys[0] < bindparam("settle_before"))
             settle["settle_before"] = self._bound(self._settle_kind)
-        values = list(after) if after is not None else (list(c.cursor_start) or None)
+        start: list[Any] | None = (
+            list(after) if after is not None else (list(c.cursor_start) or None)
+        )
         params = {}
-        if values is not None:
+        if start is not None:
             ors = []
             for i, col in enumerate(keys):
                 eqs = [keys[j] == bindparam(f"c{j}") for j in range(i)]
                 ors.append(and_(*eqs, col > bindparam(f"c{i}")))
             stmt = stmt.where(or_(*ors))
-            params = {f"c{i}": v for i, v in enumerate(values)}
+            params = {f"c{i}": v for i, v in enumerate(start)}
         return stmt.order_by(*keys).limit(c.batch_size), {**params, **settle}
 
     def _source(self) -> Any:
@@ -559,7 +563,7 @@ class SqlAuditConnector(Connector):
         from sqlalchemy import literal_column, select
 
         c = self.config
-        col = literal_column(c.cursor[0])
+        col: Any = literal_column(c.cursor[0])
         v = conn.execute(
             select(col).select_from(self._source()).where(col.is_not(None)).limit(1)
         ).scalar()
@@ -744,7 +748,7 @@ class SqlAuditConnector(Connector):
                 yield None
 
     # ------------------------------------------------------------ normalising
-    def normalize(self, raw: RawRecord) -> list[AccessEvent]:
+    def normalize(self, raw: RawRecord) -> list[Output]:
         try:
             row = orjson.loads(raw.payload)
         except orjson.JSONDecodeError as exc:
@@ -793,8 +797,8 @@ class SqlAuditConnector(Connector):
             d["event_id"] = self._event_id(row)
         for f in c.required:
             if f not in d or d[f] in ("", None):
-                label = self._field_label.get(f)
-                where = f" (column {label} is NULL or empty)" if label else ""
+                column = self._field_label.get(f)
+                where = f" (column {column} is NULL or empty)" if column else ""
                 raise EventError(f"missing {f}{where}")
         if "outcome" in d:
             d["outcome"] = str(d["outcome"]).lower()

@@ -22,6 +22,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +195,7 @@ class ConnectorService:
 
         s = self.settings
         for c in self.connectors:
+            on_batch = _batch_counter(self.metrics, c.name) if self.metrics is not None else None
             runner = ConnectorRunner(
                 c,
                 self.producer,
@@ -204,7 +206,7 @@ class ConnectorService:
                 batch_size=s.ingest.batch_size,
                 linger_s=s.ingest.linger_s,
                 metrics=self.metrics,
-                on_batch=(lambda _st, n=c.name: self.metrics.batch(n)) if self.metrics else None,
+                on_batch=on_batch,
             )
 
             def work(r: Any = runner, name: str = c.name) -> None:
@@ -227,6 +229,15 @@ class ConnectorService:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def _batch_counter(metrics: Any, name: str) -> Callable[[Any], None]:
+    """A runner's ``on_batch``: counts connector ``name``'s batches in ``metrics``."""
+
+    def count(_stats: Any) -> None:
+        metrics.batch(name)
+
+    return count
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -271,6 +282,6 @@ def _run(args: argparse.Namespace) -> int:
     svc.producer.flush()
     for name, st in svc.results.items():
         print(f"{name}: {orjson.dumps(st.as_dict()).decode()}", flush=True)
-    for name, exc in svc.errors.items():
-        print(f"emrwatch connectors: {name} failed: {exc}", file=sys.stderr)
+    for name, error in svc.errors.items():
+        print(f"emrwatch connectors: {name} failed: {error}", file=sys.stderr)
     return 1 if svc.errors else 0

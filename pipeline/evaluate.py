@@ -333,12 +333,14 @@ def model_costs(data: str | Path, repeats: int = 2) -> dict[str, float]:
     from connectors.readers import read_events
     from detectors.engine import Engine
     from emrwatch.context import Context
+    from emrwatch.events import AccessEvent
     from models.runtime import ModelScorer
     from pipeline.replay import run_engine
 
     data = Path(data)
     ctx = Context.load(data)
-    events = [x for _, x, _ in read_events(find_events_file(data), "auto")]
+    read = read_events(find_events_file(data), "auto")
+    events = [x for _, x, _ in read if isinstance(x, AccessEvent)]  # bad lines are not timed
     cfg = DetectionConfig()
 
     def timed(make: Any) -> float:

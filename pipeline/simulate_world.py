@@ -987,13 +987,13 @@ def _build_encounters(w: World, rng: random.Random) -> None:
         admit = w.P0 - rng.randint(6 * HOUR, 3 * DAY)
         m.add(w.patients[pid], dept, admit, admit + rng.randint(4, 12) * DAY, "inpatient")
     employees = [p for p in w.patients.values() if p.employee_user_id]
-    for p in rng.sample(employees, max(1, round(0.3 * len(employees)))):
+    for emp in rng.sample(employees, max(1, round(0.3 * len(employees)))):
         dept = rng.choice(CLINICAL[:-2])
         t = w.wall(rng.randrange(w.days), rng.randint(8 * 60, 16 * 60))
         if rng.random() < 0.3:
-            m.add(p, dept, t - rng.randint(1, 3) * DAY, t + rng.randint(1, 4) * DAY, "inpatient")
+            m.add(emp, dept, t - rng.randint(1, 3) * DAY, t + rng.randint(1, 4) * DAY, "inpatient")
         else:
-            m.add(p, dept, t, t + rng.randint(30, 150) * MINUTE, "outpatient")
+            m.add(emp, dept, t, t + rng.randint(30, 150) * MINUTE, "outpatient")
     # inpatient admissions, day by day
     for d in range(-HISTORY_DAYS, w.days):
         weekend = w.weekday(d) >= 5

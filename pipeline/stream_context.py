@@ -131,7 +131,7 @@ class ContextFeed:
     def _all_partitions(self) -> list[Any]:
         from kafka import TopicPartition
 
-        tps = []
+        tps: list[TopicPartition] = []
         deadline = time.monotonic() + 15
         for topic in self.kinds:
             parts = self.consumer.partitions_for_topic(topic)

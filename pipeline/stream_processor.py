@@ -101,8 +101,8 @@ class Output:
         # without asdict's deep copy of every evidence list
         if isinstance(alert, dict):
             alert_id, value = alert["alert_id"], orjson.dumps(alert)
-        elif is_dataclass(alert):
-            alert_id, value = alert.alert_id, orjson.dumps(alert)
+        elif is_dataclass(alert) and not isinstance(alert, type):
+            alert_id, value = alert.alert_id, orjson.dumps(alert)  # type: ignore[attr-defined]
         else:
             d = alert.to_dict()
             alert_id, value = d["alert_id"], orjson.dumps(d)

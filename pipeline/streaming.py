@@ -249,7 +249,8 @@ def create_app(settings: StreamSettings, host: Any, on_ready: Any = None) -> Any
             except Exception as exc:  # noqa: BLE001
                 _die(f"engine host failed, stopping the worker: {exc}")
 
-    @app.on_partitions_revoked.connect
+    # Faust sends these signals' arguments by keyword; its stub wants *args handlers
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         positioner.ready.clear()
         mine = sorted(tp.partition for tp in revoked if tp.topic == layout.access)
@@ -257,7 +258,7 @@ def create_app(settings: StreamSettings, host: Any, on_ready: Any = None) -> Any
             await asyncio.get_running_loop().run_in_executor(None, host.revoke, mine)
             log.info("revoked partitions %s (snapshots written)", mine)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         positioner.ready.clear()
         mine = sorted(tp.partition for tp in assigned if tp.topic == layout.access)
@@ -270,7 +271,7 @@ def create_app(settings: StreamSettings, host: Any, on_ready: Any = None) -> Any
         if on_ready is not None:
             on_ready(mine)
 
-    @app.on_before_shutdown.connect
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def on_shutdown(sender: Any, **kwargs: Any) -> None:
         if host is not None:
             host.shutdown()

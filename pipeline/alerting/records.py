@@ -454,7 +454,7 @@ def _bulk_insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> No
     cols = list(rows[0])
     as_json = {c for c in cols if isinstance(table.c[c].type, JSON)}
     names = ", ".join(f'"{c}"' for c in cols)
-    raw = conn.connection.dbapi_connection
+    raw: Any = conn.connection.dbapi_connection  # psycopg 3: its cursor has copy()
     assert raw is not None
     with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
         for r in rows:

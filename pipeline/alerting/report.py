@@ -446,7 +446,8 @@ def cmd_report(args: Any) -> int:
         print(f"emrwatch report: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        reason = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc)
+        orig = getattr(exc, "orig", None)  # a DBAPIError's driver error
+        reason = str(orig) if orig is not None else str(exc)
         print(f"emrwatch report: cannot read the alert store {url}: {reason}", file=sys.stderr)
         return 2
     finally:

@@ -352,6 +352,7 @@ async def assessment_page(request: Request) -> Response:
     if events is None and not error:
         error = "No history to assess: set feed.history_dir (README: Access reports)."
     if not error:
+        assert events is not None  # error says so otherwise
         detail = {"from": start.isoformat(), "to": end.isoformat(), "output": output,
                   "role": user.role}  # fmt: skip
         await db(feed.store.record_access, user.username, "assessment", None, detail)

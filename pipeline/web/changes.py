@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -276,14 +276,14 @@ class ChangeFeed:
         a, h = t.alerts, t.triage_history
         ids: dict[str, None] = {}
         with self.store.read() as conn:
-            rows = conn.execute(
+            rows: Sequence[Any] = conn.execute(
                 select(h.c.id, h.c.alert_id).where(h.c.id > self._history_id).order_by(h.c.id)
             ).all()
             if rows:
                 self._history_id = rows[-1].id
                 ids.update(dict.fromkeys(r.alert_id for r in rows))
             if self._rowid is not None:
-                rowid = literal_column("rowid")
+                rowid: Any = literal_column("rowid")
                 rows = conn.execute(
                     select(rowid.label("rid"), a.c.alert_id)
                     .where(rowid > self._rowid)

@@ -114,7 +114,7 @@ def believable_alert(
     start = (when or datetime(2026, 3, 2, 1, 40, tzinfo=TZ)) - timedelta(minutes=30)
     n_pat = 1 if rule in ("vip-snooping", "coworker-snooping", "sealed-record-touch") else 4
     patients = [f"p{rnd.randrange(10_000, 99_999):05d}" for _ in range(n_pat)]
-    evidence = []
+    evidence: list[dict[str, Any]] = []
     for k in range(3 + i % 4 + (n_pat if n_pat > 1 else 0)):
         t = start + timedelta(minutes=4 * k + rnd.randrange(0, 3), seconds=rnd.randrange(60))
         evidence.append(

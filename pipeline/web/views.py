@@ -183,7 +183,7 @@ def case(
     known = [x for x in times if x is not None]
     lo, hi = (min(known), max(known)) if known else (0.0, 0.0)
     span = hi - lo
-    timeline = []
+    timeline: list[dict[str, Any]] = []
     for e, x in zip(evidence, times, strict=True):
         timeline.append(
             {
