@@ -60,6 +60,13 @@ def _alert_service_registry() -> Any:
     reg = sink_registry(router)
     keeper = SimpleNamespace(updates=2, failures=0, last_update=1.0, events=9)
     reg.register(HistoryCollector(keeper))
+    # the feed's own, served with them at the feed's /metrics
+    from pipeline.web.auth import LoginGuard
+    from pipeline.web.metrics import FeedCollector
+    from pipeline.web.settings import FeedSettings
+
+    changes = SimpleNamespace(subscribers=0, seq=0, scan_seconds=0.0, poll_failures=0)
+    reg.register(FeedCollector(changes, LoginGuard(FeedSettings())))  # type: ignore[arg-type]
     return reg
 
 
@@ -109,6 +116,7 @@ def test_rules_cover_the_four_conditions_and_use_exported_metrics():
         "EmrwatchDeadLetterRate",
         "EmrwatchSourceSilent",
         "EmrwatchSourceRefused",
+        "EmrwatchFeedLoginLockout",
     } <= set(rules)
     exported = _exported()
     used = {name for expr in rules.values() for name in METRIC.findall(expr)}

@@ -129,6 +129,8 @@ def test_bench_reports_every_number_as_json(small_hospital: Path) -> None:
             "3",
             "--rate",
             "1000",
+            "--replay-runs",
+            "1",
         ],
         cwd=REPO,
         env=_env(),

@@ -73,7 +73,7 @@ def test_login_logout_and_bad_passwords(tmp_path: Path) -> None:
         r = c.login("ana", PASSWORD)
         assert r.status_code == 303 and r.headers["location"] == "/"
         assert c.get("/").status_code == 200
-        assert [e.action for e in feed.store.audit_log(actor="ana")] == ["login"]
+        assert [e.action for e in feed.store.audit_log(actor="ana")] == ["login", "login.failed"]
         # logging out needs the CSRF token too, then the session is gone
         assert c.post("/logout", csrf=False).status_code == 403
         assert c.post("/logout").status_code == 303

@@ -64,7 +64,7 @@ def test_a_password_alone_does_not_log_in_a_user_with_a_second_factor(feed) -> N
     assert r.status_code == 303 and r.headers["location"] == "/"
     assert _logged_in(c)
     logins = [json.loads(e.detail) for e in store.audit_log(actor="ana") if e.action == "login"]
-    assert logins == [{"role": "analyst", "second_factor": "totp"}]
+    assert logins == [{"role": "analyst", "second_factor": "totp", "address": "127.0.0.1"}]
 
     # the same code again (someone looking over the shoulder) is refused; the next one works
     assert c.post("/logout").status_code == 303

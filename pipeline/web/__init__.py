@@ -72,8 +72,12 @@ Configuration: the ``feed:`` section of the YAML config file. Unknown keys are a
       page_size: 50                   # rows per page (1..500)
       poll_interval_s: 0.5            # how often the store is asked for changes
       unmask_ttl_s: 900               # an analyst's unmask of one case lasts 15 min
-      login_max_failures: 5           # wrong passwords for one username before ...
-      login_lockout_s: 60             # ... it is refused this long (wrong codes count too)
+      login_max_failures: 5           # failed sign-ins (wrong passwords or codes) for one
+      login_lockout_s: 60             # username within this many s lock it that long
+      login_max_failures_per_address: 30  # failed sign-ins from one address, any users
+      login_address_lockout_s: 900    # (password spraying), within this many s: locked
+      trusted_proxies: []             # reverse proxies (addresses, CIDR) whose
+                                      # X-Forwarded-For names the client; none: ignored
       require_totp: false             # true: every user must have a totp_secret
       title: emrwatch                 # shown in the page header
       hospital: ""                    # the name in the security assessment (default: title)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -47,9 +47,10 @@ from pipeline.web.auth import (
     CSRF_FIELD,
     Activity,
     CodeReplay,
-    LoginThrottle,
+    LoginGuard,
     await_code,
     awaiting_code,
+    client_address,
     csrf_ok,
     csrf_token,
     current_user,
@@ -60,9 +61,9 @@ from pipeline.web.auth import (
     signed_out_idle,
     wants_html,
 )
-from pipeline.web.changes import ChangeFeed, matches, patient_ids_of
+from pipeline.web.changes import Change, ChangeFeed, matches, patient_ids_of
 from pipeline.web.directory import DirectoryUnavailable
-from pipeline.web.settings import FeedSettings, User
+from pipeline.web.settings import FeedSettings, User, trusted_networks
 from pipeline.web.users import allowed, burn_verify
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ class Feed:
         self.settings = settings
         self.changes = ChangeFeed(store, settings.poll_interval_s)
         self.options = FilterOptions(store)
-        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
+        self.guard = LoginGuard(settings)
+        self.proxies = trusted_networks(settings.trusted_proxies)
         self.codes_used = CodeReplay()
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
@@ -270,10 +272,12 @@ async def login(request: Request) -> Response:
     username = str(form.get("username") or "").strip()
     password = str(form.get("password") or "")
     nxt = safe_next(str(form.get("next") or "/"))
+    address = client_address(request, feed.proxies)
     user = feed.settings.user(username)
     error = ""
-    if feed.throttle.locked(username):
-        error = "Too many failed attempts. Wait a minute and try again."
+    refused = feed.guard.locked(username, address)
+    if refused:
+        error = LOCKED
     elif user is None:
         await run_in_threadpool(burn_verify, password)
         error = "Unknown user or wrong password."
@@ -288,16 +292,42 @@ async def login(request: Request) -> Response:
                    "error": "The hospital directory cannot be reached. Try again, or call IT."}  # fmt: skip
             return feed.page(request, "login.html", ctx, status=503)
     if error or user is None:
-        feed.throttle.failed(username)
-        log.warning("feed: failed login for %r", username[:64])
+        why = "locked" if refused else ("unknown user" if user is None else "wrong password")
+        await _failed(request, user, username, address, why)
         ctx = {"next": nxt, "error": error, "username": username}
         return feed.page(request, "login.html", ctx, status=401)
     if user.totp_secret:
         # the password is right; the failures are forgiven only once the code is too
         await_code(request, user, nxt)
         return feed.page(request, "login.html", {"step": "code", "username": user.username})
-    feed.throttle.succeeded(username)
-    return await _logged_in(request, user, nxt, {"role": user.role})
+    feed.guard.succeeded(username)
+    return await _logged_in(request, user, nxt, {"role": user.role, "address": address})
+
+
+LOCKED = "Too many failed attempts. Wait a few minutes and try again."
+
+
+async def _failed(request: Request, user: User | None, typed: str, address: str, why: str) -> None:
+    """Count a failed sign-in, log it, and write it to the audit log (``login.failed``;
+    ``login.locked`` when it locks the user or the address). An attempt refused while
+    locked is counted but not audited again; a name that is no user is never written
+    (people type their password there)."""
+    feed = _feed(request)
+    refused = why == "locked"
+    locked = feed.guard.failed(typed, address, refused=refused)
+    actor = user.username if user is not None else UNKNOWN_ACTOR
+    log.warning("feed: failed sign-in (%s) for %s from %s", why, actor, address)
+    detail: dict[str, Any] = {"address": address, "reason": why}
+    if not refused:
+        await db(feed.store.record_access, actor, "login.failed", None, detail)
+    if locked:
+        log.warning("feed: sign-in locked (%s) for %s from %s", ", ".join(locked), actor, address)
+        await db(
+            feed.store.record_access, actor, "login.locked", None, {**detail, "locked": locked}
+        )
+
+
+UNKNOWN_ACTOR = "(unknown user)"
 
 
 async def _logged_in(request: Request, user: User, nxt: str, detail: dict[str, Any]) -> Response:
@@ -321,10 +351,11 @@ async def login_code(request: Request) -> Response:
         ctx = {"next": "/", "error": "The sign-in took too long. Sign in again."}
         return feed.page(request, "login.html", ctx, status=401)
     user, nxt = pending
+    address = client_address(request, feed.proxies)
     error = ""
-    step = None
-    if feed.throttle.locked(user.username):
-        error = "Too many failed attempts. Wait a minute and try again."
+    refused = feed.guard.locked(user.username, address)
+    if refused:
+        error = LOCKED
     else:
         step = matching_step(user.totp_secret, str(form.get("code") or ""), time.time())
         if step is None:
@@ -332,16 +363,17 @@ async def login_code(request: Request) -> Response:
         elif not feed.codes_used.use(user.username, step):
             error = "That code was used already. Wait for the next one."
     if error:
-        feed.throttle.failed(user.username)
-        log.warning("feed: wrong second-factor code for %r", user.username)
-        if feed.throttle.locked(user.username):
+        why = "locked" if refused else "wrong code"
+        await _failed(request, user, user.username, address, why)
+        if feed.guard.users.locked(user.username) or feed.guard.addresses.locked(address):
             request.session.clear()  # start again from the password, once the lockout ends
-            ctx = {"next": nxt, "error": error, "username": user.username}
+            ctx = {"next": nxt, "error": LOCKED, "username": user.username}
             return feed.page(request, "login.html", ctx, status=401)
         ctx = {"step": "code", "username": user.username, "error": error}
         return feed.page(request, "login.html", ctx, status=401)
-    feed.throttle.succeeded(user.username)
-    return await _logged_in(request, user, nxt, {"role": user.role, "second_factor": "totp"})
+    feed.guard.succeeded(user.username)
+    detail = {"role": user.role, "second_factor": "totp", "address": address}
+    return await _logged_in(request, user, nxt, detail)
 
 
 async def logout(request: Request) -> Response:
@@ -456,6 +488,7 @@ async def events(request: Request) -> Response:
         try:
             yield f"retry: 2000\n: connected as {user.username} at {feed.changes.cursor}\n\n"
             while True:
+                ch: Change | None | Literal[False]  # False: nothing within the heartbeat
                 try:
                     ch = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
                 except TimeoutError:
@@ -524,6 +557,8 @@ async def audit_page(request: Request) -> Response:
                 "case.view",
                 "unmask",
                 "login",
+                "login.failed",
+                "login.locked",
                 "logout",
                 "suppression.create",
                 "report.view",
@@ -627,7 +662,7 @@ def create_app(
     if metrics_registry is not None:
         from pipeline.web.metrics import FeedCollector, metrics_endpoint
 
-        metrics_registry.register(FeedCollector(feed.changes))
+        metrics_registry.register(FeedCollector(feed.changes, feed.guard))
         routes.append(Route("/metrics", metrics_endpoint(metrics_registry)))
     app = Starlette(
         routes=routes,

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any
@@ -22,7 +24,7 @@ from urllib.parse import quote
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
-from pipeline.web.settings import FeedSettings, User
+from pipeline.web.settings import FeedSettings, IPNetwork, User
 from pipeline.web.users import allowed
 
 Endpoint = Callable[..., Awaitable[Response]]
@@ -229,32 +231,132 @@ def requires(
 
 
 class LoginThrottle:
-    """After ``max_failures`` wrong passwords for one username, refuse it for ``lockout_s``."""
+    """Refuses a key (a username, an address) while its last ``max_failures`` failed
+    attempts all fall within ``window_s``: a burst locks it for up to ``window_s``, and
+    failures older than that are forgotten (a typo last week does not count today).
+    Attempts refused while locked count as failures, so hammering keeps the lock."""
 
-    def __init__(self, max_failures: int, lockout_s: float) -> None:
-        self.max_failures = max_failures
-        self.lockout_s = lockout_s
-        self._failures: dict[str, tuple[int, float]] = {}
+    MAX_KEYS = 10_000  # bounded, whatever is thrown at it
+
+    def __init__(
+        self, max_failures: int, window_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_failures = max(1, int(max_failures))
+        self.window_s = float(window_s)
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def locked(self, username: str) -> bool:
+    def locked(self, key: str) -> bool:
         with self._lock:
-            n, until = self._failures.get(username, (0, 0.0))
-            return n >= self.max_failures and time.monotonic() < until
+            return self._locked(self._failures.get(key), self.clock())
 
-    def failed(self, username: str) -> None:
+    def _locked(self, q: deque[float] | None, now: float) -> bool:
+        return q is not None and len(q) >= self.max_failures and now - q[0] < self.window_s
+
+    def failed(self, key: str) -> bool:
+        """Count a failure; whether it is this one that locks ``key``."""
+        now = self.clock()
         with self._lock:
-            n, until = self._failures.get(username, (0, 0.0))
-            if n >= self.max_failures and time.monotonic() >= until:
-                n = 0  # the lockout has passed: count afresh
-            n += 1
-            self._failures[username] = (n, time.monotonic() + self.lockout_s)
-            if len(self._failures) > 10_000:  # bounded, whatever is thrown at it
-                self._failures.clear()
+            q = self._failures.get(key)
+            if q is None:
+                if len(self._failures) >= self.MAX_KEYS:
+                    self._forget(now)
+                q = self._failures[key] = deque(maxlen=self.max_failures)
+            before = self._locked(q, now)
+            q.append(now)
+            return not before and self._locked(q, now)
+
+    def _forget(self, now: float) -> None:
+        stale = [k for k, q in self._failures.items() if now - q[-1] >= self.window_s]
+        for k in stale:
+            del self._failures[k]
+        if len(self._failures) >= self.MAX_KEYS:
+            self._failures.clear()
+
+    def succeeded(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+
+class LoginGuard:
+    """The login's defences against guessing: a per-username throttle (a guessed password)
+    and a per-address one (one password tried on many usernames), and the counts
+    ``/metrics`` shows."""
+
+    def __init__(self, settings: FeedSettings) -> None:
+        self.users = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
+        self.addresses = LoginThrottle(
+            settings.login_max_failures_per_address, settings.login_address_lockout_s
+        )
+        self.successes = 0
+        self.failures = 0  # wrong passwords and codes, unknown users
+        self.lockouts = 0  # usernames and addresses locked
+        self.refused = 0  # attempts refused while locked
+
+    def locked(self, username: str, address: str) -> bool:
+        if self.users.locked(username) or self.addresses.locked(address):
+            self.refused += 1
+            return True
+        return False
+
+    def failed(self, username: str, address: str, refused: bool = False) -> list[str]:
+        """Count a failed (or refused) attempt; what it locked: "user", "address"."""
+        if not refused:
+            self.failures += 1
+        locked = [
+            what
+            for what, throttle, key in (
+                ("user", self.users, username),
+                ("address", self.addresses, address),
+            )
+            if throttle.failed(key)
+        ]
+        self.lockouts += len(locked)
+        return locked
 
     def succeeded(self, username: str) -> None:
-        with self._lock:
-            self._failures.pop(username, None)
+        """A user who signed in is forgiven; the address is not (one right password does
+        not excuse the guesses at other users' from there)."""
+        self.successes += 1
+        self.users.succeeded(username)
+
+
+def _trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_address(request: Request, trusted: tuple[IPNetwork, ...] = ()) -> str:
+    """The address a request comes from. Behind reverse proxies (``trusted``): the last
+    address in ``X-Forwarded-For`` that no trusted proxy added; a client cannot forge it,
+    since the proxies append what they saw. Without trusted proxies the header is ignored.
+
+    >>> from starlette.requests import Request
+    >>> from pipeline.web.settings import trusted_networks
+    >>> def req(peer, xff=""):
+    ...     hs = [(b"x-forwarded-for", xff.encode())] if xff else []
+    ...     return Request({"type": "http", "client": (peer, 1), "headers": hs})
+    >>> proxies = trusted_networks(["10.0.0.0/8"])
+    >>> client_address(req("192.0.2.7", "1.2.3.4"))
+    '192.0.2.7'
+    >>> client_address(req("10.1.1.1", "6.6.6.6, 198.51.100.9, 10.2.2.2"), proxies)
+    '198.51.100.9'
+    >>> client_address(req("192.0.2.7", "198.51.100.9"), proxies)  # not from a proxy
+    '192.0.2.7'
+    """
+    peer = request.client.host if request.client is not None else ""
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    hops = [h for h in hops if h]
+    for hop in reversed(hops):
+        if not _trusted(hop, trusted):
+            return hop[:64]
+    return hops[0][:64] if hops else peer
 
 
 # ---------------------------------------------------------------------------- unmasking

@@ -1,4 +1,5 @@
-"""The feed's own numbers for Prometheus: open streams, changes published, poll costs.
+"""The feed's own numbers for Prometheus: open streams, changes published, poll costs,
+sign-ins (failed, locked out).
 
 Registered only when :func:`pipeline.web.create_app` gets a registry; the app then also
 serves that registry at ``/metrics`` (no login: Prometheus scrapes it, and no label carries
@@ -17,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pipeline.alerting.metrics import Spec, attribute_metrics
+from pipeline.web.auth import LoginGuard
 from pipeline.web.changes import ChangeFeed
 
 
@@ -32,11 +34,24 @@ class FeedCollector(Collector):
          "poll_failures"),
     )  # fmt: skip
 
-    def __init__(self, changes: ChangeFeed) -> None:
+    LOGIN_SPECS: tuple[Spec, ...] = (
+        ("counter", "emrwatch_feed_logins", "Users who signed in to the feed", "successes"),
+        ("counter", "emrwatch_feed_login_failures",
+         "Failed sign-ins: wrong passwords or codes, unknown users", "failures"),
+        ("counter", "emrwatch_feed_login_lockouts",
+         "Usernames and addresses locked after repeated failed sign-ins", "lockouts"),
+        ("counter", "emrwatch_feed_login_refused",
+         "Sign-ins refused because the username or the address was locked", "refused"),
+    )  # fmt: skip
+
+    def __init__(self, changes: ChangeFeed, guard: LoginGuard | None = None) -> None:
         self.changes = changes
+        self.guard = guard
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from attribute_metrics(self.changes, self.SPECS)
+        if self.guard is not None:
+            yield from attribute_metrics(self.guard, self.LOGIN_SPECS)
 
 
 def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +16,9 @@ import yaml
 from emrwatch.timeutil import zone
 from pipeline.web.directory import DirectoryConfigError, DirectorySettings
 from pipeline.web.users import ROLES, verify_password
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 if TYPE_CHECKING:
     from pipeline.signing import Signer
@@ -60,8 +65,18 @@ class FeedSettings:
     poll_interval_s: float = 0.5
     scan_interval_s: float = 2.0
     unmask_ttl_s: int = 900
+    #: failed sign-ins (wrong password or code) for one username within
+    #: ``login_lockout_s`` that lock it for up to that long
     login_max_failures: int = 5
     login_lockout_s: float = 60.0
+    #: failed sign-ins from one address (any usernames: password spraying) within
+    #: ``login_address_lockout_s`` that lock the address for up to that long
+    login_max_failures_per_address: int = 30
+    login_address_lockout_s: float = 900.0
+    #: reverse proxies in front of the feed (addresses or CIDR networks): from them, the
+    #: client's address is read from ``X-Forwarded-For`` (for the per-address throttle
+    #: and the audit log); from anywhere else the header is ignored
+    trusted_proxies: tuple[str, ...] = ()
     title: str = "emrwatch"
     #: every user must have a second factor (``totp_secret``); a user without one is
     #: refused when the settings load
@@ -122,6 +137,8 @@ class FeedSettings:
                 )
             except DirectoryConfigError as exc:
                 raise FeedConfigError(str(exc)) from None
+        if isinstance(data.get("trusted_proxies"), list):
+            data["trusted_proxies"] = tuple(str(p) for p in data["trusted_proxies"])
         out = cls(users=tuple(users), **data)
         out.validate(source)
         return out
@@ -208,13 +225,28 @@ class FeedSettings:
                     f"{source}: users: {u.username}: password_hash must be an argon2 hash "
                     "(make one with: python -m pipeline.web.users hash)"
                 )
-        for name in ("session_max_age_s", "page_size", "poll_interval_s", "unmask_ttl_s"):
+        for name in (
+            "session_max_age_s",
+            "page_size",
+            "poll_interval_s",
+            "unmask_ttl_s",
+            "login_max_failures",
+            "login_lockout_s",
+            "login_max_failures_per_address",
+            "login_address_lockout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise FeedConfigError(f"{source}: {name} must be positive")
         if not 0 <= int(self.port) <= 65535:
             raise FeedConfigError(f"{source}: port must be 0..65535")
         if not 1 <= self.page_size <= 500:
             raise FeedConfigError(f"{source}: page_size must be 1..500")
+        if isinstance(self.trusted_proxies, str):
+            raise FeedConfigError(f"{source}: trusted_proxies must be a list")
+        try:
+            trusted_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise FeedConfigError(f"{source}: trusted_proxies: {exc}") from None
         if self.idle_timeout_s < 0:
             raise FeedConfigError(f"{source}: idle_timeout_s must be 0 (off) or more")
         if self.history_refresh_s < 0:
@@ -312,3 +344,14 @@ def _check(cls: Any, data: dict[str, Any], where: str) -> dict[str, Any]:
         )
     data.setdefault("password_hash", "")
     return {k: v if k == "directory" else str(v) for k, v in data.items()}
+
+
+def trusted_networks(proxies: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """``feed.trusted_proxies`` as networks (ValueError names a bad one)."""
+    nets = []
+    for p in proxies:
+        try:
+            nets.append(ipaddress.ip_network(str(p).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{p!r} is not an IP address or network (CIDR)") from None
+    return tuple(nets)
