@@ -37,8 +37,10 @@ chromium:
 slapd:
 	$(call deb,/usr/sbin/slapd,slapd,the directory login tests)
 
+# two processes, a test file each at a time (its module fixtures stay in one): most
+# tests wait on brokers, workers and browsers, so two run in about half the time
 test: setup chromium slapd
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 bench: setup
 	$(BIN)/emrwatch bench
