@@ -256,7 +256,9 @@ class _Input:
             raw = stdin if hasattr(stdin, "peek") else io.BufferedReader(stdin, _BUFFER)
             self._owned: IO[bytes] | None = None  # never close the process's stdin
         else:
-            raw = open(path, "rb", buffering=_BUFFER)  # noqa: SIM115 - closed in close()
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            limit = read_limit(path, f)
+            raw = io.BufferedReader(f if limit is None else _Bounded(f, limit), _BUFFER)
             self._owned = raw
         self.gzipped = raw.peek(2)[:2] == _GZIP_MAGIC
         self.stream: IO[bytes] | gzip.GzipFile = raw
@@ -270,6 +272,39 @@ class _Input:
             self.stream.close()  # the gzip layer only: GzipFile leaves its fileobj open
         if self._owned is not None:
             self._owned.close()
+
+
+def read_limit(path: PathLike, f: Any) -> int | None:
+    """How much to read of the file ``path`` opened as ``f``: of a history export's events
+    file, what its manifest commits (an update may be appending behind it; see
+    :func:`pipeline.history.committed_length`). None for any other file: to its end."""
+    if os.path.basename(os.fspath(path)) != "events.jsonl":
+        return None
+    from pipeline.history import committed_length
+
+    return committed_length(os.path.dirname(os.path.abspath(path)), os.fstat(f.fileno()).st_ino)
+
+
+class _Bounded(io.RawIOBase):
+    """The first ``limit`` bytes of the raw file ``f``."""
+
+    def __init__(self, f: Any, limit: int) -> None:
+        self._f = f
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        n = self._f.readinto(memoryview(buffer)[: self._left]) or 0
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _is_stdin(path: PathLike) -> bool:

@@ -35,7 +35,6 @@ import hmac
 import io
 import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -192,9 +191,11 @@ def export_history(
     With ``update``, an earlier export in ``out`` is continued: only the access records
     after the offsets its manifest records are read and appended to the events file (the
     context is read again whole: it is the latest row per key), under the same window and
-    pseudonymization key. Without an earlier export there, it is a full export. Every file
-    is replaced atomically, so a report reading the directory meanwhile sees the old export
-    or the new one, never half of one; two updates of one directory do not run at once.
+    pseudonymization key. Without an earlier export there, it is a full export. The events
+    are appended in place, and readers stop at the length the manifest commits
+    (:func:`committed_length`); every other file is replaced atomically. So a report reading
+    the directory meanwhile sees the old export or the new one, never half of one; two
+    updates of one directory do not run at once.
 
     ``keep_days`` keeps only the events of the last so many days before the newest one (a
     rolling history for the feed's reports; an update keeps the export's value unless
@@ -246,6 +247,13 @@ def _previous(
         raise HistoryError(f"{out} is an export of {held}, not of {layout.access}")
     if not (out / EVENTS_FILE).is_file():
         raise HistoryError(f"{out}: {EVENTS_FILE} is missing; export into a new directory")
+    st = (out / EVENTS_FILE).stat()
+    committed = committed_length(out, st.st_ino)
+    if committed is not None and st.st_size < committed:
+        raise HistoryError(
+            f"{out}: {EVENTS_FILE} is shorter than its manifest says ({st.st_size} < "
+            f"{committed} bytes): it was cut; export into a new directory"
+        )
     had = (prev.get("pseudonymized") or {}).get("key_fingerprint")
     now = pseudonymizer.describe()["key_fingerprint"] if pseudonymizer else None
     if had != now:
@@ -347,6 +355,7 @@ def _export(
         resume = {layout.access: {p: int(hi) for p, (_, hi) in ends.items()}}
     gaps: list[dict[str, Any]] = []
     events_tmp = out / f".{EVENTS_FILE}.tmp"
+    appending = False
     try:
         acc_offsets = read_topics(
             bootstrap, [layout.access], on_access, client_config, timeout, resume, gaps
@@ -376,21 +385,25 @@ def _export(
         cutoff = -math.inf
         if keep_days:
             cutoff = max(held.last, last_t) - keep_days * DAY_S
-        # the new events file is written beside the old one; it replaces it only below,
-        # together with its manifest (see _commit)
-        with _private(events_tmp, "wb") as fh:
-            if prev is not None:
+        new_parts = [path for path, _ in spools.values()]
+        # An update appends to the events file in place, behind the length its manifest
+        # commits (readers stop there; a crash leaves a tail _recover cuts off). An export
+        # written whole, or one that drops what keep_days no longer keeps (a day past the
+        # limit), writes a new file beside the old one, which replaces it together with
+        # its manifest (see _commit).
+        appending = prev is not None and held.first >= cutoff - DAY_S
+        with _appending(out / EVENTS_FILE) if appending else _private(events_tmp, "wb") as fh:
+            if prev is not None and not appending:
                 with (out / EVENTS_FILE).open("rb") as old:
-                    if held.first < cutoff - DAY_S:  # a day past the limit: drop the old
-                        held = _copy_since(old, fh, cutoff, held)
-                    else:
-                        shutil.copyfileobj(old, fh, 1 << 20)
-            written, first_new = _merge([path for path, _ in spools.values()], fh, cutoff)
+                    held = _copy_since(old, fh, cutoff, held)
+            written, first_new = _merge(new_parts, fh, cutoff)
             fh.flush()
             os.fsync(fh.fileno())
             events_file = {"bytes": fh.tell(), "inode": os.fstat(fh.fileno()).st_ino}
     except BaseException:
         events_tmp.unlink(missing_ok=True)
+        if appending:
+            _recover(out)  # cut off what was appended (the next update would too)
         raise
     finally:
         for path, fh in spools.values():
@@ -448,8 +461,35 @@ def _export(
     if keep_days:
         manifest["keep_days"] = keep_days
     manifest["events_file"] = events_file
-    _commit(out, events_tmp, manifest)
+    if appending:
+        with _replacing(out / MANIFEST_FILE) as fh:  # this commits what was appended
+            fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+    else:
+        _commit(out, events_tmp, manifest)
     return manifest
+
+
+def _appending(path: Path) -> Any:
+    """The events file of an export, opened at its end to append to it (``_recover`` has
+    cut off what no manifest commits)."""
+    fh = path.open("r+b")
+    fh.seek(0, os.SEEK_END)
+    return fh
+
+
+def committed_length(out: str | Path, inode: int) -> int | None:
+    """How many bytes of the events file with ``inode`` the manifest of the export in
+    ``out`` commits (None: no such manifest, or it is about another file). An update
+    appends to that file in place, so a reader stops there: it reads the export as of
+    its last complete update, never a part-written line."""
+    try:
+        m = orjson.loads((Path(out) / MANIFEST_FILE).read_bytes())
+        ef = m["events_file"]
+        if m.get("kind") == MANIFEST_KIND and int(ef["inode"]) == inode:
+            return int(ef["bytes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _commit(out: Path, events_tmp: Path, manifest: dict[str, Any]) -> None:
@@ -470,10 +510,25 @@ def _commit(out: Path, events_tmp: Path, manifest: dict[str, Any]) -> None:
 
 
 def _recover(out: Path) -> None:
-    """Settle an export that stopped inside :func:`_commit` (see there)."""
+    """Settle an export that stopped inside :func:`_commit` (see there), or an update that
+    stopped after appending to the events file and before its manifest: the events
+    beyond the length the manifest commits are cut off (their records are read again)."""
     nxt = out / MANIFEST_NEXT
-    if not nxt.exists():
+    if nxt.exists():
+        _recover_commit(out, nxt)
+    events = out / EVENTS_FILE
+    try:
+        st = events.stat()
+    except FileNotFoundError:
         return
+    committed = committed_length(out, st.st_ino)
+    if committed is not None and st.st_size > committed:
+        with events.open("r+b") as fh:
+            fh.truncate(committed)
+            os.fsync(fh.fileno())
+
+
+def _recover_commit(out: Path, nxt: Path) -> None:
     try:
         want = orjson.loads(nxt.read_bytes())["events_file"]["inode"]
         moved = (out / EVENTS_FILE).stat().st_ino == want

@@ -365,6 +365,8 @@ def _partition_lines(
     read in large blocks and searched in place: a line of another partition is never copied
     (lines are ~1 KB, and copying them is most of what reading costs). A FHIR block whose
     every line names its owner the compact way is split among partitions in one pass."""
+    from connectors.readers import read_limit
+
     crc = zlib.crc32
     owner = (table or {}).get
     owned = _Owned(p, parts, table or {})
@@ -376,8 +378,11 @@ def _partition_lines(
     number = 0
     rest = b""
     with open(path, "rb", buffering=0) as fh:
+        left = read_limit(path, fh)  # a history export being updated: what is committed
         while True:
-            chunk = fh.read(READ_BLOCK)
+            chunk = fh.read(READ_BLOCK if left is None else min(READ_BLOCK, left))
+            if left is not None:
+                left -= len(chunk)
             if chunk:
                 block = rest + chunk if rest else chunk
                 stop = block.rfind(b"\n") + 1  # lines after it wait for the next block

@@ -342,6 +342,11 @@ def test_an_update_refuses_what_would_corrupt_the_export(harness: Any, tmp_path:
         assert "another export is writing" in refused()
     finally:
         os.close(fd)
+    # the events file lost its end (restored from an older copy): not appended to
+    (out / "events.jsonl").write_bytes(before[:-10])
+    p = _history(*where, "--out", str(out), "--update")
+    assert p.returncode == 1 and "shorter than its manifest says" in p.stderr, p.stderr
+    (out / "events.jsonl").write_bytes(before)
     # the manifest says more was read than the topic holds: another cluster, or recreated
     m = json.loads((out / "manifest.json").read_text())
     m["offsets"][harness.layout.access] = {
@@ -410,37 +415,89 @@ def test_a_rolling_history_keeps_the_last_days(harness: Any, tmp_path: Path) -> 
     assert p.returncode == 1 and "keep_days must be positive" in p.stderr
 
 
-@pytest.mark.parametrize("crash_at", ["manifest.json", "events.jsonl"])
-def test_an_update_that_crashes_midway_neither_loses_nor_repeats(
-    harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
-) -> None:
-    """A crash between putting the new events file in place and its manifest (or just
-    before the events file): the next update finishes or drops the half-made step, so
-    every record is in the history exactly once."""
-    from pipeline.history import HistoryError, export_history
+def _crashing_at(monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """os.replace fails for a target named ``name``: the machine stops there. Returns
+    the real os.replace."""
+    from pipeline.history import HistoryError
 
-    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
-    sent = [{**base, "event_id": f"e{i}", "ts": f"2026-03-02T09:{i:02d}:00+08:00"}
-            for i in range(12)]  # fmt: skip
-    out = tmp_path / "h"
-    harness.produce(sent[:4])
-    export_history(harness.bootstrap, harness.layout, out, update=True)
-    harness.produce(sent[4:8])
     real = os.replace
 
     def crashing(src: Any, dst: Any) -> None:
-        if Path(dst).name == crash_at:
+        if Path(dst).name == name:
             raise HistoryError("the machine stopped here")
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", crashing)
+    return real
+
+
+def _sent(n: int) -> list[dict[str, Any]]:
+    base = {"user_id": "u1", "patient_id": "p1", "action": "view"}
+    return [{**base, "event_id": f"e{i}", "ts": f"2026-03-02T09:{i:02d}:00+08:00"}
+            for i in range(n)]  # fmt: skip
+
+
+def _ids(path: Path) -> list[str]:
+    return [json.loads(x)["event_id"] for x in path.read_text().split()]
+
+
+def test_an_update_appends_in_place_and_readers_see_only_what_is_committed(
+    harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update appends to the events file (it does not copy the history each time);
+    until its manifest is written, readers read only what the last one committed, and an
+    update that stopped in between is cut back by the next: no event lost or repeated."""
+    from pipeline.history import HistoryError, export_history
+
+    sent = _sent(12)
+    out = tmp_path / "h"
+    harness.produce(sent[:4])
+    export_history(harness.bootstrap, harness.layout, out, update=True)
+    inode = (out / "events.jsonl").stat().st_ino
+    harness.produce(sent[4:8])
+    real = _crashing_at(monkeypatch, "manifest.json")
+    with pytest.raises(HistoryError, match="stopped here"):
+        export_history(harness.bootstrap, harness.layout, out, update=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert (out / "events.jsonl").stat().st_ino == inode  # the same file, appended to
+    assert len(_ids(out / "events.jsonl")) == 8  # appended, not committed ...
+    read = [e.event_id for _, e, _ in read_events(out / "events.jsonl")]
+    assert read == ["e0", "e1", "e2", "e3"]  # ... so readers do not see it
+    for workers in (1, 2):  # the parallel replay reads the file its own way
+        assert replay_file(out, out / "events.jsonl", workers=workers).events == 4
+    harness.produce(sent[8:])
+    m = export_history(harness.bootstrap, harness.layout, out, update=True)
+    assert (out / "events.jsonl").stat().st_ino == inode
+    assert sorted(_ids(out / "events.jsonl")) == sorted(e["event_id"] for e in sent)
+    assert [e.event_id for _, e, _ in read_events(out / "events.jsonl")] == _ids(
+        out / "events.jsonl"
+    )
+    assert m["summary"]["events"] == len(sent)
+    assert m["events_file"]["bytes"] == (out / "events.jsonl").stat().st_size
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
+
+
+@pytest.mark.parametrize("crash_at", ["manifest.json", "events.jsonl"])
+def test_an_export_that_crashes_midway_neither_loses_nor_repeats(
+    harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """An export written whole (the first, or one that drops old days) stops between
+    putting its new events file in place and its manifest (or just before the events
+    file): the next update finishes or drops the half-made step, so every record is in
+    the history exactly once."""
+    from pipeline.history import HistoryError, export_history
+
+    sent = _sent(8)
+    out = tmp_path / "h"
+    harness.produce(sent[:4])
+    real = _crashing_at(monkeypatch, crash_at)
     with pytest.raises(HistoryError, match="stopped here"):
         export_history(harness.bootstrap, harness.layout, out, update=True)
     monkeypatch.setattr(os, "replace", real)
     assert (out / ".manifest.json.next").exists()
-    harness.produce(sent[8:])
+    harness.produce(sent[4:])
     m = export_history(harness.bootstrap, harness.layout, out, update=True)
-    got = [json.loads(x)["event_id"] for x in (out / "events.jsonl").read_text().split()]
-    assert sorted(got) == sorted(e["event_id"] for e in sent)  # each exactly once
+    assert sorted(_ids(out / "events.jsonl")) == sorted(e["event_id"] for e in sent)
     assert m["summary"]["events"] == len(sent)
+    assert [u["events"] for u in m["updates"]] == ([4, 4] if crash_at == "manifest.json" else [8])
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
