@@ -5,6 +5,7 @@ failed sign-ins and lockouts in the audit log and in /metrics; and the throttle'
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +172,34 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
         FeedSettings.from_dict({"trusted_proxies": "10.0.0.0/8"})
     with pytest.raises(FeedConfigError, match="login_max_failures_per_address must be positive"):
         FeedSettings.from_dict({"login_max_failures_per_address": 0})
+
+
+def test_a_user_is_told_of_their_last_sign_in_and_the_failures_since(served) -> None:
+    url, store, _ = served
+    with _from(url, "10.1.2.3") as first:
+        assert first.login("ana", PASSWORD).status_code == 303
+        assert "Your last sign-in" not in first.landing  # the first one: nothing to tell
+    with _from(url, "198.51.100.7") as guesser:
+        for _ in range(2):
+            assert guesser.login("ana", "Winter2026!").status_code == 401
+    with _from(url, "10.1.2.4") as again:
+        assert again.login("ana", PASSWORD).status_code == 303
+        notice = re.search(r'<div class="flash flash-(\w+)"[^>]*>([^<]*)</div>', again.landing)
+        assert notice is not None, again.landing[:2000]
+        kind, text = notice.groups()
+        assert kind == "warn"
+        assert re.fullmatch(
+            r"Your last sign-in: \d{4}-\d\d-\d\d \d\d:\d\d from 10\.1\.2\.3\. 2 failed sign-ins "
+            r"under your name since then \(from 198\.51\.100\.7\): if they were not yours, "
+            r"tell the privacy office\.",
+            text,
+        ), text
+    with _from(url, "10.1.2.5") as later:
+        assert later.login("ana", PASSWORD).status_code == 303
+        assert "flash-warn" not in later.landing
+        assert "Your last sign-in" in later.landing and "from 10.1.2.4." in later.landing
+    # the audit page's action filter is the store's: no newer entries crowd it out
+    for i in range(30):
+        store.record_access("ana", "case.view", f"ew-{i}")
+    got = store.audit_log(actor="ana", limit=5, actions=["login.failed"])
+    assert [e.action for e in got] == ["login.failed"] * 2

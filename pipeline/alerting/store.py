@@ -642,14 +642,17 @@ class AlertStore(SuppressionsMixin):
         actor: str | None = None,
         since: datetime | None = None,
         limit: int = 200,
+        actions: Sequence[str] | None = None,
     ) -> list[AuditEntry]:
-        """Audit entries, newest first."""
+        """Audit entries, newest first (only ``actions``, when given)."""
         lg = t.audit_log
         q = select(lg)
         if alert_id is not None:
             q = q.where(lg.c.alert_id == alert_id)
         if actor is not None:
             q = q.where(lg.c.actor == actor)
+        if actions is not None:
+            q = q.where(lg.c.action.in_(list(actions)))
         if since is not None:
             q = q.where(lg.c.at >= _naive_utc(since))
         q = q.order_by(lg.c.id.desc()).limit(limit)

@@ -38,6 +38,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from emrwatch.timeutil import zone
 from pipeline.alerting import schema as t
 from pipeline.alerting.records import SORTS, TRIAGE_STATES, AlertFilter, AlertSummary
 from pipeline.alerting.render import SEVERITY_ORDER
@@ -331,10 +332,21 @@ UNKNOWN_ACTOR = "(unknown user)"
 
 
 async def _logged_in(request: Request, user: User, nxt: str, detail: dict[str, Any]) -> Response:
+    feed = _feed(request)
+    before = await db(
+        feed.store.audit_log, None, user.username, None, SIGN_IN_LOOKBACK, SIGN_IN_ACTIONS
+    )
     log_in(request, user)
-    await db(_feed(request).store.record_access, user.username, "login", None, detail)
+    await db(feed.store.record_access, user.username, "login", None, detail)
     log.info("feed: %s logged in (%s)", user.username, user.role)
+    notice = views.sign_in_notice(before, zone(feed.settings.timezone))
+    if notice is not None:
+        flash(request, *notice)
     return RedirectResponse(nxt, status_code=303)
+
+
+SIGN_IN_LOOKBACK = 200  # audit entries of a user read for their sign-in notice ...
+SIGN_IN_ACTIONS = ("login", "login.failed")  # ... of these actions
 
 
 async def login_code(request: Request) -> Response:
@@ -542,9 +554,8 @@ async def audit_page(request: Request) -> Response:
         limit = max(1, min(int(qp.get("limit") or 200), 1000))
     except ValueError:
         limit = 200
-    entries = await db(feed.store.audit_log, alert_id, actor, None, limit if not action else 1000)
-    if action:
-        entries = [e for e in entries if e.action == action][:limit]
+    actions = (action,) if action else None
+    entries = await db(feed.store.audit_log, alert_id, actor, None, limit, actions)
     return feed.page(
         request,
         "audit.html",

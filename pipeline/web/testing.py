@@ -181,6 +181,7 @@ class FeedClient:
             base_url=base_url, follow_redirects=False, timeout=10, verify=verify
         )
         self.csrf = ""
+        self.landing = ""
         if username is not None:
             r = self.login(username, password)
             if r.status_code != 303:
@@ -210,6 +211,7 @@ class FeedClient:
     def _signed_in(self, r: Any) -> Any:
         if r.status_code == 303:
             page = self.http.get("/", headers={"accept": "text/html"})
+            self.landing = page.text  # the first page after signing in (its notices)
             m = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
             self.csrf = m.group(1) if m else ""
         return r

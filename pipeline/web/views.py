@@ -15,6 +15,7 @@ event stream for a role that may not see patient identifiers never carries them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -263,3 +264,53 @@ def history(entries: list[HistoryEntry]) -> list[dict[str, Any]]:
         }
         for e in reversed(entries)
     ]
+
+
+def sign_in_notice(entries: Iterable[Any], tz: Any) -> tuple[str, str] | None:
+    """What a user is told when they sign in: their previous sign-in (when, from where)
+    and the failed sign-ins under their name since, so they notice someone else using or
+    guessing their account. ``entries``: their audit entries, newest first, this sign-in
+    not among them. None before their first sign-in with nothing failed.
+
+    >>> from types import SimpleNamespace as E
+    >>> at = datetime(2026, 3, 2, 1, 14, tzinfo=UTC)
+    >>> ok = E(action="login", at=at, detail='{"address": "10.1.2.3"}')
+    >>> sign_in_notice([ok], UTC)
+    ('info', 'Your last sign-in: 2026-03-02 01:14 from 10.1.2.3.')
+    >>> bad = E(action="login.failed", at=at, detail='{"address": "198.51.100.7"}')
+    >>> sign_in_notice([bad, bad, ok], UTC)[0]
+    'warn'
+    >>> sign_in_notice([bad, bad, ok], UTC)[1].split(". ", 1)[1]
+    '2 failed sign-ins under your name since then (from 198.51.100.7): if they were not yours, tell the privacy office.'
+    """
+    failed: list[str] = []
+    last = None
+    for e in entries:
+        if e.action == "login":
+            last = e
+            break
+        if e.action == "login.failed":
+            failed.append(str(_detail(e.detail).get("address") or "?"))
+    text = ""
+    if last is not None:
+        where = _detail(last.detail).get("address")
+        when = last.at.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+        text = f"Your last sign-in: {when}" + (f" from {where}." if where else ".")
+    if failed:
+        n = len(failed)
+        addresses = ", ".join(dict.fromkeys(failed))
+        since = "since then" if last is not None else "before this one"
+        text += (
+            f"{' ' if text else ''}{n} failed sign-in{'s' if n > 1 else ''} under your name "
+            f"{since} (from {addresses}): if they were not yours, tell the privacy office."
+        )
+        return "warn", text
+    return ("info", text) if text else None
+
+
+def _detail(text: str) -> dict[str, Any]:
+    try:
+        d = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return d if isinstance(d, dict) else {}
