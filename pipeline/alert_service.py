@@ -92,6 +92,7 @@ def run_alert_service(
             port=feed_settings.port,
             metrics_registry=registry,
             detection=detection,
+            settings_path=config,  # users added, removed or changed there apply at once
         )
         print(f"alert feed  {url}   (metrics {url}/metrics)", flush=True)
     elif serve_metrics and settings.worker.metrics_port >= 0:

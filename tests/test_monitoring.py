@@ -66,7 +66,9 @@ def _alert_service_registry() -> Any:
     from pipeline.web.settings import FeedSettings
 
     changes = SimpleNamespace(subscribers=0, seq=0, scan_seconds=0.0, poll_failures=0)
-    reg.register(FeedCollector(changes, LoginGuard(FeedSettings())))  # type: ignore[arg-type]
+    reloads = SimpleNamespace(reloads=0, failures=0)
+    guard = LoginGuard(FeedSettings())
+    reg.register(FeedCollector(changes, guard, reloads))  # type: ignore[arg-type]
     return reg
 
 
@@ -117,6 +119,7 @@ def test_rules_cover_the_four_conditions_and_use_exported_metrics():
         "EmrwatchSourceSilent",
         "EmrwatchSourceRefused",
         "EmrwatchFeedLoginLockout",
+        "EmrwatchFeedConfigRejected",
     } <= set(rules)
     exported = _exported()
     used = {name for expr in rules.values() for name in METRIC.findall(expr)}

@@ -632,10 +632,13 @@ def create_app(
     *,
     metrics_registry: CollectorRegistry | None = None,
     detection: Any = None,
+    settings_path: str | Path | None = None,
 ) -> Starlette:
     """The feed as an ASGI app over ``store``; ``app.state.feed.notify()`` makes it look
     for changes at once (for writers in the same process). With ``metrics_registry``, the
-    feed's own metrics are registered there and the registry is served at ``/metrics``."""
+    feed's own metrics are registered there and the registry is served at ``/metrics``.
+    With ``settings_path``, the file ``settings`` came from, changes to its users are
+    applied while the feed runs (:mod:`pipeline.web.reload`)."""
     from pipeline.web import access, cases
 
     settings = settings or FeedSettings()
@@ -670,14 +673,22 @@ def create_app(
         *access.routes(),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
+    reloading = []
+    reloader = None
+    if settings_path is not None:
+        from pipeline.web.reload import ReloadSettings, SettingsReloader
+
+        reloader = SettingsReloader(settings_path, settings)
+        reloading = [Middleware(ReloadSettings, reloader=reloader, record=store.record_access)]
     if metrics_registry is not None:
         from pipeline.web.metrics import FeedCollector, metrics_endpoint
 
-        metrics_registry.register(FeedCollector(feed.changes, feed.guard))
+        metrics_registry.register(FeedCollector(feed.changes, feed.guard, reloader))
         routes.append(Route("/metrics", metrics_endpoint(metrics_registry)))
     app = Starlette(
         routes=routes,
         middleware=[
+            *reloading,
             Middleware(SecurityHeaders, hsts=settings.tls),
             Middleware(
                 SessionMiddleware,
@@ -695,6 +706,7 @@ def create_app(
     app.state.feed_app = feed
     app.state.feed = feed.changes
     app.state.settings = settings
+    app.state.settings_reloader = reloader
     app.state.activity = Activity()
     app.state.store = store
     app.state.forbidden = forbidden

@@ -4,7 +4,8 @@ Sessions are signed cookies (Starlette's ``SessionMiddleware``, itsdangerous): t
 carries the username, a fingerprint of the user's password hash, the CSRF token and the
 unmask grants, and nothing a client can change without the secret. Each request looks the
 user up in the *current* settings, so a user removed from the config, given another role
-or a new password is out (or changed) at the next click, whatever their cookie says.
+or a new password is out (or changed) at the next click, whatever their cookie says
+(edits of the config file apply while the feed runs: :mod:`pipeline.web.reload`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ a user or patient id).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -44,14 +45,26 @@ class FeedCollector(Collector):
          "Sign-ins refused because the username or the address was locked", "refused"),
     )  # fmt: skip
 
-    def __init__(self, changes: ChangeFeed, guard: LoginGuard | None = None) -> None:
+    RELOAD_SPECS: tuple[Spec, ...] = (
+        ("counter", "emrwatch_feed_settings_reloads",
+         "Changes to the feed's users applied from the config file", "reloads"),
+        ("counter", "emrwatch_feed_settings_reload_failures",
+         "Edits of the config file that did not load and were not applied", "failures"),
+    )  # fmt: skip
+
+    def __init__(
+        self, changes: ChangeFeed, guard: LoginGuard | None = None, reloader: Any = None
+    ) -> None:
         self.changes = changes
         self.guard = guard
+        self.reloader = reloader
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from attribute_metrics(self.changes, self.SPECS)
         if self.guard is not None:
             yield from attribute_metrics(self.guard, self.LOGIN_SPECS)
+        if self.reloader is not None:
+            yield from attribute_metrics(self.reloader, self.RELOAD_SPECS)
 
 
 def metrics_endpoint(registry: CollectorRegistry) -> Callable[[Request], Awaitable[Response]]:

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -37,9 +38,14 @@ class FeedServer:
         port: int,
         metrics_registry: CollectorRegistry | None = None,
         detection: Any = None,
+        settings_path: str | Path | None = None,
     ) -> None:
         self.app = create_app(
-            store, settings, metrics_registry=metrics_registry, detection=detection
+            store,
+            settings,
+            metrics_registry=metrics_registry,
+            detection=detection,
+            settings_path=settings_path,
         )
         # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then,
         # and without it every keep-alive response waits ~40 ms for a delayed ACK
@@ -114,6 +120,7 @@ def serve_feed(
     *,
     metrics_registry: CollectorRegistry | None = None,
     detection: Any = None,
+    settings_path: str | Path | None = None,
 ) -> tuple[str, FeedServer]:
     """Start the feed on ``host:port`` (0: a free port) in a background thread.
 
@@ -121,9 +128,10 @@ def serve_feed(
     it to look for changes at once and ``stop_fn.app`` is the ASGI app. With
     ``metrics_registry``, ``/metrics`` serves that Prometheus registry (plus the feed's own
     metrics) on the same port. ``detection`` (a :class:`detectors.config.DetectionConfig`)
-    is what the access report page judges with. Prints nothing.
+    is what the access report page judges with. With ``settings_path`` (the config file
+    ``settings`` came from), changes to its users apply while the feed runs. Prints nothing.
     """
     server = FeedServer(
-        store, settings or FeedSettings(), host, port, metrics_registry, detection
+        store, settings or FeedSettings(), host, port, metrics_registry, detection, settings_path
     ).start()
     return server.url, server

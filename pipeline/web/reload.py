@@ -1,0 +1,172 @@
+"""Who may sign in, reloaded from the config file while the feed runs.
+
+Hospital IT adds a user, removes one, changes a role or resets a second factor by
+editing the ``feed:`` section of the config file; the feed notices the change within
+:data:`CHECK_EVERY_S` and applies it without a restart. A removed user, or one whose
+password, second factor or role changed, is signed out at their next click (each request
+looks the user up in the current settings; see :mod:`pipeline.web.auth`), so this is also
+how a lost laptop's session is ended at once.
+
+Only :data:`RELOADABLE` settings change this way; a change to any other (the port, the
+session secret, TLS files…) is logged as needing a restart. A file that does not load
+or validate changes nothing: the feed keeps the users it has and logs why. Every applied
+change goes to the audit log (``users.reload``: who was added, removed or changed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.web.settings import FeedConfigError, FeedSettings
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 2.0
+#: what a reload applies; the rest needs a restart
+RELOADABLE = ("users", "require_totp", "directory")
+
+
+@dataclass(frozen=True)
+class UsersChange:
+    """What a reload changed: usernames added, removed, and changed (role, password,
+    second factor, directory sign-in or display name)."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"added": list(self.added), "removed": list(self.removed),
+                "changed": list(self.changed)}  # fmt: skip
+
+
+def users_change(old: FeedSettings, new: FeedSettings) -> UsersChange:
+    """How the users of ``new`` differ from those of ``old``.
+
+    >>> from pipeline.web.settings import User
+    >>> a, b = User("ana", "h1", "analyst"), User("sam", "h2", "analyst")
+    >>> users_change(FeedSettings(users=(a, b)), FeedSettings(users=(
+    ...     User("ana", "h1", "supervisor"), User("li", "h3", "auditor"))))
+    UsersChange(added=('li',), removed=('sam',), changed=('ana',))
+    """
+    was = {u.username: u for u in old.users}
+    now = {u.username: u for u in new.users}
+    return UsersChange(
+        added=tuple(sorted(now.keys() - was.keys())),
+        removed=tuple(sorted(was.keys() - now.keys())),
+        changed=tuple(sorted(n for n in now.keys() & was.keys() if now[n] != was[n])),
+    )
+
+
+class SettingsReloader:
+    """Watches ``path`` (the config file the feed's settings came from) and, when it
+    changes and loads, gives the current settings with the new :data:`RELOADABLE` ones."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        settings: FeedSettings,
+        check_every_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.check_every_s = CHECK_EVERY_S if check_every_s is None else check_every_s
+        self.clock = clock
+        self._next = clock() + self.check_every_s
+        self._seen = self._stamp()
+        self.loads = 0  # changed files read
+        self.reloads = 0  # ... of which applied a change of users
+        self.failures = 0  # ... that did not load
+        self._lock = threading.Lock()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def due(self) -> bool:
+        """Whether it is time to look at the file again (cheap: no file access)."""
+        return self.clock() >= self._next
+
+    def check(self) -> tuple[FeedSettings, UsersChange] | None:
+        """The new settings and what changed, if the file changed and loads; else None.
+        Blocking (reads the file when its time stamp, size or inode moved)."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> tuple[FeedSettings, UsersChange] | None:
+        self._next = self.clock() + self.check_every_s
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return None
+        self._seen = stamp
+        self.loads += 1
+        try:
+            new = FeedSettings.load(self.path)
+        except (FeedConfigError, OSError, yaml.YAMLError, TypeError, ValueError) as exc:
+            self.failures += 1
+            log.error("feed: %s changed but was not applied (the users stay as they were): %s",
+                      self.path, exc)  # fmt: skip
+            return None
+        old = self.settings
+        restart = [
+            f.name
+            for f in fields(FeedSettings)
+            if not f.name.startswith("_")
+            and f.name not in RELOADABLE
+            and getattr(new, f.name) != getattr(old, f.name)
+        ]
+        if restart:
+            log.warning("feed: %s changed %s: restart the feed to apply", self.path,
+                        ", ".join(restart))  # fmt: skip
+        merged = replace(old, **{name: getattr(new, name) for name in RELOADABLE})
+        change = users_change(old, merged)
+        if merged == old:
+            return None
+        self.settings = merged
+        self.reloads += 1
+        log.info("feed: users reloaded from %s: %s", self.path, change.as_dict())
+        return merged, change
+
+
+class ReloadSettings:
+    """ASGI middleware: before a request, when the reloader is due, the file is checked in
+    a worker thread; a change is applied to the app's settings and the feed's, and written
+    to the audit log with ``record(actor, action, alert_id, detail)``."""
+
+    def __init__(self, app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> None:
+        self.app = app
+        self.reloader = reloader
+        self.record = record
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.reloader.due():
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(self._apply, scope["app"])
+        await self.app(scope, receive, send)
+
+    def _apply(self, app: Any) -> None:
+        got = self.reloader.check()
+        if got is None:
+            return
+        settings, change = got
+        app.state.settings = settings
+        app.state.feed_app.settings = settings
+        detail = {"file": str(self.reloader.path), **change.as_dict()}
+        try:
+            self.record("(config)", "users.reload", None, detail)
+        except Exception as exc:  # noqa: BLE001 - applied all the same; say so
+            log.error("feed: the users' reload could not be written to the audit log: %s", exc)

@@ -1,0 +1,104 @@
+"""The feed's users reloaded from its config file while it runs, over real HTTP: a user
+removed is out at their next click, a role change applies to an open session, a user
+added signs in, all without a restart and in the audit log; a broken edit changes
+nothing and is counted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from pipeline.alerting.store import AlertStore
+from pipeline.web import FeedSettings, serve_feed
+from pipeline.web import reload as reloading
+from pipeline.web.testing import PASSWORD, FeedClient, feed_settings
+
+USERS = {u.username: u for u in feed_settings().users}  # ana, sam (analysts), aud, …
+
+
+def _user(name: str, role: str) -> dict[str, Any]:
+    """A config entry; a name the test settings lack gets aud's password."""
+    return {**asdict(USERS.get(name, USERS["aud"])), "username": name, "role": role}
+
+
+def _write(path: Path, roles: dict[str, str], **feed: Any) -> None:
+    users = [_user(name, role) for name, role in roles.items()]
+    doc = {"feed": {"users": users, "timezone": "Asia/Shanghai", **feed}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc))
+    tmp.replace(path)  # as editors and config management do: the file is replaced
+
+
+def _until(what: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "the feed did not apply the change"
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def feed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any, Path]]:
+    monkeypatch.setattr(reloading, "CHECK_EVERY_S", 0.05)
+    path = tmp_path / "alerts.yaml"
+    _write(path, {"ana": "analyst", "sam": "analyst", "aud": "auditor"})
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    registry = CollectorRegistry()
+    url, stop = serve_feed(
+        store, FeedSettings.load(path), metrics_registry=registry, settings_path=path
+    )
+    yield url, stop, path
+    stop()
+    store.close()
+
+
+def test_users_edited_in_the_config_apply_without_a_restart(feed) -> None:
+    url, stop, path = feed
+    ana, sam = FeedClient(url, "ana"), FeedClient(url, "sam")
+    assert ana.get("/access-report").status_code == 403  # an analyst's page it is not
+    assert FeedClient(url).login("li", PASSWORD).status_code == 401  # not a user yet
+    # IT removes sam (a lost laptop), makes ana a supervisor and adds li as an auditor
+    _write(path, {"ana": "supervisor", "aud": "auditor", "li": "auditor"})
+    _until(lambda: sam.get("/").status_code == 303)  # signed out at the next click
+    assert sam.get("/").headers["location"].startswith("/login")
+    assert sam.http.get("/api/alerts").status_code == 401
+    assert ana.get("/access-report").status_code == 200  # the same session, a new role
+    with FeedClient(url, "li") as li:
+        assert li.get("/audit").status_code == 200
+    entries = [e for e in stop.app.state.store.audit_log() if e.action == "users.reload"]
+    assert [(e.actor, json.loads(e.detail)) for e in entries] == [
+        ("(config)", {"file": str(path), "added": ["li"], "removed": ["sam"], "changed": ["ana"]})
+    ]
+    assert FeedClient(url).login("sam", PASSWORD).status_code == 401
+    ana.close()
+    sam.close()
+
+
+def test_a_broken_edit_changes_nothing_and_is_counted(feed) -> None:
+    url, stop, path = feed
+    reloader = stop.app.state.settings_reloader
+
+    def counted(name: str) -> float:
+        text = httpx.get(f"{url}/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith(f"{name}_total "))
+        return float(line.split()[1])
+
+    with FeedClient(url, "sam") as sam:
+        path.write_text("feed:\n  users: [{username: sam, role: janitor, password_hash: x}]\n")
+        _until(lambda: sam.get("/").status_code == 200 and reloader.failures == 1)
+        assert sam.get("/").status_code == 200  # still signed in, as the old file had it
+        assert counted("emrwatch_feed_settings_reload_failures") == 1.0
+        # a setting that needs a restart is not applied, and the users did not change
+        _write(path, {"ana": "analyst", "sam": "analyst", "aud": "auditor"}, port=9999)
+        _until(lambda: sam.get("/").status_code == 200 and reloader.loads == 2)
+        assert sam.get("/").status_code == 200 and reloader.settings.port != 9999
+        assert counted("emrwatch_feed_settings_reloads") == 0.0
+    assert not [e for e in stop.app.state.store.audit_log() if e.action == "users.reload"]
