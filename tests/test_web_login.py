@@ -203,3 +203,38 @@ def test_a_user_is_told_of_their_last_sign_in_and_the_failures_since(served) -> 
         store.record_access("ana", "case.view", f"ew-{i}")
     got = store.audit_log(actor="ana", limit=5, actions=["login.failed"])
     assert [e.action for e in got] == ["login.failed"] * 2
+
+
+def test_the_users_page_shows_who_may_sign_in_and_how_their_sign_ins_went(served) -> None:
+    url, store, _ = served
+    with _from(url, "10.1.2.3") as c:
+        assert c.login("ana", PASSWORD).status_code == 303
+    with _from(url, "198.51.100.7") as c:
+        for _ in range(2):
+            assert c.login("sam", "guess").status_code == 401
+    with _from(url, "203.0.113.9") as c:
+        for name in ("admin", "root"):
+            assert c.login(name, "guess").status_code == 401
+    with _from(url, "10.1.2.4") as aud:
+        assert aud.login("aud", PASSWORD).status_code == 303
+        page = aud.get("/users")
+        assert page.status_code == 200 and 'href="/users"' in page.text
+
+        def row(name: str) -> str:
+            m = re.search(rf'<tr id="user-{name}"[^>]*>(.*?)</tr>', page.text, re.S)
+            assert m, name
+            return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", m.group(1))).strip()
+
+        assert re.fullmatch(
+            r"ana Ana analyst password none \d{4}-\d\d-\d\d \d\d:\d\d from 10\.1\.2\.3 1 0 0",
+            row("ana"),
+        ), row("ana")
+        assert row("sam").endswith("none in 30 days 0 2 (198.51.100.7 ×2) 0"), row("sam")
+        assert 'class="attention"' in page.text.split('id="user-sam"')[1][:30]
+        unknown = page.text.split('id="unknown-names"')[1].split("</table>")[0]
+        assert "203.0.113.9" in unknown and "<td>2</td>" in unknown
+        assert "admin" not in page.text and "root" not in page.text  # typed names: never
+    with _from(url, "10.1.2.3") as ana:  # an analyst may not read it
+        assert ana.login("ana", PASSWORD).status_code == 303
+        assert ana.get("/users").status_code == 403
+        assert 'href="/users"' not in ana.landing

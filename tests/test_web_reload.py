@@ -22,7 +22,7 @@ from pipeline.web import FeedSettings, serve_feed
 from pipeline.web import reload as reloading
 from pipeline.web.testing import PASSWORD, FeedClient, feed_settings
 
-USERS = {u.username: u for u in feed_settings().users}  # ana, sam (analysts), aud, …
+USERS = {u.username: u for u in feed_settings().users}  # ana, sam, aud (their roles: below)
 
 
 def _user(name: str, role: str) -> dict[str, Any]:

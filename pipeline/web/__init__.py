@@ -29,6 +29,8 @@ session, 403 without the right):
 ``GET|POST /access-report``        who opened a patient's chart, and why       supervisor
                                    (audited first: ``access_report``)
 ``GET /access-review``             accounts and grants to re-check (audited)   supervisor
+``GET /users``                     the monitor's users, how they sign in, and   supervisor, auditor
+                                   their sign-ins (last, failed, lockouts)
 ``GET|POST /login``, ``POST /logout``
 =================================  ==========================================  ============
 

@@ -639,7 +639,7 @@ def create_app(
     feed's own metrics are registered there and the registry is served at ``/metrics``.
     With ``settings_path``, the file ``settings`` came from, changes to its users are
     applied while the feed runs (:mod:`pipeline.web.reload`)."""
-    from pipeline.web import access, cases
+    from pipeline.web import access, accounts, cases
 
     settings = settings or FeedSettings()
     feed = Feed(store, settings)
@@ -671,6 +671,7 @@ def create_app(
         Route("/healthz", healthz),
         *cases.routes(),
         *access.routes(),
+        *accounts.routes(),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     reloading = []

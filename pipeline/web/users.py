@@ -12,7 +12,7 @@ True
 >>> verify_password(h, "correct horse"), verify_password(h, "wrong")
 (True, False)
 >>> sorted(PERMISSIONS["auditor"])
-['audit.read', 'case.export', 'case.read', 'feed.read', 'report.read']
+['audit.read', 'case.export', 'case.read', 'feed.read', 'report.read', 'users.read']
 """
 
 from __future__ import annotations
@@ -44,11 +44,15 @@ PERMISSIONS: dict[str, frozenset[str]] = {
             "case.export",
             # who opened a patient's chart, and why (pipeline.web.access): names patients
             "access.report",
+            # the monitor's own users and their sign-ins (pipeline.web.accounts)
+            "users.read",
         }
     ),
     # read-only and masked; reads the audit log (who looked at what) and the reports, and
     # exports a case (masked) for the compliance file
-    "auditor": frozenset({"feed.read", "case.read", "audit.read", "report.read", "case.export"}),
+    "auditor": frozenset(
+        {"feed.read", "case.read", "audit.read", "report.read", "case.export", "users.read"}
+    ),
 }
 ROLES = tuple(PERMISSIONS)
 
