@@ -12,7 +12,6 @@ one address is password spraying. Supervisors and auditors read it; it names no 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +24,7 @@ from emrwatch.timeutil import zone
 from pipeline.web.app import UNKNOWN_ACTOR, _feed, db
 from pipeline.web.auth import requires
 from pipeline.web.settings import FeedSettings
+from pipeline.web.views import audit_detail
 
 PERMISSION = "users.read"
 WINDOW_DAYS = 30
@@ -72,7 +72,7 @@ def accounts(settings: FeedSettings, entries: list[Any], locked: Any) -> list[Ac
         a = out.get(e.actor)
         if a is None:
             continue
-        detail = _detail(e.detail)
+        detail = audit_detail(e.detail)
         if e.action == "login":
             a.sign_ins += 1
             if a.last_sign_in is None:
@@ -91,17 +91,9 @@ def unknown_names(entries: list[Any]) -> list[tuple[str, int]]:
     by: dict[str, int] = {}
     for e in entries:
         if e.actor == UNKNOWN_ACTOR and e.action == "login.failed":
-            addr = str(_detail(e.detail).get("address") or "?")
+            addr = str(audit_detail(e.detail).get("address") or "?")
             by[addr] = by.get(addr, 0) + 1
     return sorted(by.items(), key=lambda kv: (-kv[1], kv[0]))
-
-
-def _detail(text: str) -> dict[str, Any]:
-    try:
-        d = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return d if isinstance(d, dict) else {}
 
 
 @requires(PERMISSION)
@@ -112,7 +104,7 @@ async def users_page(request: Request) -> Response:
     changes = await db(feed.store.audit_log, None, None, None, 20, ("users.reload",))
     tz = zone(feed.settings.timezone)
     rows = accounts(feed.settings, entries, feed.guard.users.locked)
-    reloads = [(e.at, _detail(e.detail)) for e in changes]
+    reloads = [(e.at, audit_detail(e.detail)) for e in changes]
     return feed.page(
         request,
         "users.html",

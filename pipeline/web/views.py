@@ -290,10 +290,10 @@ def sign_in_notice(entries: Iterable[Any], tz: Any) -> tuple[str, str] | None:
             last = e
             break
         if e.action == "login.failed":
-            failed.append(str(_detail(e.detail).get("address") or "?"))
+            failed.append(str(audit_detail(e.detail).get("address") or "?"))
     text = ""
     if last is not None:
-        where = _detail(last.detail).get("address")
+        where = audit_detail(last.detail).get("address")
         when = last.at.astimezone(tz).strftime("%Y-%m-%d %H:%M")
         text = f"Your last sign-in: {when}" + (f" from {where}." if where else ".")
     if failed:
@@ -308,7 +308,8 @@ def sign_in_notice(entries: Iterable[Any], tz: Any) -> tuple[str, str] | None:
     return ("info", text) if text else None
 
 
-def _detail(text: str) -> dict[str, Any]:
+def audit_detail(text: str) -> dict[str, Any]:
+    """An audit entry's detail as a mapping ({} when it is not a JSON object)."""
     try:
         d = json.loads(text) if text else {}
     except ValueError:
