@@ -102,3 +102,22 @@ def test_a_broken_edit_changes_nothing_and_is_counted(feed) -> None:
         assert sam.get("/").status_code == 200 and reloader.settings.port != 9999
         assert counted("emrwatch_feed_settings_reloads") == 0.0
     assert not [e for e in stop.app.state.store.audit_log() if e.action == "users.reload"]
+
+
+def test_an_open_live_stream_of_a_removed_user_is_signed_out(feed, monkeypatch) -> None:
+    """No request is needed for the change to apply: the feed checks the file itself, and
+    the removed user's open event stream hears that it is signed out."""
+    import pipeline.web.app as feed_app
+    from tests.test_web import Stream
+
+    monkeypatch.setattr(feed_app, "HEARTBEAT_S", 0.2)  # the stream looks at the session often
+    url, stop, path = feed
+    sam = FeedClient(url, "sam")
+    live = Stream(sam)
+    time.sleep(0.5)
+    assert not [e for e in live.events if e[0] == "signed-out"]
+    _write(path, {"ana": "analyst", "aud": "auditor"})
+    live.wait_for(lambda e: e[0] == "signed-out", timeout=10)
+    live.close()
+    assert stop.app.state.settings_reloader.reloads == 1
+    sam.close()

@@ -6,6 +6,7 @@ The case view and its actions are in :mod:`pipeline.web.cases`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -649,12 +650,27 @@ def create_app(
     if not settings.users:
         log.warning("feed: no users configured (feed.users): nobody can log in")
 
+    reloader = None
+    if settings_path is not None:
+        from pipeline.web.reload import SettingsReloader
+
+        reloader = SettingsReloader(settings_path, settings)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await feed.changes.start()
+        watching = None
+        if reloader is not None:
+            from pipeline.web.reload import keep_reloading
+
+            watching = asyncio.create_task(keep_reloading(app, reloader, store.record_access))
         try:
             yield
         finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             await feed.changes.stop()
 
     routes = [
@@ -674,13 +690,6 @@ def create_app(
         *accounts.routes(),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
-    reloading = []
-    reloader = None
-    if settings_path is not None:
-        from pipeline.web.reload import ReloadSettings, SettingsReloader
-
-        reloader = SettingsReloader(settings_path, settings)
-        reloading = [Middleware(ReloadSettings, reloader=reloader, record=store.record_access)]
     if metrics_registry is not None:
         from pipeline.web.metrics import FeedCollector, metrics_endpoint
 
@@ -689,7 +698,6 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            *reloading,
             Middleware(SecurityHeaders, hsts=settings.tls),
             Middleware(
                 SessionMiddleware,

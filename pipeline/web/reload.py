@@ -1,8 +1,9 @@
 """Who may sign in, reloaded from the config file while the feed runs.
 
 Hospital IT adds a user, removes one, changes a role or resets a second factor by
-editing the ``feed:`` section of the config file; the feed notices the change within
-:data:`CHECK_EVERY_S` and applies it without a restart. A removed user, or one whose
+editing the ``feed:`` section of the config file; the feed (:func:`keep_reloading`, a
+task of its lifespan) notices the change within :data:`CHECK_EVERY_S` and applies it
+without a restart. A removed user, or one whose
 password, second factor or role changed, is signed out at their next click (each request
 looks the user up in the current settings; see :mod:`pipeline.web.auth`), so this is also
 how a lost laptop's session is ended at once.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -76,13 +76,10 @@ class SettingsReloader:
         path: str | Path,
         settings: FeedSettings,
         check_every_s: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = Path(path)
         self.settings = settings
         self.check_every_s = CHECK_EVERY_S if check_every_s is None else check_every_s
-        self.clock = clock
-        self._next = clock() + self.check_every_s
         self._seen = self._stamp()
         self.loads = 0  # changed files read
         self.reloads = 0  # ... of which applied a change of users
@@ -96,10 +93,6 @@ class SettingsReloader:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def due(self) -> bool:
-        """Whether it is time to look at the file again (cheap: no file access)."""
-        return self.clock() >= self._next
-
     def check(self) -> tuple[FeedSettings, UsersChange] | None:
         """The new settings and what changed, if the file changed and loads; else None.
         Blocking (reads the file when its time stamp, size or inode moved)."""
@@ -107,7 +100,6 @@ class SettingsReloader:
             return self._check()
 
     def _check(self) -> tuple[FeedSettings, UsersChange] | None:
-        self._next = self.clock() + self.check_every_s
         stamp = self._stamp()
         if stamp is None or stamp == self._seen:
             return None
@@ -141,32 +133,33 @@ class SettingsReloader:
         return merged, change
 
 
-class ReloadSettings:
-    """ASGI middleware: before a request, when the reloader is due, the file is checked in
-    a worker thread; a change is applied to the app's settings and the feed's, and written
-    to the audit log with ``record(actor, action, alert_id, detail)``."""
+async def keep_reloading(app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> None:
+    """Until cancelled (the feed's lifespan runs it): every ``check_every_s`` the file is
+    checked in a worker thread, and a change is applied to the app's settings and the
+    feed's and written to the audit log with ``record(actor, action, alert_id, detail)``.
+    It runs whether or not requests come, so an open live stream of a removed user is
+    told it is signed out at its next heartbeat."""
+    import asyncio
 
-    def __init__(self, app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> None:
-        self.app = app
-        self.reloader = reloader
-        self.record = record
+    from starlette.concurrency import run_in_threadpool
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.reloader.due():
-            from starlette.concurrency import run_in_threadpool
-
-            await run_in_threadpool(self._apply, scope["app"])
-        await self.app(scope, receive, send)
-
-    def _apply(self, app: Any) -> None:
-        got = self.reloader.check()
-        if got is None:
-            return
-        settings, change = got
-        app.state.settings = settings
-        app.state.feed_app.settings = settings
-        detail = {"file": str(self.reloader.path), **change.as_dict()}
+    while True:
+        await asyncio.sleep(reloader.check_every_s)
         try:
-            self.record("(config)", "users.reload", None, detail)
-        except Exception as exc:  # noqa: BLE001 - applied all the same; say so
-            log.error("feed: the users' reload could not be written to the audit log: %s", exc)
+            await run_in_threadpool(_apply, app, reloader, record)
+        except Exception as exc:  # noqa: BLE001 - the next turn tries again
+            log.error("feed: checking %s failed: %s", reloader.path, exc)
+
+
+def _apply(app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> None:
+    got = reloader.check()
+    if got is None:
+        return
+    settings, change = got
+    app.state.settings = settings
+    app.state.feed_app.settings = settings
+    detail = {"file": str(reloader.path), **change.as_dict()}
+    try:
+        record("(config)", "users.reload", None, detail)
+    except Exception as exc:  # noqa: BLE001 - applied all the same; say so
+        log.error("feed: the users' reload could not be written to the audit log: %s", exc)
