@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_migrations_create_the_modelled_schema_and_round_trip(store_url: str) ->
 
     engine = create_engine(normalize_url(store_url))
     schema.migrate(engine)
-    assert schema.current_revision(engine) == "0002"
+    assert schema.current_revision(engine) == "0003"
     with engine.connect() as conn:
         mc = MigrationContext.configure(
             conn, opts={"compare_type": True, "version_table": schema.VERSION_TABLE}
@@ -68,6 +69,48 @@ def test_migrations_create_the_modelled_schema_and_round_trip(store_url: str) ->
         "outbox",
     } <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_upgrading_indexes_the_patients_of_the_alerts_already_stored(store_url: str) -> None:
+    engine = create_engine(normalize_url(store_url))
+    schema.migrate(engine, "0002")  # a store from before the patient index, with alerts
+    now = datetime(2026, 3, 2, 2, 0)
+    alerts = [
+        sample_alert("ew-a", user_id="u1", patient_ids=("p1", "p2")),
+        sample_alert("ew-b", user_id="u2", patient_ids=("p2",)),
+    ]
+    with engine.begin() as conn:
+        for d in alerts:
+            row = {**AlertStore._row(d, now), "state": "new", "received_at": now}
+            conn.execute(schema.alerts.insert().values(**row))
+    schema.migrate(engine)
+    store = AlertStore(store_url, migrate=False)
+    assert schema.current_revision(engine) == "0003"
+    got, total = store.alerts_on_patients(["p2"], exclude="ew-a")
+    assert [a.alert_id for a in got] == ["ew-b"] and total == 1
+    store.close()
+    engine.dispose()
+
+
+def test_cases_on_the_same_patients(store: AlertStore) -> None:
+    store.upsert([
+        sample_alert("ew-a", user_id="u1", patient_ids=("vip", "p1"),
+                     last_seen="2026-03-02T10:05:00+08:00"),
+        sample_alert("ew-b", user_id="u2", patient_ids=("vip",),
+                     last_seen="2026-03-02T11:05:00+08:00"),
+        sample_alert("ew-c", user_id="u3", patient_ids=("p1", "p9"),
+                     last_seen="2026-03-02T09:05:00+08:00"),
+        sample_alert("ew-d", user_id="u4", patient_ids=("p7",)),
+    ])  # fmt: skip
+    got, total = store.alerts_on_patients(["vip", "p1"], exclude="ew-a")
+    assert [a.alert_id for a in got] == ["ew-b", "ew-c"] and total == 2  # newest first
+    got, total = store.alerts_on_patients(["vip", "p1"], exclude="ew-a", limit=1)
+    assert [a.alert_id for a in got] == ["ew-b"] and total == 2
+    assert store.alerts_on_patients([]) == ([], 0)
+    # a newer version with other patients replaces the index of the old one
+    store.upsert([sample_alert("ew-b", version=2, user_id="u2", patient_ids=("p5",))])
+    assert [a.alert_id for a in store.alerts_on_patients(["vip"])[0]] == ["ew-a"]
+    assert [a.alert_id for a in store.alerts_on_patients(["p5"])[0]] == ["ew-b"]
 
 
 # ---------------------------------------------------------------------------- upserts
@@ -365,7 +408,7 @@ def test_a_0001_store_upgrades_in_place(store_url: str) -> None:
     schema.migrate(engine, "0001")
     assert "ix_alerts_updated_at" not in {i["name"] for i in inspect(engine).get_indexes("alerts")}
     schema.migrate(engine)
-    assert schema.current_revision(engine) == "0002"
+    assert schema.current_revision(engine) == "0003"
     assert "ix_alerts_updated_at" in {i["name"] for i in inspect(engine).get_indexes("alerts")}
     schema.downgrade(engine, "base")
     engine.dispose()

@@ -813,3 +813,17 @@ def test_assigned_to_me_and_to_nobody(feed: Feed) -> None:
     assert not matches(AlertFilter(assignee="ana"), rows[a2["alert_id"]])
     assert matches(AlertFilter(unassigned=True), rows[a3["alert_id"]])
     assert not matches(AlertFilter(unassigned=True), rows[a1["alert_id"]])
+
+
+def test_a_case_lists_the_other_cases_on_its_patients(feed: Feed) -> None:
+    vip = sample_alert("ew-vip-1", user_id="u1", patient_ids=("P-VIP", "P-1"))
+    also = sample_alert("ew-vip-2", user_id="u2", department_id="ICU", patient_ids=("P-VIP",))
+    other = sample_alert("ew-else", user_id="u3", patient_ids=("P-9",))
+    feed.store.upsert([vip, also, other])
+    page = feed.client("ana").get("/cases/ew-vip-1").text
+    section = page.split('id="same-patients"')[1].split("</section>")[0]
+    assert "Other cases on these patients (1)" in section
+    assert 'href="/cases/ew-vip-2"' in section and "<strong>u2</strong>" in section
+    assert "ew-else" not in section and "P-VIP" not in section  # an analyst: masked
+    lone = feed.client("ana").get("/cases/ew-else").text.split('id="same-patients"')[1]
+    assert "No other case touches this case's patients." in lone

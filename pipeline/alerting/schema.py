@@ -89,6 +89,19 @@ alert_events = Table(
     Index("ix_alert_events_event", "event_id"),
 )
 
+alert_patients = Table(
+    "alert_patients",
+    METADATA,
+    Column(
+        "alert_id",
+        String(64),
+        ForeignKey("alerts.alert_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("patient_id", String(128), primary_key=True),
+    Index("ix_alert_patients_patient", "patient_id"),  # the other cases on a patient
+)
+
 alert_detectors = Table(
     "alert_detectors",
     METADATA,

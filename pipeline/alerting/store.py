@@ -239,7 +239,8 @@ class AlertStore(SuppressionsMixin):
             upd_ids = [r["alert_id"] for r in upd_rows]
             conn.execute(delete(t.alert_events).where(t.alert_events.c.alert_id.in_(upd_ids)))
             conn.execute(delete(t.alert_detectors).where(t.alert_detectors.c.alert_id.in_(upd_ids)))
-        ev_rows, det_rows = [], []
+            conn.execute(delete(t.alert_patients).where(t.alert_patients.c.alert_id.in_(upd_ids)))
+        ev_rows, det_rows, pat_rows = [], [], []
         for row in new_rows + upd_rows:
             d = row["payload"]
             seen: set[str] = set()
@@ -247,12 +248,15 @@ class AlertStore(SuppressionsMixin):
                 if eid not in seen:
                     seen.add(eid)
                     ev_rows.append({"alert_id": row["alert_id"], "event_id": eid, "seq": seq})
+            for pid in dict.fromkeys(str(p) for p in d.get("patient_ids") or [] if p):
+                pat_rows.append({"alert_id": row["alert_id"], "patient_id": pid[:128]})
             for det in dict.fromkeys(d["detector"]):
                 det_rows.append(
                     {"alert_id": row["alert_id"], "detector": det, "last_seen": row["last_seen"]}
                 )
         _bulk_insert(conn, t.alert_events, ev_rows)
         _bulk_insert(conn, t.alert_detectors, det_rows)
+        _bulk_insert(conn, t.alert_patients, pat_rows)
         if hook is not None and changes:
             hook(conn, changes)
         return len(new_rows), len(upd_rows), len(chunk) - len(changes)
@@ -322,6 +326,29 @@ class AlertStore(SuppressionsMixin):
                 select(e.c.event_id).where(e.c.alert_id == alert_id).order_by(e.c.seq)
             )
             return [r.event_id for r in rows]
+
+    def alerts_on_patients(
+        self, patient_ids: Iterable[str], exclude: str | None = None, limit: int = 20
+    ) -> tuple[list[AlertSummary], int]:
+        """The cases whose evidence touches any of ``patient_ids`` (but ``exclude``), the
+        most recent first, up to ``limit``; and how many there are in all."""
+        pids = list(dict.fromkeys(str(p) for p in patient_ids if p))
+        if not pids:
+            return [], 0
+        a, ap = t.alerts, t.alert_patients
+        hit = select(ap.c.alert_id).where(ap.c.patient_id.in_(pids)).distinct()
+        if exclude is not None:
+            hit = hit.where(ap.c.alert_id != exclude)
+        ids = hit.subquery()
+        with self.read() as conn:
+            total = conn.execute(select(func.count()).select_from(ids)).scalar_one()
+            rows = conn.execute(
+                select(*_SUMMARY_COLS)
+                .where(a.c.alert_id.in_(select(ids.c.alert_id)))
+                .order_by(a.c.last_seen.desc(), a.c.alert_id)
+                .limit(limit)
+            ).all()
+        return [_summary(r) for r in rows], int(total)
 
     def alerts_for_event(self, event_id: str) -> list[str]:
         """Traceability backwards: which alerts rest on this access event."""

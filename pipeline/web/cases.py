@@ -99,6 +99,11 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
     others = [s for s in recent_page.items if s.alert_id != aid][:RECENT]
     # the user's other cases: shown masked unless the reader sees patients everywhere
     recent = await db(feed.rows, others, may_see_patients(request, user))
+    # other people's cases on the same patients (one VIP, several snoopers)
+    same, same_total = await db(
+        feed.store.alerts_on_patients, stored.alert.get("patient_ids") or [], aid, RECENT
+    )
+    same_rows = await db(feed.rows, same, may_see_patients(request, user))
     assignees = [u.username for u in feed.settings.users if allowed(u.role, "triage")]
     return feed.page(
         request,
@@ -107,6 +112,8 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
             "case": case,
             "history": hist,
             "recent": recent,
+            "same": same_rows,
+            "same_total": same_total,
             "actions": views.actions_for(stored.state) if allowed(user.role, "triage") else [],
             "assignees": assignees,
             "scopes": SCOPES,
