@@ -75,15 +75,20 @@ alerts = Table(
     Index("ix_alerts_verdict", "verdict", "decided_at"),
 )
 
-alert_events = Table(
-    "alert_events",
-    METADATA,
-    Column(
+def _alert_key() -> Column[str]:
+    """The ``alert_id`` that keys a table of what an alert holds (gone with the alert)."""
+    return Column(
         "alert_id",
         String(64),
         ForeignKey("alerts.alert_id", ondelete="CASCADE"),
         primary_key=True,
-    ),
+    )
+
+
+alert_events = Table(
+    "alert_events",
+    METADATA,
+    _alert_key(),
     Column("event_id", String(128), primary_key=True),
     Column("seq", Integer, nullable=False),  # the alert's own (time) order
     Index("ix_alert_events_event", "event_id"),
@@ -92,12 +97,7 @@ alert_events = Table(
 alert_patients = Table(
     "alert_patients",
     METADATA,
-    Column(
-        "alert_id",
-        String(64),
-        ForeignKey("alerts.alert_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _alert_key(),
     Column("patient_id", String(128), primary_key=True),
     Index("ix_alert_patients_patient", "patient_id"),  # the other cases on a patient
 )
@@ -105,12 +105,7 @@ alert_patients = Table(
 alert_detectors = Table(
     "alert_detectors",
     METADATA,
-    Column(
-        "alert_id",
-        String(64),
-        ForeignKey("alerts.alert_id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _alert_key(),
     Column("detector", String(128), primary_key=True),
     Column("last_seen", DateTime, nullable=False),  # copied so the feed filter is one index
     Index("ix_alert_detectors_feed", "detector", "last_seen", "alert_id"),
