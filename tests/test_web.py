@@ -827,3 +827,47 @@ def test_a_case_lists_the_other_cases_on_its_patients(feed: Feed) -> None:
     assert "ew-else" not in section and "P-VIP" not in section  # an analyst: masked
     lone = feed.client("ana").get("/cases/ew-else").text.split('id="same-patients"')[1]
     assert "No other case touches this case's patients." in lone
+
+
+def test_supervisors_filter_the_feed_by_patient_and_analysts_may_not(feed: Feed) -> None:
+    vip = sample_alert("ew-vip-1", user_id="u1", patient_ids=("P-VIP", "P-1"))
+    also = sample_alert("ew-vip-2", user_id="u2", patient_ids=("P-VIP",),
+                        last_seen="2026-03-02T11:00:00+08:00")  # fmt: skip
+    other = sample_alert("ew-else", user_id="u3", patient_ids=("P-9",))
+    feed.store.upsert([vip, also, other])
+    sup = feed.client("sam")  # a supervisor sees patients
+    case = sup.get("/cases/ew-vip-1").text
+    link = re.search(r'href="([^"]+)" id="all-on-patients"', case)
+    assert link is not None and link.group(1).replace("&amp;", "&") == "/?patient=P-VIP&patient=P-1"
+    items = sup.http.get("/api/alerts?patient=P-VIP").json()["items"]
+    assert [i["alert_id"] for i in items] == ["ew-vip-2", "ew-vip-1"]
+    assert "patient P-VIP" in sup.get("/?patient=P-VIP").text  # the filter shows as a chip
+    # the live stream takes the filter too (its matching: the test below)
+    with sup.http.stream("GET", "/events?patient=P-VIP&since=0", timeout=10) as r:
+        assert r.status_code == 200
+    ana = feed.client("ana")  # an analyst sees them masked: no probing for a patient
+    assert ana.http.get("/api/alerts?patient=P-VIP").status_code == 400
+    assert ana.http.get("/events?patient=P-VIP").status_code == 400
+    assert 'id="all-on-patients"' not in ana.get("/cases/ew-vip-1").text
+
+
+def test_the_live_filter_by_patient_matches_as_the_store_does() -> None:
+    from pipeline.alerting.records import AlertFilter
+    from pipeline.web.changes import matches
+
+    s = _summary_of(sample_alert("ew-x", patient_ids=("P-1",)))
+    f = AlertFilter(patient_id=["P-1", "P-2"])
+    assert matches(f, s, None, ("P-1",))
+    assert not matches(f, s, None, ("P-3",))
+    assert matches(AlertFilter(), s, None, ())
+
+
+def _summary_of(alert: dict[str, Any]) -> Any:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        store = AlertStore(f"sqlite:///{d}/a.sqlite3")
+        store.upsert([alert])
+        [s] = store.page().items
+        store.close()
+    return s

@@ -157,6 +157,8 @@ class AlertFilter:
     #: assigned to any of these analysts; ``unassigned`` for cases nobody has
     assignee: str | Sequence[str] = ()
     unassigned: bool = False
+    #: cases whose evidence touches any of these patients
+    patient_id: str | Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name in (
@@ -167,6 +169,7 @@ class AlertFilter:
             "detector",
             "user_id",
             "assignee",
+            "patient_id",
         ):
             object.__setattr__(self, name, _tuple(getattr(self, name)))
         bad = [s for s in self.severity if s not in SEVERITY_ORDER]

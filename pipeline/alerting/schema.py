@@ -75,6 +75,7 @@ alerts = Table(
     Index("ix_alerts_verdict", "verdict", "decided_at"),
 )
 
+
 def _alert_key() -> Column[str]:
     """The ``alert_id`` that keys a table of what an alert holds (gone with the alert)."""
     return Column(

@@ -398,6 +398,10 @@ class AlertStore(SuppressionsMixin):
         if f.detector and not skip_detector:
             d = t.alert_detectors
             cond.append(a.c.alert_id.in_(select(d.c.alert_id).where(d.c.detector.in_(f.detector))))
+        if f.patient_id:
+            ap = t.alert_patients
+            hit = select(ap.c.alert_id).where(ap.c.patient_id.in_(f.patient_id))
+            cond.append(a.c.alert_id.in_(hit))
         return cond
 
     def page(

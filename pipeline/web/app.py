@@ -120,13 +120,16 @@ class SecurityHeaders:
 
 
 # ---------------------------------------------------------------------------- filters
-def parse_filters(qp: QueryParams, username: str = "") -> tuple[AlertFilter, dict[str, list[str]]]:
+def parse_filters(
+    qp: QueryParams, username: str = "", see_patients: bool = False
+) -> tuple[AlertFilter, dict[str, list[str]]]:
     """Feed filters from the query string (each key may repeat); raises ValueError.
-    ``assignee=me`` means ``username``, ``assignee=nobody`` unassigned cases."""
-    chosen = {
-        k: [v for v in qp.getlist(k) if v]
-        for k in ("severity", "department", "detector", "state", "status", "user", "assignee")
-    }
+    ``assignee=me`` means ``username``, ``assignee=nobody`` unassigned cases. ``patient``
+    needs ``see_patients`` (a reader who sees patients masked may not probe for one)."""
+    keys = ("severity", "department", "detector", "state", "status", "user", "assignee", "patient")
+    chosen = {k: [v for v in qp.getlist(k) if v] for k in keys}
+    if chosen["patient"] and not see_patients:
+        raise ValueError("filtering by patient needs the right to see patients (supervisor)")
     late = "late" in chosen["state"]  # a triage choice: untouched past its target
     assignees = [username if a == "me" else a for a in chosen["assignee"] if a != "nobody"]
     f = AlertFilter(
@@ -139,6 +142,7 @@ def parse_filters(qp: QueryParams, username: str = "") -> tuple[AlertFilter, dic
         late=late,
         assignee=assignees,
         unassigned="nobody" in chosen["assignee"],
+        patient_id=chosen["patient"],
     )
     return f, chosen
 
@@ -401,7 +405,10 @@ async def logout(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------- feed
 def _page_params(request: Request) -> tuple[AlertFilter, dict[str, list[str]], str, int]:
-    f, chosen = parse_filters(request.query_params, request.state.user.username)
+    user = request.state.user
+    f, chosen = parse_filters(
+        request.query_params, user.username, allowed(user.role, "patients.see")
+    )
     sort = request.query_params.get("sort") or "last_seen"
     if sort not in SORTS:
         raise ValueError(f"sort must be one of {SORTS}")
@@ -488,12 +495,13 @@ async def events(request: Request) -> Response:
     """Server-Sent Events: every change after ``since`` (or ``Last-Event-ID``), as the rows
     this reader's filters and role see; ``match: false`` tells the page to drop a row."""
     feed = _feed(request)
+    user: User = request.state.user
     try:
-        f, _chosen = parse_filters(request.query_params, request.state.user.username)
+        see = allowed(user.role, "patients.see")
+        f, _chosen = parse_filters(request.query_params, user.username, see)
     except ValueError as exc:
         return PlainTextResponse(str(exc), status_code=400)
     since = request.headers.get("last-event-id") or request.query_params.get("since") or None
-    user: User = request.state.user
     unmasked = may_see_patients(request, user)
     sub = feed.changes.subscribe(since)
 
@@ -519,7 +527,7 @@ async def events(request: Request) -> Response:
                     return
                 s = ch.summary
                 assert s is not None
-                if not matches(f, s, feed.store.clock()):
+                if not matches(f, s, feed.store.clock(), ch.patient_ids):
                     yield _sse(
                         "alert", {"alert_id": s.alert_id, "match": False}, feed.changes.event_id(ch)
                     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from functools import wraps
 from typing import Any
+from urllib.parse import urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -114,6 +115,8 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
             "recent": recent,
             "same": same_rows,
             "same_total": same_total,
+            # the feed filtered by these patients, for a reader who sees them
+            "all_on_patients": _patients_link(stored) if allowed(user.role, "patients.see") else "",
             "actions": views.actions_for(stored.state) if allowed(user.role, "triage") else [],
             "assignees": assignees,
             "scopes": SCOPES,
@@ -126,6 +129,14 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
     )
 
 
+def _patients_link(stored: StoredAlert) -> str:
+    pids = list(dict.fromkeys(str(p) for p in stored.alert.get("patient_ids") or [] if p))
+    return "/?" + urlencode([("patient", p) for p in pids[:MAX_PATIENT_LINK]]) if pids else ""
+
+
+MAX_PATIENT_LINK = 50  # patients the "all cases on these patients" link names at most
+
+
 #: days before and after a case that its "access report" link asks for
 ACCESS_MARGIN_DAYS = 7
 
@@ -134,7 +145,6 @@ def _access_link(stored: StoredAlert) -> str:
     """The access report form for the case's user over its days, a week either side (the
     alert's own local dates: its times carry the hospital's offset)."""
     from datetime import date, timedelta
-    from urllib.parse import urlencode
 
     a = stored.alert
     try:

@@ -72,9 +72,14 @@ def _signature(s: AlertSummary) -> tuple[Any, ...]:
     return (s.version, s.state, s.assignee, s.verdict, s.status)
 
 
-def matches(f: AlertFilter, s: AlertSummary, now: datetime | None = None) -> bool:
-    """Whether a feed filter selects an alert (the store's ``page`` semantics, in Python)."""
+def matches(
+    f: AlertFilter, s: AlertSummary, now: datetime | None = None, patients: Iterable[str] = ()
+) -> bool:
+    """Whether a feed filter selects an alert (the store's ``page`` semantics, in Python);
+    ``patients``: the alert's patient ids."""
     if f.late and s.late_h(now or datetime.now(UTC)) is None:
+        return False
+    if f.patient_id and not set(f.patient_id) & set(patients):
         return False
     if f.severity and s.severity not in f.severity:
         return False
