@@ -842,6 +842,9 @@ def test_supervisors_filter_the_feed_by_patient_and_analysts_may_not(feed: Feed)
     items = sup.http.get("/api/alerts?patient=P-VIP").json()["items"]
     assert [i["alert_id"] for i in items] == ["ew-vip-2", "ew-vip-1"]
     assert "patient P-VIP" in sup.get("/?patient=P-VIP").text  # the filter shows as a chip
+    searches = [json.loads(e.detail) for e in feed.store.audit_log(actor="sam")
+                if e.action == "patient.search"]  # fmt: skip
+    assert [d["patients"] for d in searches] == [["P-VIP"], ["P-VIP"]]  # the API, the page
     # the live stream takes the filter too (its matching: the test below)
     with sup.http.stream("GET", "/events?patient=P-VIP&since=0", timeout=10) as r:
         assert r.status_code == 200

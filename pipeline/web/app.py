@@ -417,6 +417,15 @@ def _page_params(request: Request) -> tuple[AlertFilter, dict[str, list[str]], s
     return f, chosen, sort, max(1, min(limit, 200))
 
 
+async def _audit_patient_search(request: Request, f: AlertFilter) -> None:
+    """A look-up of the cases on named patients is itself audited (``patient.search``),
+    once per first page (paging on is not a new search)."""
+    if f.patient_id and not request.query_params.get("cursor"):
+        user: User = request.state.user
+        detail = {"patients": list(f.patient_id), "role": user.role}
+        await db(_feed(request).store.record_access, user.username, "patient.search", None, detail)
+
+
 @requires("feed.read")
 async def feed_page(request: Request) -> Response:
     feed = _feed(request)
@@ -427,6 +436,7 @@ async def feed_page(request: Request) -> Response:
     since = feed.changes.cursor  # before reading: a change after this reaches the stream
     user: User = request.state.user
     unmasked = may_see_patients(request, user)
+    await _audit_patient_search(request, f)
     try:
         page = await db(feed.store.page, f, request.query_params.get("cursor"), limit, sort)
     except ValueError as exc:  # a cursor from another sort order, or garbage
@@ -464,6 +474,10 @@ async def api_alerts(request: Request) -> Response:
     feed = _feed(request)
     try:
         f, _chosen, sort, limit = _page_params(request)
+    except ValueError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    await _audit_patient_search(request, f)
+    try:
         page = await db(feed.store.page, f, request.query_params.get("cursor"), limit, sort)
     except ValueError as exc:
         return JSONResponse({"error": str(exc)}, status_code=400)
@@ -580,6 +594,7 @@ async def audit_page(request: Request) -> Response:
                 "login.failed",
                 "login.locked",
                 "logout",
+                "patient.search",
                 "suppression.create",
                 "report.view",
                 "access_report",
