@@ -48,6 +48,7 @@ from detectors.lateness import Misstamped
 from emrwatch.context import Context, Encounter, Grant, Staff
 from emrwatch.events import WRITE_ACTIONS, AccessEvent, EventError
 from emrwatch.timeutil import LocalClock
+from pipeline.alerting.render import spreadsheet_safe
 from pipeline.file_clock import file_clock
 from pipeline.replay import DRAIN_EVERY, paused_gc
 
@@ -310,7 +311,7 @@ class AccessReport:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
         w.writeheader()
-        w.writerows(self.csv_rows())
+        w.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in self.csv_rows())
         return buf.getvalue()
 
     # ------------------------------------------------------------------ text

@@ -863,6 +863,13 @@ def test_the_live_filter_by_patient_matches_as_the_store_does() -> None:
     assert matches(f, s, None, ("P-1",))
     assert not matches(f, s, None, ("P-3",))
     assert matches(AlertFilter(), s, None, ())
+    # and by the days of last_seen (10:05 +08:00 on 2026-03-02), as the store does
+    day = AlertFilter(last_seen_from="2026-03-02T00:00:00+08:00",
+                      last_seen_to="2026-03-03T00:00:00+08:00")  # fmt: skip
+    assert matches(day, s, None, ())
+    later = AlertFilter(last_seen_from="2026-03-02T10:06:00+08:00")
+    assert not matches(later, s, None, ())
+    assert not matches(AlertFilter(last_seen_to="2026-03-02T10:05:00+08:00"), s, None, ())
 
 
 def _summary_of(alert: dict[str, Any]) -> Any:
@@ -874,3 +881,46 @@ def _summary_of(alert: dict[str, Any]) -> Any:
         [s] = store.page().items
         store.close()
     return s
+
+
+def test_supervisors_and_auditors_export_the_filtered_cases_as_csv(feed: Feed) -> None:
+    import csv
+    import io
+
+    day1 = sample_alert("ew-d1", user_id="=HYPERLINK(\"x\")", patient_ids=("P-1",),
+                        severity="high", last_seen="2026-03-01T23:30:00+08:00",
+                        reason="opened P-1's record with no care relationship")  # fmt: skip
+    day2 = sample_alert("ew-d2", user_id="u2", patient_ids=("P-2",), severity="high",
+                        last_seen="2026-03-02T00:30:00+08:00")  # fmt: skip
+    low = sample_alert("ew-low", user_id="u3", severity="low",
+                       last_seen="2026-03-02T09:00:00+08:00")  # fmt: skip
+    feed.store.upsert([day1, day2, low])
+    sup = feed.client("sam")
+    page = sup.get("/?severity=high&from=2026-03-02&to=2026-03-02")
+    assert 'value="2026-03-02"' in page.text  # the dates stay in the form
+    link = re.search(r'id="export-csv" href="([^"]+)"', page.text)
+    assert link is not None
+    r = sup.http.get(link.group(1).replace("&amp;", "&"))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    # the hospital's days (Asia/Shanghai): 2026-03-01 23:30 is the day before
+    assert [x["alert_id"] for x in rows] == ["ew-d2"]
+    r = sup.http.get("/cases.csv?severity=high")
+    rows = {x["alert_id"]: x for x in csv.DictReader(io.StringIO(r.text))}
+    assert set(rows) == {"ew-d1", "ew-d2"}
+    assert rows["ew-d1"]["user_id"] == '\'=HYPERLINK("x")'  # not a formula in a spreadsheet
+    assert "P-1" in rows["ew-d1"]["reason"]  # a supervisor sees patients
+    aud_rows = {x["alert_id"]: x for x in csv.DictReader(io.StringIO(
+        feed.client("aud").http.get("/cases.csv?severity=high").text))}  # fmt: skip
+    assert "P-1" not in aud_rows["ew-d1"]["reason"]  # an auditor sees them masked
+    assert feed.client("ana").http.get("/cases.csv").status_code == 403  # analysts: no
+    assert 'id="export-csv"' not in feed.client("ana").get("/").text
+    exports = [(e.actor, json.loads(e.detail)) for e in feed.store.audit_log()
+               if e.action == "cases.export"]  # fmt: skip
+    assert [(who, d["cases"], d["filters"]["severity"]) for who, d in exports] == [
+        ("aud", 2, ["high"]),
+        ("sam", 2, ["high"]),
+        ("sam", 1, ["high"]),  # newest first
+    ]
+    assert sup.http.get("/cases.csv?from=yesterday").status_code == 400

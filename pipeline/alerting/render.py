@@ -53,6 +53,23 @@ def mask_text(text: str, ids: Iterable[str]) -> str:
     return text
 
 
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text from the logs (a user id, a reason)
+    that starts like a formula gets a leading quote (OWASP's CSV injection advice);
+    numbers and everything else pass unchanged.
+
+    >>> [spreadsheet_safe(v) for v in ("=HYPERLINK(1)", "+1 ward", "-", "-3.5", "ok", 7)]
+    ["'=HYPERLINK(1)", "'+1 ward", '-', '-3.5', 'ok', 7]
+    """
+    if not isinstance(value, str) or len(value) < 2 or value[0] not in "=+-@\t\r":
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def case_url(feed_url: str, alert_id: str) -> str:
     return f"{feed_url.rstrip('/')}/cases/{alert_id}"
 

@@ -17,6 +17,7 @@ session, 403 without the right):
 =================================  ==========================================  ============
 ``GET /``                          the feed: filters, paging, live rows        every role
 ``GET /api/alerts``                one page as JSON (``items``, ``next_cursor``)  every role
+``GET /cases.csv``                 the filtered cases as CSV (``cases.export``)  supervisor, auditor
 ``GET /events``                    Server-Sent Events (``since=``/Last-Event-ID)  every role
 ``GET /cases/{alert_id}``          the case (audited: ``case.view``)           every role
 ``POST /cases/{id}/unmask``        show patient ids for this case (``unmask``)  analyst+

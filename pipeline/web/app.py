@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import hashlib
+import io
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
@@ -42,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from emrwatch.timeutil import zone
 from pipeline.alerting import schema as t
 from pipeline.alerting.records import SORTS, TRIAGE_STATES, AlertFilter, AlertSummary
-from pipeline.alerting.render import SEVERITY_ORDER
+from pipeline.alerting.render import SEVERITY_ORDER, spreadsheet_safe
 from pipeline.alerting.store import AlertStore
 from pipeline.web import views
 from pipeline.web.auth import (
@@ -120,16 +123,25 @@ class SecurityHeaders:
 
 
 # ---------------------------------------------------------------------------- filters
+FILTER_KEYS = (
+    "severity", "department", "detector", "state", "status", "user", "assignee", "patient",
+    "from", "to",
+)  # fmt: skip
+
+
 def parse_filters(
-    qp: QueryParams, username: str = "", see_patients: bool = False
+    qp: QueryParams, username: str = "", see_patients: bool = False, timezone: str = "UTC"
 ) -> tuple[AlertFilter, dict[str, list[str]]]:
     """Feed filters from the query string (each key may repeat); raises ValueError.
     ``assignee=me`` means ``username``, ``assignee=nobody`` unassigned cases. ``patient``
-    needs ``see_patients`` (a reader who sees patients masked may not probe for one)."""
-    keys = ("severity", "department", "detector", "state", "status", "user", "assignee", "patient")
-    chosen = {k: [v for v in qp.getlist(k) if v] for k in keys}
+    needs ``see_patients`` (a reader who sees patients masked may not probe for one).
+    ``from``/``to``: the first and last day (the hospital's ``timezone``) of last_seen."""
+    chosen = {k: [v for v in qp.getlist(k) if v] for k in FILTER_KEYS}
     if chosen["patient"] and not see_patients:
         raise ValueError("filtering by patient needs the right to see patients (supervisor)")
+    bounds = {k: _day_start(chosen[k][-1], k, timezone) for k in ("from", "to") if chosen[k]}
+    if "to" in bounds:
+        bounds["to"] += timedelta(days=1)  # the last day is included
     late = "late" in chosen["state"]  # a triage choice: untouched past its target
     assignees = [username if a == "me" else a for a in chosen["assignee"] if a != "nobody"]
     f = AlertFilter(
@@ -143,8 +155,18 @@ def parse_filters(
         assignee=assignees,
         unassigned="nobody" in chosen["assignee"],
         patient_id=chosen["patient"],
+        last_seen_from=bounds.get("from"),
+        last_seen_to=bounds.get("to"),
     )
     return f, chosen
+
+
+def _day_start(text: str, key: str, timezone: str) -> datetime:
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key}: {text!r} is not a date (YYYY-MM-DD)") from None
+    return datetime.combine(day, dtime(0), tzinfo=zone(timezone))
 
 
 class FilterOptions:
@@ -406,8 +428,9 @@ async def logout(request: Request) -> Response:
 # ---------------------------------------------------------------------------- feed
 def _page_params(request: Request) -> tuple[AlertFilter, dict[str, list[str]], str, int]:
     user = request.state.user
+    tz = _feed(request).settings.timezone
     f, chosen = parse_filters(
-        request.query_params, user.username, allowed(user.role, "patients.see")
+        request.query_params, user.username, allowed(user.role, "patients.see"), tz
     )
     sort = request.query_params.get("sort") or "last_seen"
     if sort not in SORTS:
@@ -464,8 +487,67 @@ async def feed_page(request: Request) -> Response:
             "since": since,
             "stream_query": urlencode(pairs),
             "filtered": any(chosen.values()),
+            "export_link": "/cases.csv?" + urlencode(pairs)
+            if allowed(user.role, "case.export")
+            else "",
         },
     )
+
+
+#: cases one CSV export holds at most (the feed's filters narrow it)
+MAX_EXPORT = 50_000
+EXPORT_COLUMNS = (
+    "alert_id", "severity", "first_seen", "last_seen", "user_id", "role", "department_id",
+    "detectors", "n_events", "n_patients", "status", "state", "assignee", "verdict",
+    "score", "reason",
+)  # fmt: skip
+
+
+@requires("case.export")
+async def cases_csv(request: Request) -> Response:
+    """The cases the feed's filters select, as CSV (for HR, compliance, the board): the
+    list's columns and the triage outcome, reasons masked as this reader sees them.
+    Audited (``cases.export``, with the filters and the count)."""
+    feed = _feed(request)
+    try:
+        f, chosen, sort, _limit = _page_params(request)
+    except ValueError as exc:
+        return PlainTextResponse(str(exc), status_code=400)
+    user: User = request.state.user
+    await _audit_patient_search(request, f)
+    summaries = await db(_all_cases, feed.store, f, sort)
+    unmasked = may_see_patients(request, user)
+    rows = await db(feed.rows, summaries, unmasked)
+    detail = {"filters": {k: v for k, v in chosen.items() if v}, "cases": len(rows),
+              "role": user.role}  # fmt: skip
+    await db(feed.store.record_access, user.username, "cases.export", None, detail)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(EXPORT_COLUMNS)
+    for s, r in zip(summaries, rows, strict=True):
+        w.writerow([spreadsheet_safe(v) for v in (
+            s.alert_id, s.severity, s.first_seen, s.last_seen, s.user_id, s.role,
+            s.department_id, " ".join(s.detectors), s.n_events, s.n_patients, s.status,
+            s.state, s.assignee or "", s.verdict or "", f"{s.score:.4f}", r.reason,
+        )])  # fmt: skip
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
+    return Response(
+        buf.getvalue(),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="emrwatch-cases-{stamp}.csv"'},
+    )
+
+
+def _all_cases(store: AlertStore, f: AlertFilter, sort: str) -> list[AlertSummary]:
+    out: list[AlertSummary] = []
+    cursor = None
+    while len(out) < MAX_EXPORT:
+        page = store.page(f, cursor, 500, sort)
+        out += page.items
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return out[:MAX_EXPORT]
 
 
 @requires("feed.read")
@@ -512,7 +594,8 @@ async def events(request: Request) -> Response:
     user: User = request.state.user
     try:
         see = allowed(user.role, "patients.see")
-        f, _chosen = parse_filters(request.query_params, user.username, see)
+        tz = feed.settings.timezone
+        f, _chosen = parse_filters(request.query_params, user.username, see, tz)
     except ValueError as exc:
         return PlainTextResponse(str(exc), status_code=400)
     since = request.headers.get("last-event-id") or request.query_params.get("since") or None
@@ -595,6 +678,7 @@ async def audit_page(request: Request) -> Response:
                 "login.locked",
                 "logout",
                 "patient.search",
+                "cases.export",
                 "suppression.create",
                 "report.view",
                 "access_report",
@@ -704,6 +788,7 @@ def create_app(
         Route("/api/alive", alive, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/alerts", api_alerts),
+        Route("/cases.csv", cases_csv),
         Route("/events", events),
         Route("/audit", audit_page),
         Route("/reports", report_page),

@@ -41,7 +41,13 @@ from typing import Any
 from sqlalchemy import func, literal_column, select
 
 from pipeline.alerting import schema as t
-from pipeline.alerting.records import _SUMMARY_COLS, AlertFilter, AlertSummary, _summary
+from pipeline.alerting.records import (
+    _SUMMARY_COLS,
+    AlertFilter,
+    AlertSummary,
+    _summary,
+    parse_time,
+)
 from pipeline.alerting.render import severity_rank
 from pipeline.alerting.store import AlertStore
 
@@ -81,6 +87,11 @@ def matches(
         return False
     if f.patient_id and not set(f.patient_id) & set(patients):
         return False
+    if f.last_seen_from is not None or f.last_seen_to is not None:
+        seen = parse_time(s.last_seen)
+        lo, hi = parse_time(f.last_seen_from), parse_time(f.last_seen_to)
+        if seen is None or (lo is not None and seen < lo) or (hi is not None and seen >= hi):
+            return False
     if f.severity and s.severity not in f.severity:
         return False
     if f.min_severity and severity_rank(s.severity) < severity_rank(f.min_severity):
