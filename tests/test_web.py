@@ -924,3 +924,31 @@ def test_supervisors_and_auditors_export_the_filtered_cases_as_csv(feed: Feed) -
         ("sam", 1, ["high"]),  # newest first
     ]
     assert sup.http.get("/cases.csv?from=yesterday").status_code == 400
+
+
+def test_several_cases_are_acknowledged_or_assigned_at_once(feed: Feed) -> None:
+    feed.store.upsert([_alert(i) for i in (1, 2, 3)])
+    ids = [_alert(i)["alert_id"] for i in (1, 2, 3)]
+    ana = feed.client("ana")
+    assert ana.post(f"/cases/{ids[2]}/triage", {"action": "acknowledge"}).status_code == 303
+    page = ana.get("/")
+    assert page.text.count('form="bulk"') == 3 and 'id="pick-all"' in page.text
+    body = {"alert_id": ids, "action": "acknowledge", "back": "severity=high"}
+    assert ana.http.post("/cases/bulk", data=body).status_code == 403  # no CSRF token
+    r = ana.http.post("/cases/bulk", data={**body, "csrf_token": ana.csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/?severity=high"
+    assert "Acknowledged 2 case(s). Left 1 as they were (not new)." in ana.get("/").text
+    assert [feed.store.get(i).state for i in ids] == ["acknowledged"] * 3
+    history = feed.store.history(ids[0])
+    assert [(h.actor, h.to_state) for h in history][-1] == ("ana", "acknowledged")
+    # assign them: to a user who triages, not to anyone at all
+    assign = {"alert_id": ids[:2], "csrf_token": ana.csrf, "action": "assign"}
+    ana.http.post("/cases/bulk", data={**assign, "assignee": "sam"})
+    assert [feed.store.get(i).assignee for i in ids] == ["sam", "sam", None]
+    ana.http.post("/cases/bulk", data={**assign, "assignee": "aud"})  # an auditor
+    assert "&#39;aud&#39; is not a user who triages" in ana.get("/").text
+    assert [feed.store.get(i).assignee for i in ids] == ["sam", "sam", None]
+    # an auditor reads, changes nothing, and gets no checkboxes
+    aud = feed.client("aud")
+    assert 'form="bulk"' not in aud.get("/").text
+    assert aud.http.post("/cases/bulk", data={**body, "csrf_token": aud.csrf}).status_code == 403

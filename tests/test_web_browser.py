@@ -251,3 +251,41 @@ def test_evidence_report_prints_to_pdf(browser: Any, tmp_path: Path) -> None:
     finally:
         stop()
         store.close()
+
+
+def test_several_cases_triaged_at_once_in_the_browser(browser: Any, tmp_path: Path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    base = datetime(2026, 3, 2, 9, 0, tzinfo=TZ)
+    alerts = [believable_alert(i, when=base - timedelta(minutes=9 * i)) for i in range(1, 5)]
+    store.upsert(alerts)
+    ids = [a["alert_id"] for a in alerts]
+    url, stop = serve_feed(store, feed_settings(poll_interval_s=0.25))
+    try:
+        page, errors = open_page(browser, 10_000)
+        log_in(page, url, "ana", PASSWORD)
+        page.wait_for_selector("#live.live-on")
+        page.click("#bulk-ack")  # nothing selected: the page says so, the server is not asked
+        sync_api.expect(page.locator("#banner")).to_contain_text("Select one or more cases")
+        page.check(f"#row-{ids[0]} .pick input")  # a click on the box does not open the case
+        page.check(f"#row-{ids[1]} .pick input")
+        assert page.url.rstrip("/") == url
+        # a live update of a selected row keeps it selected
+        store.comment(ids[1], actor="sam", assignee="sam")
+        sync_api.expect(page.locator(f"#row-{ids[1]}.updated")).to_have_count(1, timeout=3_000)
+        assert page.is_checked(f"#row-{ids[1]} .pick input")
+        page.click("#bulk-ack")
+        page.wait_for_selector(".flash-info")
+        assert "Acknowledged 2 case(s)." in page.inner_text(".flash-info")
+        assert [store.get(i).state for i in ids] == ["acknowledged"] * 2 + ["new"] * 2
+        # select every case shown, assign them all to sam
+        page.check("#pick-all")
+        page.select_option("#bulk select[name=assignee]", "sam")
+        page.click("#bulk-assign")
+        page.wait_for_selector(".flash-info")
+        assert [store.get(i).assignee for i in ids] == ["sam"] * 4
+        assert not errors, errors
+        page.context.close()
+    finally:
+        stop()
+        store.close()

@@ -23,6 +23,7 @@ session, 403 without the right):
 ``POST /cases/{id}/unmask``        show patient ids for this case (``unmask``)  analyst+
 ``POST /cases/{id}/triage``        acknowledge, investigate, close, re-open    analyst+
 ``POST /cases/{id}/comment``       a note and/or (re)assignment                analyst+
+``POST /cases/bulk``               acknowledge or assign several cases at once  analyst+
 ``GET|POST /cases/{id}/suppress``  preview, then create "suppress similar"     supervisor
 ``GET /cases/{id}/export``         the whole case as JSON (``case.export``)    supervisor, auditor
 ``GET /cases/{id}/report``         the same as a printable page (PDF)          supervisor, auditor

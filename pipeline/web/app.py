@@ -232,8 +232,10 @@ class Feed:
         }
         return self.templates.TemplateResponse(request, name, full, status_code=status)
 
-    def rows_html(self, rows: list[views.Row]) -> str:
-        return "".join(self.row_template.render(r=r) for r in rows)
+    def rows_html(self, rows: list[views.Row], pick: bool = False) -> str:
+        """The rows as the feed's table has them; ``pick``: with a checkbox each, for a
+        reader who may triage several cases at once."""
+        return "".join(self.row_template.render(r=r, pick=pick) for r in rows)
 
     def rows(self, summaries: list[AlertSummary], unmasked: bool) -> list[views.Row]:
         pids = patient_ids_of(self.store, [s.alert_id for s in summaries]) if not unmasked else {}
@@ -477,7 +479,10 @@ async def feed_page(request: Request) -> Response:
         "feed.html",
         {
             "rows": rows,
-            "rows_html": feed.rows_html(rows),
+            "rows_html": feed.rows_html(rows, allowed(user.role, "triage")),
+            "pick": allowed(user.role, "triage"),
+            "triagers": [u.username for u in feed.settings.users if allowed(u.role, "triage")],
+            "back": str(request.url.query),
             "next_cursor": page.next_cursor or "",
             "chosen": chosen,
             "sort": sort,
@@ -569,7 +574,7 @@ async def api_alerts(request: Request) -> Response:
         {
             "items": [r.to_dict() for r in rows],
             "next_cursor": page.next_cursor,
-            "html": feed.rows_html(rows),
+            "html": feed.rows_html(rows, allowed(user.role, "triage")),
         }
     )
 
@@ -635,7 +640,7 @@ async def events(request: Request) -> Response:
                     "match": True,
                     "state": s.state,
                     "severity": s.severity,
-                    "html": feed.rows_html([r]),
+                    "html": feed.rows_html([r], allowed(user.role, "triage")),
                 }
                 yield _sse("alert", data, feed.changes.event_id(ch))
         finally:

@@ -41,6 +41,7 @@ RECENT = 10  # the user's other alerts listed on a case
 
 def routes() -> list[BaseRoute]:
     return [
+        Route("/cases/bulk", bulk, methods=["POST"]),
         Route("/cases/{alert_id}", case_page, methods=["GET"]),
         Route("/cases/{alert_id}/unmask", unmask, methods=["POST"]),
         Route("/cases/{alert_id}/triage", triage, methods=["POST"]),
@@ -293,6 +294,69 @@ async def comment(request: Request) -> Response:
     feed.changes.notify()
     flash(request, "info", "Assigned." if assignee is not None else "Note added.")
     return _back(aid)
+
+
+MAX_BULK = 200  # cases one bulk step may take
+
+
+@requires("triage", csrf=True)
+async def bulk(request: Request) -> Response:
+    """Several cases at once, from the feed's checkboxes: acknowledge the new ones, or
+    assign them all (to the reader, another analyst, or nobody). Each case gets the same
+    history entry as one done on its own page; cases past the step are left as they are."""
+    feed = _feed(request)
+    user: User = request.state.user
+    form = await request.form()
+    ids = list(dict.fromkeys(str(v) for v in form.getlist("alert_id") if v))[:MAX_BULK]
+    action = str(form.get("action") or "")
+    back = "/?" + str(form.get("back") or "") if form.get("back") else "/"
+    if not ids:
+        flash(request, "error", "No case was selected.")
+        return RedirectResponse(back, status_code=303)
+    if action == "acknowledge":
+        done, skipped = await db(_acknowledge_all, feed, ids, user.username)
+        text = f"Acknowledged {done} case(s)."
+        if skipped:
+            text += f" Left {skipped} as they were (not new)."
+    elif action == "assign":
+        raw = str(form.get("assignee") or "me")
+        triagers = {u.username for u in feed.settings.users if allowed(u.role, "triage")}
+        assignee = user.username if raw == "me" else "" if raw == "-" else raw
+        if assignee and assignee not in triagers:
+            flash(request, "error", f"{raw!r} is not a user who triages.")
+            return RedirectResponse(back, status_code=303)
+        done, skipped = await db(_assign_all, feed, ids, user.username, assignee)
+        text = f"Assigned {done} case(s) to {assignee or 'nobody'}."
+        if skipped:
+            text += f" {skipped} not found."
+    else:
+        flash(request, "error", f"Unknown action {action!r}.")
+        return RedirectResponse(back, status_code=303)
+    feed.changes.notify()
+    flash(request, "info", text)
+    return RedirectResponse(back, status_code=303)
+
+
+def _acknowledge_all(feed: Feed, ids: Sequence[str], actor: str) -> tuple[int, int]:
+    done = skipped = 0
+    for aid in ids:
+        try:
+            feed.store.transition(aid, "acknowledged", actor)
+            done += 1
+        except (InvalidTransition, UnknownAlert):
+            skipped += 1
+    return done, skipped
+
+
+def _assign_all(feed: Feed, ids: Sequence[str], actor: str, assignee: str) -> tuple[int, int]:
+    done = skipped = 0
+    for aid in ids:
+        try:
+            feed.store.comment(aid, actor, "", assignee)
+            done += 1
+        except (InvalidTransition, UnknownAlert):
+            skipped += 1
+    return done, skipped
 
 
 # ---------------------------------------------------------------------------- suppress

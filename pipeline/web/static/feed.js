@@ -55,6 +55,9 @@
       }
       const row = rowFrom(d.html);
       if (existing) {
+        const was = existing.querySelector(".pick input");
+        const now = row.querySelector(".pick input");
+        if (was && now) now.checked = was.checked;  // an update keeps the selection
         existing.replaceWith(row);
         row.classList.add("updated");
       } else {
@@ -115,10 +118,28 @@
     }
 
     rows.addEventListener("click", function (ev) {
-      if (ev.target.closest("a, button")) return;
+      if (ev.target.closest("a, button, input, .pick")) return;
       const tr = ev.target.closest("tr[data-href]");
       if (tr) window.location.href = tr.dataset.href;
     });
+
+    // several cases at once: the checkboxes belong to the bulk form (form="bulk")
+    const pickAll = document.getElementById("pick-all");
+    if (pickAll) {
+      pickAll.addEventListener("change", function () {
+        rows.querySelectorAll(".pick input").forEach(function (b) { b.checked = pickAll.checked; });
+      });
+    }
+    const bulk = document.getElementById("bulk");
+    if (bulk) {
+      bulk.addEventListener("submit", function (ev) {
+        if (!rows.querySelector(".pick input:checked")) {
+          ev.preventDefault();
+          banner.hidden = false;
+          banner.textContent = "Select one or more cases first (the boxes on the left).";
+        }
+      });
+    }
 
     const form = document.getElementById("filters");
     if (form) {
