@@ -132,6 +132,15 @@ class StoredAlert:
         return int(self.alert.get("version", 1))
 
 
+def alert_patient_ids(alert: dict[str, Any]) -> list[str]:
+    """An alert's patient ids as the store indexes them: each once, in order, none empty.
+
+    >>> alert_patient_ids({"patient_ids": ["p1", "", "p2", "p1"]})
+    ['p1', 'p2']
+    """
+    return list(dict.fromkeys(str(p) for p in alert.get("patient_ids") or [] if p))
+
+
 def _tuple(v: str | Sequence[str] | None) -> tuple[str, ...]:
     if v is None or v == "":
         return ()

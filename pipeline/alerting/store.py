@@ -91,6 +91,7 @@ from pipeline.alerting.records import (
     _new_id,
     _summary,
     _utcnow,
+    alert_patient_ids,
     make_engine,
     normalize_url,
     parse_time,
@@ -248,7 +249,7 @@ class AlertStore(SuppressionsMixin):
                 if eid not in seen:
                     seen.add(eid)
                     ev_rows.append({"alert_id": row["alert_id"], "event_id": eid, "seq": seq})
-            for pid in dict.fromkeys(str(p) for p in d.get("patient_ids") or [] if p):
+            for pid in alert_patient_ids(d):
                 pat_rows.append({"alert_id": row["alert_id"], "patient_id": pid[:128]})
             for det in dict.fromkeys(d["detector"]):
                 det_rows.append(

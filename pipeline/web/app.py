@@ -406,7 +406,7 @@ async def login_code(request: Request) -> Response:
     if error:
         why = "locked" if refused else "wrong code"
         await _failed(request, user, user.username, address, why)
-        if feed.guard.users.locked(user.username) or feed.guard.addresses.locked(address):
+        if feed.guard.holds(user.username, address):
             request.session.clear()  # start again from the password, once the lockout ends
             ctx = {"next": nxt, "error": LOCKED, "username": user.username}
             return feed.page(request, "login.html", ctx, status=401)

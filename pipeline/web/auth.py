@@ -295,8 +295,13 @@ class LoginGuard:
         self.lockouts = 0  # usernames and addresses locked
         self.refused = 0  # attempts refused while locked
 
+    def holds(self, username: str, address: str) -> bool:
+        """Whether the username or the address is locked now."""
+        return self.users.locked(username) or self.addresses.locked(address)
+
     def locked(self, username: str, address: str) -> bool:
-        if self.users.locked(username) or self.addresses.locked(address):
+        """:meth:`holds`, counting the attempt as refused when it does."""
+        if self.holds(username, address):
             self.refused += 1
             return True
         return False

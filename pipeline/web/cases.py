@@ -8,7 +8,7 @@ with the reason the analyst gave.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,6 +22,7 @@ from pipeline.alerting.records import (
     StoredAlert,
     SuppressionSpec,
     UnknownAlert,
+    alert_patient_ids,
 )
 from pipeline.web import views
 from pipeline.web.app import Feed, _feed, db, flash
@@ -103,7 +104,7 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
     recent = await db(feed.rows, others, may_see_patients(request, user))
     # other people's cases on the same patients (one VIP, several snoopers)
     same, same_total = await db(
-        feed.store.alerts_on_patients, stored.alert.get("patient_ids") or [], aid, RECENT
+        feed.store.alerts_on_patients, alert_patient_ids(stored.alert), aid, RECENT
     )
     same_rows = await db(feed.rows, same, may_see_patients(request, user))
     assignees = [u.username for u in feed.settings.users if allowed(u.role, "triage")]
@@ -131,7 +132,7 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
 
 
 def _patients_link(stored: StoredAlert) -> str:
-    pids = list(dict.fromkeys(str(p) for p in stored.alert.get("patient_ids") or [] if p))
+    pids = alert_patient_ids(stored.alert)
     return "/?" + urlencode([("patient", p) for p in pids[:MAX_PATIENT_LINK]]) if pids else ""
 
 
@@ -314,7 +315,8 @@ async def bulk(request: Request) -> Response:
         flash(request, "error", "No case was selected.")
         return RedirectResponse(back, status_code=303)
     if action == "acknowledge":
-        done, skipped = await db(_acknowledge_all, feed, ids, user.username)
+        ack = partial(feed.store.transition, to="acknowledged", actor=user.username)
+        done, skipped = await db(_each, ids, ack)
         text = f"Acknowledged {done} case(s)."
         if skipped:
             text += f" Left {skipped} as they were (not new)."
@@ -325,7 +327,8 @@ async def bulk(request: Request) -> Response:
         if assignee and assignee not in triagers:
             flash(request, "error", f"{raw!r} is not a user who triages.")
             return RedirectResponse(back, status_code=303)
-        done, skipped = await db(_assign_all, feed, ids, user.username, assignee)
+        assign = partial(feed.store.comment, actor=user.username, assignee=assignee)
+        done, skipped = await db(_each, ids, assign)
         text = f"Assigned {done} case(s) to {assignee or 'nobody'}."
         if skipped:
             text += f" {skipped} not found."
@@ -337,22 +340,12 @@ async def bulk(request: Request) -> Response:
     return RedirectResponse(back, status_code=303)
 
 
-def _acknowledge_all(feed: Feed, ids: Sequence[str], actor: str) -> tuple[int, int]:
+def _each(ids: Sequence[str], step: Callable[[str], object]) -> tuple[int, int]:
+    """``step`` on each case: (done, skipped: unknown, or past the step)."""
     done = skipped = 0
     for aid in ids:
         try:
-            feed.store.transition(aid, "acknowledged", actor)
-            done += 1
-        except (InvalidTransition, UnknownAlert):
-            skipped += 1
-    return done, skipped
-
-
-def _assign_all(feed: Feed, ids: Sequence[str], actor: str, assignee: str) -> tuple[int, int]:
-    done = skipped = 0
-    for aid in ids:
-        try:
-            feed.store.comment(aid, actor, "", assignee)
+            step(aid)
             done += 1
         except (InvalidTransition, UnknownAlert):
             skipped += 1

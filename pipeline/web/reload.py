@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -84,7 +83,6 @@ class SettingsReloader:
         self.loads = 0  # changed files read
         self.reloads = 0  # ... of which applied a change of users
         self.failures = 0  # ... that did not load
-        self._lock = threading.Lock()
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -95,11 +93,8 @@ class SettingsReloader:
 
     def check(self) -> tuple[FeedSettings, UsersChange] | None:
         """The new settings and what changed, if the file changed and loads; else None.
-        Blocking (reads the file when its time stamp, size or inode moved)."""
-        with self._lock:
-            return self._check()
-
-    def _check(self) -> tuple[FeedSettings, UsersChange] | None:
+        Blocking (reads the file when its time stamp, size or inode moved); one caller at
+        a time (:func:`keep_reloading`)."""
         stamp = self._stamp()
         if stamp is None or stamp == self._seen:
             return None
@@ -124,9 +119,9 @@ class SettingsReloader:
             log.warning("feed: %s changed %s: restart the feed to apply", self.path,
                         ", ".join(restart))  # fmt: skip
         merged = replace(old, **{name: getattr(new, name) for name in RELOADABLE})
-        change = users_change(old, merged)
         if merged == old:
             return None
+        change = users_change(old, merged)
         self.settings = merged
         self.reloads += 1
         log.info("feed: users reloaded from %s: %s", self.path, change.as_dict())
