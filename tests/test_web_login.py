@@ -13,8 +13,11 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
+from pipeline.alerting import schema
 from pipeline.alerting.store import AlertStore
+from pipeline.alerting.testing import FakeClock
 from pipeline.web import FeedConfigError, FeedSettings, serve_feed
 from pipeline.web.auth import LoginThrottle
 from pipeline.web.testing import PASSWORD, FeedClient, feed_settings
@@ -143,24 +146,35 @@ def test_the_client_is_the_last_address_no_trusted_proxy_added(tmp_path: Path) -
         store.close()
 
 
-def test_failures_are_forgotten_after_the_window() -> None:
-    now = [1000.0]
-    t = LoginThrottle(max_failures=3, window_s=60, clock=lambda: now[0])
+def test_failures_are_forgotten_after_the_window(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = AlertStore(f"sqlite:///{tmp_path}/a.sqlite3", clock=clock)
+    t = LoginThrottle(store, "user", max_failures=3, window_s=60, secret="s3cret")
     assert [t.failed("sam") for _ in range(2)] == [False, False]
-    now[0] += 61  # the two are old now: they no longer count
+    clock.advance(61)  # the two are old now: they no longer count
     assert t.failed("sam") is False and not t.locked("sam")
-    now[0] += 1
+    clock.advance(1)
     assert t.failed("sam") is False
     assert t.failed("sam") is True  # three within the window: this one locks
     assert t.locked("sam") and not t.locked("ana")
     assert t.failed("sam") is False  # already locked: not a new lockout
-    now[0] += 59
+    clock.advance(59)
     assert t.locked("sam")  # hammering kept it locked
-    now[0] += 61
+    clock.advance(61)
     assert not t.locked("sam")
     t.failed("sam")
     t.succeeded("sam")  # a success forgives the user
     assert [t.failed("sam") for _ in range(2)] == [False, False] and not t.locked("sam")
+    # another process on the same database (same secret) counts the same failures
+    other = LoginThrottle(AlertStore(store.url, clock=clock), "user", 3, 60, "s3cret")
+    assert other.failed("sam") is True and t.locked("sam")
+    # the names typed are stored only as keyed hashes: a password typed as a name is not
+    with store.read() as conn:
+        keys = {r.key for r in conn.execute(select(schema.feed_login_failures))}
+    assert keys and not any("sam" in k for k in keys)
+    clock.advance(1)
+    assert store.login_failures_prune(0) == 3 and not t.locked("sam")
+    store.close()
 
 
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:
@@ -226,10 +240,10 @@ def test_the_users_page_shows_who_may_sign_in_and_how_their_sign_ins_went(served
             return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", m.group(1))).strip()
 
         assert re.fullmatch(
-            r"ana Ana analyst password none \d{4}-\d\d-\d\d \d\d:\d\d from 10\.1\.2\.3 1 0 0",
+            r"ana Ana analyst password none \d{4}-\d\d-\d\d \d\d:\d\d from 10\.1\.2\.3 1 0 0 1 session",
             row("ana"),
         ), row("ana")
-        assert row("sam").endswith("none in 30 days 0 2 (198.51.100.7 ×2) 0"), row("sam")
+        assert row("sam").endswith("none in 30 days 0 2 (198.51.100.7 ×2) 0 no"), row("sam")
         assert 'class="attention"' in page.text.split('id="user-sam"')[1][:30]
         unknown = page.text.split('id="unknown-names"')[1].split("</table>")[0]
         assert "203.0.113.9" in unknown and "<td>2</td>" in unknown

@@ -38,7 +38,7 @@ def test_an_idle_session_ends_and_activity_keeps_it(tmp_path, monkeypatch) -> No
         assert not [e for e in live.events if e[0] == "signed-out"]
         # then nothing but the stream for longer than the timeout: signed out, in the stream ...
         _, _, d = live.wait_for(lambda e: e[0] == "signed-out", timeout=5)
-        assert d == {"idle": True}
+        assert d == {"idle": True, "why": "idle"}
         live.close()
         # ... and on the next page, which goes to the login saying why
         r = c.get(f"/cases/{aid}")

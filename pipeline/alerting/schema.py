@@ -194,6 +194,46 @@ outbox = Table(
 )
 
 
+# The alert feed's own state, shared by every feed process on this database
+# (pipeline.web.sessions): its sign-in sessions, failed sign-ins, and used one-time codes.
+feed_sessions = Table(
+    "feed_sessions",
+    METADATA,
+    # a hash of the session's random id (the id itself is only in the signed cookie)
+    Column("session_id", String(64), primary_key=True),
+    Column("username", String(128), nullable=False),
+    Column("fingerprint", String(32), nullable=False),  # the user's credentials then
+    Column("address", String(64), nullable=False),
+    Column("agent", String(256), nullable=False),  # the browser's User-Agent
+    Column("started_at", DateTime, nullable=False),
+    Column("seen_at", DateTime, nullable=False),  # the user's last activity (roughly)
+    Column("ended_at", DateTime, nullable=True),
+    Column("ended_by", String(128), nullable=True),
+    Column("end_reason", String(32), nullable=True),
+    Column("updated_at", DateTime, nullable=False),  # what each feed process syncs by
+    Index("ix_feed_sessions_updated", "updated_at"),
+    Index("ix_feed_sessions_user", "username", "started_at"),
+)
+
+feed_login_failures = Table(
+    "feed_login_failures",
+    METADATA,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("scope", String(8), nullable=False),  # user | address
+    Column("key", String(64), nullable=False),  # a keyed hash: never the name typed
+    Column("at", DateTime, nullable=False),
+    Index("ix_feed_login_failures_key", "scope", "key", "at"),
+    Index("ix_feed_login_failures_at", "at"),
+)
+
+feed_code_steps = Table(
+    "feed_code_steps",
+    METADATA,
+    Column("username", String(128), primary_key=True),
+    Column("step", BigInteger, nullable=False),  # the last TOTP time step signed in with
+)
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the database to ``revision`` with the Alembic migrations shipped here.
 

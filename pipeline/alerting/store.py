@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from detectors.alerts import Alert
 from pipeline.alerting import schema as t
+from pipeline.alerting.feedstate import FeedSession, FeedStateMixin
 from pipeline.alerting.records import (
     _SUMMARY_COLS,
     DEFAULT_URL,
@@ -109,6 +110,7 @@ __all__ = [
     "AlertStoreError",
     "AlertSummary",
     "AuditEntry",
+    "FeedSession",
     "HistoryEntry",
     "InvalidAlert",
     "InvalidTransition",
@@ -130,8 +132,9 @@ _CHUNK = 5000  # alerts per transaction: big enough for backfills, short enough 
 
 
 # ---------------------------------------------------------------------------- the store
-class AlertStore(SuppressionsMixin):
-    """Alerts, triage, suppressions and the audit log in one SQL database."""
+class AlertStore(SuppressionsMixin, FeedStateMixin):
+    """Alerts, triage, suppressions and the audit log in one SQL database (and the alert
+    feed's sessions: :mod:`pipeline.alerting.feedstate`)."""
 
     def __init__(
         self,

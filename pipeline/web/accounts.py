@@ -8,6 +8,13 @@ its address, failed sign-ins and lockouts in the last :data:`WINDOW_DAYS` days, 
 changes of users applied from the config file), with whom the throttle holds locked now.
 Failed sign-ins under names that are no user are counted by address: many of them from
 one address is password spraying. Supervisors and auditors read it; it names no patient.
+
+The sessions page (``GET /sessions``) lists every user's own open sessions (browser,
+address, when signed in, last active) with "Sign out everywhere else", and for
+supervisors and auditors everyone's, and the sessions ended in the last day (when, by
+whom, why). A supervisor ends anyone's session there (``sessions.end``): it ends in every
+feed process within a second or two, an open live page included (it goes to the login,
+which says a supervisor ended it). Every ending is in the audit log (``session.end``).
 """
 
 from __future__ import annotations
@@ -17,13 +24,22 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from emrwatch.timeutil import zone
-from pipeline.web.app import UNKNOWN_ACTOR, _feed, db
-from pipeline.web.auth import requires
+from pipeline.alerting.feedstate import FeedSession
+from pipeline.web.app import UNKNOWN_ACTOR, _feed, db, flash
+from pipeline.web.auth import _key, fingerprint, requires
+from pipeline.web.sessions import (
+    ENDED_BY_SUPERVISOR,
+    ENDED_BY_USER,
+    IDLE,
+    browser_label,
+    seen_write_every,
+)
 from pipeline.web.settings import FeedSettings
+from pipeline.web.users import allowed
 from pipeline.web.views import audit_detail
 
 PERMISSION = "users.read"
@@ -33,7 +49,12 @@ SIGN_INS = ("login", "login.failed", "login.locked")
 
 
 def routes() -> list[BaseRoute]:
-    return [Route("/users", users_page, methods=["GET"])]
+    return [
+        Route("/users", users_page, methods=["GET"]),
+        Route("/sessions", sessions_page, methods=["GET"]),
+        Route("/sessions/end", end_one, methods=["POST"]),
+        Route("/sessions/others", end_others, methods=["POST"]),
+    ]
 
 
 @dataclass
@@ -52,6 +73,7 @@ class Account:
     failure_addresses: dict[str, int] = field(default_factory=dict)
     lockouts: int = 0
     locked_now: bool = False
+    open_sessions: int = 0
 
 
 def accounts(settings: FeedSettings, entries: list[Any], locked: Any) -> list[Account]:
@@ -103,7 +125,13 @@ async def users_page(request: Request) -> Response:
     entries = await db(feed.store.audit_log, None, None, since, MAX_ENTRIES, SIGN_INS)
     changes = await db(feed.store.audit_log, None, None, None, 20, ("users.reload",))
     tz = zone(feed.settings.timezone)
-    rows = accounts(feed.settings, entries, feed.guard.users.locked)
+    rows = await db(accounts, feed.settings, entries, feed.guard.users.locked)
+    by_name = {a.username: a for a in rows}
+    for sess in live_sessions(
+        feed.settings, await db(_started, feed.store, feed.settings, None, True)
+    ):
+        if sess.username in by_name:
+            by_name[sess.username].open_sessions += 1
     reloads = [(e.at, audit_detail(e.detail)) for e in changes]
     return feed.page(
         request,
@@ -119,3 +147,153 @@ async def users_page(request: Request) -> Response:
             "complete": len(entries) < MAX_ENTRIES,
         },
     )
+
+
+# ---------------------------------------------------------------------------- sessions
+ENDED_SHOWN_H = 24  # sessions ended this recently are listed
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One session as the sessions page shows it."""
+
+    session_id: str
+    username: str
+    role: str
+    browser: str
+    address: str
+    started_at: datetime
+    seen_at: datetime
+    ended_at: datetime | None = None
+    ended_by: str = ""
+    end_reason: str = ""
+    this_browser: bool = False
+
+
+def _started(
+    store: Any, settings: FeedSettings, username: str | None, open_only: bool
+) -> list[FeedSession]:
+    """Sessions started within the longest a session lasts (and the last day)."""
+    back = max(settings.session_max_age_s, ENDED_SHOWN_H * 3600)
+    after = datetime.now(UTC) - timedelta(seconds=back)
+    return list(store.sessions_started(after, username, open_only))
+
+
+def live_sessions(settings: FeedSettings, rows: list[FeedSession]) -> list[FeedSession]:
+    """The open sessions that would still serve a request: within the session's maximum
+    age, of a user as the settings have them now (same credentials), not idle past
+    ``idle_timeout_s`` (give or take how rarely activity is written to the store)."""
+    now = datetime.now(UTC)
+    oldest = now - timedelta(seconds=settings.session_max_age_s)
+    idle = settings.idle_timeout_s
+    idle_cut = now - timedelta(seconds=idle + seen_write_every(idle)) if idle > 0 else None
+    out = []
+    for r in rows:
+        user = settings.user(r.username)
+        if (
+            r.open
+            and r.started_at > oldest
+            and user is not None
+            and fingerprint(user) == r.fingerprint
+            and (idle_cut is None or r.seen_at > idle_cut)
+        ):
+            out.append(r)
+    return out
+
+
+def _row(settings: FeedSettings, s: FeedSession, mine: str) -> SessionRow:
+    user = settings.user(s.username)
+    return SessionRow(
+        s.session_id,
+        s.username,
+        user.role if user is not None else "(no longer a user)",
+        browser_label(s.agent),
+        s.address,
+        s.started_at,
+        s.seen_at,
+        s.ended_at,
+        s.ended_by or "",
+        s.end_reason or "",
+        s.session_id == mine,
+    )
+
+
+@requires("feed.read")
+async def sessions_page(request: Request) -> Response:
+    feed = _feed(request)
+    user = request.state.user
+    settings = feed.settings
+    mine = _key(request)
+    everyone = allowed(user.role, PERMISSION)
+    rows = await db(_started, feed.store, settings, None if everyone else user.username, False)
+    live = live_sessions(settings, rows)
+    own = [_row(settings, s, mine) for s in live if s.username == user.username]
+    others = [_row(settings, s, mine) for s in live] if everyone else []
+    ended: list[SessionRow] = []
+    if everyone:
+        cut = datetime.now(UTC) - timedelta(hours=ENDED_SHOWN_H)
+        ended = [
+            _row(settings, s, mine)
+            for s in rows
+            if s.ended_at is not None and s.ended_at > cut and s.end_reason != IDLE
+        ]
+    tz = zone(settings.timezone)
+    return feed.page(
+        request,
+        "sessions.html",
+        {
+            "own": own,
+            "everyone": others,
+            "ended": ended,
+            "may_list": everyone,
+            "may_end": allowed(user.role, "sessions.end"),
+            "ended_hours": ENDED_SHOWN_H,
+            "local": lambda dt: dt.astimezone(tz).strftime("%Y-%m-%d %H:%M"),
+            "timezone": settings.timezone,
+        },
+    )
+
+
+@requires("sessions.end", csrf=True)
+async def end_one(request: Request) -> Response:
+    """A supervisor ends someone's session (every feed process, every copy of its cookie)."""
+    feed = _feed(request)
+    user = request.state.user
+    form = await request.form()
+    key = str(form.get("session_id") or "")
+    target = await db(feed.store.session, key) if key else None
+    if target is None:
+        return PlainTextResponse("no such session", status_code=404)
+    ended = await db(feed.store.session_end, key, user.username, ENDED_BY_SUPERVISOR)
+    feed.sessions.ended(key, ENDED_BY_SUPERVISOR)
+    if ended:
+        detail = {
+            "user": target.username,
+            "address": target.address,
+            "browser": browser_label(target.agent),
+            "session": key[:12],
+        }
+        await db(feed.store.record_access, user.username, "session.end", None, detail)
+        flash(request, "ok", f"Ended {target.username}'s session ({detail['browser']}, "
+                             f"{target.address}).")  # fmt: skip
+    else:
+        flash(request, "info", f"{target.username}'s session had ended already.")
+    return RedirectResponse("/sessions", status_code=303)
+
+
+@requires("feed.read", csrf=True)
+async def end_others(request: Request) -> Response:
+    """A user signs out of every session of theirs but this one."""
+    feed = _feed(request)
+    user = request.state.user
+    mine = _key(request)
+    n = await db(feed.store.sessions_end_user, user.username, user.username, ENDED_BY_USER, mine)
+    for s in await db(_started, feed.store, feed.settings, user.username, False):
+        if s.session_id != mine:
+            feed.sessions.ended(s.session_id, ENDED_BY_USER)
+    if n:
+        await db(feed.store.record_access, user.username, "session.end", None,
+                 {"user": user.username, "others": n})  # fmt: skip
+    flash(request, "ok", f"Signed out of {n} other session{'s' if n != 1 else ''}."
+          if n else "You had no other session.")  # fmt: skip
+    return RedirectResponse("/sessions", status_code=303)

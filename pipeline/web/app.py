@@ -50,8 +50,6 @@ from pipeline.alerting.store import AlertStore
 from pipeline.web import views
 from pipeline.web.auth import (
     CSRF_FIELD,
-    Activity,
-    CodeReplay,
     LoginGuard,
     await_code,
     awaiting_code,
@@ -59,21 +57,32 @@ from pipeline.web.auth import (
     csrf_ok,
     csrf_token,
     current_user,
+    end_session,
+    ensure_session,
     log_in,
     may_see_patients,
     requires,
     safe_next,
-    signed_out_idle,
+    signed_out_why,
     wants_html,
 )
 from pipeline.web.changes import Change, ChangeFeed, matches, patient_ids_of
 from pipeline.web.directory import DirectoryUnavailable
+from pipeline.web.sessions import (
+    ENDED_BY_SUPERVISOR,
+    ENDED_BY_USER,
+    IDLE,
+    SIGNED_OUT,
+    SessionRegistry,
+    keep_syncing,
+)
 from pipeline.web.settings import FeedSettings, User, trusted_networks
 from pipeline.web.users import allowed, burn_verify
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+SESSION_CHECK_S = 1.0  # an open event stream looks at its session this often
 OPTIONS_TTL_S = 60.0  # the filter menus' department and detector lists are this fresh
 R = TypeVar("R")
 
@@ -195,14 +204,18 @@ class FilterOptions:
 class Feed:
     """What the endpoints share (``app.state.feed_app``)."""
 
-    def __init__(self, store: AlertStore, settings: FeedSettings) -> None:
+    def __init__(self, store: AlertStore, settings: FeedSettings, secret: str) -> None:
         self.store = store
         self.settings = settings
         self.changes = ChangeFeed(store, settings.poll_interval_s)
         self.options = FilterOptions(store)
-        self.guard = LoginGuard(settings)
+        self.guard = LoginGuard(settings, store, secret)
         self.proxies = trusted_networks(settings.trusted_proxies)
-        self.codes_used = CodeReplay()
+        self.sessions = SessionRegistry(
+            store,
+            settings.idle_timeout_s,
+            max(settings.login_lockout_s, settings.login_address_lockout_s),
+        )
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
             autoescape=select_autoescape(default=True),
@@ -279,7 +292,15 @@ async def forbidden(request: Request, user: User, permission: str) -> Response:
 
 
 # ---------------------------------------------------------------------------- login
+#: what the login page says of a session that ended without its user signing out
+ENDED_NOTICES = {
+    "supervisor": "A supervisor ended your session. Sign in again if you still need the feed.",
+    "elsewhere": "This session was signed out from another browser of yours.",
+}
+
+
 async def login_form(request: Request) -> Response:
+    await ensure_session(request)
     if current_user(request) is not None:
         return RedirectResponse(safe_next(request.query_params.get("next")), status_code=303)
     if request.query_params.get("restart"):
@@ -291,6 +312,8 @@ async def login_form(request: Request) -> Response:
     if request.query_params.get("idle"):
         minutes = max(1, round(_feed(request).settings.idle_timeout_s / 60))
         ctx["notice"] = f"You were signed out after {minutes} min without activity."
+    elif (ended := request.query_params.get("ended", "")) in ENDED_NOTICES:
+        ctx["notice"] = ENDED_NOTICES[ended]
     return _feed(request).page(request, "login.html", ctx)
 
 
@@ -305,7 +328,7 @@ async def login(request: Request) -> Response:
     address = client_address(request, feed.proxies)
     user = feed.settings.user(username)
     error = ""
-    refused = feed.guard.locked(username, address)
+    refused = await db(feed.guard.locked, username, address)
     if refused:
         error = LOCKED
     elif user is None:
@@ -330,7 +353,7 @@ async def login(request: Request) -> Response:
         # the password is right; the failures are forgiven only once the code is too
         await_code(request, user, nxt)
         return feed.page(request, "login.html", {"step": "code", "username": user.username})
-    feed.guard.succeeded(username)
+    await db(feed.guard.succeeded, username)
     return await _logged_in(request, user, nxt, {"role": user.role, "address": address})
 
 
@@ -344,7 +367,7 @@ async def _failed(request: Request, user: User | None, typed: str, address: str,
     (people type their password there)."""
     feed = _feed(request)
     refused = why == "locked"
-    locked = feed.guard.failed(typed, address, refused=refused)
+    locked = await db(feed.guard.failed, typed, address, refused)
     actor = user.username if user is not None else UNKNOWN_ACTOR
     log.warning("feed: failed sign-in (%s) for %s from %s", why, actor, address)
     detail: dict[str, Any] = {"address": address, "reason": why}
@@ -365,7 +388,7 @@ async def _logged_in(request: Request, user: User, nxt: str, detail: dict[str, A
     before = await db(
         feed.store.audit_log, None, user.username, None, SIGN_IN_LOOKBACK, SIGN_IN_ACTIONS
     )
-    log_in(request, user)
+    await log_in(request, user, str(detail.get("address") or ""))
     await db(feed.store.record_access, user.username, "login", None, detail)
     log.info("feed: %s logged in (%s)", user.username, user.role)
     notice = views.sign_in_notice(before, zone(feed.settings.timezone))
@@ -394,36 +417,38 @@ async def login_code(request: Request) -> Response:
     user, nxt = pending
     address = client_address(request, feed.proxies)
     error = ""
-    refused = feed.guard.locked(user.username, address)
+    refused = await db(feed.guard.locked, user.username, address)
     if refused:
         error = LOCKED
     else:
         step = matching_step(user.totp_secret, str(form.get("code") or ""), time.time())
         if step is None:
             error = "Wrong code. Type the 6 digits your authenticator shows now."
-        elif not feed.codes_used.use(user.username, step):
+        elif not await db(feed.store.code_step_use, user.username, step):
             error = "That code was used already. Wait for the next one."
     if error:
         why = "locked" if refused else "wrong code"
         await _failed(request, user, user.username, address, why)
-        if feed.guard.holds(user.username, address):
+        if await db(feed.guard.holds, user.username, address):
             request.session.clear()  # start again from the password, once the lockout ends
             ctx = {"next": nxt, "error": LOCKED, "username": user.username}
             return feed.page(request, "login.html", ctx, status=401)
         ctx = {"step": "code", "username": user.username, "error": error}
         return feed.page(request, "login.html", ctx, status=401)
-    feed.guard.succeeded(user.username)
+    await db(feed.guard.succeeded, user.username)
     detail = {"role": user.role, "second_factor": "totp", "address": address}
     return await _logged_in(request, user, nxt, detail)
 
 
 async def logout(request: Request) -> Response:
+    """Sign out: the session ends in the store, so no copy of its cookie works again."""
+    await ensure_session(request)
     user = current_user(request)
     if not await csrf_ok(request):
         return PlainTextResponse("CSRF token missing or wrong", status_code=403)
     if user is not None:
         await db(_feed(request).store.record_access, user.username, "logout")
-    request.session.clear()
+    await end_session(request, SIGNED_OUT, user.username if user is not None else "")
     return RedirectResponse("/login", status_code=303)
 
 
@@ -579,6 +604,13 @@ async def api_alerts(request: Request) -> Response:
     )
 
 
+def _why_word(why: str) -> str:
+    """The ``signed-out`` event's ``why``, which the page passes on to the login page."""
+    return {IDLE: "idle", ENDED_BY_SUPERVISOR: "supervisor", ENDED_BY_USER: "elsewhere"}.get(
+        why, "signed-out"
+    )
+
+
 def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
@@ -588,6 +620,14 @@ def _sse(event: str, data: dict[str, Any], event_id: str | None = None) -> str:
 async def alive(request: Request) -> Response:
     """The page saw its user type, click or scroll (``feed.idle_timeout_s``): the session
     is in use though no page was loaded."""
+    return Response(status_code=204)
+
+
+@requires("feed.read", csrf=True, passive=True)
+async def idle_out(request: Request) -> Response:
+    """The page saw nobody for the automatic logoff's time, give or take its timer: the
+    session ends (as if the server's timeout had passed) before the page leaves."""
+    await end_session(request, IDLE)
     return Response(status_code=204)
 
 
@@ -610,18 +650,26 @@ async def events(request: Request) -> Response:
     async def stream() -> AsyncIterator[str]:
         try:
             yield f"retry: 2000\n: connected as {user.username} at {feed.changes.cursor}\n\n"
+            quiet_since = time.monotonic()
             while True:
-                ch: Change | None | Literal[False]  # False: nothing within the heartbeat
+                ch: Change | None | Literal[False]  # False: nothing for a while
                 try:
-                    ch = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
+                    wait = min(HEARTBEAT_S, SESSION_CHECK_S)
+                    ch = await asyncio.wait_for(sub.queue.get(), wait)
                 except TimeoutError:
                     ch = False
-                if current_user(request) is None:  # signed out, idle, or changed in config
-                    yield _sse("signed-out", {"idle": signed_out_idle(request)})
+                if current_user(request) is None:  # signed out, idle, ended, changed in config
+                    why = signed_out_why(request)
+                    if why == IDLE:
+                        await end_session(request, IDLE)
+                    yield _sse("signed-out", {"idle": why == IDLE, "why": _why_word(why)})
                     return
                 if ch is False:
-                    yield ": keep-alive\n\n"
+                    if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                        quiet_since = time.monotonic()
+                        yield ": keep-alive\n\n"
                     continue
+                quiet_since = time.monotonic()
                 if ch is None:
                     return
                 if ch.kind == "reset":
@@ -755,8 +803,8 @@ def create_app(
     from pipeline.web import access, accounts, cases
 
     settings = settings or FeedSettings()
-    feed = Feed(store, settings)
     secret, where = settings.resolved_secret()
+    feed = Feed(store, settings, secret)
     if where == "generated":
         log.info("feed: no session secret configured; sessions end when this server stops")
     if not settings.users:
@@ -771,6 +819,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await feed.changes.start()
+        syncing = asyncio.create_task(keep_syncing(feed.sessions))
         watching = None
         if reloader is not None:
             from pipeline.web.reload import keep_reloading
@@ -779,10 +828,11 @@ def create_app(
         try:
             yield
         finally:
-            if watching is not None:
-                watching.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watching
+            for task in (watching, syncing):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await feed.changes.stop()
 
     routes = [
@@ -791,6 +841,7 @@ def create_app(
         Route("/login", login, methods=["POST"]),
         Route("/login/code", login_code, methods=["POST"]),
         Route("/api/alive", alive, methods=["POST"]),
+        Route("/api/idle", idle_out, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/alerts", api_alerts),
         Route("/cases.csv", cases_csv),
@@ -829,7 +880,7 @@ def create_app(
     app.state.feed = feed.changes
     app.state.settings = settings
     app.state.settings_reloader = reloader
-    app.state.activity = Activity()
+    app.state.sessions = feed.sessions
     app.state.store = store
     app.state.forbidden = forbidden
     #: the detection configuration the access report judges with (None: the defaults)

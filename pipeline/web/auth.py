@@ -5,7 +5,10 @@ carries the username, a fingerprint of the user's password hash, the CSRF token 
 unmask grants, and nothing a client can change without the secret. Each request looks the
 user up in the *current* settings, so a user removed from the config, given another role
 or a new password is out (or changed) at the next click, whatever their cookie says
-(edits of the config file apply while the feed runs: :mod:`pipeline.web.reload`).
+(edits of the config file apply while the feed runs: :mod:`pipeline.web.reload`). The
+cookie also carries a random session id whose row in the alert store must be open
+(:mod:`pipeline.web.sessions`): signing out, or a supervisor ending the session, ends it
+in every feed process and for every copy of the cookie.
 """
 
 from __future__ import annotations
@@ -16,15 +19,24 @@ import ipaddress
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any
 from urllib.parse import quote
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
+from pipeline.web.sessions import (
+    ENDED_BY_SUPERVISOR,
+    ENDED_BY_USER,
+    IDLE,
+    SIGNED_OUT,
+    SessionRegistry,
+    session_key,
+)
 from pipeline.web.settings import FeedSettings, IPNetwork, User
 from pipeline.web.users import allowed
 
@@ -62,76 +74,103 @@ async def csrf_ok(request: Request) -> bool:
     return bool(sent) and hmac.compare_digest(str(sent), str(expected))
 
 
-def _login(request: Request) -> tuple[User | None, bool]:
-    """(the user this session logged in, whether it has been idle past
-    ``idle_timeout_s``); None if it holds no login of a user as the settings have them."""
+def _key(request: Request) -> str:
+    """The store's key of this request's session ('' if it holds no login)."""
+    sid = request.session.get("sid")
+    return session_key(str(sid)) if sid else ""
+
+
+def _registry(request: Request) -> SessionRegistry:
+    return request.app.state.sessions  # type: ignore[no-any-return]
+
+
+def _login(request: Request) -> tuple[User | None, str]:
+    """(the user this session logged in, or None; why not: "" when it holds no valid
+    login at all, :data:`~pipeline.web.sessions.IDLE` when it was idle past
+    ``idle_timeout_s``, or the reason the session was ended in the store)."""
     settings: FeedSettings = request.app.state.settings
     name = request.session.get("user")
     user = settings.user(str(name)) if name else None
     if user is None or request.session.get("fp") != fingerprint(user):
-        return None, False
-    return user, idle_for(request) > settings.idle_timeout_s > 0
+        return None, ""
+    known = _registry(request).get(_key(request))
+    if known is None or known.username != user.username:
+        return None, ""
+    if not known.open:
+        return None, known.end_reason or SIGNED_OUT
+    if idle_for(request) > settings.idle_timeout_s > 0:
+        return None, IDLE
+    return user, ""
+
+
+async def ensure_session(request: Request) -> None:
+    """Make sure this process knows the request's session: one signed in through another
+    feed process a moment ago is asked of the store (in a worker thread)."""
+    key = _key(request)
+    registry = _registry(request)
+    if key and registry.get(key) is None:
+        await run_in_threadpool(registry.load, key)
 
 
 def current_user(request: Request) -> User | None:
-    user, idle = _login(request)
-    return None if idle else user
+    """The signed-in user of this request (after :func:`ensure_session`), or None."""
+    return _login(request)[0]
 
 
-def signed_out_idle(request: Request) -> bool:
-    """Whether this session was a valid login that ended for want of activity."""
+def signed_out_why(request: Request) -> str:
+    """Why this session, a valid login once, no longer is ('' if it never was one)."""
     return _login(request)[1]
 
 
-class Activity:
-    """When each login (its ``sid``) last made a request of its own. Kept in memory as
-    well as in the cookie: a live event stream holds the cookie of the moment it opened,
-    and must see the clicks made since in the same browser."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def touch(self, sid: str, now: float) -> None:
-        with self._lock:
-            self._last[sid] = now
-            if len(self._last) > 10_000:  # bounded: forget the oldest half
-                for k, _ in sorted(self._last.items(), key=lambda kv: kv[1])[:5_000]:
-                    del self._last[k]
-
-    def last(self, sid: str) -> float:
-        with self._lock:
-            return self._last.get(sid, 0.0)
+async def end_session(request: Request, reason: str, by: str = "") -> None:
+    """End this request's session in the store (every feed process) and here, and clear
+    the cookie: unmask grants and all, nothing survives."""
+    key = _key(request)
+    if key:
+        _registry(request).ended(key, reason)
+        await run_in_threadpool(request.app.state.store.session_end, key, by, reason)
+    request.session.clear()
 
 
-def touch(request: Request) -> None:
-    """This request is the user's activity (``feed.idle_timeout_s``)."""
+async def touch(request: Request) -> None:
+    """This request is the user's activity (``feed.idle_timeout_s``); written to the
+    store now and then, for the other feed processes."""
     now = time.time()
     request.session["seen"] = int(now)
-    sid = request.session.get("sid")
-    if sid:
-        request.app.state.activity.touch(str(sid), now)
+    key = _key(request)
+    if key and _registry(request).touch(key, now):
+        at = datetime.fromtimestamp(now, UTC)
+        await run_in_threadpool(request.app.state.store.session_seen, key, at)
 
 
 def idle_for(request: Request) -> float:
-    """Seconds since this login's last request that was not the live event stream."""
+    """Seconds since this login's last request that was not the live event stream (in
+    any feed process, as far as this one has learnt)."""
     seen = float(request.session.get("seen") or request.session.get("since") or 0)
-    sid = request.session.get("sid")
-    if sid:
-        seen = max(seen, request.app.state.activity.last(str(sid)))
+    seen = max(seen, _registry(request).seen(_key(request)))
     return time.time() - seen
 
 
-def log_in(request: Request, user: User) -> None:
+async def log_in(request: Request, user: User, address: str) -> None:
+    """Start a session for ``user``: a new random id in the cookie, its row in the store."""
     request.session.clear()  # nothing from before the login survives it
+    now = time.time()
+    sid = secrets.token_urlsafe(18)
+    key = session_key(sid)
+    agent = request.headers.get("user-agent", "")
+    await run_in_threadpool(
+        request.app.state.store.session_start, key, user.username, fingerprint(user),
+        address, agent,
+    )  # fmt: skip
+    _registry(request).started(key, user.username, now)
     request.session.update(
         {
             "user": user.username,
             "fp": fingerprint(user),
             "csrf": secrets.token_urlsafe(32),
-            "since": int(time.time()),
-            "seen": int(time.time()),
-            "sid": secrets.token_urlsafe(12),
+            "since": int(now),
+            "seen": int(now),
+            "sid": sid,
         }
     )
 
@@ -169,28 +208,21 @@ def awaiting_code(request: Request) -> tuple[User, str] | None:
     return user, safe_next(str(request.session.get("mfa_next") or "/"))
 
 
-class CodeReplay:
-    """The last time step each user logged in with: a code is good once (RFC 6238 §5.2),
-    so a code seen over someone's shoulder cannot be used again in its 90 seconds."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def use(self, username: str, step: int) -> bool:
-        """Record ``step`` for ``username``; False if it (or a later one) was used."""
-        with self._lock:
-            if step <= self._last.get(username, -1):
-                return False
-            self._last[username] = step
-            return True
-
-
 def safe_next(target: str | None) -> str:
     """A post-login destination on this site only (no open redirects)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
+
+
+#: the login page's notice (``/login?...``) for why a session ended
+_WHY_PARAM = {IDLE: "idle=1&", ENDED_BY_SUPERVISOR: "ended=supervisor&",
+              ENDED_BY_USER: "ended=elsewhere&"}  # fmt: skip
+
+
+def why_param(why: str) -> str:
+    """The login URL's parameter that makes it say why the session ended ('' if none)."""
+    return _WHY_PARAM.get(why, "")
 
 
 def wants_html(request: Request) -> bool:
@@ -207,18 +239,20 @@ def requires(
     def deco(fn: Endpoint) -> Endpoint:
         @wraps(fn)
         async def guarded(request: Request) -> Response:
-            user = current_user(request)
+            await ensure_session(request)
+            user, why = _login(request)
             if user is None:
-                idle = "idle=1&" if signed_out_idle(request) else ""
-                if request.session.get("user"):
+                if why == IDLE:
+                    await end_session(request, IDLE)
+                elif request.session.get("user"):
                     request.session.clear()  # unmask grants and all: nothing survives
                 if request.method == "GET" and wants_html(request):
                     q = request.url.query
                     nxt = quote(request.url.path + (f"?{q}" if q else ""), safe="/")
-                    return RedirectResponse(f"/login?{idle}next={nxt}", status_code=303)
+                    return RedirectResponse(f"/login?{why_param(why)}next={nxt}", 303)
                 return PlainTextResponse("login required", status_code=401)
             if not passive:
-                touch(request)
+                await touch(request)
             if not allowed(user.role, permission):
                 return await request.app.state.forbidden(request, user, permission)
             if csrf and not await csrf_ok(request):
@@ -232,68 +266,66 @@ def requires(
 
 
 class LoginThrottle:
-    """Refuses a key (a username, an address) while its last ``max_failures`` failed
-    attempts all fall within ``window_s``: a burst locks it for up to ``window_s``, and
+    """Refuses a key (a username, an address) while ``max_failures`` failed attempts of
+    it fall within the last ``window_s``: a burst locks it for up to ``window_s``, and
     failures older than that are forgotten (a typo last week does not count today).
-    Attempts refused while locked count as failures, so hammering keeps the lock."""
+    Attempts refused while locked count as failures, so hammering keeps the lock.
 
-    MAX_KEYS = 10_000  # bounded, whatever is thrown at it
+    The failures are in the alert store (:mod:`pipeline.alerting.feedstate`), so every
+    feed process on it counts them together; keys are stored as a keyed hash
+    (``secret``), since a name typed at the login may be someone's password. Blocking:
+    call it from a worker thread."""
 
     def __init__(
-        self, max_failures: int, window_s: float, clock: Callable[[], float] = time.monotonic
+        self, store: Any, scope: str, max_failures: int, window_s: float, secret: str
     ) -> None:
+        self.store = store
+        self.scope = scope
         self.max_failures = max(1, int(max_failures))
         self.window_s = float(window_s)
-        self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
+        self._secret = secret.encode()
+
+    def _key(self, key: str) -> str:
+        return hmac.new(self._secret, f"{self.scope}\0{key}".encode(), "sha256").hexdigest()
 
     def locked(self, key: str) -> bool:
-        with self._lock:
-            return self._locked(self._failures.get(key), self.clock())
-
-    def _locked(self, q: deque[float] | None, now: float) -> bool:
-        return q is not None and len(q) >= self.max_failures and now - q[0] < self.window_s
+        n = self.store.login_failures(self.scope, self._key(key), self.window_s)
+        return bool(n >= self.max_failures)
 
     def failed(self, key: str) -> bool:
         """Count a failure; whether it is this one that locks ``key``."""
-        now = self.clock()
-        with self._lock:
-            q = self._failures.get(key)
-            if q is None:
-                if len(self._failures) >= self.MAX_KEYS:
-                    self._forget(now)
-                q = self._failures[key] = deque(maxlen=self.max_failures)
-            before = self._locked(q, now)
-            q.append(now)
-            return not before and self._locked(q, now)
-
-    def _forget(self, now: float) -> None:
-        stale = [k for k, q in self._failures.items() if now - q[-1] >= self.window_s]
-        for k in stale:
-            del self._failures[k]
-        if len(self._failures) >= self.MAX_KEYS:
-            self._failures.clear()
+        before, after = self.store.login_failure(self.scope, self._key(key), self.window_s)
+        return bool(before < self.max_failures <= after)
 
     def succeeded(self, key: str) -> None:
-        with self._lock:
-            self._failures.pop(key, None)
+        self.store.login_failures_clear(self.scope, self._key(key))
 
 
 class LoginGuard:
     """The login's defences against guessing: a per-username throttle (a guessed password)
     and a per-address one (one password tried on many usernames), and the counts
-    ``/metrics`` shows."""
+    ``/metrics`` shows (this process's). Blocking: call it from a worker thread."""
 
-    def __init__(self, settings: FeedSettings) -> None:
-        self.users = LoginThrottle(settings.login_max_failures, settings.login_lockout_s)
-        self.addresses = LoginThrottle(
-            settings.login_max_failures_per_address, settings.login_address_lockout_s
+    def __init__(self, settings: FeedSettings, store: Any, secret: str) -> None:
+        self.users = LoginThrottle(
+            store, "user", settings.login_max_failures, settings.login_lockout_s, secret
         )
+        self.addresses = LoginThrottle(
+            store,
+            "address",
+            settings.login_max_failures_per_address,
+            settings.login_address_lockout_s,
+            secret,
+        )
+        self._lock = threading.Lock()
         self.successes = 0
         self.failures = 0  # wrong passwords and codes, unknown users
         self.lockouts = 0  # usernames and addresses locked
         self.refused = 0  # attempts refused while locked
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + n)
 
     def holds(self, username: str, address: str) -> bool:
         """Whether the username or the address is locked now."""
@@ -302,14 +334,14 @@ class LoginGuard:
     def locked(self, username: str, address: str) -> bool:
         """:meth:`holds`, counting the attempt as refused when it does."""
         if self.holds(username, address):
-            self.refused += 1
+            self._count("refused")
             return True
         return False
 
     def failed(self, username: str, address: str, refused: bool = False) -> list[str]:
         """Count a failed (or refused) attempt; what it locked: "user", "address"."""
         if not refused:
-            self.failures += 1
+            self._count("failures")
         locked = [
             what
             for what, throttle, key in (
@@ -318,13 +350,13 @@ class LoginGuard:
             )
             if throttle.failed(key)
         ]
-        self.lockouts += len(locked)
+        self._count("lockouts", len(locked))
         return locked
 
     def succeeded(self, username: str) -> None:
         """A user who signed in is forgiven; the address is not (one right password does
         not excuse the guesses at other users' from there)."""
-        self.successes += 1
+        self._count("successes")
         self.users.succeeded(username)
 
 
@@ -338,21 +370,22 @@ def _trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
 
 def client_address(request: Request, trusted: tuple[IPNetwork, ...] = ()) -> str:
     """The address a request comes from. Behind reverse proxies (``trusted``): the last
-    address in ``X-Forwarded-For`` that no trusted proxy added; a client cannot forge it,
-    since the proxies append what they saw. Without trusted proxies the header is ignored.
+        address in ``X-Forwarded-For`` that no trusted proxy added; a client cannot forge it,
+        since the proxies append what they saw. Without trusted proxies the header is ignored.
 
-    >>> from starlette.requests import Request
-    >>> from pipeline.web.settings import trusted_networks
-    >>> def req(peer, xff=""):
-    ...     hs = [(b"x-forwarded-for", xff.encode())] if xff else []
-    ...     return Request({"type": "http", "client": (peer, 1), "headers": hs})
-    >>> proxies = trusted_networks(["10.0.0.0/8"])
-    >>> client_address(req("192.0.2.7", "1.2.3.4"))
-    '192.0.2.7'
-    >>> client_address(req("10.1.1.1", "6.6.6.6, 198.51.100.9, 10.2.2.2"), proxies)
-    '198.51.100.9'
-    >>> client_address(req("192.0.2.7", "198.51.100.9"), proxies)  # not from a proxy
-    '192.0.2.7'
+        >>> from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+        >>> from pipeline.web.settings import trusted_networks
+        >>> def req(peer, xff=""):
+        ...     hs = [(b"x-forwarded-for", xff.encode())] if xff else []
+        ...     return Request({"type": "http", "client": (peer, 1), "headers": hs})
+        >>> proxies = trusted_networks(["10.0.0.0/8"])
+        >>> client_address(req("192.0.2.7", "1.2.3.4"))
+        '192.0.2.7'
+        >>> client_address(req("10.1.1.1", "6.6.6.6, 198.51.100.9, 10.2.2.2"), proxies)
+        '198.51.100.9'
+        >>> client_address(req("192.0.2.7", "198.51.100.9"), proxies)  # not from a proxy
+        '192.0.2.7'
     """
     peer = request.client.host if request.client is not None else ""
     if not trusted or not _trusted(peer, trusted):

@@ -46,6 +46,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
             "access.report",
             # the monitor's own users and their sign-ins (pipeline.web.accounts)
             "users.read",
+            # end anyone's session (a laptop left signed in on a ward)
+            "sessions.end",
         }
     ),
     # read-only and masked; reads the audit log (who looked at what) and the reports, and

@@ -102,7 +102,10 @@
       });
       es.addEventListener("signed-out", function (ev) {
         es.close();
-        if (JSON.parse(ev.data).idle) { leave(); return; }
+        const d = JSON.parse(ev.data);
+        if (d.idle) { leave("idle=1"); return; }
+        // ended by a supervisor, or from another browser: nothing stays on the screen
+        if (d.why === "supervisor" || d.why === "elsewhere") { leave("ended=" + d.why); return; }
         setLive(false, "Offline");
         showBanner("Your session has ended. ", "Log in again", "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search));
       });
@@ -192,33 +195,43 @@
   }
 
   // feed.idle_timeout_s: the user's typing, clicking and scrolling keep the session in
-  // use (a ping at most once a minute); without any, the page leaves for the login before
-  // the server's timeout, so no chart stays on an unattended screen
+  // use (a ping at most once a minute, or a third of the timeout); without any, the page
+  // leaves for the login before the server's timeout, so no chart stays on an
+  // unattended screen
   function idleLogout() {
     const idle = parseFloat(document.body.dataset.idleS || "0");
     if (!(idle > 0)) return;
     const token = document.querySelector("form.logout input[name=csrf_token]");
     let lastActive = Date.now();
     let lastPing = Date.now();
+    const pingEvery = Math.min(60000, idle * 1000 / 3);
     function active() {
       lastActive = Date.now();
-      if (lastActive - lastPing < 60000 || !token) return;
+      if (lastActive - lastPing < pingEvery || !token) return;
       lastPing = lastActive;
       fetch("/api/alive", {
         method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": token.value },
-      }).then(function (r) { if (r.status === 401) leave(); }).catch(function () {});
+      }).then(function (r) { if (r.status === 401) leave("idle=1"); }).catch(function () {});
     }
     ["keydown", "mousedown", "scroll", "touchstart"].forEach(function (t) {
       window.addEventListener(t, active, { passive: true, capture: true });
     });
+    let leaving = false;
     setInterval(function () {
-      if (Date.now() - lastActive > idle * 1000 - 5000) leave();
+      if (leaving || Date.now() - lastActive <= idle * 1000 - 5000) return;
+      // a little before the server's timeout: end the session there too, then leave
+      leaving = true;
+      const go = function () { leave("idle=1"); };
+      if (!token) { go(); return; }
+      fetch("/api/idle", {
+        method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": token.value },
+      }).then(go, go);
     }, 5000);
   }
 
-  function leave() {
+  function leave(why) {
     const here = window.location.pathname + window.location.search;
-    window.location.replace("/login?idle=1&next=" + encodeURIComponent(here));
+    window.location.replace("/login?" + why + "&next=" + encodeURIComponent(here));
   }
 
   feedPage();
