@@ -127,9 +127,8 @@ async def users_page(request: Request) -> Response:
     tz = zone(feed.settings.timezone)
     rows = await db(accounts, feed.settings, entries, feed.guard.users.locked)
     by_name = {a.username: a for a in rows}
-    for sess in live_sessions(
-        feed.settings, await db(_started, feed.store, feed.settings, None, True)
-    ):
+    started = await db(_started, feed.store, feed.settings, None, True)
+    for sess in live_sessions(feed.settings, started, feed.store.clock()):
         if sess.username in by_name:
             by_name[sess.username].open_sessions += 1
     reloads = [(e.at, audit_detail(e.detail)) for e in changes]
@@ -175,15 +174,16 @@ def _started(
 ) -> list[FeedSession]:
     """Sessions started within the longest a session lasts (and the last day)."""
     back = max(settings.session_max_age_s, ENDED_SHOWN_H * 3600)
-    after = datetime.now(UTC) - timedelta(seconds=back)
+    after = store.clock() - timedelta(seconds=back)
     return list(store.sessions_started(after, username, open_only))
 
 
-def live_sessions(settings: FeedSettings, rows: list[FeedSession]) -> list[FeedSession]:
+def live_sessions(
+    settings: FeedSettings, rows: list[FeedSession], now: datetime
+) -> list[FeedSession]:
     """The open sessions that would still serve a request: within the session's maximum
     age, of a user as the settings have them now (same credentials), not idle past
     ``idle_timeout_s`` (give or take how rarely activity is written to the store)."""
-    now = datetime.now(UTC)
     oldest = now - timedelta(seconds=settings.session_max_age_s)
     idle = settings.idle_timeout_s
     idle_cut = now - timedelta(seconds=idle + seen_write_every(idle)) if idle > 0 else None
@@ -226,12 +226,13 @@ async def sessions_page(request: Request) -> Response:
     mine = _key(request)
     everyone = allowed(user.role, PERMISSION)
     rows = await db(_started, feed.store, settings, None if everyone else user.username, False)
-    live = live_sessions(settings, rows)
+    now = feed.store.clock()
+    live = live_sessions(settings, rows, now)
     own = [_row(settings, s, mine) for s in live if s.username == user.username]
     others = [_row(settings, s, mine) for s in live] if everyone else []
     ended: list[SessionRow] = []
     if everyone:
-        cut = datetime.now(UTC) - timedelta(hours=ENDED_SHOWN_H)
+        cut = now - timedelta(hours=ENDED_SHOWN_H)
         ended = [
             _row(settings, s, mine)
             for s in rows

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pipeline.alerting.feedstate import FeedSession
@@ -152,7 +152,7 @@ class SessionRegistry:
         """Read the sessions changed since the last sync; how many rows were read."""
         since = None if self._cursor is None else self._cursor - timedelta(seconds=SYNC_OVERLAP_S)
         if since is None:  # first sync: the recent past is enough
-            since = datetime.now(UTC) - timedelta(days=1)
+            since = self.store.clock() - timedelta(days=1)
         rows: list[FeedSession] = self.store.sessions_changed(since)
         with self._lock:
             for row in rows:
@@ -183,7 +183,7 @@ class SessionRegistry:
         """Forget, in the store, sessions started more than :data:`KEEP_DAYS` ago and
         failed sign-ins older than any login throttle's window."""
         try:
-            gone = self.store.sessions_prune(datetime.now(UTC) - timedelta(days=KEEP_DAYS))
+            gone = self.store.sessions_prune(self.store.clock() - timedelta(days=KEEP_DAYS))
             self.store.login_failures_prune(self.keep_failures_s)
         except Exception as exc:  # noqa: BLE001 - the next prune tries again
             log.error("feed: old sessions could not be forgotten: %s", exc)
