@@ -24,6 +24,7 @@ from pipeline.web.testing import PASSWORD, TZ, FeedClient, believable_alert, fee
 from pipeline.web.totp import code_at, new_secret
 from tests.browser import log_in, needs_chromium, open_page
 from tests.test_web import Stream
+from tests.test_web_browser import _save
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 EDGE = (
@@ -101,7 +102,8 @@ def test_a_supervisor_ends_a_session_and_the_live_page_leaves(feed) -> None:
         live = Stream(ana)
         page = sam.get("/sessions").text
         ids = _session_ids(page)
-        assert set(ids) == {"ana", "sam", "aud"} and all(ids.values())
+        assert set(ids) == {"ana", "sam", "aud"} and ids["ana"] and ids["aud"]
+        assert ids["sam"] == ""  # his own: he signs out instead
         row = page.split(f'id="session-{ids["ana"][:12]}"')[1].split("</tr>")[0]
         assert "Firefox 128 on Linux" in row and "127.0.0.1" in row and "analyst" in row
         own = page.split('id="own-sessions"')[1].split("</table>")[0]
@@ -209,16 +211,24 @@ def test_two_feed_processes_share_sessions_lockouts_and_codes(pg_url: str) -> No
 
 
 @needs_chromium
-def test_an_ended_session_leaves_the_screen(browser: Any, feed) -> None:
+def test_an_ended_session_leaves_the_screen(browser: Any, feed, tmp_path: Path) -> None:
     url, store = feed
     page, errors = open_page(browser, 15_000)
     log_in(page, url, "ana", PASSWORD)
     page.wait_for_selector("#alerts tbody tr")
-    with _client(url, "sam") as sam:
-        ids = _session_ids(sam.get("/sessions").text)
-        assert sam.post("/sessions/end", {"session_id": ids["ana"]}).status_code == 303
-    # no click needed: the page goes to the login, with the reason, and shows no case
+    with _client(url, "aud", EDGE):
+        sup, sup_errors = open_page(browser, 15_000)
+        log_in(sup, url, "sam", PASSWORD)
+        sup.click("header .who a.name")  # his name opens the sessions page
+        sup.wait_for_selector("#all-sessions")
+        _save(sup, tmp_path, "sessions.png", full_page=True)
+        row = sup.locator("#all-sessions tr", has_text="analyst")
+        assert "Chrome" in row.inner_text()
+        row.get_by_role("button", name="End session").click()
+        sup.wait_for_selector("text=Ended ana's session")
+        assert sup.locator("#all-sessions tr", has_text="analyst").count() == 0
+    # no click needed: ana's page goes to the login, with the reason, and shows no case
     page.wait_for_url("**/login?ended=supervisor**", timeout=10_000)
     assert "A supervisor ended your session" in page.inner_text("#notice")
     assert "#alerts" not in page.content()
-    assert errors == []
+    assert errors == [] and sup_errors == []
