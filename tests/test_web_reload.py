@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def test_users_edited_in_the_config_apply_without_a_restart(feed) -> None:
         ("(config)", {"file": str(path), "added": ["li"], "removed": ["sam"], "changed": ["ana"]})
     ]
     assert FeedClient(url).login("sam", PASSWORD).status_code == 401
+    # sam is back as he was: his old session stays ended (it ended in the store); a role
+    # change kept ana's
+    _write(path, {"ana": "supervisor", "aud": "auditor", "li": "auditor", "sam": "supervisor"})
+    with FeedClient(url) as again:
+        _until(lambda: again.login("sam", PASSWORD).status_code == 303)
+    assert sam.get("/").status_code == 303
+    store = stop.app.state.store
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    first = min(store.sessions_started(since, "sam", open_only=False), key=lambda r: r.started_at)
+    assert (first.end_reason, first.ended_by) == ("user removed", "(config)")
+    assert [r.open for r in store.sessions_started(since, "ana", open_only=False)] == [True]
     ana.close()
     sam.close()
 

@@ -151,10 +151,38 @@ def _apply(app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> 
     if got is None:
         return
     settings, change = got
+    old = app.state.settings
     app.state.settings = settings
     app.state.feed_app.settings = settings
+    _end_sessions(app, old, settings, change)
     detail = {"file": str(reloader.path), **change.as_dict()}
     try:
         record("(config)", "users.reload", None, detail)
     except Exception as exc:  # noqa: BLE001 - applied all the same; say so
         log.error("feed: the users' reload could not be written to the audit log: %s", exc)
+
+
+#: why the sessions of a user changed in the config file end (``feed_sessions.end_reason``)
+USER_REMOVED = "user removed"
+CREDENTIALS_CHANGED = "credentials changed"
+
+
+def _end_sessions(app: Any, old: FeedSettings, new: FeedSettings, change: UsersChange) -> None:
+    """End, in the store, the sessions of users removed or whose password, second factor
+    or sign-in changed: they are refused already (each request checks the settings), and
+    now stay ended if the user comes back as they were. A changed role keeps them."""
+    from pipeline.web.auth import fingerprint
+
+    ending = [(name, USER_REMOVED) for name in change.removed]
+    for name in change.changed:
+        was, now = old.user(name), new.user(name)
+        if was is not None and now is not None and fingerprint(was) != fingerprint(now):
+            ending.append((name, CREDENTIALS_CHANGED))
+    for name, why in ending:
+        try:
+            n = app.state.store.sessions_end_user(name, "(config)", why)
+        except Exception as exc:  # noqa: BLE001 - refused all the same; say so
+            log.error("feed: %s's sessions could not be ended in the store: %s", name, exc)
+            continue
+        if n:
+            log.info("feed: ended %d session(s) of %s (%s)", n, name, why)
