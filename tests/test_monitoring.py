@@ -67,7 +67,7 @@ def _alert_service_registry() -> Any:
 
     changes = SimpleNamespace(subscribers=0, seq=0, scan_seconds=0.0, poll_failures=0)
     reloads = SimpleNamespace(reloads=0, failures=0)
-    guard = LoginGuard(FeedSettings())
+    guard = LoginGuard(FeedSettings(), None, "secret")  # counters only: no store needed
     reg.register(FeedCollector(changes, guard, reloads))  # type: ignore[arg-type]
     return reg
 

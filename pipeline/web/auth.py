@@ -370,22 +370,21 @@ def _trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
 
 def client_address(request: Request, trusted: tuple[IPNetwork, ...] = ()) -> str:
     """The address a request comes from. Behind reverse proxies (``trusted``): the last
-        address in ``X-Forwarded-For`` that no trusted proxy added; a client cannot forge it,
-        since the proxies append what they saw. Without trusted proxies the header is ignored.
+    address in ``X-Forwarded-For`` that no trusted proxy added; a client cannot forge it,
+    since the proxies append what they saw. Without trusted proxies the header is ignored.
 
-        >>> from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-        >>> from pipeline.web.settings import trusted_networks
-        >>> def req(peer, xff=""):
-        ...     hs = [(b"x-forwarded-for", xff.encode())] if xff else []
-        ...     return Request({"type": "http", "client": (peer, 1), "headers": hs})
-        >>> proxies = trusted_networks(["10.0.0.0/8"])
-        >>> client_address(req("192.0.2.7", "1.2.3.4"))
-        '192.0.2.7'
-        >>> client_address(req("10.1.1.1", "6.6.6.6, 198.51.100.9, 10.2.2.2"), proxies)
-        '198.51.100.9'
-        >>> client_address(req("192.0.2.7", "198.51.100.9"), proxies)  # not from a proxy
-        '192.0.2.7'
+    >>> from starlette.requests import Request
+    >>> from pipeline.web.settings import trusted_networks
+    >>> def req(peer, xff=""):
+    ...     hs = [(b"x-forwarded-for", xff.encode())] if xff else []
+    ...     return Request({"type": "http", "client": (peer, 1), "headers": hs})
+    >>> proxies = trusted_networks(["10.0.0.0/8"])
+    >>> client_address(req("192.0.2.7", "1.2.3.4"))
+    '192.0.2.7'
+    >>> client_address(req("10.1.1.1", "6.6.6.6, 198.51.100.9, 10.2.2.2"), proxies)
+    '198.51.100.9'
+    >>> client_address(req("192.0.2.7", "198.51.100.9"), proxies)  # not from a proxy
+    '192.0.2.7'
     """
     peer = request.client.host if request.client is not None else ""
     if not trusted or not _trusted(peer, trusted):
