@@ -380,6 +380,17 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "the regulator's table of many hospitals' assessments",
         ),
         (
+            "audit-verify",
+            "pipeline.alerting.chain",
+            "check the alert store's audit log and triage history for changed, removed or "
+            "inserted entries (a hash chain), against anchors published earlier",
+        ),
+        (
+            "audit-head",
+            "pipeline.alerting.chain",
+            "print the audit log's head (ID:HASH): an anchor to keep outside the database",
+        ),
+        (
             "assessment-keygen",
             "pipeline.assessment",
             "a key pair to sign assessments: the private key stays, the public one goes to "

@@ -50,7 +50,7 @@ def test_migrations_create_the_modelled_schema_and_round_trip(store_url: str) ->
 
     engine = create_engine(normalize_url(store_url))
     schema.migrate(engine)
-    assert schema.current_revision(engine) == "0004"
+    assert schema.current_revision(engine) == "0005"
     with engine.connect() as conn:
         mc = MigrationContext.configure(
             conn, opts={"compare_type": True, "version_table": schema.VERSION_TABLE}
@@ -88,7 +88,7 @@ def test_upgrading_indexes_the_patients_of_the_alerts_already_stored(store_url: 
             conn.execute(schema.alerts.insert().values(**row))
     schema.migrate(engine)
     store = AlertStore(store_url, migrate=False)
-    assert schema.current_revision(engine) == "0004"
+    assert schema.current_revision(engine) == "0005"
     got, total = store.alerts_on_patients(["p2"], exclude="ew-a")
     assert [a.alert_id for a in got] == ["ew-b"] and total == 1
     store.close()
@@ -411,7 +411,7 @@ def test_a_0001_store_upgrades_in_place(store_url: str) -> None:
     schema.migrate(engine, "0001")
     assert "ix_alerts_updated_at" not in {i["name"] for i in inspect(engine).get_indexes("alerts")}
     schema.migrate(engine)
-    assert schema.current_revision(engine) == "0004"
+    assert schema.current_revision(engine) == "0005"
     assert "ix_alerts_updated_at" in {i["name"] for i in inspect(engine).get_indexes("alerts")}
     schema.downgrade(engine, "base")
     engine.dispose()

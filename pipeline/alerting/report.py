@@ -32,6 +32,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select
 
 from pipeline.alerting import schema as t
+from pipeline.alerting.chain import head
 from pipeline.alerting.records import RESPONSE_TARGET_H
 from pipeline.alerting.render import SEVERITY_ORDER
 
@@ -92,6 +93,9 @@ class PrivacyReport:
     #: ``emrwatch access-report`` runs recorded in the audit log, by whom
     access_reports_by_actor: dict[str, int] = field(default_factory=dict)
     suppressions_created: list[dict[str, Any]] = field(default_factory=list)
+    #: the audit log's head when the report was made (``ID:HASH``): kept with the report,
+    #: it is an anchor for ``emrwatch audit-verify`` (pipeline.alerting.chain)
+    audit_anchor: str = ""
 
     @property
     def title(self) -> str:
@@ -151,6 +155,9 @@ class PrivacyReport:
         ]
         for s in self.suppressions_created:
             lines.append(f"  suppression {s['id']} by {s['created_by']}: {s['scope']}")
+        if self.audit_anchor:
+            lines += ["", f"Audit log head (keep it: emrwatch audit-verify --anchor): "
+                          f"{self.audit_anchor}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ html
@@ -206,6 +213,13 @@ class PrivacyReport:
                     },
                     "suppressions created": len(self.suppressions_created),
                 },
+            ),
+            (
+                f"<p class='muted anchor'>Audit log head when this report was made (keep it: "
+                f"<code>emrwatch audit-verify --anchor</code>): "
+                f"<code>{html.escape(self.audit_anchor)}</code></p>"
+                if self.audit_anchor
+                else ""
             ),
             "</section>",
         ]
@@ -327,6 +341,9 @@ def privacy_report(
         created = conn.execute(
             select(sp).where(sp.c.created_at >= t0, sp.c.created_at < t1).order_by(sp.c.id)
         ).all()
+        anchor = head(conn)
+    if anchor is not None:
+        rep.audit_anchor = f"{anchor[0]}:{anchor[1]}"
 
     rep.alerts = len(raised)
     rep.by_severity = _by_severity(Counter(r.severity for r in raised))

@@ -128,6 +128,7 @@ triage_history = Table(
     Column("to_state", String(24), nullable=False),
     Column("assignee", String(128), nullable=True),
     Column("note", Text, nullable=False),
+    Column("chain", String(64), nullable=True),  # tamper evidence: pipeline.alerting.chain
     Index("ix_triage_history_alert", "alert_id", "id"),
 )
 
@@ -161,6 +162,7 @@ audit_log = Table(
     Column("action", String(64), nullable=False),
     Column("alert_id", String(64), nullable=True),  # no FK: the log outlives any row
     Column("detail", Text, nullable=False),
+    Column("chain", String(64), nullable=True),  # tamper evidence: pipeline.alerting.chain
     Index("ix_audit_log_at", "at"),
     Index("ix_audit_log_alert", "alert_id", "at"),
     Index("ix_audit_log_actor", "actor", "at"),

@@ -45,7 +45,6 @@ from sqlalchemy import (
     and_,
     delete,
     func,
-    insert,
     or_,
     select,
     tuple_,
@@ -55,6 +54,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from detectors.alerts import Alert
 from pipeline.alerting import schema as t
+from pipeline.alerting.chain import chained_insert
 from pipeline.alerting.feedstate import FeedSession, FeedStateMixin
 from pipeline.alerting.records import (
     _SUMMARY_COLS,
@@ -548,17 +548,18 @@ class AlertStore(SuppressionsMixin, FeedStateMixin):
         assignee: str | None,
         note: str,
     ) -> HistoryEntry:
-        h = t.triage_history
-        res = conn.execute(
-            insert(h).values(
-                alert_id=alert_id,
-                at=at,
-                actor=actor,
-                from_state=frm,
-                to_state=to,
-                assignee=assignee,
-                note=note,
-            )
+        res = chained_insert(
+            conn,
+            t.triage_history,
+            {
+                "alert_id": alert_id,
+                "at": at,
+                "actor": actor,
+                "from_state": frm,
+                "to_state": to,
+                "assignee": assignee,
+                "note": note,
+            },
         )
         hid = _new_id(res)
         return HistoryEntry(hid, alert_id, _aware(at), actor, frm, to, assignee, note)
@@ -648,12 +649,9 @@ class AlertStore(SuppressionsMixin, FeedStateMixin):
     def _audit(
         conn: Connection, at: datetime, actor: str, action: str, alert_id: str | None, detail: str
     ) -> int:
-        res = conn.execute(
-            insert(t.audit_log).values(
-                at=at, actor=actor, action=action, alert_id=alert_id, detail=detail
-            )
-        )
-        return _new_id(res)
+        values = {"at": at, "actor": actor, "action": action, "alert_id": alert_id,
+                  "detail": detail}  # fmt: skip
+        return _new_id(chained_insert(conn, t.audit_log, values))
 
     def record_access(
         self,

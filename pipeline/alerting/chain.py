@@ -1,0 +1,293 @@
+"""A tamper-evident audit log: every entry of ``audit_log`` and ``triage_history`` carries
+a hash of itself and of the entry before it (a hash chain, as in Git or Certificate
+Transparency).
+
+The audit log is how the privacy office answers "who looked at this case, who unmasked
+this patient, who closed it as benign". Someone with write access to the database (a DBA,
+an attacker, an analyst covering their tracks with stolen credentials) could change or
+delete those rows. With the chain, changing, removing or inserting an entry anywhere
+breaks every hash after it, and :func:`verify` names the first entry that no longer
+follows. Only an edit that recomputes all later hashes escapes that, and it changes the
+chain's **head**: the head published at a point in time (:func:`head`; the monthly privacy
+report prints it, ``emrwatch audit-head`` prints it for a ticket or a write-once store)
+is an anchor that such a rewrite cannot keep (``emrwatch audit-verify --anchor ID:HASH``).
+
+Entries are chained in ``id`` order; writers take the chain's lock (PostgreSQL: an
+advisory lock per table until commit; SQLite: the write transaction's own lock), so ids
+and links follow one order even with several processes writing.
+
+>>> from pipeline.alerting.store import AlertStore
+>>> store = AlertStore("sqlite://")
+>>> _ = store.record_access("ana", "case.view", "ew-1")
+>>> _ = store.record_access("sam", "unmask", "ew-1", {"reason": "complaint 17"})
+>>> with store.read() as conn:
+...     verify(conn).ok
+True
+>>> with store.write() as conn:
+...     _ = conn.execute(t.audit_log.update().where(t.audit_log.c.id == 1).values(actor="bob"))
+>>> with store.read() as conn:
+...     check = verify(conn)
+>>> check.ok, [b.entry_id for b in check.broken]
+(False, [1])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, insert, select, text
+
+from pipeline.alerting import schema as t
+
+GENESIS = "0" * 64  # the "entry before" the first
+#: what each chained table's hash covers, in this order (the chain's format, version 1)
+FIELDS: dict[str, tuple[str, ...]] = {
+    "audit_log": ("at", "actor", "action", "alert_id", "detail"),
+    "triage_history": ("alert_id", "at", "actor", "from_state", "to_state", "assignee", "note"),
+}
+CHAINED: tuple[Table, ...] = (t.audit_log, t.triage_history)
+_LOCKS = {"audit_log": 7265786174636802, "triage_history": 7265786174636803}
+MAX_BROKEN = 20  # breaks listed by one check
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, datetime):  # naive UTC, as stored
+        return v.replace(tzinfo=None).isoformat(timespec="microseconds")
+    return v
+
+
+def link(prev: str, table: str, row: Mapping[str, Any]) -> str:
+    """The hash of ``row`` (a row of ``table``) following the entry whose hash is ``prev``.
+
+    >>> from datetime import datetime
+    >>> row = {"at": datetime(2026, 3, 2, 1, 0), "actor": "ana", "action": "login",
+    ...        "alert_id": None, "detail": "{}"}
+    >>> h = link(GENESIS, "audit_log", row)
+    >>> len(h), h == link(GENESIS, "audit_log", {**row, "actor": "bob"})
+    (64, False)
+    """
+    material = json.dumps(
+        [table, *(_value(row.get(f)) for f in FIELDS[table])],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256((prev + material).encode()).hexdigest()
+
+
+def chained_insert(conn: Connection, table: Table, values: dict[str, Any]) -> Any:
+    """Insert ``values`` into ``table`` as the chain's next entry; the insert's result."""
+    if conn.dialect.name == "postgresql":  # one writer at a time per chain, until commit
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCKS[table.name]})
+    prev = conn.execute(select(table.c.chain).order_by(table.c.id.desc()).limit(1)).scalar()
+    return conn.execute(
+        insert(table).values(**values, chain=link(prev or GENESIS, table.name, values))
+    )
+
+
+@dataclass(frozen=True)
+class Break:
+    """An entry that does not follow from the one before it (or an anchor not kept)."""
+
+    table: str
+    entry_id: int
+    at: datetime | None
+    why: str
+
+
+@dataclass
+class ChainCheck:
+    """What :func:`verify` found, per chained table."""
+
+    entries: dict[str, int] = field(default_factory=dict)
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    broken: list[Break] = field(default_factory=list)
+    anchors_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken
+
+
+def head(conn: Connection, table: Table = t.audit_log) -> tuple[int, str] | None:
+    """The chain's last entry: (id, hash), to publish as an anchor; None while empty."""
+    row = conn.execute(select(table.c.id, table.c.chain).order_by(table.c.id.desc()).limit(1))
+    got = row.first()
+    return (int(got.id), str(got.chain or "")) if got is not None else None
+
+
+def verify(conn: Connection, anchors: Mapping[tuple[str, int], str] | None = None) -> ChainCheck:
+    """Walk every chained table in id order and recompute each link. ``anchors`` maps
+    (table, entry id) to the hash published for it: each must still be there, unchanged."""
+    anchors = dict(anchors or {})
+    check = ChainCheck()
+    for table in CHAINED:
+        name = table.name
+        prev = GENESIS
+        n = 0
+        last: tuple[int, str] | None = None
+        wanted = {i: h for (tn, i), h in anchors.items() if tn == name}
+        q = select(table).order_by(table.c.id).execution_options(yield_per=5000)
+        for row in conn.execute(q):
+            n += 1
+            m = row._mapping
+            stored = m["chain"]
+            if stored != link(prev, name, dict(m)) and len(check.broken) < MAX_BROKEN:
+                why = (
+                    "has no hash (written by a program that does not chain)"
+                    if not stored
+                    else "does not follow from the entry before it: it was changed, or an "
+                    "entry before it was removed or inserted"
+                )
+                check.broken.append(Break(name, m["id"], m.get("at"), why))
+            if m["id"] in wanted:
+                check.anchors_checked += 1
+                if wanted.pop(m["id"]) != stored and len(check.broken) < MAX_BROKEN:
+                    check.broken.append(
+                        Break(name, m["id"], m.get("at"), "differs from the hash published for it")
+                    )
+            prev = stored or prev
+            last = (int(m["id"]), str(stored or ""))
+        for i in sorted(wanted):
+            check.broken.append(
+                Break(name, i, None, "was published as an anchor and is no longer there")
+            )
+        check.entries[name] = n
+        if last is not None:
+            check.heads[name] = last
+    return check
+
+
+def parse_anchor(text_: str) -> tuple[tuple[str, int], str]:
+    """``ID:HASH`` (the audit log) or ``TABLE:ID:HASH``.
+
+    >>> parse_anchor("17:" + "a" * 64)
+    (('audit_log', 17), 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa')
+    """
+    parts = text_.strip().split(":")
+    if len(parts) == 2:
+        parts.insert(0, "audit_log")
+    if len(parts) != 3 or parts[0] not in FIELDS or not parts[1].isdigit():
+        raise ValueError(f"an anchor is ID:HASH or TABLE:ID:HASH, not {text_!r}")
+    h = parts[2].lower()
+    if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+        raise ValueError(f"an anchor's hash is 64 hex digits: {text_!r}")
+    return (parts[0], int(parts[1])), h
+
+
+def describe(check: ChainCheck) -> str:
+    lines = []
+    for name, n in check.entries.items():
+        h = check.heads.get(name)
+        where = f", head #{h[0]} {h[1]}" if h else ""
+        lines.append(f"{name}: {n} entries{where}")
+    if check.anchors_checked:
+        lines.append(f"anchors found and matching: {check.anchors_checked - _bad_anchors(check)}")
+    if check.ok:
+        lines.append("the chain is intact: no entry was changed, removed or inserted")
+    else:
+        lines.append(f"the chain is BROKEN ({len(check.broken)} place(s)):")
+        for b in check.broken:
+            when = f" ({b.at.isoformat(sep=' ')[:19]} UTC)" if b.at else ""
+            lines.append(f"  {b.table} #{b.entry_id}{when} {b.why}")
+    return "\n".join(lines)
+
+
+def _bad_anchors(check: ChainCheck) -> int:
+    return sum(1 for b in check.broken if "published" in b.why)
+
+
+# ---------------------------------------------------------------------------- the CLI
+def _add_store(parser: Any) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="the alert store's URL (sqlite:///… or postgresql://…)")
+    where.add_argument(
+        "--config", help="the YAML file of emrwatch run / alerts: its alerting.store_url"
+    )
+
+
+def _url(args: Any) -> str:
+    if args.store:
+        return str(args.store)
+    from pipeline.alert_service import _load
+
+    return str(_load(args.config)[1].store_url)
+
+
+def add_audit_verify_arguments(parser: Any) -> None:
+    _add_store(parser)
+    parser.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="ID:HASH",
+        help="a head published earlier (emrwatch audit-head, the privacy report): it must "
+        "still be in the chain, unchanged (repeatable; TABLE:ID:HASH for triage_history)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_audit_verify(args: Any) -> int:
+    """Exit 0 if the chain is intact (and every anchor kept), 1 if not, 2 on bad input."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.alerting.store import AlertStore
+
+    try:
+        anchors = dict(parse_anchor(a) for a in args.anchor)
+    except ValueError as exc:
+        print(f"emrwatch audit-verify: {exc}", file=sys.stderr)
+        return 2
+    url = _url(args)
+    try:
+        store = AlertStore(url, migrate=False)
+        with store.read() as conn:
+            check = verify(conn, anchors)
+        store.close()
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc)
+        print(
+            f"emrwatch audit-verify: cannot read the alert store {url}: {reason}", file=sys.stderr
+        )
+        return 2
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": check.ok,
+                    "entries": check.entries,
+                    "heads": {k: {"id": i, "hash": h} for k, (i, h) in check.heads.items()},
+                    "anchors_checked": check.anchors_checked,
+                    "broken": [
+                        {"table": b.table, "id": b.entry_id, "why": b.why} for b in check.broken
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(describe(check))
+    return 0 if check.ok else 1
+
+
+def add_audit_head_arguments(parser: Any) -> None:
+    _add_store(parser)
+
+
+def cmd_audit_head(args: Any) -> int:
+    """Print the audit log's head as an anchor (``ID:HASH``) to keep somewhere else."""
+    from pipeline.alerting.store import AlertStore
+
+    store = AlertStore(_url(args), migrate=False)
+    with store.read() as conn:
+        got = {tb.name: head(conn, tb) for tb in CHAINED}
+    store.close()
+    for name, h in got.items():
+        if h is not None:
+            print(f"{h[0]}:{h[1]}" if name == "audit_log" else f"{name}:{h[0]}:{h[1]}")
+    return 0

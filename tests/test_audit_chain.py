@@ -1,0 +1,193 @@
+"""The tamper-evident audit log (a hash chain over ``audit_log`` and ``triage_history``),
+on SQLite and PostgreSQL: every way of editing the log in the database is found, an
+anchor published earlier catches a rewrite of the whole chain, concurrent writers from
+several processes keep one chain, an older store is chained when it upgrades, and the
+command line and the feed's audit page say what they found."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, delete, insert, select, update
+
+from pipeline.alerting import chain, schema
+from pipeline.alerting.records import normalize_url
+from pipeline.alerting.report import privacy_report
+from pipeline.alerting.store import AlertStore
+from pipeline.alerting.testing import backend_url, sample_alert
+from pipeline.web.testing import RunningFeed
+
+ROOT = Path(__file__).resolve().parent.parent
+t_audit, t_history = schema.audit_log, schema.triage_history
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AlertStore]:
+    with backend_url(request.param, tmp_path) as url:
+        s = AlertStore(url)
+        yield s
+        s.close()
+
+
+def _fill(store: AlertStore) -> None:
+    """Some days of a privacy office's work: views, an unmask, triage with a verdict."""
+    store.upsert([sample_alert("ew-1", user_id="u1"), sample_alert("ew-2", user_id="u2")])
+    store.record_access("ana", "login", None, {"address": "10.0.0.7"})
+    store.record_access("ana", "case.view", "ew-1")
+    store.record_access("ana", "unmask", "ew-1", {"reason": "patient complaint 17"})
+    store.transition("ew-1", "acknowledged", actor="ana")
+    store.transition("ew-1", "investigating", actor="ana")
+    store.transition("ew-1", "closed_confirmed", actor="sam", note="confirmed with HR")
+    store.record_access("sam", "case.view", "ew-2")
+
+
+def _check(store: AlertStore, anchors: dict | None = None) -> chain.ChainCheck:
+    with store.read() as conn:
+        return chain.verify(conn, anchors)
+
+
+def _broken(store: AlertStore, anchors: dict | None = None) -> list[tuple[str, int]]:
+    return [(b.table, b.entry_id) for b in _check(store, anchors).broken]
+
+
+def test_an_untouched_log_verifies_and_every_kind_of_edit_is_found(store: AlertStore) -> None:
+    _fill(store)
+    check = _check(store)
+    assert check.ok and check.entries == {"audit_log": 4, "triage_history": 3}
+    assert check.heads["audit_log"][0] == 4
+    with store.write() as conn:
+        # an unmask's stated reason is changed after the fact ...
+        conn.execute(update(t_audit).where(t_audit.c.id == 3).values(detail='{"reason": "x"}'))
+    assert _broken(store) == [("audit_log", 3)]
+    with store.write() as conn:
+        conn.execute(update(t_audit).where(t_audit.c.id == 3).values(
+            detail=json.dumps({"reason": "patient complaint 17"}, sort_keys=True)))  # fmt: skip
+    assert _check(store).ok  # put back exactly as it was: intact again
+    with store.write() as conn:
+        # ... a case view is deleted: the entry after it no longer follows
+        conn.execute(delete(t_audit).where(t_audit.c.id == 2))
+        # ... a verdict is turned from confirmed misuse into benign
+        conn.execute(update(t_history).where(t_history.c.id == 3).values(to_state="closed_benign"))
+    assert _broken(store) == [("audit_log", 3), ("triage_history", 3)]
+
+
+def test_an_inserted_entry_and_a_rewritten_chain_are_found(store: AlertStore) -> None:
+    _fill(store)
+    with store.read() as conn:
+        anchor = chain.head(conn)  # published: the monthly report printed it
+    assert anchor is not None
+    store.record_access("sam", "case.view", "ew-1")
+    with store.write() as conn:  # an entry slipped in with a plausible hash of its own
+        conn.execute(insert(t_audit).values(at=datetime(2026, 3, 2, 3, 0), actor="bob",
+                                            action="case.view", alert_id="ew-2", detail="",
+                                            chain="f" * 64))  # fmt: skip
+    assert _broken(store) == [("audit_log", 6)]
+    # someone who knows the scheme deletes entries and recomputes every later hash: the
+    # chain alone is consistent again, but the anchor published before is gone
+    with store.write() as conn:
+        conn.execute(delete(t_audit).where(t_audit.c.id.in_([3, 6])))
+        prev = chain.GENESIS
+        for r in conn.execute(select(t_audit).order_by(t_audit.c.id)).mappings().all():
+            prev = chain.link(prev, "audit_log", dict(r))
+            conn.execute(update(t_audit).where(t_audit.c.id == r["id"]).values(chain=prev))
+    assert _check(store).ok
+    anchors = {("audit_log", anchor[0]): anchor[1]}
+    assert _broken(store, anchors) == [("audit_log", 4)]
+    assert "differs from the hash published" in _check(store, anchors).broken[0].why
+
+
+def test_writers_in_several_processes_keep_one_chain(store: AlertStore) -> None:
+    others = [AlertStore(store.url, migrate=False) for _ in range(3)]
+    store.upsert([sample_alert("ew-1", user_id="u1")])
+
+    def write(s: AlertStore, who: str) -> None:
+        for i in range(40):
+            s.record_access(who, "case.view", "ew-1", {"i": i})
+            if i % 10 == 0:
+                s.comment("ew-1", who, f"note {i}")
+
+    threads = [threading.Thread(target=write, args=(s, f"u{k}")) for k, s in enumerate(others)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    check = _check(store)
+    assert check.ok, chain.describe(check)
+    assert check.entries == {"audit_log": 120, "triage_history": 12}
+    for s in others:
+        s.close()
+
+
+def test_a_store_from_before_the_chain_is_chained_when_it_upgrades(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/old.sqlite3"
+    engine = create_engine(normalize_url(url))
+    schema.migrate(engine, "0004")
+    with engine.begin() as conn:
+        for i in range(3):
+            conn.execute(insert(t_audit).values(
+                at=datetime(2026, 3, 1, 9, i), actor="ana", action="case.view",
+                alert_id=None, detail=str(i)))  # fmt: skip
+    schema.migrate(engine)
+    engine.dispose()
+    store = AlertStore(url)
+    store.record_access("sam", "login")
+    check = _check(store)
+    assert check.ok and check.entries["audit_log"] == 4
+    store.close()
+
+
+def test_the_command_line_and_the_privacy_report_publish_and_check_anchors(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/alerts.sqlite3"
+    store = AlertStore(url)
+    _fill(store)
+    rep = privacy_report(store, datetime(2026, 3, 1).date(), datetime(2026, 4, 1).date(), "UTC")
+    head = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "audit-head", "--store", url],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout.split()  # fmt: skip
+    assert head[0] == rep.audit_anchor and head[0].startswith("4:")
+    assert f"Audit log head (keep it: emrwatch audit-verify --anchor): {head[0]}" in rep.to_text()
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pipeline.cli", "audit-verify", "--store", url, *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+    ok = verify("--anchor", head[0], "--anchor", head[1])
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "the chain is intact" in ok.stdout and "anchors found and matching: 2" in ok.stdout
+    with store.write() as conn:
+        conn.execute(update(t_audit).where(t_audit.c.id == 2).values(actor="bob"))
+    bad = verify("--json")
+    assert bad.returncode == 1
+    got = json.loads(bad.stdout)
+    assert got["ok"] is False and got["broken"][0]["id"] == 2
+    assert verify("--anchor", "nonsense").returncode == 2
+    store.close()
+
+
+def test_the_audit_page_verifies_the_chain(tmp_path: Path) -> None:
+    feed = RunningFeed(tmp_path)
+    try:
+        aud, ana = feed.client("aud"), feed.client("ana")
+        page = aud.get("/audit").text
+        assert "Verify the chain" in page and "head #" in page
+        r = aud.post("/audit/verify")
+        assert r.status_code == 200 and "The chain is intact" in r.text
+        assert ana.post("/audit/verify").status_code == 403  # analysts do not read the log
+        with feed.store.write() as conn:
+            conn.execute(update(t_audit).where(t_audit.c.id == 1).values(detail="{}"))
+        r = aud.post("/audit/verify")
+        assert "The chain is BROKEN at 1 place(s)" in r.text and "audit log #1" in r.text
+        [last, *_] = feed.store.audit_log(actions=("audit.verify",))
+        assert json.loads(last.detail)["ok"] is False
+    finally:
+        feed.close()
