@@ -81,6 +81,12 @@ def run_alert_service(
     router.start()
     detection = settings.detection_config()  # for the feed's reports and the monthly mail
     registry = sink_registry(router)  # the sinks', the kept history's and the feed's metrics
+    watch = None
+    if alerting.audit_verify_every_h:
+        from pipeline.alerting.chain import ChainWatch
+
+        watch = ChainWatch(router.store, alerting.audit_verify_every_h * 3600).start()
+        registry.register(watch)
     server = None
     if feed_settings is not None:
         from pipeline.web.server import serve_feed
@@ -163,6 +169,8 @@ def run_alert_service(
         consumer.close()
         if keeper is not None:
             keeper.stop()
+        if watch is not None:
+            watch.stop()
         if server is not None:
             server.stop()
         router.close()

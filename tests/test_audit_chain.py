@@ -191,3 +191,36 @@ def test_the_audit_page_verifies_the_chain(tmp_path: Path) -> None:
         assert json.loads(last.detail)["ok"] is False
     finally:
         feed.close()
+
+
+def test_the_alert_service_watches_the_chain_and_reports_a_break(tmp_path: Path) -> None:
+    import time
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pipeline.alerting.config import AlertingConfig, AlertingConfigError
+
+    store = AlertStore(f"sqlite:///{tmp_path}/alerts.sqlite3")
+    _fill(store)
+    watch = chain.ChainWatch(store, every_s=0.2, first_s=0.0)
+    registry = CollectorRegistry()
+    registry.register(watch)
+    watch.start()
+    try:
+        deadline = time.monotonic() + 5
+        while watch.checks < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watch.breaks == 0 and watch.entries == 7 and watch.last_check > 0
+        with store.write() as conn:
+            conn.execute(update(t_history).where(t_history.c.id == 2).values(actor="mallory"))
+        while watch.breaks == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = generate_latest(registry).decode()
+        assert "emrwatch_audit_chain_breaks 1.0" in text
+        assert "emrwatch_audit_chain_checks_total" in text
+    finally:
+        watch.stop()
+        store.close()
+    assert AlertingConfig.from_dict({}).audit_verify_every_h == 24.0
+    with pytest.raises(AlertingConfigError, match="audit_verify_every_h"):
+        AlertingConfig.from_dict({"audit_verify_every_h": -1})

@@ -68,6 +68,9 @@ def _alert_service_registry() -> Any:
     changes = SimpleNamespace(subscribers=0, seq=0, scan_seconds=0.0, poll_failures=0)
     reloads = SimpleNamespace(reloads=0, failures=0)
     guard = LoginGuard(FeedSettings(), None, "secret")  # counters only: no store needed
+    from pipeline.alerting.chain import ChainWatch
+
+    reg.register(ChainWatch(None, 3600))  # not started: its metrics only
     reg.register(FeedCollector(changes, guard, reloads))  # type: ignore[arg-type]
     return reg
 
@@ -120,6 +123,7 @@ def test_rules_cover_the_four_conditions_and_use_exported_metrics():
         "EmrwatchSourceRefused",
         "EmrwatchFeedLoginLockout",
         "EmrwatchFeedConfigRejected",
+        "EmrwatchAuditLogTampered",
     } <= set(rules)
     exported = _exported()
     used = {name for expr in rules.values() for name in METRIC.findall(expr)}

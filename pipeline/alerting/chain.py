@@ -202,6 +202,80 @@ def _bad_anchors(check: ChainCheck) -> int:
     return sum(1 for b in check.broken if "published" in b.why)
 
 
+# ---------------------------------------------------------------------------- watching
+class ChainWatch:
+    """Verifies the chain every ``every_s`` seconds in a thread (the alert service runs
+    one: ``alerting.audit_verify_every_h``), for ``/metrics`` and the log: a break found
+    is logged as an error and shows as ``emrwatch_audit_chain_breaks`` > 0, on which the
+    shipped Prometheus rules page someone. The first check runs ``first_s`` after start."""
+
+    SPECS = (
+        ("counter", "emrwatch_audit_chain_checks", "Verifications of the audit log's hash chain",
+         "checks"),
+        ("gauge", "emrwatch_audit_chain_breaks",
+         "Entries that did not follow in the last verification (0: intact)", "breaks"),
+        ("gauge", "emrwatch_audit_chain_entries", "Entries the last verification read",
+         "entries"),
+        ("gauge", "emrwatch_audit_chain_last_check_timestamp_seconds",
+         "When the chain was last verified (0: not yet)", "last_check"),
+    )  # fmt: skip
+
+    def __init__(self, store: Any, every_s: float, first_s: float = 60.0) -> None:
+        import threading
+
+        self.store = store
+        self.every_s = float(every_s)
+        self.first_s = float(first_s)
+        self.checks = 0
+        self.breaks = 0
+        self.entries = 0
+        self.last_check = 0.0
+        self.last: ChainCheck | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="emrwatch-audit-chain", daemon=True)
+
+    def start(self) -> ChainWatch:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def check_once(self) -> ChainCheck:
+        import logging
+        import time
+
+        with self.store.read() as conn:
+            check = verify(conn)
+        self.last = check
+        self.checks += 1
+        self.breaks = len(check.broken)
+        self.entries = sum(check.entries.values())
+        self.last_check = time.time()
+        if not check.ok:
+            logging.getLogger(__name__).error(
+                "the alert store's audit log was tampered with: %s", describe(check)
+            )
+        return check
+
+    def _loop(self) -> None:
+        import logging
+
+        wait = self.first_s
+        while not self._stop.wait(wait):
+            try:
+                self.check_once()
+            except Exception as exc:  # noqa: BLE001 - the database may be back next time
+                logging.getLogger(__name__).error("verifying the audit log failed: %s", exc)
+            wait = self.every_s
+
+    def collect(self) -> Any:
+        from pipeline.alerting.metrics import attribute_metrics
+
+        yield from attribute_metrics(self, self.SPECS)
+
+
 # ---------------------------------------------------------------------------- the CLI
 def _add_store(parser: Any) -> None:
     where = parser.add_mutually_exclusive_group(required=True)

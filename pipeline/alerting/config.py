@@ -109,6 +109,9 @@ class AlertingConfig:
     overdue_after_h: dict[str, float] = field(
         default_factory=lambda: {k: RESPONSE_TARGET_H[k] for k in ("critical", "high")}
     )
+    #: hours between two verifications of the audit log's hash chain by the alert
+    #: service (pipeline.alerting.chain; a break shows in /metrics); 0: never
+    audit_verify_every_h: float = 24.0
     slack: SlackSettings = field(default_factory=SlackSettings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     email: EmailSettings = field(default_factory=EmailSettings)
@@ -197,6 +200,8 @@ class AlertingConfig:
                 raise AlertingConfigError(
                     f"{source}: overdue_after_h.{sev} must be a number of hours >= 0"
                 )
+        if not isinstance(self.audit_verify_every_h, int | float) or self.audit_verify_every_h < 0:
+            raise AlertingConfigError(f"{source}: audit_verify_every_h must be hours >= 0")
         if self.digest_interval_s <= 0 or self.delivery.retry_base_s <= 0:
             raise AlertingConfigError(f"{source}: intervals must be positive")
 
