@@ -124,6 +124,13 @@ class Assessment:
                 f"  hours to the first triage step: median {_h(al['first_step_median_h'])}, "
                 f"90th percentile {_h(al['first_step_p90_h'])}; first step after the target: "
                 f"{al['first_step_late']}; open over 30 days: {al['open_over_30_days']}",
+                f"  the monitor's audit log: {al['audit_log_entries']:,} entries, "
+                + (
+                    "intact (hash chain verified)"
+                    if not al["audit_log_breaks"]
+                    else f"TAMPERED ({al['audit_log_breaks']} break(s) in its hash chain)"
+                )
+                + (f"; head {al['audit_log_head']}" if al["audit_log_head"] else ""),
             ]
         out += ["", f"Concerns: {len(self.concerns) or 'none'}"]
         out += [f"  - {c['text']}" for c in self.concerns]
@@ -160,6 +167,8 @@ _COUNT_CONCERNS = (
     ("response", "alerts", "first_step_late",
      "{n} case(s) first triaged after their severity's target"),
     ("backlog", "alerts", "open_over_30_days", "{n} case(s) open for more than 30 days"),
+    ("audit_log", "alerts", "audit_log_breaks",
+     "the monitor's audit log was changed outside emrwatch ({n} break(s) in its hash chain)"),
 )  # fmt: skip
 
 
@@ -196,7 +205,7 @@ def concerns_of(a: Assessment) -> list[dict[str, str]]:
                     "break-the-glass accesses are unexplained"))  # fmt: skip
     for code, section, key, words in _COUNT_CONCERNS:
         counts = getattr(a, section)
-        if counts is not None and counts[key]:
+        if counts is not None and counts.get(key):
             out.append((code, words.format(n=counts[key])))
     if al is None:
         out.append(("no_alert_store", "no alert store given: the response to alerts is "
@@ -349,6 +358,21 @@ def _alerts(store: Any, start: date, end: date, timezone: str, accesses: int) ->
         "first_step_late": sum(rep.first_step_late.values()),
         "open_at_end": rep.open_at_end,
         "open_over_30_days": rep.open_by_age.get(OPEN_AGE_OLD, 0),
+        **_audit_chain(store),
+    }
+
+
+def _audit_chain(store: Any) -> dict[str, Any]:
+    """Whether the monitor's own audit log is intact (its hash chain), and its head."""
+    from pipeline.alerting.chain import verify
+
+    with store.read() as conn:
+        check = verify(conn)
+    h = check.heads.get("audit_log")
+    return {
+        "audit_log_entries": check.entries.get("audit_log", 0),
+        "audit_log_breaks": len(check.broken),
+        "audit_log_head": f"{h[0]}:{h[1]}" if h else "",
     }
 
 
@@ -432,6 +456,7 @@ INDICATORS: tuple[tuple[str, str], ...] = (
     ("median hours to first triage", "alerts.first_step_median_h"),
     ("first triage after target", "alerts.first_step_late"),
     ("open over 30 days", "alerts.open_over_30_days"),
+    ("audit log breaks (tampering)", "alerts.audit_log_breaks"),
     ("concerns", "concerns#"),
 )
 #: the concern codes each indicator row is marked by
@@ -448,6 +473,7 @@ _ROW_CONCERNS = {
     "alert cases": {"no_alert_store"},
     "first triage after target": {"response"},
     "open over 30 days": {"backlog"},
+    "audit log breaks (tampering)": {"audit_log"},
 }
 
 

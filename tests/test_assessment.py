@@ -90,8 +90,21 @@ def test_every_indicator_of_a_hand_made_hospital(tmp_path: Path) -> None:
     store = _store(tmp_path, d)
     try:
         a = assess("Hand General", d, d / "events.jsonl", *PERIOD, store=store)
+        # the monitor's own audit log, edited in the database, is a concern of the next
+        from sqlalchemy import update
+
+        from pipeline.alerting import schema
+
+        store.record_access("ana", "case.view")
+        with store.write() as conn:
+            conn.execute(update(schema.audit_log).values(actor="someone else"))
+        tampered = assess("Hand General", d, d / "events.jsonl", *PERIOD, store=store)
     finally:
         store.close()
+    assert a.alerts is not None and a.alerts["audit_log_breaks"] == 0
+    assert tampered.alerts is not None and tampered.alerts["audit_log_breaks"] >= 1
+    assert "audit_log" in [c["code"] for c in tampered.concerns]
+    assert "TAMPERED" in tampered.to_text() and "intact (hash chain verified)" in a.to_text()
     lg = a.log
     # the 3rd to the 5th: not "before" (the 2nd) nor "after" (the 6th)
     assert lg["accesses"] == 7 and lg["users"] == 6 and lg["patients"] == 3
