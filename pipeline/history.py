@@ -36,7 +36,6 @@ import io
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ import orjson
 
 from emrwatch.context import CONTEXT_FILES, normal_address, normal_name
 from emrwatch.events import CANONICAL_FIELDS, AccessEvent, parse_ts
+from pipeline.periodic import Periodic
 from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
 
 EVENTS_FILE = "events.jsonl"
@@ -594,7 +594,7 @@ def _replacing(path: Path) -> Iterator[Any]:
         tmp.unlink(missing_ok=True)
 
 
-class HistoryKeeper:
+class HistoryKeeper(Periodic):
     """Keeps a history directory current while a service runs: an update
     (:func:`export_history` with ``update``) at start and then every ``every_s`` seconds,
     in a background thread. A failed update (broker away, disk full) is logged and tried
@@ -618,7 +618,6 @@ class HistoryKeeper:
         self.timeout = timeout
         self.keep_days = keep_days
         self.on_update = on_update  # after each update, with its manifest
-        self.every_s = every_s
         self.client_config = client_config
         self.timezone = timezone
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -628,16 +627,13 @@ class HistoryKeeper:
         self.events = 0  # events the history holds after it
         self.last_error = ""
         self._holes_told = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="emrwatch-history", daemon=True)
+        super().__init__(every_s)
+
+    thread_name = "emrwatch-history"
 
     def start(self) -> HistoryKeeper:
-        self._thread.start()
+        super().start()
         return self
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
 
     def update_once(self) -> dict[str, Any] | None:
         """One update; None (and the error logged) if it failed."""
@@ -668,10 +664,8 @@ class HistoryKeeper:
                 self.log(f"history: after the update of {self.out}: {type(exc).__name__}: {exc}")
         return m
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.update_once()
-            self._stop.wait(self.every_s)
+    def run_once(self) -> dict[str, Any] | None:
+        return self.update_once()
 
 
 class Pseudonymizer:

@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,6 +46,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, insert, select, text
 
 from pipeline.alerting import schema as t
+from pipeline.periodic import Periodic
 
 GENESIS = "0" * 64  # the "entry before" the first
 #: what each chained table's hash covers, in this order (the chain's format, version 1)
@@ -203,7 +206,7 @@ def _bad_anchors(check: ChainCheck) -> int:
 
 
 # ---------------------------------------------------------------------------- watching
-class ChainWatch:
+class ChainWatch(Periodic):
     """Verifies the chain every ``every_s`` seconds in a thread (the alert service runs
     one: ``alerting.audit_verify_every_h``), for ``/metrics`` and the log: a break found
     is logged as an error and shows as ``emrwatch_audit_chain_breaks`` > 0, on which the
@@ -220,32 +223,22 @@ class ChainWatch:
          "When the chain was last verified (0: not yet)", "last_check"),
     )  # fmt: skip
 
-    def __init__(self, store: Any, every_s: float, first_s: float = 60.0) -> None:
-        import threading
+    thread_name = "emrwatch-audit-chain"
 
+    def __init__(self, store: Any, every_s: float, first_s: float = 60.0) -> None:
+        super().__init__(every_s, first_s)
         self.store = store
-        self.every_s = float(every_s)
-        self.first_s = float(first_s)
         self.checks = 0
         self.breaks = 0
         self.entries = 0
         self.last_check = 0.0
         self.last: ChainCheck | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="emrwatch-audit-chain", daemon=True)
 
     def start(self) -> ChainWatch:
-        self._thread.start()
+        super().start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
     def check_once(self) -> ChainCheck:
-        import logging
-        import time
-
         with self.store.read() as conn:
             check = verify(conn)
         self.last = check
@@ -259,16 +252,12 @@ class ChainWatch:
             )
         return check
 
-    def _loop(self) -> None:
-        import logging
-
-        wait = self.first_s
-        while not self._stop.wait(wait):
-            try:
-                self.check_once()
-            except Exception as exc:  # noqa: BLE001 - the database may be back next time
-                logging.getLogger(__name__).error("verifying the audit log failed: %s", exc)
-            wait = self.every_s
+    def run_once(self) -> ChainCheck | None:
+        try:
+            return self.check_once()
+        except Exception as exc:  # noqa: BLE001 - the database may be back next time
+            logging.getLogger(__name__).error("verifying the audit log failed: %s", exc)
+            return None
 
     def collect(self) -> Any:
         from pipeline.alerting.metrics import attribute_metrics

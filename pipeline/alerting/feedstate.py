@@ -25,7 +25,6 @@ True
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -33,7 +32,7 @@ from sqlalchemy import Connection, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pipeline.alerting import schema as t
-from pipeline.alerting.records import _aware, _aware_opt, _naive_utc
+from pipeline.alerting.records import StoreParts, _aware, _aware_opt, _naive_utc
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,8 @@ def _session(r: object) -> FeedSession:
     )
 
 
-class FeedStateMixin:
+class FeedStateMixin(StoreParts):
     """The feed-state part of :class:`~pipeline.alerting.store.AlertStore`."""
-
-    # provided by AlertStore
-    def now(self) -> datetime:
-        raise NotImplementedError
-
-    def write(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def read(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ sessions
     def session_start(

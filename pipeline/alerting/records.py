@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -296,6 +297,20 @@ class Label:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["decided_at"] = self.decided_at.isoformat()
         return d
+
+
+class StoreParts:
+    """What :class:`~pipeline.alerting.store.AlertStore` gives the mixins it is made of
+    (suppressions, the feed's state): its clock and its transactions."""
+
+    def now(self) -> datetime:
+        raise NotImplementedError
+
+    def write(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
+
+    def read(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------- helpers

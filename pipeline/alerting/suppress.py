@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import fields
 from datetime import datetime
 from typing import Any
@@ -24,6 +23,7 @@ from pipeline.alerting.records import (
     AlertSummary,
     InvalidTransition,
     StoredAlert,
+    StoreParts,
     Suppression,
     SuppressionPreview,
     SuppressionSpec,
@@ -35,20 +35,11 @@ from pipeline.alerting.records import (
 )
 
 
-class SuppressionsMixin:
+class SuppressionsMixin(StoreParts):
     """The suppression part of :class:`~pipeline.alerting.store.AlertStore`."""
 
     # provided by AlertStore
     def get(self, alert_id: str) -> StoredAlert | None:
-        raise NotImplementedError
-
-    def now(self) -> datetime:
-        raise NotImplementedError
-
-    def write(self) -> AbstractContextManager[Connection]:
-        raise NotImplementedError
-
-    def read(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
     @staticmethod
