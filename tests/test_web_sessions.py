@@ -26,6 +26,7 @@ from tests.browser import log_in, needs_chromium, open_page
 from tests.test_web import Stream
 from tests.test_web_browser import _save
 
+ROOT = Path(__file__).resolve().parent.parent
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 EDGE = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -232,3 +233,40 @@ def test_an_ended_session_leaves_the_screen(browser: Any, feed, tmp_path: Path) 
     assert "A supervisor ended your session" in page.inner_text("#notice")
     assert "#alerts" not in page.content()
     assert errors == [] and sup_errors == []
+
+
+def test_it_lists_and_ends_a_users_sessions_from_the_command_line(feed, tmp_path: Path) -> None:
+    """For IT with no supervisor at hand: ``emrwatch users sessions --config FILE``."""
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    import yaml
+
+    url, store = feed
+    users = [asdict(u) for u in feed_settings().users]
+    config = tmp_path / "alerts.yaml"
+    config.write_text(
+        yaml.safe_dump({"feed": {"users": users}, "alerting": {"store_url": store.url}})
+    )
+
+    def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "pipeline.cli", "users", "sessions", "--config", str(config)]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=ROOT)
+
+    with _client(url, "ana", FIREFOX) as ana, _client(url, "sam", EDGE) as sam:
+        listed = cli()
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert len(lines) == 2 and any(
+            ln.split()[:2] == ["ana", "analyst"] and "Firefox 128 on Linux" in ln for ln in lines
+        ), lines
+        ended = cli("--username", "ana", "--end")
+        assert ended.returncode == 0 and "ana: ended 1 session(s)" in ended.stdout
+        _until(lambda: ana.get("/").status_code == 303)  # within a sync of the feed
+        assert sam.get("/").status_code == 200
+        assert cli("--username", "ana").stdout.strip() == "ana: no session"
+        assert cli("--end").returncode == 2  # --end needs a user
+    [entry] = store.audit_log(actions=("session.end",))
+    assert entry.actor.startswith("(command line: ")
+    assert json.loads(entry.detail) == {"user": "ana", "sessions": 1}

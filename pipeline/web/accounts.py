@@ -30,13 +30,13 @@ from starlette.routing import BaseRoute, Route
 from emrwatch.timeutil import zone
 from pipeline.alerting.feedstate import FeedSession
 from pipeline.web.app import UNKNOWN_ACTOR, _feed, db, flash
-from pipeline.web.auth import _key, fingerprint, requires
+from pipeline.web.auth import _key, requires
 from pipeline.web.sessions import (
     ENDED_BY_SUPERVISOR,
     ENDED_BY_USER,
     IDLE,
     browser_label,
-    seen_write_every,
+    live_sessions,
 )
 from pipeline.web.settings import FeedSettings
 from pipeline.web.users import allowed
@@ -176,29 +176,6 @@ def _started(
     back = max(settings.session_max_age_s, ENDED_SHOWN_H * 3600)
     after = store.clock() - timedelta(seconds=back)
     return list(store.sessions_started(after, username, open_only))
-
-
-def live_sessions(
-    settings: FeedSettings, rows: list[FeedSession], now: datetime
-) -> list[FeedSession]:
-    """The open sessions that would still serve a request: within the session's maximum
-    age, of a user as the settings have them now (same credentials), not idle past
-    ``idle_timeout_s`` (give or take how rarely activity is written to the store)."""
-    oldest = now - timedelta(seconds=settings.session_max_age_s)
-    idle = settings.idle_timeout_s
-    idle_cut = now - timedelta(seconds=idle + seen_write_every(idle)) if idle > 0 else None
-    out = []
-    for r in rows:
-        user = settings.user(r.username)
-        if (
-            r.open
-            and r.started_at > oldest
-            and user is not None
-            and fingerprint(user) == r.fingerprint
-            and (idle_cut is None or r.seen_at > idle_cut)
-        ):
-            out.append(r)
-    return out
 
 
 def _row(settings: FeedSettings, s: FeedSession, mine: str) -> SessionRow:

@@ -13,7 +13,6 @@ in every feed process and for every copy of the cookie.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -35,6 +34,7 @@ from pipeline.web.sessions import (
     IDLE,
     SIGNED_OUT,
     SessionRegistry,
+    fingerprint,
     session_key,
 )
 from pipeline.web.settings import FeedSettings, IPNetwork, User
@@ -44,12 +44,6 @@ Endpoint = Callable[..., Awaitable[Response]]
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 MAX_UNMASKED_CASES = 30  # unmask grants kept in one session
-
-
-def fingerprint(user: User) -> str:
-    """Changes when the user's password or second factor does: their sessions end."""
-    material = f"{user.password_hash}\0{user.totp_secret}\0{user.directory}".encode()
-    return hashlib.sha256(material).hexdigest()[:16]
 
 
 def csrf_token(request: Request) -> str:

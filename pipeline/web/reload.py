@@ -171,7 +171,7 @@ def _end_sessions(app: Any, old: FeedSettings, new: FeedSettings, change: UsersC
     """End, in the store, the sessions of users removed or whose password, second factor
     or sign-in changed: they are refused already (each request checks the settings), and
     now stay ended if the user comes back as they were. A changed role keeps them."""
-    from pipeline.web.auth import fingerprint
+    from pipeline.web.sessions import fingerprint
 
     ending = [(name, USER_REMOVED) for name in change.removed]
     for name in change.changed:

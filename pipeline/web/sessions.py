@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pipeline.alerting.feedstate import FeedSession
+from pipeline.web.settings import FeedSettings, User
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def session_key(sid: str) -> str:
     (64, False)
     """
     return hashlib.sha256(b"emrwatch-feed-session\0" + sid.encode()).hexdigest()
+
+
+def fingerprint(user: User) -> str:
+    """Changes when the user's password or second factor does: their sessions end."""
+    material = f"{user.password_hash}\0{user.totp_secret}\0{user.directory}".encode()
+    return hashlib.sha256(material).hexdigest()[:16]
 
 
 def seen_write_every(idle_timeout_s: float) -> float:
@@ -242,3 +249,26 @@ def browser_label(agent: str) -> str:
     if name:
         return f"{name} on {system}" if system else name
     return agent[:60]
+
+
+def live_sessions(
+    settings: FeedSettings, rows: list[FeedSession], now: datetime
+) -> list[FeedSession]:
+    """The open sessions that would still serve a request: within the session's maximum
+    age, of a user as the settings have them now (same credentials), not idle past
+    ``idle_timeout_s`` (give or take how rarely activity is written to the store)."""
+    oldest = now - timedelta(seconds=settings.session_max_age_s)
+    idle = settings.idle_timeout_s
+    idle_cut = now - timedelta(seconds=idle + seen_write_every(idle)) if idle > 0 else None
+    out = []
+    for r in rows:
+        user = settings.user(r.username)
+        if (
+            r.open
+            and r.started_at > oldest
+            and user is not None
+            and fingerprint(user) == r.fingerprint
+            and (idle_cut is None or r.seen_at > idle_cut)
+        ):
+            out.append(r)
+    return out

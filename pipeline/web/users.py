@@ -118,11 +118,28 @@ def add_users_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="read the password (and on a second line the code) from standard input",
     )
+    s = sub.add_parser(
+        "sessions",
+        help="list who is signed in to the alert feed, or end a user's sessions (e.g. a "
+        "stolen laptop, when no supervisor is at hand)",
+    )
+    s.add_argument(
+        "--config", required=True, help="the YAML file of emrwatch alerts (feed: and alerting:)"
+    )
+    s.add_argument("--username", help="only this user's sessions")
+    s.add_argument(
+        "--end",
+        action="store_true",
+        help="with --username: end all of them, in every feed process within a second or "
+        "two (written to the audit log)",
+    )
 
 
 def cmd_users(args: argparse.Namespace) -> int:
     if args.users_command == "check":
         return _check(args)
+    if args.users_command == "sessions":
+        return _sessions(args)
     if args.users_command != "hash":  # pragma: no cover - argparse enforces the choice
         return 2
     if args.stdin:
@@ -206,6 +223,61 @@ def _check(args: argparse.Namespace) -> int:
             print(f"{user.username}: the code is not the authenticator's now", file=sys.stderr)
             return 1
         print(f"{user.username}: authenticator code accepted")
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    """``users sessions``: the open sessions; with ``--end``, end a user's. 0 done, 2 on
+    a wrong file or an alert store that cannot be read."""
+    import getpass as gp
+    from datetime import timedelta
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.alert_service import _load
+    from pipeline.alerting.store import AlertStore
+    from pipeline.web.sessions import ENDED_BY_SUPERVISOR, browser_label, live_sessions
+
+    if args.end and not args.username:
+        print("emrwatch users sessions: --end needs --username", file=sys.stderr)
+        return 2
+    try:
+        _settings, alerting, feed, _ctx = _load(args.config)
+    except Exception as exc:  # noqa: BLE001 - any unreadable config: say why
+        print(f"emrwatch users sessions: {exc}", file=sys.stderr)
+        return 2
+    if feed is None:
+        print(f"emrwatch users sessions: {args.config} has no feed: section", file=sys.stderr)
+        return 2
+    try:
+        store = AlertStore(alerting.store_url, migrate=False)
+        try:
+            now = store.clock()
+            after = now - timedelta(seconds=feed.session_max_age_s)
+            rows = live_sessions(feed, store.sessions_started(after, args.username), now)
+            for r in rows:
+                user = feed.user(r.username)
+                print(f"{r.username:20} {user.role if user else '?':11} {r.address:16} "
+                      f"{browser_label(r.agent):26} signed in {r.started_at:%Y-%m-%d %H:%M} "
+                      f"UTC, last active {r.seen_at:%H:%M}")  # fmt: skip
+            if not rows:
+                print(
+                    "nobody is signed in" if not args.username else f"{args.username}: no session"
+                )
+            if args.end:
+                by = f"(command line: {gp.getuser()})"
+                n = store.sessions_end_user(args.username, by, ENDED_BY_SUPERVISOR)
+                if n:
+                    store.record_access(
+                        by, "session.end", None, {"user": args.username, "sessions": n}
+                    )
+                print(f"{args.username}: ended {n} session(s)")
+        finally:
+            store.close()
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc)
+        print(f"emrwatch users sessions: cannot read the alert store: {reason}", file=sys.stderr)
+        return 2
     return 0
 
 
