@@ -224,3 +224,36 @@ def test_the_alert_service_watches_the_chain_and_reports_a_break(tmp_path: Path)
     assert AlertingConfig.from_dict({}).audit_verify_every_h == 24.0
     with pytest.raises(AlertingConfigError, match="audit_verify_every_h"):
         AlertingConfig.from_dict({"audit_verify_every_h": -1})
+
+
+def test_the_audit_log_is_filtered_by_day_and_exported_with_its_links(tmp_path: Path) -> None:
+    import csv
+    import io
+
+    from pipeline.alerting.testing import FakeClock
+
+    feed = RunningFeed(tmp_path)  # timezone Asia/Shanghai (UTC+8)
+    try:
+        clock = FakeClock("2026-03-01T23:30:00+00:00")  # 2 March, 07:30 at the hospital
+        with AlertStore(feed.store.url, clock=clock) as old:
+            old.record_access("li", "case.view", "ew-1")
+            clock.advance(17 * 3600)  # 3 March, 00:30 at the hospital
+            old.record_access("li", "unmask", "ew-1", {"reason": "complaint 17"})
+        aud, ana = feed.client("aud"), feed.client("ana")
+        day = aud.get("/audit?actor=li&from=2026-03-02&to=2026-03-02").text
+        rows = day.split('id="audit"')[1]
+        assert "case.view" in rows and "unmask" not in rows
+        assert 'href="/audit.csv?actor=li&amp;from=2026-03-02&amp;to=2026-03-02"' in day
+        r = aud.http.get("/audit.csv?actor=li")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        got = list(csv.DictReader(io.StringIO(r.text)))
+        assert [g["action"] for g in got] == ["case.view", "unmask"]  # oldest first
+        assert json.loads(got[1]["detail"]) == {"reason": "complaint 17"}
+        stored = {e.id: e.chain for e in feed.store.audit_log(actor="li")}
+        assert {int(g["id"]): g["chain"] for g in got} == stored and all(stored.values())
+        [export] = feed.store.audit_log(actions=("audit.export",))
+        assert json.loads(export.detail)["entries"] == 2 and export.actor == "aud"
+        assert aud.http.get("/audit.csv?from=2026-13-01").status_code == 400
+        assert ana.http.get("/audit.csv").status_code == 403
+    finally:
+        feed.close()

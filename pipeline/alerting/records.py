@@ -277,6 +277,7 @@ class AuditEntry:
     action: str
     alert_id: str | None
     detail: str
+    chain: str = ""  # its link in the hash chain (pipeline.alerting.chain)
 
 
 @dataclass(frozen=True)

@@ -676,8 +676,10 @@ class AlertStore(SuppressionsMixin, FeedStateMixin):
         since: datetime | None = None,
         limit: int = 200,
         actions: Sequence[str] | None = None,
+        until: datetime | None = None,
     ) -> list[AuditEntry]:
-        """Audit entries, newest first (only ``actions``, when given)."""
+        """Audit entries, newest first (only ``actions``, when given; from ``since``
+        inclusive to ``until`` exclusive)."""
         lg = t.audit_log
         q = select(lg)
         if alert_id is not None:
@@ -688,9 +690,13 @@ class AlertStore(SuppressionsMixin, FeedStateMixin):
             q = q.where(lg.c.action.in_(list(actions)))
         if since is not None:
             q = q.where(lg.c.at >= _naive_utc(since))
+        if until is not None:
+            q = q.where(lg.c.at < _naive_utc(until))
         q = q.order_by(lg.c.id.desc()).limit(limit)
         with self.read() as conn:
             return [
-                AuditEntry(r.id, _aware(r.at), r.actor, r.action, r.alert_id, r.detail)
+                AuditEntry(
+                    r.id, _aware(r.at), r.actor, r.action, r.alert_id, r.detail, r.chain or ""
+                )
                 for r in conn.execute(q)
             ]
