@@ -133,3 +133,29 @@ def test_an_open_live_stream_of_a_removed_user_is_signed_out(feed, monkeypatch) 
     live.close()
     assert stop.app.state.settings_reloader.reloads == 1
     sam.close()
+
+
+def test_the_sign_in_policy_and_limits_apply_without_a_restart(feed) -> None:
+    url, stop, path = feed
+    roles = {"ana": "analyst", "sam": "analyst", "aud": "auditor"}
+    with FeedClient(url) as c:
+        for _ in range(2):
+            assert c.login("sam", "guess").status_code == 401
+        assert c.login("sam", PASSWORD).status_code == 303  # 5 failures lock, by default
+    # IT tightens the lockout and puts the feed behind a proxy, in the file
+    _write(path, roles, login_max_failures=2, trusted_proxies=["127.0.0.1"], page_size=7)
+    _until(lambda: stop.app.state.settings.login_max_failures == 2)
+    with FeedClient(url) as c:
+        c.http.headers["x-forwarded-for"] = "198.51.100.23"
+        for _ in range(2):
+            assert c.login("aud", "guess").status_code == 401
+        r = c.login("aud", PASSWORD)
+        assert r.status_code == 401 and "Too many failed attempts" in r.text
+    failed = [
+        json.loads(e.detail) for e in stop.app.state.store.audit_log(actions=("login.failed",))
+    ]
+    assert failed[0]["address"] == "198.51.100.23"  # the proxy's word is taken now
+    [entry] = stop.app.state.store.audit_log(actions=("users.reload",))
+    detail = json.loads(entry.detail)
+    assert detail["settings"] == ["page_size", "login_max_failures", "trusted_proxies"]
+    assert detail["added"] == detail["removed"] == detail["changed"] == []

@@ -75,6 +75,7 @@ from pipeline.web.sessions import (
     SIGNED_OUT,
     SessionRegistry,
     keep_syncing,
+    seen_write_every,
 )
 from pipeline.web.settings import FeedSettings, User, trusted_networks
 from pipeline.web.users import allowed, burn_verify
@@ -231,6 +232,14 @@ class Feed:
         )
         self.templates = Jinja2Templates(env=env)
         self.row_template = env.get_template("_row.html")
+
+    def reconfigure(self, settings: FeedSettings) -> None:
+        """Apply reloaded settings (:mod:`pipeline.web.reload`): the users and the sign-in
+        policy, read per request or rebuilt here (the throttles keep their failures)."""
+        self.settings = settings
+        self.guard.configure(settings)
+        self.proxies = trusted_networks(settings.trusted_proxies)
+        self.sessions.write_every_s = seen_write_every(settings.idle_timeout_s)
 
     def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
         user = current_user(request)

@@ -301,21 +301,21 @@ class LoginGuard:
     ``/metrics`` shows (this process's). Blocking: call it from a worker thread."""
 
     def __init__(self, settings: FeedSettings, store: Any, secret: str) -> None:
-        self.users = LoginThrottle(
-            store, "user", settings.login_max_failures, settings.login_lockout_s, secret
-        )
-        self.addresses = LoginThrottle(
-            store,
-            "address",
-            settings.login_max_failures_per_address,
-            settings.login_address_lockout_s,
-            secret,
-        )
+        self.users = LoginThrottle(store, "user", 1, 1, secret)
+        self.addresses = LoginThrottle(store, "address", 1, 1, secret)
+        self.configure(settings)
         self._lock = threading.Lock()
         self.successes = 0
         self.failures = 0  # wrong passwords and codes, unknown users
         self.lockouts = 0  # usernames and addresses locked
         self.refused = 0  # attempts refused while locked
+
+    def configure(self, settings: FeedSettings) -> None:
+        """The limits of ``settings`` (at start, and when the config file is reloaded)."""
+        self.users.max_failures = max(1, settings.login_max_failures)
+        self.users.window_s = float(settings.login_lockout_s)
+        self.addresses.max_failures = max(1, settings.login_max_failures_per_address)
+        self.addresses.window_s = float(settings.login_address_lockout_s)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:

@@ -8,8 +8,9 @@ password, second factor or role changed, is signed out at their next click (each
 looks the user up in the current settings; see :mod:`pipeline.web.auth`), so this is also
 how a lost laptop's session is ended at once.
 
-Only :data:`RELOADABLE` settings change this way; a change to any other (the port, the
-session secret, TLS files…) is logged as needing a restart. A file that does not load
+Only :data:`RELOADABLE` settings change this way (the users, and the sign-in policy
+and limits); a change to any other (the port, the session secret, TLS files, the
+sessions' maximum age…) is logged as needing a restart. A file that does not load
 or validate changes nothing: the feed keeps the users it has and logs why. Every applied
 change goes to the audit log (``users.reload``: who was added, removed or changed).
 """
@@ -31,7 +32,21 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 2.0
 #: what a reload applies; the rest needs a restart
-RELOADABLE = ("users", "require_totp", "directory")
+RELOADABLE = (
+    "users",
+    "require_totp",
+    "directory",
+    # the sign-in policy and the pages' limits, read per request (or reconfigured)
+    "idle_timeout_s",
+    "unmask_ttl_s",
+    "page_size",
+    "login_max_failures",
+    "login_lockout_s",
+    "login_max_failures_per_address",
+    "login_address_lockout_s",
+    "trusted_proxies",
+)
+_USERS_PART = ("users", "require_totp", "directory")
 
 
 @dataclass(frozen=True)
@@ -42,10 +57,15 @@ class UsersChange:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: tuple[str, ...]
+    #: other :data:`RELOADABLE` settings that changed (the sign-in policy, limits)
+    settings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {"added": list(self.added), "removed": list(self.removed),
-                "changed": list(self.changed)}  # fmt: skip
+        d = {"added": list(self.added), "removed": list(self.removed),
+             "changed": list(self.changed)}  # fmt: skip
+        if self.settings:
+            d["settings"] = list(self.settings)
+        return d
 
 
 def users_change(old: FeedSettings, new: FeedSettings) -> UsersChange:
@@ -63,6 +83,11 @@ def users_change(old: FeedSettings, new: FeedSettings) -> UsersChange:
         added=tuple(sorted(now.keys() - was.keys())),
         removed=tuple(sorted(was.keys() - now.keys())),
         changed=tuple(sorted(n for n in now.keys() & was.keys() if now[n] != was[n])),
+        settings=tuple(
+            name
+            for name in RELOADABLE
+            if name not in _USERS_PART and getattr(old, name) != getattr(new, name)
+        ),
     )
 
 
@@ -124,7 +149,7 @@ class SettingsReloader:
         change = users_change(old, merged)
         self.settings = merged
         self.reloads += 1
-        log.info("feed: users reloaded from %s: %s", self.path, change.as_dict())
+        log.info("feed: reloaded from %s: %s", self.path, change.as_dict())
         return merged, change
 
 
@@ -153,7 +178,7 @@ def _apply(app: Any, reloader: SettingsReloader, record: Callable[..., Any]) -> 
     settings, change = got
     old = app.state.settings
     app.state.settings = settings
-    app.state.feed_app.settings = settings
+    app.state.feed_app.reconfigure(settings)
     _end_sessions(app, old, settings, change)
     detail = {"file": str(reloader.path), **change.as_dict()}
     try:
