@@ -48,7 +48,7 @@ import orjson
 from emrwatch.context import CONTEXT_FILES, normal_address, normal_name
 from emrwatch.events import CANONICAL_FIELDS, AccessEvent, parse_ts
 from pipeline.periodic import Periodic
-from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key_values
+from pipeline.topics import CONTROL_HEADER, TopicLayout, context_key, context_key_values
 
 EVENTS_FILE = "events.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -190,7 +190,8 @@ def export_history(
 
     With ``update``, an earlier export in ``out`` is continued: only the access records
     after the offsets its manifest records are read and appended to the events file (the
-    context is read again whole: it is the latest row per key), under the same window and
+    context topics are continued the same way, and read whole again now and then:
+    :func:`_context_base`), under the same window and
     pseudonymization key. Without an earlier export there, it is a full export. The events
     are appended in place, and readers stop at the length the manifest commits
     (:func:`committed_length`); every other file is replaced atomically. So a report reading
@@ -290,16 +291,28 @@ def _export(
     t_from = start.timestamp() if start else float("-inf")
     t_to = end.timestamp() if end else float("inf")
 
-    # context: latest row per key, tombstones applied
+    # context: latest row per key, tombstones applied. An update continues from the rows
+    # the export holds and the offsets it read them to (see _context_base); a full read
+    # now and then catches deletions compaction may have dropped the tombstones of
     kinds = layout.context_topics  # topic → kind
-    rows: dict[str, dict[str, dict[str, str]]] = {k: {} for k in kinds.values()}
+    rows, ctx_resume = _context_base(out, kinds, prev, pseudonymizer is not None)
     bad_context: list[str] = []
+    ctx_read = [0]
+    # every key is context_key of its row, as _context_base needs to continue a read
+    keyed = [bool((prev or {}).get("context_keyed", True)) if ctx_resume is not None else True]
+
+    def rows_of(kind: str) -> dict[str, dict[str, str]]:
+        got = rows[kind]
+        if got is None:  # an update's first record of this kind: the rows it continues
+            got = rows[kind] = _context_file(out, kind)
+        return got
 
     def on_context(rec: Any) -> None:
+        ctx_read[0] += 1
         kind = kinds[rec.topic]
         key = rec.key.decode() if rec.key is not None else ""
         if rec.value is None:
-            rows[kind].pop(key, None)
+            rows_of(kind).pop(key, None)
             return
         try:
             row = orjson.loads(rec.value)
@@ -309,10 +322,19 @@ def _export(
         except ValueError as exc:
             bad_context.append(f"{rec.topic}:{rec.partition}@{rec.offset}: {exc}")
             return
-        rows[kind].pop(key, None)  # an update moves the row to the end, as it was written
-        rows[kind][key] = {str(k): "" if v is None else str(v) for k, v in row.items()}
+        kind_rows = rows_of(kind)
+        kind_rows.pop(key, None)  # an update moves the row to the end, as it was written
+        kind_rows[key] = kept = {str(k): "" if v is None else str(v) for k, v in row.items()}
+        if keyed[0] and context_key(kind, kept) != key:
+            keyed[0] = False  # the next update cannot find this row by its key: reads whole
 
-    ctx_offsets = read_topics(bootstrap, list(kinds), on_context, client_config, timeout)
+    ctx_gaps: list[dict[str, Any]] = []
+    ctx_offsets = read_topics(
+        bootstrap, list(kinds), on_context, client_config, timeout, ctx_resume, ctx_gaps
+    )
+    if ctx_gaps:  # records went from where the export read to: read it all again
+        rows, ctx_resume, keyed[0] = {k: {} for k in kinds.values()}, None, True
+        ctx_offsets = read_topics(bootstrap, list(kinds), on_context, client_config, timeout)
 
     # access events: one spool file per partition, in offset order (what a worker saw),
     # then merged by event time; memory stays flat however long the history is
@@ -365,10 +387,15 @@ def _export(
         # the context first, then the events, then the manifest: a reader in between
         # sees newer context with older events at worst, never a torn file
         context_counts: dict[str, int] = {}
+        was_rows = old_summary.get("context_rows") or {}
         for kind in CONTEXT_FILES:
             if kind not in rows:
                 continue
-            kept_rows = list(rows[kind].values())
+            kind_rows = rows[kind]
+            if kind_rows is None:  # no record of it since: the export's file stands
+                context_counts[kind] = int(was_rows.get(kind, 0))
+                continue
+            kept_rows = list(kind_rows.values())
             if pseudonymizer is not None:
                 kept_rows = [pseudonymizer.context_row(kind, r) for r in kept_rows]
             context_counts[kind] = _write_csv(out / f"{kind}.csv", kind, kept_rows)
@@ -429,9 +456,11 @@ def _export(
             *(old_summary.get("unreadable_examples") or []),
             *unreadable,
         ][:20]
-        for p, (lo, hi) in acc_offsets[layout.access].items():
-            was = prev["offsets"][layout.access].get(p)
-            acc_offsets[layout.access][p] = [int(was[0]) if was else lo, hi]
+        for topic in (layout.access, *(kinds if ctx_resume is not None else ())):
+            topic_offsets = ctx_offsets if topic in kinds else acc_offsets
+            for p, (lo, hi) in topic_offsets[topic].items():
+                was = prev["offsets"].get(topic, {}).get(p)
+                topic_offsets[topic][p] = [int(was[0]) if was else lo, hi]
         gaps = [*(prev.get("gaps") or []), *gaps]
     if summary["events"]:
         summary["period"] = {
@@ -453,8 +482,18 @@ def _export(
         "gaps": gaps,
         "updates": [
             *(prev.get("updates") or [] if prev is not None else [])[-(MAX_UPDATES - 1) :],
-            {"at": now, "events": kept, "records": counts["read"]},
-        ],
+            {
+                "at": now,
+                "events": kept,
+                "records": counts["read"],
+                "context_records": ctx_read[0],
+                "context_whole": ctx_resume is None,
+            },
+        ],  # fmt: skip
+        "context_read_whole_at": (
+            now if ctx_resume is None else (prev or {}).get("context_read_whole_at", now)
+        ),
+        "context_keyed": keyed[0],
     }
     if timezone:
         manifest["timezone"] = timezone
@@ -771,6 +810,46 @@ def _private(path: Path, mode: str) -> Any:
     if "b" in mode:
         return os.fdopen(fd, mode)
     return os.fdopen(fd, mode, newline="", encoding="utf-8")
+
+
+#: an update reads the context topics whole again after this long (compaction drops a
+#: deleted row's tombstone after the topic's delete.retention.ms, 1 day by default)
+CONTEXT_WHOLE_EVERY_S = 6 * 3600.0
+
+
+def _context_base(
+    out: Path, kinds: dict[str, str], prev: dict[str, Any] | None, pseudonymized: bool
+) -> tuple[dict[str, dict[str, dict[str, str]] | None], dict[str, dict[str, int]] | None]:
+    """Where the context read starts. To continue: None for every kind (its rows are the
+    export's file, read only if a record of that kind comes: :func:`_context_file`) and
+    the offsets the export read the topics to. To read the topics whole: no rows and
+    None, for a new export, a pseudonymized one (its files hold tokens, not the rows),
+    one read whole more than :data:`CONTEXT_WHOLE_EVERY_S` ago, or files not all there."""
+    empty: dict[str, dict[str, dict[str, str]] | None] = {k: {} for k in kinds.values()}
+    if prev is None or pseudonymized:
+        return empty, None
+    whole_at = prev.get("context_read_whole_at")
+    if not whole_at or not prev.get("context_keyed"):
+        return empty, None
+    age = datetime.now(UTC) - datetime.fromisoformat(whole_at)
+    offsets = prev.get("offsets") or {}
+    if age.total_seconds() > CONTEXT_WHOLE_EVERY_S or not all(t in offsets for t in kinds):
+        return empty, None
+    if not all((out / f"{kind}.csv").is_file() for kind in kinds.values()):
+        return empty, None
+    resume = {t: {p: int(hi) for p, (_, hi) in offsets[t].items()} for t in kinds}
+    return {k: None for k in kinds.values()}, resume
+
+
+def _context_file(out: Path, kind: str) -> dict[str, dict[str, str]]:
+    """The rows of the export's ``kind`` file, keyed as on the context topic."""
+    contract = set(CONTEXT_FILES[kind])
+    rows: dict[str, dict[str, str]] = {}
+    with (out / f"{kind}.csv").open(newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            row = {k: v for k, v in r.items() if k in contract or v}
+            rows[context_key(kind, row)] = row
+    return rows
 
 
 def _write_csv(path: Path, kind: str, rows: list[dict[str, str]]) -> int:

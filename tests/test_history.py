@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from connectors.readers import read_events
+from emrwatch.context import CONTEXT_FILES
 from emrwatch.events import AccessEvent
 from emrwatch.timeutil import recorded_timezone
 from pipeline.evaluate import find_events_file
@@ -269,6 +270,7 @@ def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_pa
     first = (out / "events.jsonl").read_bytes()
     m1 = json.loads((out / "manifest.json").read_text())
 
+    assert m1["context_keyed"] and m1["updates"][0]["context_whole"]
     harness.produce_raw(b"u-x", b'{"event_id": "broken"')
     staff = _rows(hospital / "staff.csv")
     moved = {**staff[0], "department_id": staff[1]["department_id"]}
@@ -276,6 +278,10 @@ def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_pa
         harness.layout.context("staff"),
         key=context_key("staff", moved).encode(),
         value=json.dumps(moved).encode(),
+    )
+    gone = staff[2]  # a leaver deleted from the roster: a tombstone
+    harness.producer.send(
+        harness.layout.context("staff"), key=context_key("staff", gone).encode(), value=None
     )
     harness.produce(events[half:])
     p = _history(*where, "--out", str(out), "--update")
@@ -286,7 +292,8 @@ def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_pa
     assert now.startswith(first) and len(now) > len(first)
     ids = [json.loads(line)["event_id"] for line in now.splitlines()]
     assert sorted(ids) == sorted(e["event_id"] for e in events)  # each once
-    assert {r["user_id"]: r for r in _rows(out / "staff.csv")}[moved["user_id"]] == moved
+    kept_staff = {r["user_id"]: r for r in _rows(out / "staff.csv")}
+    assert kept_staff[moved["user_id"]] == moved and gone["user_id"] not in kept_staff
 
     m2 = json.loads((out / "manifest.json").read_text())
     s = m2["summary"]
@@ -296,6 +303,10 @@ def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_pa
     assert all(lo == 0 for lo, _ in ends.values())  # still the whole topic
     assert m2["exported_at"] == m1["exported_at"] and m2["gaps"] == []
     assert [u["events"] for u in m2["updates"]] == [half, len(events) - half]
+    # the context was continued, not read again: only the two new records
+    last = m2["updates"][-1]
+    assert (last["context_whole"], last["context_records"]) == (False, 2)
+    assert m2["context_read_whole_at"] == m1["context_read_whole_at"]
     period = m2["summary"]["period"]
     assert period["start"] == m1["summary"]["period"]["start"]
     assert period["end"] > m1["summary"]["period"]["end"]
@@ -303,7 +314,8 @@ def test_an_update_appends_only_what_is_new(harness: Any, hospital: Path, tmp_pa
     # the same as exporting everything at once
     whole = tmp_path / "whole"
     assert _history(*where, "--out", str(whole)).returncode == 0
-    assert _rows(whole / "staff.csv") == _rows(out / "staff.csv")
+    for kind in CONTEXT_FILES:  # the rows and their order, whichever way they were read
+        assert _rows(whole / f"{kind}.csv") == _rows(out / f"{kind}.csv"), kind
     assert _alerts(out) == _alerts(whole) != {}
 
     # nothing new: nothing appended, the update is still recorded
@@ -501,3 +513,33 @@ def test_an_export_that_crashes_midway_neither_loses_nor_repeats(
     assert m["summary"]["events"] == len(sent)
     assert [u["events"] for u in m["updates"]] == ([4, 4] if crash_at == "manifest.json" else [8])
     assert not [f for f in out.iterdir() if f.name.startswith(".")]
+
+
+def test_an_update_reads_the_context_whole_when_it_cannot_continue(tmp_path: Path) -> None:
+    """A pseudonymized export, one read whole too long ago (a tombstone may have been
+    compacted away since), keys that are not the rows', or a file gone: read it all."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.history import CONTEXT_WHOLE_EVERY_S, _context_base, _context_file
+
+    kinds = {"ctx.staff": "staff"}
+    (tmp_path / "staff.csv").write_text("user_id,department_id,role\nu1,ED,nurse\n")
+    recent = datetime.now(UTC).isoformat()
+    prev = {"context_read_whole_at": recent, "context_keyed": True,
+            "offsets": {"ctx.staff": {"0": [0, 7]}}}  # fmt: skip
+    rows, resume = _context_base(tmp_path, kinds, prev, pseudonymized=False)
+    assert resume == {"ctx.staff": {"0": 7}} and rows == {"staff": None}  # read if needed
+    assert _context_file(tmp_path, "staff") == {
+        "u1": {"user_id": "u1", "department_id": "ED", "role": "nurse"}
+    }
+    old = (datetime.now(UTC) - timedelta(seconds=CONTEXT_WHOLE_EVERY_S + 60)).isoformat()
+    for why in (
+        {**prev, "context_read_whole_at": old},
+        {**prev, "context_keyed": False},
+        {**prev, "offsets": {}},
+        {k: v for k, v in prev.items() if k != "context_read_whole_at"},  # an older export
+    ):
+        assert _context_base(tmp_path, kinds, why, pseudonymized=False)[1] is None, why
+    assert _context_base(tmp_path, kinds, prev, pseudonymized=True)[1] is None
+    (tmp_path / "staff.csv").unlink()
+    assert _context_base(tmp_path, kinds, prev, pseudonymized=False)[1] is None
