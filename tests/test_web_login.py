@@ -158,6 +158,10 @@ def test_failures_are_forgotten_after_the_window(tmp_path: Path) -> None:
     assert t.failed("sam") is True  # three within the window: this one locks
     assert t.locked("sam") and not t.locked("ana")
     assert t.failed("sam") is False  # already locked: not a new lockout
+    for _ in range(50):  # hammering a locked name does not grow the table
+        t.failed("sam")
+    with store.read() as conn:
+        assert len(conn.execute(select(schema.feed_login_failures)).all()) == 3
     clock.advance(59)
     assert t.locked("sam")  # hammering kept it locked
     clock.advance(61)

@@ -175,15 +175,30 @@ class FeedStateMixin(StoreParts):
         return int(res.rowcount or 0)
 
     # ------------------------------------------------------------------ failed sign-ins
-    def login_failure(self, scope: str, key: str, window_s: float) -> tuple[int, int]:
+    def login_failure(
+        self, scope: str, key: str, window_s: float, cap: int | None = None
+    ) -> tuple[int, int]:
         """Record a failed sign-in of ``key``; (failures within ``window_s`` before it,
-        and with it). Failures older than the window are forgotten on the way."""
+        and with it). Failures older than the window are forgotten on the way. With
+        ``cap`` failures in the window already, the oldest is moved to now instead of a
+        row added: the count stays (and the window slides) however hard a locked key is
+        hammered, and the table does not grow with it."""
         f = t.feed_login_failures
         with self.write() as conn:
             now = self.now()
             start = now - timedelta(seconds=window_s)
             conn.execute(delete(f).where(f.c.scope == scope, f.c.key == key, f.c.at <= start))
             before = self._failures(conn, scope, key, start)
+            if cap is not None and before >= cap:
+                oldest = (
+                    select(f.c.id)
+                    .where(f.c.scope == scope, f.c.key == key)
+                    .order_by(f.c.at, f.c.id)
+                    .limit(1)
+                    .scalar_subquery()
+                )
+                conn.execute(update(f).where(f.c.id == oldest).values(at=now))
+                return before, before
             conn.execute(insert(f).values(scope=scope, key=key[:64], at=now))
         return before, before + 1
 

@@ -288,7 +288,9 @@ class LoginThrottle:
 
     def failed(self, key: str) -> bool:
         """Count a failure; whether it is this one that locks ``key``."""
-        before, after = self.store.login_failure(self.scope, self._key(key), self.window_s)
+        before, after = self.store.login_failure(
+            self.scope, self._key(key), self.window_s, self.max_failures
+        )
         return bool(before < self.max_failures <= after)
 
     def succeeded(self, key: str) -> None:

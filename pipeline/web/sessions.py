@@ -97,7 +97,7 @@ class SessionRegistry:
 
     def __init__(self, store: Any, idle_timeout_s: float = 0, keep_failures_s: float = 0) -> None:
         self.store = store
-        self.keep_failures_s = max(86_400.0, keep_failures_s)
+        self.keep_failures_s = max(60.0, keep_failures_s)  # the longest throttle window
         self.write_every_s = seen_write_every(idle_timeout_s)
         self._known: dict[str, Known] = {}
         self._cursor: datetime | None = None
