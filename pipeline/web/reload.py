@@ -75,7 +75,7 @@ def users_change(old: FeedSettings, new: FeedSettings) -> UsersChange:
     >>> a, b = User("ana", "h1", "analyst"), User("sam", "h2", "analyst")
     >>> users_change(FeedSettings(users=(a, b)), FeedSettings(users=(
     ...     User("ana", "h1", "supervisor"), User("li", "h3", "auditor"))))
-    UsersChange(added=('li',), removed=('sam',), changed=('ana',))
+    UsersChange(added=('li',), removed=('sam',), changed=('ana',), settings=())
     """
     was = {u.username: u for u in old.users}
     now = {u.username: u for u in new.users}
