@@ -125,21 +125,36 @@ def test_writers_in_several_processes_keep_one_chain(store: AlertStore) -> None:
         s.close()
 
 
-def test_a_store_from_before_the_chain_is_chained_when_it_upgrades(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/old.sqlite3"
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_store_from_before_the_chain_is_chained_when_it_upgrades(
+    backend: str, tmp_path: Path
+) -> None:
+    with backend_url(backend, tmp_path) as url:
+        _upgrade_and_check(url)
+
+
+def _upgrade_and_check(url: str) -> None:
     engine = create_engine(normalize_url(url))
     schema.migrate(engine, "0004")
+    now = datetime(2026, 3, 1, 9, 0)
     with engine.begin() as conn:
+        row = {**AlertStore._row(sample_alert("ew-1"), now), "state": "new", "received_at": now}
+        conn.execute(insert(schema.alerts).values(**row))
         for i in range(3):
             conn.execute(insert(t_audit).values(
                 at=datetime(2026, 3, 1, 9, i), actor="ana", action="case.view",
                 alert_id=None, detail=str(i)))  # fmt: skip
+            conn.execute(insert(t_history).values(
+                alert_id="ew-1", at=datetime(2026, 3, 1, 9, i, 30), actor="ana",
+                from_state="new", to_state="acknowledged", assignee=None, note=""))  # fmt: skip
     schema.migrate(engine)
     engine.dispose()
     store = AlertStore(url)
     store.record_access("sam", "login")
+    store.comment("ew-1", "sam", "looked again")
     check = _check(store)
-    assert check.ok and check.entries["audit_log"] == 4
+    assert check.ok, chain.describe(check)
+    assert check.entries == {"audit_log": 4, "triage_history": 4}
     store.close()
 
 
