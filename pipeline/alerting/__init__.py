@@ -26,6 +26,9 @@ from the environment (``*_env`` keys) instead of the file::
       overdue_after_h: {critical: 4, high: 24}
                       # a case still untriaged (state new) this many hours after it arrived
                       # sends one reminder to everyone told about it (0/absent: never)
+      audit_verify_every_h: 24
+                      # the alert service verifies the audit log's hash chain this often
+                      # (pipeline.alerting.chain; a break shows in /metrics); 0: never
       slack:          # Slack is on when token or token_env is set
         token: xoxb-...                 # bot token (chat:write); prefer token_env
         token_env: EMRWATCH_SLACK_TOKEN # name of the environment variable holding the token
