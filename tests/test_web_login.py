@@ -107,6 +107,9 @@ def test_guessing_one_users_password_locks_that_user_from_every_address(served) 
         r = ward.login("sam", PASSWORD)
         assert r.status_code == 401 and "Too many failed attempts" in r.text
         assert ward.login("ana", PASSWORD).status_code == 303  # others still sign in
+        sessions = [ln for ln in httpx.get(f"{url}/metrics").text.splitlines()
+                    if ln.startswith("emrwatch_feed_sessions_open ")]  # fmt: skip
+        assert sessions == ["emrwatch_feed_sessions_open 1.0"]  # ana's, and nobody else's
     [(actor, locked)] = _audit(store, "login.locked")
     assert actor == "sam" and locked["locked"] == ["user"]
     # the refused attempt is counted, not audited again

@@ -75,6 +75,7 @@ from pipeline.web.sessions import (
     SIGNED_OUT,
     SessionRegistry,
     keep_syncing,
+    live_sessions,
     seen_write_every,
 )
 from pipeline.web.settings import FeedSettings, User, trusted_networks
@@ -240,6 +241,12 @@ class Feed:
         self.guard.configure(settings)
         self.proxies = trusted_networks(settings.trusted_proxies)
         self.sessions.write_every_s = seen_write_every(settings.idle_timeout_s)
+
+    def open_sessions(self) -> int:
+        """Sessions signed in now, in every feed process (blocking: reads the store)."""
+        after = self.store.clock() - timedelta(seconds=self.settings.session_max_age_s)
+        rows = self.store.sessions_started(after, None, True, limit=100_000)
+        return len(live_sessions(self.settings, rows, self.store.clock()))
 
     def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
         user = current_user(request)
@@ -984,7 +991,9 @@ def create_app(
     if metrics_registry is not None:
         from pipeline.web.metrics import FeedCollector, metrics_endpoint
 
-        metrics_registry.register(FeedCollector(feed.changes, feed.guard, reloader))
+        metrics_registry.register(
+            FeedCollector(feed.changes, feed.guard, reloader, feed.open_sessions)
+        )
         routes.append(Route("/metrics", metrics_endpoint(metrics_registry)))
     app = Starlette(
         routes=routes,

@@ -1,5 +1,5 @@
 """The feed's own numbers for Prometheus: open streams, changes published, poll costs,
-sign-ins (failed, locked out).
+sign-ins (failed, locked out), sessions signed in.
 
 Registered only when :func:`pipeline.web.create_app` gets a registry; the app then also
 serves that registry at ``/metrics`` (no login: Prometheus scrapes it, and no label carries
@@ -53,14 +53,30 @@ class FeedCollector(Collector):
     )  # fmt: skip
 
     def __init__(
-        self, changes: ChangeFeed, guard: LoginGuard | None = None, reloader: Any = None
+        self,
+        changes: ChangeFeed,
+        guard: LoginGuard | None = None,
+        reloader: Any = None,
+        open_sessions: Callable[[], int] | None = None,
     ) -> None:
         self.changes = changes
         self.guard = guard
         self.reloader = reloader
+        self.open_sessions = open_sessions
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         yield from attribute_metrics(self.changes, self.SPECS)
+        if self.open_sessions is not None:
+            try:
+                n = self.open_sessions()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the database blinked
+                n = None
+            if n is not None:
+                yield GaugeMetricFamily(
+                    "emrwatch_feed_sessions_open",
+                    "Sessions signed in to the feed now (every feed process on the store)",
+                    value=n,
+                )
         if self.guard is not None:
             yield from attribute_metrics(self.guard, self.LOGIN_SPECS)
         if self.reloader is not None:
