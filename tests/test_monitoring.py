@@ -71,7 +71,7 @@ def _alert_service_registry() -> Any:
     from pipeline.alerting.chain import ChainWatch
 
     reg.register(ChainWatch(None, 3600))  # not started: its metrics only
-    reg.register(FeedCollector(changes, guard, reloads))  # type: ignore[arg-type]
+    reg.register(FeedCollector(changes, guard, reloads, lambda: 0))  # type: ignore[arg-type]
     return reg
 
 
