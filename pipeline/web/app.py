@@ -749,21 +749,20 @@ AUDIT_ACTIONS = (
 MAX_AUDIT_EXPORT = 100_000  # entries in one CSV export of the audit log
 
 
-def _audit_filters(request: Request) -> dict[str, Any]:
-    """The audit page's filters: user, case, action, and days (hospital dates, ``to``
-    inclusive). ValueError names a bad date."""
+async def _audit_entries(request: Request, limit: int) -> list[Any]:
+    """The newest ``limit`` audit entries the page's filters select: user, case, action,
+    and days (hospital dates, ``to`` inclusive). ValueError names a bad date."""
     qp = request.query_params
-    tz = _feed(request).settings.timezone
+    feed = _feed(request)
+    tz = feed.settings.timezone
     start = _day_start(qp["from"], "from", tz) if qp.get("from") else None
     end = _day_start(qp["to"], "to", tz) + timedelta(days=1) if qp.get("to") else None
     action = qp.get("action") or ""
-    return {
-        "actor": qp.get("actor") or None,
-        "alert_id": qp.get("alert") or None,
-        "actions": (action,) if action else None,
-        "since": start,
-        "until": end,
-    }
+    return await db(
+        feed.store.audit_log,
+        qp.get("alert") or None, qp.get("actor") or None, start, limit,
+        (action,) if action else None, end,
+    )  # fmt: skip
 
 
 @requires("audit.read")
@@ -775,13 +774,9 @@ async def audit_page(request: Request) -> Response:
     except ValueError:
         limit = 200
     try:
-        f = _audit_filters(request)
+        entries = await _audit_entries(request, limit)
     except ValueError as exc:
         return PlainTextResponse(str(exc), status_code=400)
-    entries = await db(
-        feed.store.audit_log,
-        f["alert_id"], f["actor"], f["since"], limit, f["actions"], f["until"],
-    )  # fmt: skip
     return feed.page(
         request,
         "audit.html",
@@ -807,13 +802,9 @@ async def audit_csv(request: Request) -> Response:
     feed = _feed(request)
     user: User = request.state.user
     try:
-        f = _audit_filters(request)
+        entries = await _audit_entries(request, MAX_AUDIT_EXPORT)
     except ValueError as exc:
         return PlainTextResponse(str(exc), status_code=400)
-    entries = await db(
-        feed.store.audit_log,
-        f["alert_id"], f["actor"], f["since"], MAX_AUDIT_EXPORT, f["actions"], f["until"],
-    )  # fmt: skip
     chosen = {k: v for k, v in request.query_params.items() if v and k != "limit"}
     detail = {"filters": chosen, "entries": len(entries), "role": user.role}
     await db(feed.store.record_access, user.username, "audit.export", None, detail)
