@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -140,10 +140,12 @@ def _upgrade_and_check(url: str) -> None:
     with engine.begin() as conn:
         row = {**AlertStore._row(sample_alert("ew-1"), now), "state": "new", "received_at": now}
         conn.execute(insert(schema.alerts).values(**row))
+        # more entries than the migration chains in one page (2,000)
+        conn.execute(insert(t_audit), [
+            {"at": datetime(2026, 3, 1, 9, 0) + timedelta(seconds=i), "actor": "ana",
+             "action": "case.view", "alert_id": None, "detail": str(i)} for i in range(2_100)
+        ])  # fmt: skip
         for i in range(3):
-            conn.execute(insert(t_audit).values(
-                at=datetime(2026, 3, 1, 9, i), actor="ana", action="case.view",
-                alert_id=None, detail=str(i)))  # fmt: skip
             conn.execute(insert(t_history).values(
                 alert_id="ew-1", at=datetime(2026, 3, 1, 9, i, 30), actor="ana",
                 from_state="new", to_state="acknowledged", assignee=None, note=""))  # fmt: skip
@@ -154,7 +156,7 @@ def _upgrade_and_check(url: str) -> None:
     store.comment("ew-1", "sam", "looked again")
     check = _check(store)
     assert check.ok, chain.describe(check)
-    assert check.entries == {"audit_log": 4, "triage_history": 4}
+    assert check.entries == {"audit_log": 2_101, "triage_history": 4}
     store.close()
 
 

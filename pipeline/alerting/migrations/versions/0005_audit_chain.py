@@ -50,17 +50,20 @@ def upgrade() -> None:
             batch.add_column(sa.Column("chain", sa.String(64), nullable=True))
         typed = (sa.column(c, sa.DateTime) if c == "at" else sa.column(c) for c in cols)
         table = sa.table(name, sa.column("id"), sa.column("chain"), *typed)
-        prev = GENESIS
-        pending: list[dict[str, Any]] = []
-        rows = bind.execute(sa.select(table).order_by(table.c.id)).mappings().all()
-        for row in rows:
-            prev = _link(prev, name, row)
-            pending.append({"k": row["id"], "h": prev})
-            if len(pending) >= _BATCH:
-                _store(bind, table, pending)
-                pending = []
-        if pending:
+        prev, last = GENESIS, None
+        while True:  # in pages of ids: memory stays flat however long the log is
+            q = sa.select(table).order_by(table.c.id).limit(_BATCH)
+            if last is not None:
+                q = q.where(table.c.id > last)
+            rows = bind.execute(q).mappings().all()
+            if not rows:
+                break
+            pending = []
+            for row in rows:
+                prev = _link(prev, name, row)
+                pending.append({"k": row["id"], "h": prev})
             _store(bind, table, pending)
+            last = rows[-1]["id"]
 
 
 def _store(bind: Any, table: Any, pending: list[dict[str, Any]]) -> None:
