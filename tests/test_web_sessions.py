@@ -119,7 +119,7 @@ def test_a_supervisor_ends_a_session_and_the_live_page_leaves(feed) -> None:
         assert sam.post("/sessions/end", {"session_id": "0" * 64}).status_code == 404
         assert sam.post("/sessions/end", {"session_id": ids["ana"]}, csrf=False).status_code == 403
 
-        r = sam.post("/sessions/end", {"session_id": ids["ana"]})
+        r = sam.post("/sessions/end", {"session_id": ids["ana"], "reason": "laptop left on ward 3"})
         assert r.status_code == 303
         after = sam.get("/sessions").text
         assert "Ended ana&#39;s session (Firefox 128 on Linux, 127.0.0.1)." in after
@@ -142,6 +142,7 @@ def test_a_supervisor_ends_a_session_and_the_live_page_leaves(feed) -> None:
     detail = json.loads(entry.detail)
     assert entry.actor == "sam" and detail["user"] == "ana"
     assert detail["browser"] == "Firefox 128 on Linux" and detail["session"] == ids["ana"][:12]
+    assert detail["reason"] == "laptop left on ward 3"
 
 
 def test_a_user_signs_out_everywhere_else(feed) -> None:

@@ -239,6 +239,7 @@ async def end_one(request: Request) -> Response:
     user = request.state.user
     form = await request.form()
     key = str(form.get("session_id") or "")
+    reason = str(form.get("reason") or "").strip()[:200]
     target = await db(feed.store.session, key) if key else None
     if target is None:
         return PlainTextResponse("no such session", status_code=404)
@@ -251,6 +252,8 @@ async def end_one(request: Request) -> Response:
             "browser": browser_label(target.agent),
             "session": key[:12],
         }
+        if reason:
+            detail["reason"] = reason
         await db(feed.store.record_access, user.username, "session.end", None, detail)
         flash(request, "ok", f"Ended {target.username}'s session ({detail['browser']}, "
                              f"{target.address}).")  # fmt: skip
