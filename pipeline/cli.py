@@ -386,6 +386,12 @@ def _add_streaming_commands(sub: argparse._SubParsersAction, argv: list[str]) ->
             "inserted entries (a hash chain), against anchors published earlier",
         ),
         (
+            "audit-export",
+            "pipeline.alerting.chain",
+            "write an excerpt of the audit log that anyone can check without the database "
+            "(emrwatch audit-verify --excerpt, with a published anchor)",
+        ),
+        (
             "audit-head",
             "pipeline.alerting.chain",
             "print the audit log's head (ID:HASH): an anchor to keep outside the database",

@@ -276,3 +276,59 @@ def test_the_audit_log_is_filtered_by_day_and_exported_with_its_links(tmp_path: 
         assert ana.http.get("/audit.csv").status_code == 403
     finally:
         feed.close()
+
+
+def test_an_excerpt_is_checked_without_the_database_against_a_published_anchor(
+    tmp_path: Path,
+) -> None:
+    """A month of the audit log for a court: written by ``audit-export``, checked by
+    ``audit-verify --excerpt`` with the head the privacy report printed."""
+    from pipeline.alerting.testing import FakeClock
+
+    url = f"sqlite:///{tmp_path}/alerts.sqlite3"
+    clock = FakeClock("2026-02-27T10:00:00+00:00")
+    store = AlertStore(url, clock=clock)
+    for i in range(6):  # February and March
+        store.record_access("ana", "case.view", f"ew-{i}", {"i": i})
+        clock.advance(86_400)
+    with store.read() as conn:
+        anchor = chain.head(conn)  # the month's report printed it
+    store.close()
+    assert anchor is not None and anchor[0] == 6
+    out = tmp_path / "march.jsonl"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args],
+                              capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+
+    made = cli("audit-export", "--store", url, "--from", "2026-03-01", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    assert "4 audit_log entries (#3 to #6)" in made.stderr  # 1 to 4 March
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0])["first_id"] == 3 and len(lines) == 5
+    good = cli("audit-verify", "--excerpt", str(out), "--anchor", f"{anchor[0]}:{anchor[1]}")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "the chain is intact" in good.stdout and "anchors found and matching: 1" in good.stdout
+    alone = cli("audit-verify", "--excerpt", str(out))
+    assert alone.returncode == 0 and "only that the file is consistent" in alone.stdout
+    # one entry of the excerpt changed: found, though the file is checked on its own ...
+    edited = json.loads(lines[2])
+    edited["actor"] = "bob"
+    out.write_text("\n".join([lines[0], lines[1], json.dumps(edited), *lines[3:]]) + "\n")
+    bad = cli("audit-verify", "--excerpt", str(out), "--anchor", f"{anchor[0]}:{anchor[1]}")
+    assert bad.returncode == 1 and "audit_log #4" in bad.stdout
+    # ... and a forger who recomputes every hash cannot match the published anchor
+    prev = json.loads(lines[0])["prev"]
+    forged = [lines[0]]
+    for line in lines[1:]:
+        row = json.loads(line)
+        row["actor"] = "bob"
+        prev = row["chain"] = chain.link(prev, "audit_log", row)
+        forged.append(json.dumps(row))
+    out.write_text("\n".join(forged) + "\n")
+    assert cli("audit-verify", "--excerpt", str(out)).returncode == 0  # consistent alone
+    caught = cli("audit-verify", "--excerpt", str(out), "--anchor", f"{anchor[0]}:{anchor[1]}")
+    assert caught.returncode == 1 and "differs from the hash published" in caught.stdout
+    (tmp_path / "x.jsonl").write_text("{}\n")
+    assert cli("audit-verify", "--excerpt", str(tmp_path / "x.jsonl")).returncode == 2

@@ -38,12 +38,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert, select, text
+from sqlalchemy import Connection, Table, func, insert, select, text
 
 from pipeline.alerting import schema as t
 from pipeline.periodic import Periodic
@@ -68,7 +68,7 @@ def _value(v: Any) -> Any:
 def link(prev: str, table: str, row: Mapping[str, Any]) -> str:
     """The hash of ``row`` (a row of ``table``) following the entry whose hash is ``prev``.
 
-    >>> from datetime import datetime
+    >>> from datetime import UTC, datetime
     >>> row = {"at": datetime(2026, 3, 2, 1, 0), "actor": "ana", "action": "login",
     ...        "alert_id": None, "detail": "{}"}
     >>> h = link(GENESIS, "audit_log", row)
@@ -130,40 +130,132 @@ def verify(conn: Connection, anchors: Mapping[tuple[str, int], str] | None = Non
     anchors = dict(anchors or {})
     check = ChainCheck()
     for table in CHAINED:
-        name = table.name
-        prev = GENESIS
-        n = 0
-        last: tuple[int, str] | None = None
-        wanted = {i: h for (tn, i), h in anchors.items() if tn == name}
         q = select(table).order_by(table.c.id).execution_options(yield_per=5000)
-        for row in conn.execute(q):
-            n += 1
-            m = row._mapping
-            stored = m["chain"]
-            if stored != link(prev, name, dict(m)) and len(check.broken) < MAX_BROKEN:
-                why = (
-                    "has no hash (written by a program that does not chain)"
-                    if not stored
-                    else "does not follow from the entry before it: it was changed, or an "
-                    "entry before it was removed or inserted"
+        rows = (dict(r._mapping) for r in conn.execute(q))
+        _walk(check, table.name, rows, GENESIS, anchors, whole=True)
+    return check
+
+
+def _walk(
+    check: ChainCheck,
+    name: str,
+    rows: Iterable[Mapping[str, Any]],
+    prev: str,
+    anchors: Mapping[tuple[str, int], str],
+    whole: bool,
+) -> None:
+    """Recompute the links of ``rows`` (one table's, in id order) from ``prev``, adding
+    what does not follow to ``check``. An anchor inside the rows' ids must match; with
+    ``whole`` (the table, not an excerpt) one not found at all is a break too."""
+    wanted = {i: h for (tn, i), h in anchors.items() if tn == name}
+    n, first, last = 0, None, None
+    for m in rows:
+        n += 1
+        stored = m["chain"]
+        if stored != link(prev, name, m) and len(check.broken) < MAX_BROKEN:
+            why = (
+                "has no hash (written by a program that does not chain)"
+                if not stored
+                else "does not follow from the entry before it: it was changed, or an "
+                "entry before it was removed or inserted"
+            )
+            check.broken.append(Break(name, m["id"], _at(m.get("at")), why))
+        if m["id"] in wanted:
+            check.anchors_checked += 1
+            if wanted.pop(m["id"]) != stored and len(check.broken) < MAX_BROKEN:
+                check.broken.append(
+                    Break(name, m["id"], _at(m.get("at")), "differs from the hash published for it")
                 )
-                check.broken.append(Break(name, m["id"], m.get("at"), why))
-            if m["id"] in wanted:
-                check.anchors_checked += 1
-                if wanted.pop(m["id"]) != stored and len(check.broken) < MAX_BROKEN:
-                    check.broken.append(
-                        Break(name, m["id"], m.get("at"), "differs from the hash published for it")
-                    )
-            prev = stored or prev
-            last = (int(m["id"]), str(stored or ""))
-        for i in sorted(wanted):
+        prev = stored or prev
+        first = m["id"] if first is None else first
+        last = (int(m["id"]), str(stored or ""))
+    for i in sorted(wanted):
+        inside = last is not None and first is not None and first <= i <= last[0]
+        if whole or inside:
             check.broken.append(
                 Break(name, i, None, "was published as an anchor and is no longer there")
             )
-        check.entries[name] = n
-        if last is not None:
-            check.heads[name] = last
-    return check
+    check.entries[name] = check.entries.get(name, 0) + n
+    if last is not None:
+        check.heads[name] = last
+
+
+def _at(v: Any) -> datetime | None:
+    if isinstance(v, str):
+        return datetime.fromisoformat(v)
+    return v if isinstance(v, datetime) else None
+
+
+# ---------------------------------------------------------------------------- excerpts
+EXCERPT_KIND = "emrwatch audit excerpt"
+
+
+def write_excerpt(
+    conn: Connection, out: Any, since: datetime | None = None, until: datetime | None = None,
+    table: Table = t.audit_log,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the entries of ``table`` from ``since`` to ``until`` (naive UTC; open ends:
+    from the first, to the last) to the text file ``out`` as JSON lines: a header with the
+    hash of the entry before them, then each entry as it is hashed. With an anchor
+    published for an entry inside it, anyone can check the excerpt without the database
+    (:func:`verify_excerpt`); the header says what it holds."""
+    c = table.c
+    bounds = select(func.min(c.id), func.max(c.id))
+    if since is not None:
+        bounds = bounds.where(c.at >= since)
+    if until is not None:
+        bounds = bounds.where(c.at < until)
+    lo, hi = conn.execute(bounds).one()
+    prev = GENESIS
+    if lo is not None:
+        before = conn.execute(select(c.chain).where(c.id < lo).order_by(c.id.desc()).limit(1))
+        prev = before.scalar() or GENESIS
+    header: dict[str, Any] = {
+        "kind": EXCERPT_KIND,
+        "version": 1,
+        "table": table.name,
+        "prev": prev,
+        "first_id": lo,
+        "last_id": hi,
+        "from": since.isoformat() if since else None,
+        "to": until.isoformat() if until else None,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out.write(json.dumps(header) + "\n")
+    n = 0
+    if lo is not None:
+        q = select(table).where(c.id >= lo, c.id <= hi).order_by(c.id)
+        for r in conn.execute(q.execution_options(yield_per=5000)):
+            m = r._mapping
+            row = {"id": m["id"], **{f: _value(m[f]) for f in FIELDS[table.name]}}
+            out.write(json.dumps({**row, "chain": m["chain"]}, ensure_ascii=False) + "\n")
+            n += 1
+    header["entries"] = n
+    return header
+
+
+def verify_excerpt(
+    lines: Iterable[str], anchors: Mapping[tuple[str, int], str] | None = None
+) -> tuple[ChainCheck, dict[str, Any]]:
+    """Recompute an excerpt's links from its header's ``prev``; (the check, the header).
+    ValueError for a file that is not an excerpt. Without an anchor inside it, a good
+    result shows only that the file is consistent: whoever wrote it could have
+    recomputed every hash. An anchor published for one of its entries makes every entry
+    up to that one authentic."""
+    it = iter(lines)
+    try:
+        header = json.loads(next(it))
+    except (StopIteration, ValueError):
+        raise ValueError("not an emrwatch audit excerpt (no header line)") from None
+    if not isinstance(header, dict) or header.get("kind") != EXCERPT_KIND:
+        raise ValueError("not an emrwatch audit excerpt")
+    name = str(header.get("table"))
+    if name not in FIELDS:
+        raise ValueError(f"an excerpt of an unknown table: {name!r}")
+    rows = (json.loads(line) for line in it if line.strip())
+    check = ChainCheck()
+    _walk(check, name, rows, str(header.get("prev") or GENESIS), dict(anchors or {}), False)
+    return check, header
 
 
 def parse_anchor(text_: str) -> tuple[tuple[str, int], str]:
@@ -266,8 +358,8 @@ class ChainWatch(Periodic):
 
 
 # ---------------------------------------------------------------------------- the CLI
-def _add_store(parser: Any) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
+def _add_store(parser: Any, required: bool = True) -> None:
+    where = parser.add_mutually_exclusive_group(required=required)
     where.add_argument("--store", help="the alert store's URL (sqlite:///… or postgresql://…)")
     where.add_argument(
         "--config", help="the YAML file of emrwatch run / alerts: its alerting.store_url"
@@ -283,7 +375,13 @@ def _url(args: Any) -> str:
 
 
 def add_audit_verify_arguments(parser: Any) -> None:
-    _add_store(parser)
+    _add_store(parser, required=False)
+    parser.add_argument(
+        "--excerpt",
+        metavar="FILE",
+        help="check an excerpt written by emrwatch audit-export instead of the store (give "
+        "an --anchor inside it: without one, only its consistency is shown)",
+    )
     parser.add_argument(
         "--anchor",
         action="append",
@@ -306,6 +404,24 @@ def cmd_audit_verify(args: Any) -> int:
     except ValueError as exc:
         print(f"emrwatch audit-verify: {exc}", file=sys.stderr)
         return 2
+    if args.excerpt:
+        try:
+            with open(args.excerpt, encoding="utf-8") as fh:
+                check, header = verify_excerpt(fh, anchors)
+        except (OSError, ValueError) as exc:
+            print(f"emrwatch audit-verify: {args.excerpt}: {exc}", file=sys.stderr)
+            return 2
+        if not args.json:
+            print(f"excerpt of {header['table']}: entries #{header.get('first_id')} to "
+                  f"#{header.get('last_id')} ({header.get('from') or 'the start'} to "
+                  f"{header.get('to') or 'the end'}, UTC)")  # fmt: skip
+            if not check.anchors_checked:
+                print("no anchor inside it: this shows only that the file is consistent, "
+                      "not that it is the log (give --anchor ID:HASH of an entry in it)")  # fmt: skip
+        return _report(check, args.json)
+    if not (args.store or args.config):
+        print("emrwatch audit-verify: give --store, --config or --excerpt", file=sys.stderr)
+        return 2
     url = _url(args)
     try:
         store = AlertStore(url, migrate=False)
@@ -318,7 +434,11 @@ def cmd_audit_verify(args: Any) -> int:
             f"emrwatch audit-verify: cannot read the alert store {url}: {reason}", file=sys.stderr
         )
         return 2
-    if args.json:
+    return _report(check, args.json)
+
+
+def _report(check: ChainCheck, as_json: bool) -> int:
+    if as_json:
         print(
             json.dumps(
                 {
@@ -336,6 +456,46 @@ def cmd_audit_verify(args: Any) -> int:
     else:
         print(describe(check))
     return 0 if check.ok else 1
+
+
+def add_audit_export_arguments(parser: Any) -> None:
+    _add_store(parser)
+    parser.add_argument("--from", dest="start", help="first day or time (ISO; UTC unless it says)")
+    parser.add_argument("--to", dest="end", help="day or time after the last (exclusive)")
+    parser.add_argument("--table", choices=sorted(FIELDS), default="audit_log")
+    parser.add_argument("--out", required=True, help="the excerpt file to write (JSON lines)")
+
+
+def _utc(text_: str | None) -> datetime | None:
+    if not text_:
+        return None
+    dt = datetime.fromisoformat(text_)
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def cmd_audit_export(args: Any) -> int:
+    """Write an excerpt of the audit log (or the triage history) that can be checked
+    without the database: for a court, HR or the regulator, with a published anchor."""
+    import os
+
+    from pipeline.alerting.store import AlertStore
+
+    try:
+        since, until = _utc(args.start), _utc(args.end)
+    except ValueError as exc:
+        print(f"emrwatch audit-export: {exc}", file=sys.stderr)
+        return 2
+    table = next(tb for tb in CHAINED if tb.name == args.table)
+    store = AlertStore(_url(args), migrate=False)
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # names staff
+        with os.fdopen(fd, "w", encoding="utf-8") as out, store.read() as conn:
+            header = write_excerpt(conn, out, since, until, table)
+    finally:
+        store.close()
+    print(f"{header['entries']} {args.table} entries (#{header['first_id']} to "
+          f"#{header['last_id']}) → {args.out}", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def add_audit_head_arguments(parser: Any) -> None:
