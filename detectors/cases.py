@@ -79,6 +79,7 @@ class Case:
         "immediate",
         "version",
         "extras",
+        "followups",
         "dirty",
         "retracted",
         "levels",
@@ -114,6 +115,9 @@ class Case:
         self.model_p: float | None = None  # the case model's P(misuse), set when drained
         #: why correlations were withdrawn from it (a clock found behind), for the reason
         self.withdrawn = ""
+        #: accesses of the user's other somewhat unusual visits while the case holds learned
+        #: evidence (``model_follow_level``): shown with it, never counted in its risk
+        self.followups: dict[str, Evidence] = {}
 
     def add(self, rule: Rule, ev: Evidence) -> bool:
         bucket = self.evidence.setdefault(rule.id, {})
@@ -228,6 +232,19 @@ class Case:
         self.see(patient_id, level)
         self.dirty = True
         self.version += 1
+
+    def follow(self, evidence: list[Evidence]) -> bool:
+        """A somewhat unusual visit of the user while the case holds learned evidence:
+        its accesses join the alert's evidence (the burst around the flagged visits) but
+        not its risk or the case model's features. True if any was new."""
+        held = {k for b in self.evidence.values() for k in b}
+        new = [ev for ev in evidence if ev[0] not in held and ev[0] not in self.followups]
+        for ev in new:
+            self.followups[ev[0]] = ev
+        if new:
+            self.dirty = True
+            self.version += 1
+        return bool(new)
 
     def see(self, patient_id: str, level: float) -> bool:
         """Remember how unusual a visit of the user was while the case is open; True if
@@ -374,6 +391,7 @@ class Case:
             "why": self.why,
             "model_p": self.model_p,
             "withdrawn": self.withdrawn,
+            **({"followups": list(self.followups.values())} if self.followups else {}),
         }
 
     @classmethod
@@ -399,6 +417,7 @@ class Case:
         c.why = dict(o.get("why", {}))
         c.model_p = o.get("model_p")
         c.withdrawn = o.get("withdrawn", "")
+        c.followups = {ev[0]: tuple(ev) for ev in o.get("followups", ())}  # type: ignore[misc]
         return c
 
 
@@ -490,6 +509,11 @@ class AlertBuilder:
                     "reason": text,
                 }
             )
+        if LEARNED_RULE_ID in case.evidence:  # the user's other somewhat unusual visits
+            for ev in case.followups.values():
+                if ev[0] not in all_ev:
+                    all_ev[ev[0]] = ev
+                    flagged_by[ev[0]] = [LEARNED_RULE_ID]
         levels = [SEVERITIES.index(rules[f["rule"]].level) for f in findings] or [0]
         sev = max(levels)
         if risk >= 3 * self.cfg.alert_threshold and sev < 3:

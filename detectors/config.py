@@ -131,6 +131,9 @@ class DetectionConfig:
     #: is learned evidence; each level above it adds ``model_weight`` risk per patient
     model_min_level: float = 3.0
     model_weight: float = 0.75
+    #: while a case holds learned evidence, the user's other visits at least this unusual
+    #: join its evidence (not its risk): the rest of a browsing burst; 0: off
+    model_follow_level: float = 2.75
     #: only explained visits become learned evidence by themselves (rules judge the rest)
     model_explained_only: bool = True
     #: a case holding only learned evidence stays open this long between findings (slow
@@ -246,6 +249,7 @@ class DetectionConfig:
             "replay_clock_ahead_s",
             "model_visit_lateness_s",
             "late_allowance_max_s",
+            "model_follow_level",
         ):
             if getattr(cfg, key) < 0:
                 raise ConfigError(f"{source}: {key} must be 0 or more, not {getattr(cfg, key)!r}")

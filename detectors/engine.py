@@ -1150,7 +1150,8 @@ class Engine:
             if t > case.touched_t:
                 case.touched_t = t
             self._dirty[case.alert_id] = (user_id, case)
-        elif (
+            return case
+        if (
             case is not None
             and self.models is not None
             and self.models.case_model is not None
@@ -1159,6 +1160,14 @@ class Engine:
         ):
             # the case model reads these levels: the alert must be rebuilt from them
             case.dirty = True
+            self._dirty[case.alert_id] = (user_id, case)
+        if (
+            case is not None
+            and 0 < cfg.model_follow_level <= vs.level
+            and (vs.explained or not cfg.model_explained_only)
+            and LEARNED_RULE_ID in case.evidence
+            and case.follow(vs.visit.evidence)  # type: ignore[arg-type]
+        ):
             self._dirty[case.alert_id] = (user_id, case)
         return case
 

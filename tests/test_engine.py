@@ -684,6 +684,51 @@ def test_learned_evidence_joins_the_browsing_case_the_rules_gap_closed(ctx):
     assert eng._case_for_learned(st, t0 + cfg.case_gap_s + 60) is None and st.browse is None
 
 
+def test_a_browsing_cases_other_somewhat_unusual_visits_join_its_evidence_not_its_risk(ctx):
+    """``model_follow_level``: the rest of a browsing burst is shown with the case, and
+    cannot make or unmake an alert."""
+    from types import SimpleNamespace
+
+    from detectors.cases import LEARNED_RULE_ID, new_case
+
+    eng = Engine(ctx, RULES_ONLY)
+    st = eng.users["n-card"] = UserState()
+    t0 = AccessEvent.from_dict(ev("n-card", "P1", at="2026-03-02T09:00:00")).t
+    case = st.case = new_case("n-card", "learned:v1", t0)
+    for k, p in enumerate(("P1", "P3", "P4")):
+        case.add_learned([(f"v{k}", t0 + 600 * k, p, "view", "Note", "ws-1", 1)], p, 4.5, {}, 3.0)
+    risk = case.risk(eng.rule_by_id, eng.cfg)
+
+    def visit(eid: str, patient: str, level: float, explained: bool = True) -> SimpleNamespace:
+        evs = [(eid, t0 + 3000, patient, "view", "Observation", "ws-1", 1)]
+        v = SimpleNamespace(patient_id=patient, evidence=evs)
+        return SimpleNamespace(visit=v, level=level, explained=explained, attribution={},
+                               extrapolated_from=0)  # fmt: skip
+
+    eng._learned(st, "n-card", visit("f1", "P5", 2.9), case, t0 + 3000)  # somewhat unusual
+    eng._learned(st, "n-card", visit("f2", "P6", 2.5), case, t0 + 3000)  # ordinary enough
+    eng._learned(st, "n-card", visit("f3", "P7", 2.9, explained=False), case, t0 + 3000)
+    assert list(case.followups) == ["f1"]
+    assert case.risk(eng.rule_by_id, eng.cfg) == risk and "P5" not in case.levels
+    alert = eng.builder.build("n-card", case)
+    assert "f1" in alert.event_ids and "P5" in alert.patient_ids
+    assert next(e for e in alert.evidence if e["event_id"] == "f1")["rules"] == [LEARNED_RULE_ID]
+    assert alert.risk == round(risk, 4)
+    restored = Engine.restore(ctx, RULES_ONLY, eng.snapshot()).users["n-card"].case
+    assert restored is not None and list(restored.followups) == ["f1"]
+    # a case with no learned evidence follows nothing; and 0 turns it off
+    named = st.case = new_case("n-card", "sealed", t0)
+    named.add(eng.rule_by_id["sealed-record-touch"], ("s1", t0, "P-SEAL", "view", "Note", "", 5))
+    eng._learned(st, "n-card", visit("f4", "P8", 2.9), named, t0 + 3000)
+    assert not named.followups
+    off = Engine(ctx, DetectionConfig(model_registry="none", model_follow_level=0))
+    off_st = off.users["n-card"] = UserState()
+    off_case = off_st.case = new_case("n-card", "learned:v9", t0)
+    off_case.add_learned([("v9", t0, "P1", "view", "Note", "ws-1", 1)], "P1", 4.5, {}, 3.0)
+    off._learned(off_st, "n-card", visit("f5", "P5", 2.9), off_case, t0 + 3000)
+    assert not off_case.followups
+
+
 def test_a_record_delivered_twice_is_one_access_for_the_counting_rules(ctx):
     # ten exports (under bulk-export's 15 an hour), which a connector re-sends after a crash
     exports = [

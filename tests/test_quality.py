@@ -42,6 +42,10 @@ def test_user_recall(report):
 
 def test_event_recall(report):
     assert report["event_recall"] >= 0.95
+    # and no scenario's case leaves out much of its burst (the lowest, explained_browsing,
+    # is 0.948 with model_follow_level and was 0.908 without)
+    low = {k: v["event_recall"] for k, v in report["scenarios"].items() if v["event_recall"] < 0.93}
+    assert not low, f"scenarios below 0.93 event recall: {low}"
 
 
 def test_false_alerts_per_10k_benign(report):
