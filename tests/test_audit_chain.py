@@ -181,6 +181,9 @@ def test_the_command_line_and_the_privacy_report_publish_and_check_anchors(
     ok = verify("--anchor", head[0], "--anchor", head[1])
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "the chain is intact" in ok.stdout and "anchors found and matching: 2" in ok.stdout
+    gone = verify("--anchor", head[0], "--anchor", "99:" + "0" * 64)  # one that is not there
+    assert gone.returncode == 1 and "anchors found and matching: 1" in gone.stdout
+    assert "#99 was published as an anchor and is no longer there" in gone.stdout
     with store.write() as conn:
         conn.execute(update(t_audit).where(t_audit.c.id == 2).values(actor="bob"))
     bad = verify("--json")
