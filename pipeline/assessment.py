@@ -364,10 +364,9 @@ def _alerts(store: Any, start: date, end: date, timezone: str, accesses: int) ->
 
 def _audit_chain(store: Any) -> dict[str, Any]:
     """Whether the monitor's own audit log is intact (its hash chain), and its head."""
-    from pipeline.alerting.chain import verify
+    from pipeline.alerting.chain import verify_store
 
-    with store.read() as conn:
-        check = verify(conn)
+    check = verify_store(store)
     h = check.heads.get("audit_log")
     return {
         "audit_log_entries": check.entries.get("audit_log", 0),

@@ -87,10 +87,9 @@ def chained_insert(conn: Connection, table: Table, values: dict[str, Any]) -> An
     """Insert ``values`` into ``table`` as the chain's next entry; the insert's result."""
     if conn.dialect.name == "postgresql":  # one writer at a time per chain, until commit
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCKS[table.name]})
-    prev = conn.execute(select(table.c.chain).order_by(table.c.id.desc()).limit(1)).scalar()
-    return conn.execute(
-        insert(table).values(**values, chain=link(prev or GENESIS, table.name, values))
-    )
+    last = head(conn, table)
+    prev = (last[1] if last is not None else "") or GENESIS
+    return conn.execute(insert(table).values(**values, chain=link(prev, table.name, values)))
 
 
 @dataclass(frozen=True)
@@ -123,6 +122,12 @@ def head(conn: Connection, table: Table = t.audit_log) -> tuple[int, str] | None
     row = conn.execute(select(table.c.id, table.c.chain).order_by(table.c.id.desc()).limit(1))
     got = row.first()
     return (int(got.id), str(got.chain or "")) if got is not None else None
+
+
+def verify_store(store: Any, anchors: Mapping[tuple[str, int], str] | None = None) -> ChainCheck:
+    """:func:`verify` on ``store`` (an AlertStore) in a read transaction of its own."""
+    with store.read() as conn:
+        return verify(conn, anchors)
 
 
 def verify(conn: Connection, anchors: Mapping[tuple[str, int], str] | None = None) -> ChainCheck:
@@ -330,8 +335,7 @@ class ChainWatch(Periodic):
         return self
 
     def check_once(self) -> ChainCheck:
-        with self.store.read() as conn:
-            check = verify(conn)
+        check = verify_store(self.store)
         self.last = check
         self.checks += 1
         self.breaks = len(check.broken)
@@ -357,14 +361,6 @@ class ChainWatch(Periodic):
 
 
 # ---------------------------------------------------------------------------- the CLI
-def _add_store(parser: Any, required: bool = True) -> None:
-    where = parser.add_mutually_exclusive_group(required=required)
-    where.add_argument("--store", help="the alert store's URL (sqlite:///… or postgresql://…)")
-    where.add_argument(
-        "--config", help="the YAML file of emrwatch run / alerts: its alerting.store_url"
-    )
-
-
 def _url(args: Any) -> str:
     if args.store:
         return str(args.store)
@@ -374,7 +370,9 @@ def _url(args: Any) -> str:
 
 
 def add_audit_verify_arguments(parser: Any) -> None:
-    _add_store(parser, required=False)
+    from pipeline.alerting.config import add_store_arguments  # config imports the store
+
+    add_store_arguments(parser, required=False)
     parser.add_argument(
         "--excerpt",
         metavar="FILE",
@@ -424,8 +422,7 @@ def cmd_audit_verify(args: Any) -> int:
     url = _url(args)
     try:
         store = AlertStore(url, migrate=False)
-        with store.read() as conn:
-            check = verify(conn, anchors)
+        check = verify_store(store, anchors)
         store.close()
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc)
@@ -458,7 +455,9 @@ def _report(check: ChainCheck, as_json: bool) -> int:
 
 
 def add_audit_export_arguments(parser: Any) -> None:
-    _add_store(parser)
+    from pipeline.alerting.config import add_store_arguments
+
+    add_store_arguments(parser)
     parser.add_argument("--from", dest="start", help="first day or time (ISO; UTC unless it says)")
     parser.add_argument("--to", dest="end", help="day or time after the last (exclusive)")
     parser.add_argument("--table", choices=sorted(FIELDS), default="audit_log")
@@ -498,7 +497,9 @@ def cmd_audit_export(args: Any) -> int:
 
 
 def add_audit_head_arguments(parser: Any) -> None:
-    _add_store(parser)
+    from pipeline.alerting.config import add_store_arguments
+
+    add_store_arguments(parser)
 
 
 def cmd_audit_head(args: Any) -> int:

@@ -212,3 +212,13 @@ def _check(cls: Any, data: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise AlertingConfigError(f"{where}: unknown setting(s) {unknown}; known: {sorted(names)}")
     return data
+
+
+def add_store_arguments(parser: Any, required: bool = True) -> None:
+    """``--store URL`` or ``--config FILE`` (its ``alerting.store_url``), for the commands
+    that read the alert store."""
+    where = parser.add_mutually_exclusive_group(required=required)
+    where.add_argument("--store", help="the alert store's URL (sqlite:///… or postgresql://…)")
+    where.add_argument(
+        "--config", help="the YAML file of emrwatch run / alerts: its alerting.store_url"
+    )

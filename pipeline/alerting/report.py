@@ -414,11 +414,9 @@ def privacy_report(
 
 # ---------------------------------------------------------------------------- command line
 def add_report_arguments(parser: Any) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--store", help="the alert store's URL (sqlite:///… or postgresql://…)")
-    where.add_argument(
-        "--config", help="the YAML file of emrwatch run / alerts: its alerting.store_url"
-    )
+    from pipeline.alerting.config import add_store_arguments
+
+    add_store_arguments(parser)
     parser.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (default: last month)")
     parser.add_argument("--to", dest="end", help="day after the last, YYYY-MM-DD (exclusive)")
     parser.add_argument(
