@@ -37,6 +37,7 @@ from pipeline.web.sessions import (
     IDLE,
     browser_label,
     live_sessions,
+    open_sessions,
 )
 from pipeline.web.settings import FeedSettings
 from pipeline.web.users import allowed
@@ -127,8 +128,7 @@ async def users_page(request: Request) -> Response:
     tz = zone(feed.settings.timezone)
     rows = await db(accounts, feed.settings, entries, feed.guard.users.locked)
     by_name = {a.username: a for a in rows}
-    started = await db(_started, feed.store, feed.settings, None, True)
-    for sess in live_sessions(feed.settings, started, feed.store.clock()):
+    for sess in await db(open_sessions, feed.store, feed.settings):
         if sess.username in by_name:
             by_name[sess.username].open_sessions += 1
     reloads = [(e.at, audit_detail(e.detail)) for e in changes]
@@ -169,13 +169,12 @@ class SessionRow:
     this_browser: bool = False
 
 
-def _started(
-    store: Any, settings: FeedSettings, username: str | None, open_only: bool
-) -> list[FeedSession]:
-    """Sessions started within the longest a session lasts (and the last day)."""
+def _started(store: Any, settings: FeedSettings, username: str | None) -> list[FeedSession]:
+    """Sessions, open or ended, started within the longest a session lasts (and the
+    last day)."""
     back = max(settings.session_max_age_s, ENDED_SHOWN_H * 3600)
     after = store.clock() - timedelta(seconds=back)
-    return list(store.sessions_started(after, username, open_only))
+    return list(store.sessions_started(after, username, False))
 
 
 def _row(settings: FeedSettings, s: FeedSession, mine: str) -> SessionRow:
@@ -202,7 +201,7 @@ async def sessions_page(request: Request) -> Response:
     settings = feed.settings
     mine = _key(request)
     everyone = allowed(user.role, PERMISSION)
-    rows = await db(_started, feed.store, settings, None if everyone else user.username, False)
+    rows = await db(_started, feed.store, settings, None if everyone else user.username)
     now = feed.store.clock()
     live = live_sessions(settings, rows, now)
     own = [_row(settings, s, mine) for s in live if s.username == user.username]
@@ -269,7 +268,7 @@ async def end_others(request: Request) -> Response:
     user = request.state.user
     mine = _key(request)
     n = await db(feed.store.sessions_end_user, user.username, user.username, ENDED_BY_USER, mine)
-    for s in await db(_started, feed.store, feed.settings, user.username, False):
+    for s in await db(_started, feed.store, feed.settings, user.username):
         if s.session_id != mine:
             feed.sessions.ended(s.session_id, ENDED_BY_USER)
     if n:

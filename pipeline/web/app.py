@@ -75,7 +75,7 @@ from pipeline.web.sessions import (
     SIGNED_OUT,
     SessionRegistry,
     keep_syncing,
-    live_sessions,
+    open_sessions,
     seen_write_every,
 )
 from pipeline.web.settings import FeedSettings, User, trusted_networks
@@ -242,11 +242,13 @@ class Feed:
         self.proxies = trusted_networks(settings.trusted_proxies)
         self.sessions.write_every_s = seen_write_every(settings.idle_timeout_s)
 
+    def triagers(self) -> list[str]:
+        """The users a case may be assigned to (their role triages)."""
+        return [u.username for u in self.settings.users if allowed(u.role, "triage")]
+
     def open_sessions(self) -> int:
         """Sessions signed in now, in every feed process (blocking: reads the store)."""
-        after = self.store.clock() - timedelta(seconds=self.settings.session_max_age_s)
-        rows = self.store.sessions_started(after, None, True, limit=100_000)
-        return len(live_sessions(self.settings, rows, self.store.clock()))
+        return len(open_sessions(self.store, self.settings))
 
     def page(self, request: Request, name: str, ctx: dict[str, Any], status: int = 200) -> Response:
         user = current_user(request)
@@ -522,7 +524,7 @@ async def feed_page(request: Request) -> Response:
             "rows": rows,
             "rows_html": feed.rows_html(rows, allowed(user.role, "triage")),
             "pick": allowed(user.role, "triage"),
-            "triagers": [u.username for u in feed.settings.users if allowed(u.role, "triage")],
+            "triagers": feed.triagers(),
             "back": str(request.url.query),
             "next_cursor": page.next_cursor or "",
             "chosen": chosen,

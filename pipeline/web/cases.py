@@ -107,7 +107,7 @@ async def case_page(request: Request, feed: Feed, stored: StoredAlert, user: Use
         feed.store.alerts_on_patients, alert_patient_ids(stored.alert), aid, RECENT
     )
     same_rows = await db(feed.rows, same, may_see_patients(request, user))
-    assignees = [u.username for u in feed.settings.users if allowed(u.role, "triage")]
+    assignees = feed.triagers()
     return feed.page(
         request,
         "case.html",
@@ -322,9 +322,8 @@ async def bulk(request: Request) -> Response:
             text += f" Left {skipped} as they were (not new)."
     elif action == "assign":
         raw = str(form.get("assignee") or "me")
-        triagers = {u.username for u in feed.settings.users if allowed(u.role, "triage")}
         assignee = user.username if raw == "me" else "" if raw == "-" else raw
-        if assignee and assignee not in triagers:
+        if assignee and assignee not in feed.triagers():
             flash(request, "error", f"{raw!r} is not a user who triages.")
             return RedirectResponse(back, status_code=303)
         assign = partial(feed.store.comment, actor=user.username, assignee=assignee)

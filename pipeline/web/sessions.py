@@ -272,3 +272,17 @@ def live_sessions(
         ):
             out.append(r)
     return out
+
+
+MAX_OPEN = 100_000  # open sessions read at once
+
+
+def open_sessions(
+    store: Any, settings: FeedSettings, username: str | None = None
+) -> list[FeedSession]:
+    """The sessions signed in now (of ``username``), in every feed process: the store's
+    open rows within the maximum age that :func:`live_sessions` keeps. Blocking."""
+    now = store.clock()
+    after = now - timedelta(seconds=settings.session_max_age_s)
+    rows: list[FeedSession] = store.sessions_started(after, username, True, MAX_OPEN)
+    return live_sessions(settings, rows, now)

@@ -230,13 +230,12 @@ def _sessions(args: argparse.Namespace) -> int:
     """``users sessions``: the open sessions; with ``--end``, end a user's. 0 done, 2 on
     a wrong file or an alert store that cannot be read."""
     import getpass as gp
-    from datetime import timedelta
 
     from sqlalchemy.exc import SQLAlchemyError
 
     from pipeline.alert_service import _load
     from pipeline.alerting.store import AlertStore
-    from pipeline.web.sessions import ENDED_BY_SUPERVISOR, browser_label, live_sessions
+    from pipeline.web.sessions import ENDED_BY_SUPERVISOR, browser_label, open_sessions
 
     if args.end and not args.username:
         print("emrwatch users sessions: --end needs --username", file=sys.stderr)
@@ -252,9 +251,7 @@ def _sessions(args: argparse.Namespace) -> int:
     try:
         store = AlertStore(alerting.store_url, migrate=False)
         try:
-            now = store.clock()
-            after = now - timedelta(seconds=feed.session_max_age_s)
-            rows = live_sessions(feed, store.sessions_started(after, args.username), now)
+            rows = open_sessions(store, feed, args.username)
             for r in rows:
                 user = feed.user(r.username)
                 print(f"{r.username:20} {user.role if user else '?':11} {r.address:16} "
