@@ -92,7 +92,10 @@ def _login(request: Request) -> tuple[User | None, str]:
         return None, ""
     if not known.open:
         return None, known.end_reason or SIGNED_OUT
-    if idle_for(request) > settings.idle_timeout_s > 0:
+    # the last request of the user's own, in any feed process as far as this one knows
+    # (the cookie's "seen" is as old as the page that holds it: a live stream's)
+    seen = max(float(request.session.get("seen") or request.session.get("since") or 0), known.seen)
+    if time.time() - seen > settings.idle_timeout_s > 0:
         return None, IDLE
     return user, ""
 
@@ -135,14 +138,6 @@ async def touch(request: Request) -> None:
     if key and _registry(request).touch(key, now):
         at = datetime.fromtimestamp(now, UTC)
         await run_in_threadpool(request.app.state.store.session_seen, key, at)
-
-
-def idle_for(request: Request) -> float:
-    """Seconds since this login's last request that was not the live event stream (in
-    any feed process, as far as this one has learnt)."""
-    seen = float(request.session.get("seen") or request.session.get("since") or 0)
-    seen = max(seen, _registry(request).seen(_key(request)))
-    return time.time() - seen
 
 
 async def log_in(request: Request, user: User, address: str) -> None:

@@ -111,10 +111,6 @@ class SessionRegistry:
         with self._lock:
             return self._known.get(key)
 
-    def seen(self, key: str) -> float:
-        k = self.get(key)
-        return k.seen if k is not None else 0.0
-
     # -------------------------------------------------------------- what happens here
     def started(self, key: str, username: str, now: float) -> None:
         with self._lock:
