@@ -298,8 +298,9 @@ def _export(
     rows, ctx_resume = _context_base(out, kinds, prev, pseudonymizer is not None)
     bad_context: list[str] = []
     ctx_read = [0]
-    # every key is context_key of its row, as _context_base needs to continue a read
-    keyed = [bool((prev or {}).get("context_keyed", True)) if ctx_resume is not None else True]
+    # every key is context_key of its row, as _context_base needs to continue a read (an
+    # export it continues had them all so: the new records decide)
+    keyed = [True]
 
     def rows_of(kind: str) -> dict[str, dict[str, str]]:
         got = rows[kind]
@@ -333,7 +334,7 @@ def _export(
         bootstrap, list(kinds), on_context, client_config, timeout, ctx_resume, ctx_gaps
     )
     if ctx_gaps:  # records went from where the export read to: read it all again
-        rows, ctx_resume, keyed[0] = {k: {} for k in kinds.values()}, None, True
+        rows, ctx_resume, keyed[0], ctx_read[0] = {k: {} for k in kinds.values()}, None, True, 0
         ctx_offsets = read_topics(bootstrap, list(kinds), on_context, client_config, timeout)
 
     # access events: one spool file per partition, in offset order (what a worker saw),
