@@ -371,7 +371,6 @@ async def login(request: Request) -> Response:
         # the password is right; the failures are forgiven only once the code is too
         await_code(request, user, nxt)
         return feed.page(request, "login.html", {"step": "code", "username": user.username})
-    await db(feed.guard.succeeded, username)
     return await _logged_in(request, user, nxt, {"role": user.role, "address": address})
 
 
@@ -402,7 +401,10 @@ UNKNOWN_ACTOR = "(unknown user)"
 
 
 async def _logged_in(request: Request, user: User, nxt: str, detail: dict[str, Any]) -> Response:
+    """The password (and the code) were right: forgive the user's failures, start the
+    session, audit the login and tell the user of the sign-ins since their last."""
     feed = _feed(request)
+    await db(feed.guard.succeeded, user.username)
     before = await db(
         feed.store.audit_log, None, user.username, None, SIGN_IN_LOOKBACK, SIGN_IN_ACTIONS
     )
@@ -453,7 +455,6 @@ async def login_code(request: Request) -> Response:
             return feed.page(request, "login.html", ctx, status=401)
         ctx = {"step": "code", "username": user.username, "error": error}
         return feed.page(request, "login.html", ctx, status=401)
-    await db(feed.guard.succeeded, user.username)
     detail = {"role": user.role, "second_factor": "totp", "address": address}
     return await _logged_in(request, user, nxt, detail)
 
