@@ -143,8 +143,11 @@ def test_the_sign_in_policy_and_limits_apply_without_a_restart(feed) -> None:
             assert c.login("sam", "guess").status_code == 401
         assert c.login("sam", PASSWORD).status_code == 303  # 5 failures lock, by default
     # IT tightens the lockout and puts the feed behind a proxy, in the file
-    _write(path, roles, login_max_failures=2, trusted_proxies=["127.0.0.1"], page_size=7)
+    _write(path, roles, login_max_failures=2, trusted_proxies=["127.0.0.1"], page_size=7,
+           login_address_lockout_s=1800)  # fmt: skip
     _until(lambda: stop.app.state.settings.login_max_failures == 2)
+    # failures are kept (pruned) for the new, longer window
+    assert stop.app.state.feed_app.sessions.failure_window_s() == 1800
     with FeedClient(url) as c:
         c.http.headers["x-forwarded-for"] = "198.51.100.23"
         for _ in range(2):
@@ -157,5 +160,7 @@ def test_the_sign_in_policy_and_limits_apply_without_a_restart(feed) -> None:
     assert failed[0]["address"] == "198.51.100.23"  # the proxy's word is taken now
     [entry] = stop.app.state.store.audit_log(actions=("users.reload",))
     detail = json.loads(entry.detail)
-    assert detail["settings"] == ["page_size", "login_max_failures", "trusted_proxies"]
+    assert detail["settings"] == [
+        "page_size", "login_max_failures", "login_address_lockout_s", "trusted_proxies"
+    ]  # fmt: skip
     assert detail["added"] == detail["removed"] == detail["changed"] == []

@@ -213,11 +213,7 @@ class Feed:
         self.options = FilterOptions(store)
         self.guard = LoginGuard(settings, store, secret)
         self.proxies = trusted_networks(settings.trusted_proxies)
-        self.sessions = SessionRegistry(
-            store,
-            settings.idle_timeout_s,
-            max(settings.login_lockout_s, settings.login_address_lockout_s),
-        )
+        self.sessions = SessionRegistry(store, settings.idle_timeout_s, self.guard.longest_window)
         env = Environment(
             loader=FileSystemLoader(str(HERE / "templates")),
             autoescape=select_autoescape(default=True),

@@ -314,6 +314,10 @@ class LoginGuard:
         self.addresses.max_failures = max(1, settings.login_max_failures_per_address)
         self.addresses.window_s = float(settings.login_address_lockout_s)
 
+    def longest_window(self) -> float:
+        """Seconds a failure can still count (the longer throttle's window)."""
+        return max(self.users.window_s, self.addresses.window_s)
+
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)

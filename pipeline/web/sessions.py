@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -95,9 +96,15 @@ class Known:
 class SessionRegistry:
     """This process's view of the feed's sessions (thread-safe; the store is the truth)."""
 
-    def __init__(self, store: Any, idle_timeout_s: float = 0, keep_failures_s: float = 0) -> None:
+    def __init__(
+        self,
+        store: Any,
+        idle_timeout_s: float = 0,
+        failure_window_s: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.store = store
-        self.keep_failures_s = max(60.0, keep_failures_s)  # the longest throttle window
+        #: the longest login throttle's window now (a reload may change it)
+        self.failure_window_s = failure_window_s
         self.write_every_s = seen_write_every(idle_timeout_s)
         self._known: dict[str, Known] = {}
         self._cursor: datetime | None = None
@@ -187,7 +194,7 @@ class SessionRegistry:
         failed sign-ins older than any login throttle's window."""
         try:
             gone = self.store.sessions_prune(self.store.clock() - timedelta(days=KEEP_DAYS))
-            self.store.login_failures_prune(self.keep_failures_s)
+            self.store.login_failures_prune(max(60.0, self.failure_window_s()))
         except Exception as exc:  # noqa: BLE001 - the next prune tries again
             log.error("feed: old sessions could not be forgotten: %s", exc)
             return
